@@ -1,0 +1,65 @@
+"""Typed configs: dataclasses, read from YAML and overridden from the command line.
+
+jsonargparse turns a dataclass into `--section.field value` flags plus `--config FILE.yaml`;
+every run writes the resolved config beside its outputs with `save_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+C = TypeVar("C")
+
+
+def config_parser(cls: type, prog: str, description: str) -> ArgumentParser:
+    """A parser with `--config FILE` and one flag per (nested) dataclass field."""
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=True)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file of options")
+    parser.add_class_arguments(cls, nested_key=None, fail_untyped=True)
+    return parser
+
+
+def parse_config(cls: type[C], argv: list[str], prog: str, description: str = "") -> C:
+    parser = config_parser(cls, prog, description)
+    namespace = parser.parse_args(argv)
+    namespace.pop("config", None)
+    return from_dict(cls, namespace.as_dict())
+
+
+def from_dict(cls: type[C], values: dict) -> C:
+    """Build a (nested) dataclass from plain values, as read from YAML."""
+    kwargs = {}
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in hints:
+            raise ValueError(f"{cls.__name__}: unknown option {key!r}")
+        field_type = _dataclass_type(cls, key)
+        kwargs[key] = from_dict(field_type, value) if field_type and isinstance(value, dict) else value
+    return cls(**kwargs)
+
+
+def _dataclass_type(cls: type, name: str) -> type | None:
+    import typing
+
+    hint = typing.get_type_hints(cls)[name]
+    return hint if dataclasses.is_dataclass(hint) else None
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path
+
+
+def load_config(cls: type[C], path: str | Path) -> C:
+    return from_dict(cls, yaml.safe_load(Path(path).read_text()) or {})

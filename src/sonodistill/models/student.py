@@ -1,0 +1,75 @@
+"""CNN student: an unmodified timm backbone + projection head to the teacher's token grid (Sec. 3.2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sonodistill.models.weights import load_strict, read_state_dict
+
+
+@dataclass
+class StudentConfig:
+    """CNN student."""
+
+    name: str = "resnet50"
+    """Any timm CNN with a final feature map: resnet50, resnet18, convnext_tiny, ..."""
+    weights: str | None = None
+    """Optional backbone initialisation (timm-format state dict, .safetensors or .pth)."""
+    head: Literal["linear", "mlp"] = "linear"
+    """Projection head: a single linear layer (1x1 conv, Sec. 3.2) or a two-layer MLP (Sec. 3.5)."""
+    mlp_hidden: int | None = None
+    """Hidden width of the MLP head; default: the backbone's channel count."""
+
+
+def build_backbone(name: str, weights: str | Path | None = None) -> nn.Module:
+    """A timm backbone without classifier; weights (if any) must fit exactly."""
+    backbone = timm.create_model(name, pretrained=False, num_classes=0)
+    if weights:
+        sd = read_state_dict(weights)
+        # Classifier tensors are not part of a backbone: accept files that still carry them.
+        classifier = backbone.pretrained_cfg.get("classifier", "fc")
+        sd = {k: v for k, v in sd.items() if not k.startswith(classifier + ".")}
+        load_strict(backbone, sd, str(weights))
+    return backbone
+
+
+def projection_head(in_ch: int, out_ch: int, kind: str, hidden: int | None = None) -> nn.Module:
+    if kind == "linear":
+        return nn.Conv2d(in_ch, out_ch, kernel_size=1)
+    if kind == "mlp":
+        hidden = hidden or in_ch
+        return nn.Sequential(
+            nn.Conv2d(in_ch, hidden, kernel_size=1), nn.GELU(), nn.Conv2d(hidden, out_ch, kernel_size=1)
+        )
+    raise ValueError(f"unknown head {kind!r}: use 'linear' or 'mlp'")
+
+
+class Student(nn.Module):
+    """Backbone feature map -> head g_phi -> bilinear resize to the teacher's grid (Eq. 3)."""
+
+    def __init__(self, cfg: StudentConfig, out_channels: int):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = build_backbone(cfg.name, cfg.weights)
+        self.head = projection_head(self.backbone.num_features, out_channels, cfg.head, cfg.mlp_hidden)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's last feature map (B, C_S, H_S, W_S)."""
+        return self.backbone.forward_features(x)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        z = self.head(self.features(x))
+        if tuple(z.shape[-2:]) != tuple(grid):
+            z = F.interpolate(z, size=grid, mode="bilinear", align_corners=False)
+        return z
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """Clean backbone weights: load strictly into timm.create_model(name, num_classes=0)."""
+        return {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
