@@ -39,7 +39,9 @@ def from_dict(cls: type[C], values: dict) -> C:
         if key not in hints:
             raise ValueError(f"{cls.__name__}: unknown option {key!r}")
         field_type = _dataclass_type(cls, key)
-        kwargs[key] = from_dict(field_type, value) if field_type and isinstance(value, dict) else value
+        kwargs[key] = (
+            from_dict(field_type, value) if field_type and isinstance(value, dict) else value
+        )
     return cls(**kwargs)
 
 

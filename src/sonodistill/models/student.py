@@ -1,4 +1,4 @@
-"""CNN student: an unmodified timm backbone + projection head to the teacher's token grid (Sec. 3.2)."""
+"""CNN student: an unmodified timm backbone + head to the teacher's token grid (Sec. 3.2)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,9 @@ def projection_head(in_ch: int, out_ch: int, kind: str, hidden: int | None = Non
     if kind == "mlp":
         hidden = hidden or in_ch
         return nn.Sequential(
-            nn.Conv2d(in_ch, hidden, kernel_size=1), nn.GELU(), nn.Conv2d(hidden, out_ch, kernel_size=1)
+            nn.Conv2d(in_ch, hidden, kernel_size=1),
+            nn.GELU(),
+            nn.Conv2d(hidden, out_ch, kernel_size=1),
         )
     raise ValueError(f"unknown head {kind!r}: use 'linear' or 'mlp'")
 
@@ -58,7 +60,9 @@ class Student(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = build_backbone(cfg.name, cfg.weights)
-        self.head = projection_head(self.backbone.num_features, out_channels, cfg.head, cfg.mlp_hidden)
+        self.head = projection_head(
+            self.backbone.num_features, out_channels, cfg.head, cfg.mlp_hidden
+        )
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's last feature map (B, C_S, H_S, W_S)."""

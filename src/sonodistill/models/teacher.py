@@ -52,7 +52,9 @@ class Teacher(nn.Module):
     def __init__(self, cfg: TeacherConfig):
         super().__init__()
         self.cfg = cfg
-        self.model = timm.create_model(cfg.name, pretrained=False, num_classes=0, **cfg.model_kwargs)
+        self.model = timm.create_model(
+            cfg.name, pretrained=False, num_classes=0, **cfg.model_kwargs
+        )
         weights = cfg.weights or os.environ.get(WEIGHTS_ENV) or None
         if weights:
             load_teacher_weights(self.model, weights)
@@ -84,7 +86,10 @@ class Teacher(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images (B, 3, H, W) -> tokens (B, n_blocks * D, H/16, W/16)."""
         blocks = self.model.forward_intermediates(
-            x, indices=self.cfg.n_blocks, norm=self.cfg.norm, output_fmt="NCHW",
+            x,
+            indices=self.cfg.n_blocks,
+            norm=self.cfg.norm,
+            output_fmt="NCHW",
             intermediates_only=True,
         )
         grid = blocks[-1].shape[-2:]
@@ -139,12 +144,19 @@ def official_schema(model: nn.Module) -> dict[str, tuple[int, ...]]:
     for i in range(len(model.blocks)):
         b = f"blocks.{i}."
         schema |= {
-            b + "norm1.weight": (d,), b + "norm1.bias": (d,),
-            b + "attn.qkv.weight": (3 * d, d), b + "attn.qkv.bias": (3 * d,),
-            b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,),
-            b + "ls1.gamma": (d,), b + "norm2.weight": (d,), b + "norm2.bias": (d,),
-            b + "mlp.fc1.weight": (hidden, d), b + "mlp.fc1.bias": (hidden,),
-            b + "mlp.fc2.weight": (d, hidden), b + "mlp.fc2.bias": (d,),
+            b + "norm1.weight": (d,),
+            b + "norm1.bias": (d,),
+            b + "attn.qkv.weight": (3 * d, d),
+            b + "attn.qkv.bias": (3 * d,),
+            b + "attn.proj.weight": (d, d),
+            b + "attn.proj.bias": (d,),
+            b + "ls1.gamma": (d,),
+            b + "norm2.weight": (d,),
+            b + "norm2.bias": (d,),
+            b + "mlp.fc1.weight": (hidden, d),
+            b + "mlp.fc1.bias": (hidden,),
+            b + "mlp.fc2.weight": (d, hidden),
+            b + "mlp.fc2.bias": (d,),
             b + "ls2.gamma": (d,),
         }
     return schema | {"norm.weight": (d,), "norm.bias": (d,)}

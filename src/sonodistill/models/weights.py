@@ -30,9 +30,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as err:  # pickle errors, truncated zips, non-torch files
         raise WeightsMismatchError(f"{path}: not a readable weights file ({err})") from err
     while isinstance(obj, Mapping) and not _is_tensor_dict(obj):
-        inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
+        inner = next(
+            (obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None
+        )
         if inner is None:
-            raise WeightsMismatchError(f"{path}: no state dict found (top-level keys: {list(obj)[:10]})")
+            raise WeightsMismatchError(
+                f"{path}: no state dict found (top-level keys: {list(obj)[:10]})"
+            )
         obj = inner
     if not isinstance(obj, Mapping):
         raise WeightsMismatchError(f"{path}: expected a state dict, found {type(obj).__name__}")
