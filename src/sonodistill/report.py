@@ -1,0 +1,267 @@
+"""`sonodistill report RUN_DIR`: one self-contained HTML page (images inlined) of a run folder.
+
+It reads the demo run layout (see docs/demo.md) and shows whatever is there, so it also works on
+a partial run or on a plain distill run dir:
+
+    demo.json / demo.yaml        summary (teacher, per-step times) and resolved demo config
+    distill/config.yaml          distillation config      distill/metrics.csv  loss/cosine curves
+    evaluate/**/*.{csv,md}       evaluation tables        analysis/*.png       t-SNE figure(s)
+    analysis/**/*.{csv,md}       embedding tables         bench/*.{csv,md}     Table 5
+    samples/*.png                frames with ground-truth and predicted masks
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import html
+import io
+import json
+from pathlib import Path
+
+TITLE = "sonodistill report"
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;
+ margin:24px auto;padding:0 16px;color:#1d2430;line-height:1.45}
+h1{margin-bottom:4px} h2{border-bottom:2px solid #e3e7ee;padding-bottom:4px;margin-top:36px}
+table{border-collapse:collapse;margin:8px 0 16px;font-size:14px}
+th,td{border:1px solid #d5dbe5;padding:4px 10px;text-align:right} th{background:#f2f5f9}
+td:first-child,th:first-child{text-align:left}
+pre{background:#f6f8fa;padding:10px;overflow-x:auto;font-size:12.5px;max-height:420px}
+.warn{background:#fff4d6;border:1px solid #e8c35a;padding:10px 14px;border-radius:6px}
+.ok{background:#e7f6ea;border:1px solid #7fc48c;padding:10px 14px;border-radius:6px}
+.muted{color:#68738a;font-size:13px} img{max-width:100%;border:1px solid #e3e7ee}
+nav a{margin-right:14px}
+"""
+
+
+def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write RUN_DIR/report.html (or `out`) and return its path."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"run folder not found: {run}")
+    summary = _read_json(run / "demo.json")
+    sections = [
+        ("Overview", _overview(run, summary)),
+        ("Configuration", _configs(run)),
+        ("Distillation curves", _curves(run)),
+        ("Downstream evaluation", _tables(run / "evaluate")),
+        ("Embeddings (t-SNE)", _figures(run / "analysis") + _tables(run / "analysis")),
+        ("Deployment (Table 5)", _tables(run / "bench")),
+        ("Sample frames and predicted masks", _figures(run / "samples")),
+    ]
+    nav = " ".join(f'<a href="#s{i}">{html.escape(t)}</a>' for i, (t, _) in enumerate(sections))
+    body = "\n".join(
+        f'<h2 id="s{i}">{html.escape(t)}</h2>\n{c or _missing(t)}'
+        for i, (t, c) in enumerate(sections)
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{TITLE}: {html.escape(run.name)}"
+        f"</title><style>{CSS}</style></head><body><h1>{TITLE}</h1>"
+        f"<div class='muted'>{html.escape(str(run.resolve()))}</div><nav>{nav}</nav>{body}"
+        "</body></html>"
+    )
+    out = Path(out) if out else run / "report.html"
+    out.write_text(page, encoding="utf-8")
+    return out
+
+
+# --- sections -------------------------------------------------------------------------------------
+
+
+def _overview(run: Path, summary: dict) -> str:
+    parts = []
+    teacher = summary.get("teacher", {})
+    random_teacher = teacher.get("random", _distill_teacher_is_random(run))
+    if random_teacher:
+        parts.append(
+            "<p class='warn'><b>The teacher was randomly initialised</b> "
+            "(no DINOv3 weights given): the numbers below show the mechanics of the method only, "
+            "not its results. Pass "
+            "<code>--teacher.weights FILE</code> or set <code>SONODISTILL_TEACHER_WEIGHTS</code> "
+            "to distil from the real DINOv3 ViT-B/16.</p>"
+        )
+    elif teacher:
+        source = html.escape(str(teacher.get("source")))
+        parts.append(f"<p class='ok'>Teacher: DINOv3 weights <code>{source}</code></p>")
+    if summary.get("note"):
+        parts.append(f"<p>{html.escape(summary['note'])}</p>")
+    steps = summary.get("steps", [])
+    if steps:
+        rows = [[s.get("name", ""), s.get("status", ""), f"{s.get('seconds', 0):.1f}",
+                 s.get("detail", "")] for s in steps]
+        total = sum(s.get("seconds", 0) for s in steps)
+        rows.append(["total", "", f"{total:.1f}", ""])
+        parts.append(_html_table(["step", "status", "seconds", "detail"], rows))
+    facts = {k: v for k, v in summary.items() if k not in ("steps", "teacher", "note")}
+    if facts:
+        parts.append(_html_table(["", ""], [[k, str(v)] for k, v in facts.items()]))
+    return "\n".join(parts)
+
+
+def _distill_teacher_is_random(run: Path) -> bool:
+    """A distill config without weights and with random_init: the teacher was random."""
+    import yaml
+
+    for cfg_path in (run / "distill" / "config.yaml", run / "config.yaml"):
+        if cfg_path.is_file():
+            teacher = (yaml.safe_load(cfg_path.read_text()) or {}).get("teacher") or {}
+            return bool(teacher.get("random_init")) and not teacher.get("weights")
+    return False
+
+
+def _configs(run: Path) -> str:
+    parts = []
+    for path in (run / "demo.yaml", run / "distill" / "config.yaml", run / "config.yaml"):
+        if path.is_file():
+            text = html.escape(path.read_text())
+            parts.append(f"<details open><summary><code>{path.relative_to(run)}</code></summary>"
+                         f"<pre>{text}</pre></details>")
+    return "\n".join(parts)
+
+
+def _curves(run: Path) -> str:
+    candidates = (run / "distill" / "metrics.csv", run / "metrics.csv")
+    metrics = next((p for p in candidates if p.is_file()), None)
+    if metrics is None:
+        return ""
+    rows = list(csv.DictReader(metrics.open()))
+    series = {k: _column(rows, k) for k in ("loss", "cosine", "lr", "images_per_s")}
+    steps = _column(rows, "step") or list(range(len(rows)))
+    if not series["loss"]:
+        return ""
+    png = _plot_curves(steps, series)
+    last = rows[-1]
+    facts = ", ".join(f"{k} {float(last[k]):.4g}" for k in ("loss", "cosine", "images_per_s")
+                      if last.get(k) not in (None, ""))
+    return _img(png, "distillation curves") + f"<p class='muted'>last logged step: {facts}</p>"
+
+
+def _column(rows: list[dict], key: str) -> list[float]:
+    values = [r.get(key) for r in rows]
+    if not values or any(v in (None, "") for v in values):
+        return []
+    return [float(v) for v in values]
+
+
+def _plot_curves(steps: list[float], series: dict[str, list[float]]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(k, v) for k, v in series.items() if v and k in ("loss", "cosine", "lr")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    labels = {"loss": "token MSE loss (Eq. 6)", "cosine": "teacher-student cosine", "lr": "lr"}
+    for ax, (key, values) in zip(axes[0], panels, strict=True):
+        ax.plot(steps, values, lw=1.5)
+        ax.set_title(labels[key])
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if key == "loss":
+            ax.set_yscale("log")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _tables(folder: Path) -> str:
+    """Every table in a folder (recursively): CSV preferred, Markdown when there is no CSV."""
+    if not folder.is_dir():
+        return ""
+    parts = []
+    for path in sorted(folder.rglob("*")):
+        markdown_only = path.suffix == ".md" and not path.with_suffix(".csv").exists()
+        if path.suffix == ".csv" or markdown_only:
+            table = _csv_table(path) if path.suffix == ".csv" else _md_table(path.read_text())
+            if table:
+                parts.append(f"<h3>{html.escape(_title(path, folder))}</h3>{table}")
+    return "\n".join(parts)
+
+
+def _title(path: Path, folder: Path) -> str:
+    return str(path.relative_to(folder).with_suffix("")).replace("_", " ")
+
+
+def _csv_table(path: Path) -> str:
+    rows = list(csv.reader(path.open()))
+    if len(rows) < 2:
+        return ""
+    return _html_table(rows[0], [[_fmt(c) for c in r] for r in rows[1:]])
+
+
+def _fmt(cell: str) -> str:
+    try:
+        value = float(cell)
+    except ValueError:
+        return cell
+    return cell if value.is_integer() and "." not in cell else f"{value:.4g}"
+
+
+def _md_table(text: str) -> str:
+    """Pipe tables of a Markdown file -> HTML; other lines are kept as paragraphs."""
+    out, rows = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.strip().startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= set(":- ") for c in cells):
+                rows.append(cells)
+            continue
+        if rows:
+            out.append(_html_table(rows[0], rows[1:]))
+            rows = []
+        if line.strip() and not line.startswith("#"):
+            out.append(f"<p class='muted'>{html.escape(line.strip())}</p>")
+    return "\n".join(out)
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _figures(folder: Path) -> str:
+    if not folder.is_dir():
+        return ""
+    return "\n".join(
+        f"<h3>{html.escape(_title(p, folder))}</h3>" + _img(p.read_bytes(), p.stem)
+        for p in sorted(folder.rglob("*.png"))
+    )
+
+
+def _missing(title: str) -> str:
+    return f"<p class='muted'>No output for “{html.escape(title)}” in this run folder.</p>"
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def _img(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sonodistill report", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="a run folder (e.g. runs/demo)")
+    parser.add_argument("--out", help="output HTML file (default RUN_DIR/report.html)")
+    args = parser.parse_args(argv)
+    path = build_report(args.run_dir, args.out)
+    print(f"report: {path}  (open it in a browser: file://{path.resolve()})")
+    return 0
