@@ -1,0 +1,69 @@
+"""Training cache: the kept frames of a corpus, resized, in one memory-mapped uint8 array.
+
+    PACK_DIR/frames.u8      np.memmap, uint8, shape (N, size, size), grey
+    PACK_DIR/index.parquet  one row per frame, in array order: id, dataset, anatomy, source, frame
+    PACK_DIR/pack.json      {"count": N, "size": size, "dtype": "uint8", "layout": "N,H,W"}
+
+Each frame is resized to size x size by a plain resize (no crop, no letterbox: the whole field of
+view is kept, its aspect ratio is not), with area interpolation when shrinking.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+INDEX_COLUMNS = ["id", "dataset", "anatomy", "source", "frame"]
+
+
+def resize_frame(grey: np.ndarray, size: int) -> np.ndarray:
+    h, w = grey.shape[:2]
+    interp = cv2.INTER_AREA if h > size or w > size else cv2.INTER_LINEAR
+    return cv2.resize(grey, (size, size), interpolation=interp)
+
+
+def pack_corpus(
+    corpus: str | Path, out: str | Path, size: int = 256, progress: bool = True
+) -> Path:
+    """Write the pack of a corpus folder (or manifest file); returns the pack folder."""
+    from sonodistill.data.corpus import load_manifest
+    from sonodistill.progress import track
+
+    if size < 8:
+        raise ValueError(f"pack size must be at least 8, not {size}")
+    manifest, root = load_manifest(corpus)
+    kept = manifest[manifest.kept].reset_index(drop=True)
+    if kept.empty:
+        raise ValueError(f"{corpus}: the corpus has no kept frame to pack")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "frames.u8.tmp"
+    array = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(len(kept), size, size))
+    rows = track(kept.path, "corpus pack") if progress else kept.path
+    for i, rel in enumerate(rows):
+        grey = cv2.imread(str(root / rel), cv2.IMREAD_GRAYSCALE)
+        if grey is None:
+            raise FileNotFoundError(f"{root / rel}: frame listed in the manifest cannot be read")
+        array[i] = resize_frame(grey, size)
+    array.flush()
+    del array
+    os.replace(tmp, out / "frames.u8")
+    kept[INDEX_COLUMNS].to_parquet(out / "index.parquet", index=False)
+    meta = {"count": len(kept), "size": size, "dtype": "uint8", "layout": "N,H,W",
+            "resize": "plain", "corpus": str(Path(corpus).resolve())}  # fmt: skip
+    (out / "pack.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def open_pack(path: str | Path) -> tuple[np.memmap, pd.DataFrame]:
+    """The read-only frame array and the index of a pack folder."""
+    path = Path(path)
+    meta = json.loads((path / "pack.json").read_text())
+    n, size = int(meta["count"]), int(meta["size"])
+    frames = np.memmap(path / "frames.u8", dtype=np.uint8, mode="r", shape=(n, size, size))
+    return frames, pd.read_parquet(path / "index.parquet")
