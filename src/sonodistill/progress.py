@@ -17,8 +17,8 @@ from rich.progress import (
 T = TypeVar("T")
 
 
-def progress_bar(transient: bool = False) -> Progress:
-    """A rich Progress showing done/total, elapsed time and the ETA."""
+def progress_bar(transient: bool = False, disable: bool = False) -> Progress:
+    """A rich Progress showing done/total, elapsed time and the ETA (`info` field: live metrics)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -28,6 +28,7 @@ def progress_bar(transient: bool = False) -> Progress:
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
         transient=transient,
+        disable=disable,
     )
 
 

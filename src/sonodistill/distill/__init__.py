@@ -1,0 +1,16 @@
+"""Feature-level distillation: objective, augmentation, and the training recipe."""
+
+from sonodistill.distill.augment import build_augmentation, mixup
+from sonodistill.distill.config import DistillConfig, OptimConfig
+from sonodistill.distill.loss import token_cosine, token_mse
+from sonodistill.distill.recipe import distill
+
+__all__ = [
+    "DistillConfig",
+    "OptimConfig",
+    "build_augmentation",
+    "distill",
+    "mixup",
+    "token_cosine",
+    "token_mse",
+]
