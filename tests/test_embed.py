@@ -12,10 +12,10 @@ import pytest
 import timm
 import torch
 import yaml
+from conftest import TINY_TEACHER_KWARGS
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import TINY_TEACHER_KWARGS
 from sonodistill.evaluate.embed import (
     EmbedConfig,
     collect_frames,
