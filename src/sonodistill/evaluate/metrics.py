@@ -1,0 +1,58 @@
+"""Segmentation and classification metrics as the paper reports them (Sec. 4.3).
+
+Dice and IoU are computed per image for the foreground and then averaged over the test set.
+Libraries average over pixels of the whole set (smp's `iou_score` with micro reduction) or
+drop empty images (MONAI's `ignore_empty`), so the per-image rule is written out here.
+
+Empty rule: an image whose ground truth and prediction are both empty scores Dice = IoU = 1
+(the prediction is exactly right, e.g. a normal BUSI case with no false positive); an empty
+ground truth with any predicted foreground, or the reverse, scores 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, f1_score
+
+EMPTY_RULE = "both empty -> Dice = IoU = 1; exactly one empty -> 0"
+
+
+def dice_iou(
+    pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray, num_classes: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image Dice and IoU of (B, H, W) class-index maps, shape (B,) each.
+
+    Binary (num_classes=2): foreground is class 1. Multi-class: the mean over foreground
+    classes 1..C-1 of each image, each class scored with the empty rule above.
+    """
+    pred, target = torch.as_tensor(pred), torch.as_tensor(target)
+    if pred.shape != target.shape or pred.ndim != 3:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)}: (B, H, W)")
+    dices, ious = [], []
+    for c in range(1, num_classes):
+        p = (pred == c).flatten(1)
+        t = (target == c).flatten(1)
+        inter = (p & t).sum(1).double()
+        total = p.sum(1).double() + t.sum(1).double()
+        union = total - inter
+        empty = total == 0
+        dices.append(torch.where(empty, 1.0, 2 * inter / total.clamp(min=1)))
+        ious.append(torch.where(empty, 1.0, inter / union.clamp(min=1)))
+    return torch.stack(dices).mean(0).numpy(), torch.stack(ious).mean(0).numpy()
+
+
+def classification_scores(pred, target, num_classes: int | None = None) -> dict[str, float]:
+    """Accuracy and macro-F1 (every class weighted equally, Sec. 4.3). With `num_classes`,
+    a class absent from both prediction and truth still counts (F1 = 0), so small test sets
+    cannot inflate the macro average by dropping classes."""
+    pred, target = np.asarray(pred), np.asarray(target)
+    labels = list(range(num_classes)) if num_classes else None
+    return {
+        "acc": float(accuracy_score(target, pred)),
+        "f1": float(f1_score(target, pred, labels=labels, average="macro", zero_division=0)),
+    }
+
+
+def segmentation_scores(dice: np.ndarray, iou: np.ndarray) -> dict[str, float]:
+    return {"dice": float(np.mean(dice)), "iou": float(np.mean(iou))}
