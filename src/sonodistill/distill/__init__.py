@@ -3,7 +3,7 @@
 from sonodistill.distill.augment import build_augmentation, mixup
 from sonodistill.distill.config import DistillConfig, OptimConfig
 from sonodistill.distill.loss import token_cosine, token_mse
-from sonodistill.distill.recipe import distill
+from sonodistill.distill.recipe import distill, read_metrics
 
 __all__ = [
     "DistillConfig",
@@ -11,6 +11,7 @@ __all__ = [
     "build_augmentation",
     "distill",
     "mixup",
+    "read_metrics",
     "token_cosine",
     "token_mse",
 ]

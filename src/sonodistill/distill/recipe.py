@@ -12,6 +12,7 @@ import math
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 from lightning_fabric import Fabric
 from lightning_fabric.loggers import CSVLogger, TensorBoardLogger
@@ -41,13 +42,40 @@ def distill(cfg: DistillConfig) -> Path:
         num_nodes=cfg.num_nodes,
         strategy=cfg.strategy,
         precision=resolve_precision(cfg.precision),
-        loggers=[
-            CSVLogger(cfg.out, name="", version="logs", flush_logs_every_n_steps=1),
-            TensorBoardLogger(cfg.out, name="", version="logs"),
-        ],
+        loggers=_loggers(cfg.out),
     )
     fabric.launch(_run, cfg)
     return Path(cfg.out)
+
+
+def _loggers(out: str) -> list:
+    # Each start or resume logs into its own logs/version_N: Fabric's CSVLogger would otherwise
+    # delete the metrics of the interrupted attempt. `read_metrics` merges them.
+    version = len(list((Path(out) / "logs").glob("version_*")))
+    return [
+        CSVLogger(out, name="logs", version=version, flush_logs_every_n_steps=1),
+        TensorBoardLogger(out, name="logs", version=version, default_hp_metric=False),
+    ]
+
+
+def read_metrics(run_dir: str | Path) -> pd.DataFrame:
+    """All logged rows of a run, attempts merged; a resumed attempt's rows replace older ones."""
+    files = sorted(
+        (Path(run_dir) / "logs").glob("version_*/metrics.csv"),
+        key=lambda p: int(p.parent.name.split("_")[1]),
+    )
+    if not files:
+        raise FileNotFoundError(f"{run_dir}: no logs/version_*/metrics.csv")
+    frames = [pd.read_csv(f).assign(attempt=i) for i, f in enumerate(files)]
+    rows = pd.concat(frames, ignore_index=True)
+    # Train and validation rows share step numbers: dedupe within each kind.
+    rows["kind"] = (
+        rows["val_loss"].notna().map({True: "val", False: "train"})
+        if ("val_loss" in rows)
+        else "train"
+    )
+    rows = rows.drop_duplicates(["kind", "step"], keep="last").drop(columns=["kind"])
+    return rows.sort_values(["step", "attempt"]).reset_index(drop=True)
 
 
 def resolve_precision(precision: str) -> str:
@@ -57,6 +85,7 @@ def resolve_precision(precision: str) -> str:
 
 def _run(fabric: Fabric, cfg: DistillConfig) -> None:
     out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)  # identical initialisation on every rank and every attempt
     teacher = Teacher(cfg.teacher)
     if fabric.is_global_zero:
         save_config(cfg, out / "config.yaml")

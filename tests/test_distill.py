@@ -1,0 +1,125 @@
+"""End-to-end distillation on real ultrasound frames: learning, exact resume, two-process DDP."""
+
+from __future__ import annotations
+
+import json
+
+import av
+import pydicom
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from sonodistill.config import load_config
+from sonodistill.distill import DistillConfig, distill, read_metrics
+from sonodistill.distill import recipe as recipe_module
+from sonodistill.models import StudentConfig, TeacherConfig
+from tests.conftest import TINY_TEACHER_KWARGS
+
+
+@pytest.fixture(scope="module")
+def real_frames(shared_data, tmp_path_factory):
+    """Frames of the DICOM echo cine and of four lung-ultrasound clips, as PNG files."""
+    out = tmp_path_factory.mktemp("frames")
+    cine = pydicom.dcmread(shared_data / "corpus/dicom/examples_ybr_color.dcm")
+    rgb = pydicom.pixels.convert_color_space(cine.pixel_array, "YBR_FULL_422", "RGB")
+    for i, frame in enumerate(rgb):
+        Image.fromarray(frame).convert("L").save(out / f"echo_{i:02d}.png")
+    clips = sorted((shared_data / "corpus/covid_blues/lus_videos").glob("*.mp4"))[:4]
+    for clip in clips:
+        with av.open(str(clip)) as video:
+            for i, frame in enumerate(video.decode(video=0)):
+                if i % 8 == 0:
+                    frame.to_image().convert("L").save(out / f"{clip.stem}_{i:03d}.png")
+                if i >= 96:
+                    break
+    return out
+
+
+def tiny_config(data, out, **overrides) -> DistillConfig:
+    cfg = DistillConfig(
+        data=str(data),
+        out=str(out),
+        teacher=TeacherConfig(random_init=True, model_kwargs=dict(TINY_TEACHER_KWARGS)),
+        student=StudentConfig(name="resnet18"),
+        img_size=64,
+        batch_size=8,
+        num_workers=0,
+        log_every=1,
+        seed=0,
+    )
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def metrics(run_dir):
+    return read_metrics(run_dir)
+
+
+def test_tiny_run_on_real_frames_learns_the_teacher_on_held_out_frames(real_frames, tmp_path):
+    assert len(list(real_frames.glob("*.png"))) >= 70
+    cfg = tiny_config(real_frames, tmp_path / "run", max_steps=30, val_fraction=0.2)
+    cfg.optim.lr = 1e-3
+    run = distill(cfg)
+    val = metrics(run).dropna(subset=["val_loss"]).sort_values("step")
+    first, last = val.iloc[0], val.iloc[-1]
+    assert first.step == 0 and last.step == 30
+    assert last.val_loss < 0.8 * first.val_loss
+    assert last.val_cosine > first.val_cosine + 0.1
+    # The run directory holds everything a user needs.
+    saved = load_config(DistillConfig, run / "config.yaml")
+    assert saved.teacher.random_init and saved.student.name == "resnet18"
+    assert json.loads((run / "run_info.json").read_text())["teacher_weights"] == "random"
+    backbone = load_file(str(run / "student_backbone.safetensors"))
+    assert "layer4.1.bn2.running_var" in backbone and not any(k.startswith("fc.") for k in backbone)
+    assert any((run / "logs").glob("version_0/events.out.tfevents.*"))
+
+
+def test_resume_after_a_crash_repeats_the_straight_run(real_frames, tmp_path, monkeypatch):
+    straight = distill(tiny_config(real_frames, tmp_path / "straight", max_steps=6))
+
+    real_step, calls = recipe_module.train_step, {"n": 0}
+
+    def crashing_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(recipe_module, "train_step", crashing_step)
+    crashed_cfg = tiny_config(real_frames, tmp_path / "crashed", max_steps=6, checkpoint_every=3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        distill(crashed_cfg)
+    monkeypatch.setattr(recipe_module, "train_step", real_step)
+    crashed_cfg.resume = True
+    resumed = distill(crashed_cfg)
+
+    expected = metrics(straight).set_index("step")["loss"]
+    assert len(list((resumed / "logs").glob("version_*"))) == 2  # the crashed attempt's logs kept
+    got = metrics(resumed).set_index("step")["loss"]
+    assert list(got.index) == [1, 2, 3, 4, 5, 6]
+    torch.testing.assert_close(
+        torch.tensor(got.values), torch.tensor(expected.values), rtol=1e-4, atol=1e-4
+    )
+    a = load_file(str(straight / "student_backbone.safetensors"))
+    b = load_file(str(resumed / "student_backbone.safetensors"))
+    torch.testing.assert_close(a["conv1.weight"], b["conv1.weight"], rtol=1e-4, atol=1e-5)
+
+
+def test_two_process_ddp_on_cpu_completes(real_frames, tmp_path):
+    cfg = tiny_config(
+        real_frames,
+        tmp_path / "ddp",
+        max_steps=3,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        precision="32-true",
+    )
+    run = distill(cfg)
+    assert json.loads((run / "run_info.json").read_text())["world_size"] == 2
+    log = metrics(run)
+    assert log["step"].max() == 3 and log["loss"].notna().all()
+    assert (run / "student_backbone.safetensors").is_file()
