@@ -1,0 +1,201 @@
+"""`sonodistill export`: a student backbone (or a fine-tuned head) to ONNX fp32 and int8,
+each checked against PyTorch on real frames.
+
+The exported graphs take grey frames (B, 1, S, S) in [0, 1] (normalisation is inside) with a
+dynamic batch axis, and return the last feature map `features` (backbone) or `logits` (head).
+Outputs in `out/`: `model_fp32.onnx`, `model_int8.onnx` (static QDQ, per-channel weights,
+calibrated on real frames), `report.{md,json}` and `config.yaml`. The exit code is 1 when the
+fp32 graph differs from PyTorch by more than `tolerance`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from sonodistill.config import parse_config, save_config
+from sonodistill.deploy.heads import head_metric, load_head, mask_files, test_set_targets
+from sonodistill.deploy.onnx_utils import (
+    WithPreprocess,
+    compare,
+    export_onnx,
+    quantize_int8,
+    run_session,
+    session,
+)
+from sonodistill.evaluate.embed import collect_frames, frames_tensor
+from sonodistill.models.encoders import build_encoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportConfig:
+    """ONNX export (fp32 and int8) of an encoder or a fine-tuned head, checked on real frames."""
+
+    encoder: str = ""
+    """Encoder spec, e.g. student:RUN_DIR or timm:resnet50=W.safetensors (backbone export)."""
+    head: str | None = None
+    """A head checkpoint folder (head.yaml + model.safetensors); replaces `encoder`."""
+    frames: list[str] = field(default_factory=list)
+    """Real frames for calibration and checks: `NAME=PATH` sources as in `sonodistill embed`."""
+    out: str = "runs/export"
+    image_size: int = 224
+    opset: int = 18
+    exporter: Literal["legacy", "dynamo"] = "legacy"
+    int8: bool = True
+    per_channel: bool = True
+    calib_method: Literal["minmax", "percentile", "entropy"] = "minmax"
+    n_calib: int = 32
+    """Calibration frames (disjoint from the check frames)."""
+    n_check: int = 16
+    test_set: str | None = None
+    """Head only: a labelled folder (segmentation: images with masks, BUSI or image/+mask/
+    layout; classification: one subfolder per class name) for the metric change."""
+    n_test: int = 64
+    tolerance: float = 1e-3
+    """Maximum abs difference allowed between fp32 ONNX and PyTorch."""
+    threads: int | None = None
+    seed: int = 0
+
+
+def _split_frames(cfg: ExportConfig):
+    if not cfg.frames:
+        raise ValueError("export: give real frames (--frames+ NAME=PATH) for the checks")
+    total = cfg.n_check + (cfg.n_calib if cfg.int8 else 0)
+    per_source = math.ceil(total / len(cfg.frames))
+    frames = collect_frames(cfg.frames, per_source, seed=cfg.seed)
+    order = np.random.default_rng(cfg.seed).permutation(len(frames))
+    frames = [frames[i] for i in order]
+    return frames[: cfg.n_check], frames[cfg.n_check : total]
+
+
+def _test_frames(cfg: ExportConfig, task: str):
+    frames = collect_frames([cfg.test_set], None, seed=cfg.seed)
+    if task == "seg":
+        frames = [f for f in frames if mask_files(f.file)]
+    if not frames:
+        raise FileNotFoundError(f"test set {cfg.test_set}: no labelled images found")
+    rng = np.random.default_rng(cfg.seed)
+    keep = np.sort(rng.choice(len(frames), min(cfg.n_test, len(frames)), replace=False))
+    return [frames[i] for i in keep]
+
+
+@torch.inference_mode()
+def _torch_outputs(model: nn.Module, frames: torch.Tensor, batch_size: int = 8) -> np.ndarray:
+    return np.concatenate(
+        [model(frames[i : i + batch_size]).numpy() for i in range(0, len(frames), batch_size)]
+    )
+
+
+def export(cfg: ExportConfig) -> dict:
+    """Export, quantize and check; returns the report (also written to out/report.json)."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.head:  # heads take grey [0, 1] frames already
+        model, spec = load_head(cfg.head)
+        source, output, task = cfg.head, "logits", f"{spec.kind} head"
+    elif cfg.encoder:
+        model, spec = WithPreprocess(build_encoder(cfg.encoder)).eval(), None
+        source, output, task = cfg.encoder, "features", "backbone"
+    else:
+        raise ValueError("export: give --encoder SPEC or --head FOLDER")
+
+    check, calib = _split_frames(cfg)
+    x_check = frames_tensor(check, cfg.image_size)
+    reference = _torch_outputs(model, x_check)
+    report: dict = {
+        "source": source,
+        "task": task,
+        "image_size": cfg.image_size,
+        "opset": cfg.opset,
+        "exporter": cfg.exporter,
+        "output": f"{output} {list(reference.shape[1:])}",
+        "check_frames": len(check),
+        "calib_frames": len(calib),
+        "datasets": sorted({f.dataset for f in check + calib}),
+        "tolerance": cfg.tolerance,
+        "models": {},
+    }
+
+    paths = {
+        "fp32": export_onnx(
+            model, out / "model_fp32.onnx", cfg.image_size, cfg.opset, cfg.exporter, (output,)
+        )
+    }
+    if cfg.int8:
+        x_calib = frames_tensor(calib, cfg.image_size).numpy()
+        paths["int8"] = quantize_int8(
+            paths["fp32"], out / "model_int8.onnx", x_calib, cfg.per_channel, cfg.calib_method
+        )
+    sessions = {k: session(p, cfg.threads) for k, p in paths.items()}
+    for kind, sess in sessions.items():
+        got = run_session(sess, x_check.numpy(), batch_size=len(check))  # batch != export's
+        report["models"][kind] = {
+            "file": paths[kind].name,
+            "size_mb": round(paths[kind].stat().st_size / 2**20, 2),
+            **compare(reference, got),
+        }
+    report["fp32_ok"] = report["models"]["fp32"]["max_abs"] <= cfg.tolerance
+
+    if spec is not None and cfg.test_set:
+        test = _test_frames(cfg, spec.kind)
+        x_test = frames_tensor(test, cfg.image_size)
+        targets = test_set_targets(test, spec, cfg.image_size)
+        name, base = head_metric(spec, _torch_outputs(model, x_test), targets)
+        report["test"] = {"set": cfg.test_set, "n": len(test), "metric": name, "torch": base}
+        for kind, sess in sessions.items():
+            _, value = head_metric(spec, run_session(sess, x_test.numpy()), targets)
+            report["test"][kind] = value
+            report["test"][f"{kind}_delta"] = value - base
+
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(report_markdown(report))
+    return report
+
+
+def report_markdown(report: dict) -> str:
+    lines = [
+        f"# ONNX export of {report['source']}",
+        "",
+        f"{report['task']}, input (B, 1, {report['image_size']}, {report['image_size']}) grey "
+        f"[0, 1], output {report['output']}, opset {report['opset']} ({report['exporter']}); "
+        f"checked on {report['check_frames']} real frames ({', '.join(report['datasets'])}), "
+        f"int8 calibrated on {report['calib_frames']} others.",
+        "",
+        "| model | size (MB) | max abs diff | mean abs diff | cosine mean | cosine min |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kind, m in report["models"].items():
+        lines.append(
+            f"| {kind} | {m['size_mb']} | {m['max_abs']:.3g} | {m['mean_abs']:.3g} "
+            f"| {m['cosine_mean']:.6f} | {m['cosine_min']:.6f} |"
+        )
+    verdict = "within" if report["fp32_ok"] else "OUTSIDE"
+    lines += ["", f"fp32 {verdict} tolerance {report['tolerance']:g} of PyTorch."]
+    if "test" in report:
+        t = report["test"]
+        lines += ["", f"{t['metric']} on {t['n']} images of {t['set']}: torch {t['torch']:.4f}"]
+        for kind in report["models"]:
+            lines.append(f"- {kind}: {t[kind]:.4f} ({t[f'{kind}_delta']:+.4f})")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = parse_config(ExportConfig, argv or [], "sonodistill export", __doc__.splitlines()[0])
+    report = export(cfg)
+    print(report_markdown(report))
+    print(f"written to {cfg.out}")
+    return 0 if report["fp32_ok"] else 1

@@ -1,0 +1,186 @@
+"""ONNX export, ONNX Runtime sessions, int8 static quantization and output comparison."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from sonodistill.models import to_model_input
+
+log = logging.getLogger(__name__)
+
+INPUT = "frames"
+
+
+class WithPreprocess(nn.Module):
+    """Grey frames (B, 1, H, W) in [0, 1] -> model(ImageNet-normalised 3-channel input).
+
+    Exported graphs take what a scanner gives (grey, scaled to [0, 1]), so that a deployment
+    cannot get the normalisation wrong.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.model(to_model_input(frames))
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    image_size: int = 224,
+    opset: int = 18,
+    exporter: str = "legacy",
+    output_names: Sequence[str] = ("features",),
+) -> Path:
+    """Export `model` (input: (B, 1, S, S) frames) with a dynamic batch axis.
+
+    `legacy` is TorchScript-based torch.onnx.export (fast, robust for CNNs and timm ViTs here);
+    `dynamo` uses torch.export + onnxscript.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    dummy = torch.rand(2, 1, image_size, image_size)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and deprecation chatter, not actionable
+        if exporter == "dynamo":
+            batch = torch.export.Dim("batch", min=1, max=1024)
+            program = torch.onnx.export(
+                model,
+                (dummy,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[INPUT],
+                output_names=list(output_names),
+                dynamic_shapes=({0: batch},),
+                verbose=False,
+            )
+            program.save(str(path))
+        elif exporter == "legacy":
+            axes = {name: {0: "batch"} for name in (INPUT, *output_names)}
+            torch.onnx.export(
+                model,
+                (dummy,),
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=[INPUT],
+                output_names=list(output_names),
+                dynamic_axes=axes,
+                do_constant_folding=True,
+            )
+        else:
+            raise ValueError(f"exporter must be 'legacy' or 'dynamo', not {exporter!r}")
+    import onnx
+
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def session(path: str | Path, threads: int | None = None, cuda: bool = False):
+    """An ONNX Runtime session; `threads` fixes the intra-op thread count (timings)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    providers = ["CPUExecutionProvider"]
+    if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(str(path), opts, providers=providers)
+
+
+def run_session(sess, frames: np.ndarray, batch_size: int = 8) -> np.ndarray:
+    """First output of the session for (N, 1, S, S) float32 frames, in batches."""
+    name = sess.get_inputs()[0].name
+    outs = [
+        sess.run(None, {name: frames[i : i + batch_size].astype(np.float32)})[0]
+        for i in range(0, len(frames), batch_size)
+    ]
+    return np.concatenate(outs)
+
+
+class FramesReader:
+    """onnxruntime CalibrationDataReader over real frames, one frame per call (batch 1)."""
+
+    def __init__(self, frames: np.ndarray, input_name: str = INPUT):
+        self.frames = frames.astype(np.float32)
+        self.input_name = input_name
+        self.i = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.i >= len(self.frames):
+            return None
+        self.i += 1
+        return {self.input_name: self.frames[self.i - 1 : self.i]}
+
+    def rewind(self) -> None:
+        self.i = 0
+
+
+def quantize_int8(
+    fp32_path: str | Path,
+    out_path: str | Path,
+    calib_frames: np.ndarray,
+    per_channel: bool = True,
+    method: str = "minmax",
+) -> Path:
+    """Static int8 quantization (QDQ; weights int8 per channel, activations uint8) calibrated
+    on real frames. quant_pre_process (shape inference + graph optimisation) comes first, as
+    onnxruntime recommends."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }
+    reader = type("Reader", (FramesReader, CalibrationDataReader), {})(calib_frames)
+    out_path = Path(out_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
+        quantize_static(
+            str(pre),
+            str(out_path),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=methods[method],
+        )
+    return out_path
+
+
+def compare(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
+    """Max/mean abs difference and per-sample cosine similarity (mean and worst)."""
+    a = reference.reshape(len(reference), -1).astype(np.float64)
+    b = other.reshape(len(other), -1).astype(np.float64)
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    return {
+        "max_abs": float(np.abs(a - b).max()),
+        "mean_abs": float(np.abs(a - b).mean()),
+        "ref_abs_max": float(np.abs(a).max()),
+        "cosine_mean": float(cos.mean()),
+        "cosine_min": float(cos.min()),
+    }

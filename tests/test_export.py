@@ -1,0 +1,139 @@
+"""`sonodistill export`: ONNX fp32/int8 checked against PyTorch on real BUSI and DDTI frames."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import timm
+import torch
+from PIL import Image
+from test_embed import BUSI, fake_student_run
+
+from sonodistill.deploy.export import ExportConfig, export, main
+from sonodistill.deploy.heads import (
+    HeadSpec,
+    build_head_model,
+    dice,
+    load_head,
+    mask_files,
+    read_mask,
+    save_head,
+)
+from sonodistill.deploy.onnx_utils import compare, run_session, session
+
+
+def _frames(shared):
+    return [f"busi={shared / BUSI}", f"ddti={shared / 'ddti'}"]
+
+
+def test_student_backbone_export_fp32_parity_and_int8(shared_data, tmp_path):
+    run = fake_student_run(tmp_path / "run")
+    cfg = ExportConfig(
+        encoder=f"student:{run}",
+        frames=_frames(shared_data),
+        out=str(tmp_path / "exp"),
+        image_size=64,
+        n_calib=4,
+        n_check=3,  # != the export's dummy batch of 2: the batch axis must be dynamic
+    )
+    report = export(cfg)
+    fp32, int8 = report["models"]["fp32"], report["models"]["int8"]
+    assert report["fp32_ok"] and fp32["max_abs"] <= 1e-3
+    assert fp32["cosine_min"] > 0.99999
+    assert 0.9 < int8["cosine_mean"] <= 1.0 + 1e-9  # int8 is lossy but must stay close
+    assert int8["max_abs"] > fp32["max_abs"]  # the int8 graph really is quantized
+    assert report["datasets"] == ["busi", "ddti"] and report["check_frames"] == 3
+    assert report["output"] == "features [512, 2, 2]"
+
+    model = onnx.load(str(tmp_path / "exp" / "model_fp32.onnx"))
+    assert model.opset_import[0].version >= 17
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "exp" / "model_int8.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ format
+    saved = json.loads((tmp_path / "exp" / "report.json").read_text())
+    assert saved["models"]["int8"]["cosine_mean"] == int8["cosine_mean"]
+    assert "| int8 |" in (tmp_path / "exp" / "report.md").read_text()
+
+
+def test_compare_metrics():
+    a = np.array([[1.0, 0.0], [0.0, 2.0]])
+    b = np.array([[1.0, 0.5], [0.0, -2.0]])
+    m = compare(a, b)
+    assert m["max_abs"] == 4.0
+    assert m["cosine_min"] == pytest.approx(-1.0)
+    assert m["cosine_mean"] == pytest.approx((1 / np.sqrt(1.25) - 1) / 2)
+
+
+def test_dice_and_masks(shared_data):
+    pred = np.zeros((2, 4, 4), bool)
+    target = np.zeros((2, 4, 4), bool)
+    pred[0, :2], target[0, :1] = True, True  # |P|=8, |T|=4, overlap 4 -> 8/12
+    assert dice(pred, target) == pytest.approx((8 / 12 + 1.0) / 2)  # empty/empty counts 1
+    busi = shared_data / BUSI / "benign" / "benign (100).png"
+    assert [m.name for m in mask_files(busi)] == [
+        "benign (100)_mask.png",
+        "benign (100)_mask_1.png",
+    ]
+    union = read_mask(busi, 64)
+    parts = [
+        np.asarray(Image.open(m).convert("L").resize((64, 64), Image.NEAREST)) > 0
+        for m in mask_files(busi)
+    ]
+    np.testing.assert_array_equal(union, parts[0] | parts[1])  # both lesions kept
+    assert (union & ~parts[0]).any()  # the second mask adds pixels
+    ddti = sorted((shared_data / "ddti" / "image").glob("*.PNG"))[0]
+    assert mask_files(ddti) == [shared_data / "ddti" / "mask" / ddti.name]
+
+
+def test_segmentation_head_export_reports_dice_change(shared_data, tmp_path):
+    # The format `sonodistill evaluate` saves: its U-Net around a resnet18 encoder.
+    spec = HeadSpec(task="seg", encoder="random:resnet18", protocol="finetune", num_classes=2)
+    torch.manual_seed(0)
+    save_head(build_head_model(spec), spec, tmp_path / "head")
+    cfg = ExportConfig(
+        head=str(tmp_path / "head"),
+        frames=_frames(shared_data),
+        test_set=str(shared_data / "ddti"),
+        n_test=4,
+        out=str(tmp_path / "exp"),
+        image_size=64,
+        n_calib=2,
+        n_check=2,
+    )
+    report = export(cfg)
+    assert report["fp32_ok"] and report["output"] == "logits [1, 64, 64]"
+    test = report["test"]
+    assert test["metric"] == "dice" and test["n"] == 4
+    assert 0.0 <= test["torch"] <= 1.0
+    assert abs(test["fp32_delta"]) < 1e-2  # same logits up to 1e-3: masks barely move
+    assert test["int8"] == pytest.approx(test["torch"] + test["int8_delta"])
+
+
+def test_classification_head_plain_timm_format(shared_data, tmp_path):
+    names = ["benign", "malignant", "normal"]
+    spec = HeadSpec(task="cls", arch="resnet18", num_classes=3, class_names=names)
+    torch.manual_seed(0)
+    save_head(timm.create_model("resnet18", num_classes=3), spec, tmp_path / "head")
+    model, loaded = load_head(tmp_path / "head")
+    assert loaded.class_names == names
+    argv = [
+        "--head", str(tmp_path / "head"),
+        "--frames+", f"busi={shared_data / BUSI}",
+        "--test_set", str(shared_data / BUSI),
+        "--n_test", "6", "--image_size", "64", "--n_calib", "2", "--n_check", "2",
+        "--int8", "false",
+        "--out", str(tmp_path / "exp"),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "exp" / "report.json").read_text())
+    assert set(report["models"]) == {"fp32"}
+    assert report["test"]["metric"] == "accuracy" and report["test"]["fp32_delta"] == 0.0
+    # The exported logits equal the module's on the same frames.
+    sess = session(tmp_path / "exp" / "model_fp32.onnx")
+    x = torch.rand(3, 1, 64, 64)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(run_session(sess, x.numpy()), ref, atol=1e-4)
