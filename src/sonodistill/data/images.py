@@ -1,0 +1,127 @@
+"""Training images for distillation: an image folder, a corpus (folder or manifest) or a pack.
+
+Workers only decode and resize to a fixed square; augmentation runs batched on the device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+def find_images(root: str | Path) -> list[Path]:
+    """Every image file under root (any depth), in a stable order."""
+    root = Path(root)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
+class ImageFiles(Dataset):
+    """Grey uint8 tensors (1, size, size) from image files; unreadable files are skipped."""
+
+    def __init__(self, files: list[Path], size: int):
+        self.files, self.size = files, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        # A corrupt file is logged and replaced by the next readable one, so batches stay full.
+        for offset in range(len(self.files)):
+            path = self.files[(index + offset) % len(self.files)]
+            try:
+                with Image.open(path) as img:
+                    grey = img.convert("L").resize((self.size, self.size), Image.BILINEAR)
+                return torch.from_numpy(np.asarray(grey, dtype=np.uint8).copy())[None]
+            except (OSError, ValueError) as err:
+                log.warning("skipping unreadable image %s: %s", path, err)
+        raise RuntimeError("no readable image in the dataset")
+
+
+class PackedFrames(Dataset):
+    """Frames from `sonodistill corpus pack`: a memory-mapped (N, S, S) uint8 array."""
+
+    def __init__(self, pack_dir: str | Path, size: int):
+        pack_dir = Path(pack_dir)
+        meta = json.loads((pack_dir / "pack.json").read_text())
+        shape = (meta["count"], meta["size"], meta["size"])
+        self.frames = np.memmap(pack_dir / "frames.u8", dtype=np.uint8, mode="r", shape=shape)
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.frames.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        frame = torch.from_numpy(np.array(self.frames[index]))[None]
+        if frame.shape[-1] != self.size:
+            frame = (
+                torch.nn.functional.interpolate(
+                    frame[None].float(),
+                    size=(self.size, self.size),
+                    mode="bilinear",
+                    antialias=True,
+                )[0]
+                .round()
+                .clamp(0, 255)
+                .to(torch.uint8)
+            )
+        return frame
+
+
+def open_training_images(path: str | Path, size: int) -> Dataset:
+    """A pack folder, a corpus folder or manifest (kept frames only), or any image folder."""
+    path = Path(path)
+    if (path / "pack.json").is_file():
+        return PackedFrames(path, size)
+    if path.suffix == ".parquet" or (path / "manifest.parquet").is_file():
+        from sonodistill.data import list_corpus_images
+
+        return ImageFiles(list_corpus_images(path), size)
+    if path.is_dir():
+        return ImageFiles(find_images(path), size)
+    raise FileNotFoundError(f"{path}: not an image folder, corpus, manifest or pack")
+
+
+class ResumableSampler(Sampler[int]):
+    """Epoch-seeded shuffle, sharded across ranks, that can start mid-epoch.
+
+    Resuming at (epoch, batches done) yields exactly the indices the interrupted run would have
+    seen next; torch's DistributedSampler cannot skip ahead without decoding the skipped batches.
+    """
+
+    def __init__(self, length: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.batches_per_epoch = length // (batch_size * world)
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"{length} images cannot fill one global batch of {batch_size * world}"
+            )
+        self.length, self.batch_size, self.seed = length, batch_size, seed
+        self.rank, self.world = rank, world
+        self.epoch, self.start_batch = 0, 0
+
+    def set_position(self, epoch: int, batch: int) -> None:
+        self.epoch, self.start_batch = epoch, batch
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(
+            self.length, generator=torch.Generator().manual_seed(self.seed + self.epoch)
+        )
+        used = self.batches_per_epoch * self.batch_size * self.world
+        mine = order[:used][self.rank :: self.world]
+        return iter(mine[self.start_batch * self.batch_size :].tolist())
