@@ -1,0 +1,389 @@
+"""`sonodistill bench`: the paper's Table 5, teacher and student side by side in one run.
+
+For each model: parameters (backbone; backbone + head), forward FLOPs at the input size
+(torch.utils.flop_counter, attention included, 1 MAC = 2 FLOPs), CPU latency (mean +- std over
+`runs` timed batch-1 forwards after `warmup`, at a stated thread count) and throughput for
+PyTorch fp32, PyTorch bf16 (autocast, where the CPU has native bf16), ONNX Runtime fp32 and
+int8 (static QDQ); on a CUDA GPU also latency, throughput and peak memory. Timings cover the
+backbone (the deployed encoder: frames -> last feature map), not the heads.
+
+"Head" in the parameter row: teacher = ViT + a linear classifier on the CLS token
+(`teacher_head_classes` outputs, a downstream head: the teacher needs no distillation head);
+student = CNN + its distillation projection head (1x1 conv to n_blocks x the teacher's width).
+
+Writes `table5.{md,csv,json}` (and `config.yaml`) to `out`; the JSON keeps raw numbers and the
+environment (CPU, threads, versions).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from sonodistill.config import parse_config, save_config
+from sonodistill.deploy.flops import count_flops, count_params
+from sonodistill.deploy.onnx_utils import WithPreprocess, export_onnx, quantize_int8, session
+from sonodistill.models import Student, StudentConfig, to_model_input
+from sonodistill.models.encoders import Encoder, EncoderSpec, build_encoder, parse_spec
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch_fp32", "torch_bf16", "ort_fp32", "ort_int8")
+OPPOSITE = {"smaller": "larger", "less": "more", "faster": "slower", "higher": "lower"}
+
+
+@dataclass
+class BenchConfig:
+    """Teacher vs student deployment cost (paper Table 5)."""
+
+    teacher: str = "teacher:random@ViT-B/16 (DINOv3)"
+    """Encoder spec; weights do not change the cost, so a random init is the default."""
+    student: str = "random:resnet50@ResNet-50 student"
+    teacher_kwargs: dict = field(default_factory=dict)
+    """Architecture overrides for the teacher (tiny teachers in tests)."""
+    teacher_n_blocks: int = 2
+    """Distillation target = this many teacher blocks: width of the student's projection."""
+    student_head: Literal["linear", "mlp"] = "linear"
+    teacher_head_classes: int = 3
+    image_size: int = 224
+    warmup: int = 5
+    runs: int = 50
+    threads: int | None = None
+    """CPU threads for PyTorch and ONNX Runtime (default: torch's current count)."""
+    backends: list[str] = field(default_factory=lambda: list(BACKENDS))
+    calib_frames: list[str] = field(default_factory=list)
+    """Real frames for int8 calibration (`NAME=PATH` as in `embed`); none: random noise."""
+    n_calib: int = 8
+    gpu: Literal["auto", "on", "off"] = "auto"
+    gpu_runs: int = 100
+    exporter: Literal["legacy", "dynamo"] = "legacy"
+    out: str = "runs/bench"
+
+
+# --- measurement ---------------------------------------------------------------------------------
+
+
+def time_fn(fn: Callable[[], object], warmup: int, runs: int, sync=None) -> dict[str, float]:
+    """Latency mean/std (ms) of `runs` calls after `warmup`; throughput = 1000 / mean."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        if sync:
+            sync()
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append((time.perf_counter() - t0) * 1000.0)
+    mean = statistics.fmean(times)
+    std = statistics.stdev(times) if len(times) > 1 else 0.0
+    return {"latency_ms": mean, "latency_std_ms": std, "throughput": 1000.0 / mean}
+
+
+def bf16_supported() -> bool:
+    """Native bf16 on this CPU (AVX512-BF16 or AMX); emulated bf16 would be a misleading row."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def teacher_head(encoder: Encoder, classes: int) -> nn.Module:
+    return nn.Linear(encoder.out_channels, classes)
+
+
+def student_head(encoder: Encoder, cfg: BenchConfig, teacher_dim: int) -> nn.Module:
+    # The projection head exactly as distillation builds it (Student), on this backbone.
+    student = Student(
+        StudentConfig(name=encoder.spec.name, head=cfg.student_head),
+        cfg.teacher_n_blocks * teacher_dim,
+    )
+    return student.head
+
+
+def measure(
+    name: str, encoder: Encoder, head: nn.Module, cfg: BenchConfig, calib: np.ndarray, tmp: Path
+) -> dict:
+    size = cfg.image_size
+    frames = torch.rand(1, 1, size, size)
+    x = to_model_input(frames)
+    result: dict = {
+        "model": name,
+        "params_backbone": count_params(encoder.backbone),
+        "params_head": count_params(head),
+    }
+    result["params_total"] = result["params_backbone"] + result["params_head"]
+    result["flops"], result["flops_by_op"] = count_flops(encoder, x)
+    log.info(
+        "%s: %.2fM params, %.2f GFLOPs",
+        name,
+        result["params_backbone"] / 1e6,
+        result["flops"] / 1e9,
+    )
+    with torch.inference_mode():
+        if "torch_fp32" in cfg.backends:
+            result["torch_fp32"] = time_fn(lambda: encoder(x), cfg.warmup, cfg.runs)
+        if "torch_bf16" in cfg.backends and bf16_supported():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                result["torch_bf16"] = time_fn(lambda: encoder(x), cfg.warmup, cfg.runs)
+    wanted = [b for b in ("ort_fp32", "ort_int8") if b in cfg.backends]
+    if wanted:
+        fp32 = export_onnx(
+            WithPreprocess(encoder), tmp / f"{name}_fp32.onnx", size, exporter=cfg.exporter
+        )
+        paths = {"ort_fp32": fp32}
+        if "ort_int8" in wanted:
+            paths["ort_int8"] = quantize_int8(fp32, tmp / f"{name}_int8.onnx", calib)
+        feed = {"frames": frames.numpy()}
+        for backend in wanted:
+            sess = session(paths[backend], cfg.threads)
+            result[backend] = time_fn(lambda s=sess: s.run(None, feed), cfg.warmup, cfg.runs)
+            result[backend]["file_mb"] = paths[backend].stat().st_size / 2**20
+    if _use_gpu(cfg):
+        result["gpu"] = measure_gpu(encoder, x, cfg)
+    return result
+
+
+def _use_gpu(cfg: BenchConfig) -> bool:
+    if cfg.gpu == "on" and not torch.cuda.is_available():
+        raise RuntimeError("bench: --gpu on but CUDA is not available")
+    return cfg.gpu == "on" or (cfg.gpu == "auto" and torch.cuda.is_available())
+
+
+def measure_gpu(encoder: Encoder, x: torch.Tensor, cfg: BenchConfig) -> dict:
+    """fp32 batch-1 latency/throughput and peak allocated memory (weights + activations)."""
+    device = torch.device("cuda")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    model, xg = encoder.to(device), x.to(device)
+    with torch.inference_mode():
+        stats = time_fn(lambda: model(xg), cfg.warmup, cfg.gpu_runs, torch.cuda.synchronize)
+    stats["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    stats["device"] = torch.cuda.get_device_name(device)
+    encoder.to("cpu")
+    return stats
+
+
+# --- table ---------------------------------------------------------------------------------------
+
+
+def _ratio(teacher: float, student: float, higher_is_better: bool, word: str) -> str:
+    if not teacher or not student:
+        return ""
+    r = student / teacher if higher_is_better else teacher / student
+    change = (student - teacher) / teacher * 100.0
+    if r < 1.0:  # the student is worse on this row: say so rather than "0.5x faster"
+        r, word = 1.0 / r, OPPOSITE[word]
+    return f"{r:.2f}x {word} ({change:+.1f}%)"
+
+
+def table_rows(t: dict, s: dict, threads: int) -> list[dict]:
+    rows = []
+
+    def add(
+        metric: str, tv: float, sv: float, fmt: str, word: str, higher=False, tstd=None, sstd=None
+    ):
+        def cell(v, std):
+            return format(v, fmt) + (f" ± {std:{fmt}}" if std is not None else "")
+
+        rows.append(
+            {
+                "metric": metric,
+                "teacher": cell(tv, tstd),
+                "student": cell(sv, sstd),
+                "student vs teacher": _ratio(tv, sv, higher, word),
+            }
+        )
+
+    add(
+        "Parameters, backbone only (M)",
+        t["params_backbone"] / 1e6,
+        s["params_backbone"] / 1e6,
+        ".2f",
+        "smaller",
+    )
+    add(
+        "Parameters, backbone + head (M)",
+        t["params_total"] / 1e6,
+        s["params_total"] / 1e6,
+        ".2f",
+        "smaller",
+    )
+    add("FLOPs (GFLOPs, 1 MAC = 2 FLOPs)", t["flops"] / 1e9, s["flops"] / 1e9, ".2f", "less")
+    labels = {
+        "torch_fp32": "PyTorch fp32",
+        "torch_bf16": "PyTorch bf16",
+        "ort_fp32": "ONNX Runtime fp32",
+        "ort_int8": "ONNX Runtime int8",
+    }
+    for key, label in labels.items():
+        if key in t and key in s:
+            tt, ss = t[key], s[key]
+            add(
+                f"CPU latency, {label}, {threads} threads (ms, mean ± std)",
+                tt["latency_ms"],
+                ss["latency_ms"],
+                ".2f",
+                "faster",
+                tstd=tt["latency_std_ms"],
+                sstd=ss["latency_std_ms"],
+            )
+            add(
+                f"CPU throughput, {label} (img/s)",
+                tt["throughput"],
+                ss["throughput"],
+                ".2f",
+                "higher",
+                higher=True,
+            )
+    if "gpu" in t and "gpu" in s:
+        tg, sg = t["gpu"], s["gpu"]
+        add(
+            "GPU latency, fp32 (ms, mean ± std)",
+            tg["latency_ms"],
+            sg["latency_ms"],
+            ".2f",
+            "faster",
+            tstd=tg["latency_std_ms"],
+            sstd=sg["latency_std_ms"],
+        )
+        add(
+            "GPU throughput, fp32 (img/s)",
+            tg["throughput"],
+            sg["throughput"],
+            ".2f",
+            "higher",
+            higher=True,
+        )
+        add("Peak GPU memory (MB)", tg["peak_mb"], sg["peak_mb"], ".1f", "less")
+    return rows
+
+
+def environment(threads: int) -> dict:
+    import onnxruntime
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "threads": threads,
+        "bf16_native": bf16_supported(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def _calibration(cfg: BenchConfig) -> tuple[np.ndarray, str]:
+    if cfg.calib_frames:
+        from sonodistill.evaluate.embed import collect_frames, frames_tensor
+
+        per = max(1, -(-cfg.n_calib // len(cfg.calib_frames)))
+        frames = collect_frames(cfg.calib_frames, per)[: cfg.n_calib]
+        return frames_tensor(frames, cfg.image_size).numpy(), f"{len(frames)} real frames"
+    rng = np.random.default_rng(0)
+    noise = rng.random((cfg.n_calib, 1, cfg.image_size, cfg.image_size), dtype=np.float32)
+    return noise, f"{cfg.n_calib} random-noise frames (no --calib_frames given)"
+
+
+def bench(cfg: BenchConfig) -> dict:
+    """Run the benchmark; returns {'rows', 'teacher', 'student', 'env'} and writes the tables."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    threads = cfg.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    cfg.threads = threads
+    spec: EncoderSpec = parse_spec(cfg.teacher)
+    if cfg.teacher_kwargs:
+        spec.model_kwargs = dict(cfg.teacher_kwargs)
+    teacher = build_encoder(spec).eval()
+    student = build_encoder(cfg.student).eval()
+    calib, calib_note = _calibration(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = measure(
+            "teacher",
+            teacher,
+            teacher_head(teacher, cfg.teacher_head_classes),
+            cfg,
+            calib,
+            Path(tmp),
+        )
+        s = measure(
+            "student",
+            student,
+            student_head(student, cfg, teacher.out_channels),
+            cfg,
+            calib,
+            Path(tmp),
+        )
+    t["label"], s["label"] = teacher.name, student.name
+    env = environment(threads) | {
+        "warmup": cfg.warmup,
+        "runs": cfg.runs,
+        "image_size": cfg.image_size,
+        "calibration": calib_note,
+    }
+    rows = table_rows(t, s, threads)
+    result = {"rows": rows, "teacher": t, "student": s, "env": env}
+    write_outputs(result, cfg, out)
+    return result
+
+
+def write_outputs(result: dict, cfg: BenchConfig, out: Path) -> None:
+    import pandas as pd
+
+    rows, env = result["rows"], result["env"]
+    t, s = result["teacher"], result["student"]
+    header = ["metric", f"teacher: {t['label']}", f"student: {s['label']}", "student vs teacher"]
+    frame = pd.DataFrame(
+        [[r["metric"], r["teacher"], r["student"], r["student vs teacher"]] for r in rows],
+        columns=header,
+    )
+    frame.to_csv(out / "table5.csv", index=False)
+    (out / "table5.json").write_text(json.dumps(result, indent=2, default=str))
+    md = [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(False)),
+        "",
+        f"Batch 1, {cfg.image_size}x{cfg.image_size} input, {env['warmup']} warm-up + "
+        f"{env['runs']} timed runs, {env['threads']} CPU threads on {env['cpu']}; "
+        f"torch {env['torch']}, onnxruntime {env['onnxruntime']}; int8 = static QDQ, "
+        f"per-channel, calibrated on {env['calibration']}. "
+        + ("" if env["bf16_native"] else "No bf16 row: this CPU has no native bf16. ")
+        + "Head: teacher = linear classifier on the CLS token "
+        f"({cfg.teacher_head_classes} classes); student = distillation projection head "
+        f"({cfg.student_head}, to {cfg.teacher_n_blocks} x teacher width). Timings cover the "
+        "backbone only.",
+    ]
+    (out / "table5.md").write_text("\n".join(md) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = parse_config(BenchConfig, argv or [], "sonodistill bench", __doc__.splitlines()[0])
+    bench(cfg)
+    print((Path(cfg.out) / "table5.md").read_text())
+    print(f"written to {cfg.out}")
+    return 0

@@ -1,0 +1,113 @@
+"""`sonodistill bench` (Table 5) with tiny models: FLOP and parameter counts checked by hand,
+the table's structure and ratios; speed is never asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from conftest import TINY_TEACHER_KWARGS
+from test_embed import BUSI
+from torch import nn
+
+from sonodistill.deploy.bench import BenchConfig, _ratio, bench, main, time_fn
+from sonodistill.deploy.flops import count_flops, count_params
+from sonodistill.models.encoders import EncoderSpec, build_encoder
+
+
+def test_flops_are_two_per_mac():
+    flops, _ = count_flops(nn.Linear(10, 20), torch.randn(3, 10))
+    assert flops == 2 * 3 * 10 * 20
+    conv_flops, _ = count_flops(nn.Conv2d(4, 8, 3, bias=False), torch.randn(1, 4, 10, 10))
+    assert conv_flops == 2 * (8 * 8) * 8 * 4 * 9  # output pixels x out x in x kernel
+
+
+def test_vit_attention_is_counted_on_cpu():
+    enc = build_encoder(
+        EncoderSpec(kind="teacher", weights="random", model_kwargs=TINY_TEACHER_KWARGS)
+    )
+    size, vit = 64, enc.backbone
+    flops, by_op = count_flops(enc, torch.randn(1, 3, size, size))
+    n = vit.num_prefix_tokens + (size // 16) ** 2
+    # Q K^T and attn V: 2 matmuls of N x N x D MACs per block, 2 FLOPs each.
+    attention = len(vit.blocks) * 2 * 2 * n * n * vit.embed_dim
+    assert by_op["aten._scaled_dot_product_flash_attention_for_cpu"] == attention
+    assert flops == attention + by_op["aten.addmm"] + by_op["aten.convolution"]
+
+
+def test_ratio_wording():
+    assert _ratio(86.0, 25.0, False, "smaller") == "3.44x smaller (-70.9%)"
+    assert _ratio(2.3, 27.6, True, "higher") == "12.00x higher (+1100.0%)"
+    assert _ratio(10.0, 20.0, False, "faster") == "2.00x slower (+100.0%)"
+
+
+def test_time_fn_statistics():
+    calls = []
+    stats = time_fn(lambda: calls.append(1), warmup=2, runs=5)
+    assert len(calls) == 7
+    assert stats["throughput"] == pytest.approx(1000.0 / stats["latency_ms"])
+
+
+def test_bench_tiny_teacher_vs_resnet18(shared_data, tmp_path):
+    cfg = BenchConfig(
+        teacher="teacher:random@tiny-ViT",
+        teacher_kwargs=TINY_TEACHER_KWARGS,
+        student="random:resnet18@R18",
+        image_size=32,
+        warmup=1,
+        runs=2,
+        threads=1,
+        calib_frames=[f"busi={shared_data / BUSI}"],
+        n_calib=2,
+        gpu="off",
+        out=str(tmp_path / "bench"),
+    )
+    result = bench(cfg)
+    t, s = result["teacher"], result["student"]
+    assert t["params_backbone"] == count_params(
+        build_encoder(
+            EncoderSpec(kind="teacher", weights="random", model_kwargs=TINY_TEACHER_KWARGS)
+        ).backbone
+    )
+    assert s["params_backbone"] == 11_176_512  # timm resnet18 without classifier
+    assert t["params_head"] == 48 * 3 + 3  # linear classifier on the CLS token
+    assert s["params_head"] == 512 * 96 + 96  # 1x1 conv to 2 blocks x 48 teacher channels
+    for backend in ("torch_fp32", "ort_fp32", "ort_int8"):
+        assert t[backend]["latency_ms"] > 0 and s[backend]["latency_ms"] > 0
+    assert "real frames" in result["env"]["calibration"] and result["env"]["threads"] == 1
+
+    table = pd.read_csv(tmp_path / "bench" / "table5.csv")
+    assert list(table.columns) == [
+        "metric", "teacher: tiny-ViT", "student: R18", "student vs teacher"
+    ]  # fmt: skip
+    metrics = table.metric.tolist()
+    assert metrics[:3] == [
+        "Parameters, backbone only (M)",
+        "Parameters, backbone + head (M)",
+        "FLOPs (GFLOPs, 1 MAC = 2 FLOPs)",
+    ]
+    assert "CPU latency, ONNX Runtime int8, 1 threads (ms, mean ± std)" in metrics
+    assert table.iloc[0]["student vs teacher"].endswith(
+        "larger (+%.1f%%)"
+        % ((s["params_backbone"] - t["params_backbone"]) / t["params_backbone"] * 100)
+    )
+    md = (tmp_path / "bench" / "table5.md").read_text()
+    assert "1 CPU threads" in md and "Head: teacher = linear classifier" in md
+    saved = json.loads((tmp_path / "bench" / "table5.json").read_text())
+    assert saved["student"]["flops"] == s["flops"] > 0
+
+
+def test_cli_subset_of_backends(tmp_path, capsys):
+    argv = [
+        "--teacher", "teacher:random@tiny",
+        "--teacher_kwargs", json.dumps(TINY_TEACHER_KWARGS),
+        "--student", "random:resnet18@r18",
+        "--image_size", "32", "--warmup", "0", "--runs", "2", "--threads", "1",
+        "--backends", "[torch_fp32]", "--gpu", "off",
+        "--out", str(tmp_path),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "PyTorch fp32" in out and "ONNX Runtime" not in out
