@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import TypeVar
 
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+# Field docstrings (the string under each dataclass field) become the flags' help text.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 C = TypeVar("C")
 
