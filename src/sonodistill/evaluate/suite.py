@@ -1,0 +1,236 @@
+"""A suite: encoders x tasks x protocols x label fractions x seeds -> one JSON per run -> tables.
+
+Resumable: a run whose JSON exists with the same fingerprint (task, protocol, encoder spec,
+fraction, seed, training settings, split) is skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sonodistill.config import save_config
+from sonodistill.evaluate.datasets import (
+    DatasetIndex,
+    DatasetSpec,
+    builtin_datasets,
+    load_dataset,
+)
+from sonodistill.evaluate.splits import (
+    FRACTIONS,
+    SplitConfig,
+    image_hashes,
+    load_or_make_splits,
+)
+from sonodistill.evaluate.tables import paper_tables
+from sonodistill.evaluate.train import TrainSettings, run_one
+from sonodistill.models.encoders import EncoderSpec, parse_spec
+from sonodistill.progress import progress_bar
+
+
+@dataclass
+class SuiteConfig:
+    """Downstream evaluation suite (paper Sec. 4-5): every combination is one run."""
+
+    out: str = "runs/evaluate"
+    data_root: str = "../shared/data"
+    """Folder holding busi/ and ddti/ (the built-in tasks ddti_seg, busi_seg, busi_cls)."""
+    encoders: list[str | dict] = field(default_factory=lambda: ["random:resnet50"])
+    """Shorthand (`random:resnet18`, `student:RUN_DIR@R18-Distill`, `teacher:W.pth`) or
+    EncoderSpec fields as a mapping."""
+    tasks: list[str] = field(default_factory=lambda: ["ddti_seg", "busi_seg", "busi_cls"])
+    datasets: dict[str, dict] = field(default_factory=dict)
+    """Your own tasks: name -> DatasetSpec fields (kind seg_folder|cls_folder|busi|ddti, root)."""
+    protocols: list[str] = field(default_factory=lambda: ["linear", "finetune"])
+    fractions: list[float] = field(default_factory=lambda: [1.0])
+    """Label fractions of the training split (nested subsets): 1.0, 0.5, 0.2, 0.1, 0.05."""
+    fraction_protocols: list[str] = field(default_factory=lambda: ["finetune"])
+    """Protocols run at fractions below 1 (the paper's Table 4 is fine-tuning only)."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    ablation: list[dict] = field(default_factory=list)
+    """Table 6 rows: {encoder: LABEL, augmentation: Default|US-aware, mixup: bool}."""
+    split: SplitConfig = field(default_factory=SplitConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    tables_only: bool = False
+    """Only rebuild the tables from the run JSONs already in `out`."""
+
+
+@dataclass
+class Run:
+    task: str
+    protocol: str
+    encoder: EncoderSpec
+    label: str
+    fraction: float
+    seed: int
+
+    @property
+    def id(self) -> str:
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.label)
+        return f"{self.task}__{self.protocol}__{slug}__f{self.fraction:g}__s{self.seed}"
+
+
+def encoder_spec(item: str | dict) -> EncoderSpec:
+    if isinstance(item, str):
+        return parse_spec(item)
+    return EncoderSpec(**item)
+
+
+def encoder_label(spec: EncoderSpec) -> str:
+    """Display name: the spec's label, else a readable default per kind."""
+    if spec.label:
+        return spec.label
+    if spec.kind == "random":
+        return f"{spec.name or 'resnet50'}-rand"
+    if spec.kind == "student":
+        return f"{Path(spec.weights or 'student').name}-distill"
+    if spec.kind == "timm":
+        return f"{spec.name}-{Path(spec.weights or '').stem}"
+    return spec.name or "dinov3-teacher"
+
+
+def plan(cfg: SuiteConfig) -> list[Run]:
+    specs = [encoder_spec(e) for e in cfg.encoders]
+    labels = [encoder_label(s) for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"encoder labels must be unique (add @LABEL): {labels}")
+    runs = []
+    for task in cfg.tasks:
+        for protocol in cfg.protocols:
+            if protocol not in ("linear", "finetune"):
+                raise ValueError(f"protocol {protocol!r}: use linear or finetune")
+            fractions = cfg.fractions if protocol in cfg.fraction_protocols else [1.0]
+            for fraction in sorted(set(fractions), reverse=True):
+                for spec, label in zip(specs, labels, strict=True):
+                    for seed in cfg.seeds:
+                        runs.append(Run(task, protocol, spec, label, float(fraction), seed))
+    return runs
+
+
+def task_specs(cfg: SuiteConfig) -> dict[str, DatasetSpec]:
+    specs = builtin_datasets(cfg.data_root)
+    specs.update({name: DatasetSpec(**d) for name, d in cfg.datasets.items()})
+    unknown = [t for t in cfg.tasks if t not in specs]
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}: define them under `datasets`")
+    return specs
+
+
+def fingerprint(run: Run, cfg: SuiteConfig) -> str:
+    train = {
+        k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in ("device", "num_workers")
+    }
+    key = [
+        run.task,
+        run.protocol,
+        dataclasses.asdict(run.encoder),
+        run.fraction,
+        run.seed,
+        train,
+        dataclasses.asdict(cfg.split),
+    ]
+    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _Data:
+    """Datasets and their splits, loaded once per suite; images hashed once per dataset root."""
+
+    def __init__(self, cfg: SuiteConfig, out: Path):
+        self.cfg, self.out, self.specs = cfg, out, task_specs(cfg)
+        self._index: dict[str, DatasetIndex] = {}
+        self._splits: dict[str, dict] = {}
+        self._hashes: dict[str, dict] = {}
+
+    def get(self, task: str) -> tuple[DatasetIndex, dict]:
+        if task not in self._index:
+            spec = self.specs[task]
+            index = load_dataset(spec, task)
+            path = self.out / "splits" / f"{task}.json"
+            hashes = None
+            if not path.is_file():
+                hashes = self._hashes.setdefault(spec.root, image_hashes(index))
+            fractions = sorted(set(FRACTIONS) | {f for f in self.cfg.fractions if f < 1})
+            self._splits[task] = load_or_make_splits(
+                index, path, self.cfg.split, hashes=hashes, fractions=fractions
+            )
+            self._index[task] = index
+        return self._index[task], self._splits[task]
+
+
+def run_suite(cfg: SuiteConfig) -> list[Path]:
+    """Run what is not done yet, then write the tables; returns the table files."""
+    out = Path(cfg.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "suite.yaml")
+    runs = plan(cfg)
+    data = _Data(cfg, out)
+    results = []
+    with progress_bar() as bar:
+        suite_task = bar.add_task("evaluate", total=len(runs), info="")
+        epoch_task = bar.add_task("  epochs", total=cfg.train.epochs, info="")
+        for run in runs:
+            path = out / "runs" / f"{run.id}.json"
+            fp = fingerprint(run, cfg)
+            done = json.loads(path.read_text()) if path.is_file() else None
+            if done is None or done.get("fingerprint") != fp:
+                if cfg.tables_only:
+                    bar.advance(suite_task)
+                    continue
+                bar.update(suite_task, info=run.id)
+                bar.reset(epoch_task, total=cfg.train.epochs)
+                index, splits = data.get(run.task)
+
+                def on_epoch(epoch: int, row: dict, _task=epoch_task, _id=run.id) -> None:
+                    shown = {k: round(v, 4) for k, v in row.items() if k != "epoch"}
+                    bar.update(_task, completed=epoch, info=str(shown))
+                    if not bar.console.is_terminal:  # logs (nohup, CI) get one line per epoch
+                        bar.console.print(f"{_id} epoch {epoch}: {shown}")
+
+                result = run_one(
+                    index,
+                    splits,
+                    run.encoder,
+                    run.protocol,
+                    run.fraction,
+                    run.seed,
+                    cfg.train,
+                    on_epoch,
+                )
+                done = {
+                    "id": run.id,
+                    "task": run.task,
+                    "task_type": index.task,
+                    "dataset": index.name,
+                    "protocol": run.protocol,
+                    "encoder": run.label,
+                    "encoder_spec": dataclasses.asdict(run.encoder),
+                    "fraction": run.fraction,
+                    "seed": run.seed,
+                    "settings": dataclasses.asdict(cfg.train),
+                    "split_file": str(out / "splits" / f"{run.task}.json"),
+                    "fingerprint": fp,
+                    **result,
+                }
+                path.write_text(json.dumps(done, indent=1))
+            results.append(done)
+            bar.advance(suite_task)
+    types = {t: data.specs[t].task for t in cfg.tasks}
+    labels = list(dict.fromkeys(r.label for r in runs))
+    return paper_tables(results, labels, types, out / "tables", table_note(cfg), cfg.ablation)
+
+
+def table_note(cfg: SuiteConfig) -> str:
+    t = cfg.train
+    seeds = ", ".join(map(str, cfg.seeds))
+    subset = f"; at most {t.subset} images per split (smoke run)" if t.subset else ""
+    return (
+        f"Image size: segmentation {t.seg_size} px, classification {t.cls_size} px; "
+        f"{t.epochs} epochs; batch {t.seg_batch}/{t.cls_batch}; AdamW lr {t.lr:g}; "
+        f"seeds {seeds} (mean ± sample std over {len(cfg.seeds)}){subset}. "
+        "Dice/IoU: per image, foreground, averaged over the test split (both empty = 1). "
+        "Test scores of the best-validation epoch."
+    )
