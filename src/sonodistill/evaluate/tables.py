@@ -59,9 +59,10 @@ def metric_table(
         row = {"Model": enc, **{k: v[encoders.index(enc)] for k, v in (row_keys or {}).items()}}
         for header, task, metric, fraction, protocol in columns:
             hit = _lookup(agg, task, protocol, enc, fraction)
-            row[header] = cell(
-                *(hit[[metric, f"{metric}_std"]] if hit is not None else (None,) * 2)
-            )
+            if hit is None:
+                row[header] = cell(None, None)
+            else:
+                row[header] = cell(hit[metric], hit[f"{metric}_std"], int(hit["n_seeds"]))
         rows.append(row)
     return pd.DataFrame(rows)
 

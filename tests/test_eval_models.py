@@ -1,0 +1,81 @@
+"""Downstream models: weights really land in smp's U-Net, probes stay frozen, ViT heads fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_eval_common import TINY_TEACHER, fake_student, one_thread  # noqa: F401
+
+from sonodistill.evaluate.heads import (
+    Classifier,
+    LinearSegProbe,
+    UNetSeg,
+    ViTSegModel,
+    build_model,
+    trainable_parameters,
+)
+from sonodistill.evaluate.train import SegLoss
+from sonodistill.models.encoders import build_encoder
+
+
+@pytest.mark.parametrize("name", ["resnet18", "convnext_tiny"])
+def test_unet_carries_the_encoder_weights(name):
+    torch.manual_seed(0)
+    encoder = build_encoder(f"random:{name}")
+    unet = UNetSeg(encoder, num_classes=2)
+    source = encoder.backbone_state_dict()
+    target = unet.unet.encoder.model.state_dict()
+    first = "conv1.weight" if name == "resnet18" else "stem_0.weight"
+    last = "layer4.1.bn2.running_var" if name == "resnet18" else "stages_3.blocks.2.gamma"
+    for key in (first, last):
+        src_key = key.replace("stem_0", "stem.0").replace("stages_3", "stages.3")
+        assert torch.equal(target[key], source[src_key])
+    # a fresh smp U-Net of the same kind has different weights: the copy is what made them equal
+    torch.manual_seed(1)
+    other = UNetSeg(build_encoder(f"random:{name}"), num_classes=2)
+    assert not torch.equal(other.unet.encoder.model.state_dict()[first], target[first])
+    assert unet(torch.rand(2, 1, 64, 64)).shape == (2, 1, 64, 64)
+
+
+def test_student_weights_reach_the_unet(fake_student):  # noqa: F811
+    model = build_model(f"student:{fake_student}", "seg", "finetune", num_classes=2)
+    saved = load_file(fake_student / "student_backbone.safetensors")
+    assert torch.equal(
+        model.unet.encoder.model.state_dict()["layer3.0.conv1.weight"],
+        saved["layer3.0.conv1.weight"],
+    )
+
+
+def test_linear_probe_trains_only_its_head():
+    model = build_model("random:resnet18", "seg", "linear", num_classes=2)
+    assert isinstance(model, LinearSegProbe)
+    params = trainable_parameters(model)
+    assert params == list(model.head.parameters())
+    encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    model.train()
+    x, y = torch.rand(4, 1, 64, 64), (torch.rand(4, 64, 64) > 0.5).long()
+    loss = SegLoss(2)(model(x), y)
+    loss.backward()
+    opt.step()
+    # BatchNorm running statistics and weights untouched: the encoder stayed in eval mode
+    for k, v in model.encoder.state_dict().items():
+        assert torch.equal(v, encoder_before[k]), k
+    assert model(x).shape == (4, 1, 64, 64)
+
+
+def test_classifiers_and_vit_heads():
+    cnn = build_model("random:resnet18", "cls", "finetune", num_classes=3)
+    assert isinstance(cnn, Classifier) and cnn.head.in_features == 512
+    assert len(trainable_parameters(cnn)) > 2
+    probe = build_model("random:resnet18", "cls", "linear", num_classes=3)
+    assert len(trainable_parameters(probe)) == 2
+    vit_cls = build_model(TINY_TEACHER, "cls", "linear", num_classes=3)
+    assert vit_cls.head.in_features == 2 * 48  # CLS token + mean patch token
+    assert vit_cls(torch.rand(2, 1, 32, 32)).shape == (2, 3)
+    vit_seg = build_model(TINY_TEACHER, "seg", "finetune", num_classes=2)
+    assert isinstance(vit_seg, ViTSegModel)
+    assert vit_seg(torch.rand(2, 1, 64, 64)).shape == (2, 1, 64, 64)
+    multi = build_model(TINY_TEACHER, "seg", "linear", num_classes=4)
+    assert multi(torch.rand(1, 1, 32, 32)).shape == (1, 4, 32, 32)
