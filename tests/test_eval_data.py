@@ -178,11 +178,17 @@ def test_smoke_suite_on_real_data(splits_dir, tmp_path, shared_data, fake_studen
     assert len(runs) == 3 * 2 * 2 + 3 * 2  # tasks x protocols x encoders + 50% fine-tuning
     names = {p.name for p in tables}
     assert names == {
+        "baselines.md",
         "table2_linear_probe.md",
         "table3_finetune.md",
         "table4_label_fractions.md",
         "table7_architectures.md",
     }
+    base = json.loads((out / "tables" / "baselines.json").read_text())
+    # every DDTI image has a nodule: all-background scores 0; BUSI's normal cases score 1
+    assert base["ddti_seg"]["all_background"]["dice"] == 0.0
+    assert 0.0 < base["busi_seg"]["all_background"]["dice"] < 1.0
+    assert 0.0 < base["ddti_seg"]["all_foreground"]["dice"] < 0.6
     table3 = (out / "tables" / "table3_finetune.md").read_text()
     assert "32 px" in table3 and "1 epochs" in table3 and "seeds 0" in table3
     assert "| R18-Distill |" in table3 and "ddti_seg Dice" in table3

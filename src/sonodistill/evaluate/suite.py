@@ -27,7 +27,7 @@ from sonodistill.evaluate.splits import (
     load_or_make_splits,
 )
 from sonodistill.evaluate.tables import paper_tables
-from sonodistill.evaluate.train import TrainSettings, run_one
+from sonodistill.evaluate.train import TrainSettings, run_one, trivial_baselines
 from sonodistill.models.encoders import EncoderSpec, parse_spec
 from sonodistill.progress import progress_bar
 
@@ -220,7 +220,33 @@ def run_suite(cfg: SuiteConfig) -> list[Path]:
             bar.advance(suite_task)
     types = {t: data.specs[t].task for t in cfg.tasks}
     labels = list(dict.fromkeys(r.label for r in runs))
-    return paper_tables(results, labels, types, out / "tables", table_note(cfg), cfg.ablation)
+    tables = paper_tables(results, labels, types, out / "tables", table_note(cfg), cfg.ablation)
+    if not cfg.tables_only and any(v == "seg" for v in types.values()):
+        tables.append(write_baselines(cfg, data, types, out / "tables"))
+    return tables
+
+
+def write_baselines(cfg: SuiteConfig, data: _Data, types: dict[str, str], out: Path) -> Path:
+    """All-background / all-foreground test scores per segmentation task, beside the tables."""
+    lines = [
+        "## Trivial predictors on the same test splits",
+        "",
+        f"Segmentation at {cfg.train.seg_size} px; per-image Dice/IoU, both empty = 1.",
+        "",
+        "| Task | Predictor | Dice | IoU |",
+        "|---|---|---|---|",
+    ]
+    scores = {}
+    for task in (t for t, kind in types.items() if kind == "seg"):
+        index, splits = data.get(task)
+        scores[task] = trivial_baselines(index, splits, cfg.train)
+        for name, s in scores[task].items():
+            lines.append(f"| {task} | {name} | {s['dice']:.4f} | {s['iou']:.4f} |")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "baselines.json").write_text(json.dumps(scores, indent=1))
+    path = out / "baselines.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def table_note(cfg: SuiteConfig) -> str:

@@ -191,3 +191,16 @@ def run_one(
         "device": str(device),
         "wall_s": round(time.time() - start, 2),
     }
+
+
+def trivial_baselines(index: DatasetIndex, splits: dict, settings: TrainSettings) -> dict:
+    """Test Dice/IoU of predicting all background and all foreground (class 1) everywhere,
+    on the same test images at the same size: the floor a trained model must clear."""
+    ids = thin(split_ids(splits, "test"), settings.subset)
+    ds = SegDataset(index.subset(ids), settings.seg_size, index.num_classes == 2)
+    masks = torch.stack([ds[i][1] for i in range(len(ds))])
+    out = {}
+    for name, value in (("all_background", 0), ("all_foreground", 1)):
+        dice, iou = dice_iou(torch.full_like(masks, value), masks, index.num_classes)
+        out[name] = segmentation_scores(dice, iou)
+    return out
