@@ -155,6 +155,9 @@ def test_split_file_is_reused(splits_dir, ddti):
     path = splits_dir / "ddti_seg.json"
     stored = json.loads(path.read_text())
     assert load_or_make_splits(ddti, path) == stored  # no hashing: read back as written
+    assert load_or_make_splits(ddti, path, SplitConfig()) == stored
+    with pytest.raises(ValueError, match="made with"):
+        load_or_make_splits(ddti, path, SplitConfig(seed=5))
 
 
 @pytest.mark.slow

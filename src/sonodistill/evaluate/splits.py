@@ -8,6 +8,7 @@ and seed of a suite sees the same images.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -178,8 +179,7 @@ def make_splits(
     return {
         "dataset": index.name,
         "task": index.task,
-        "seed": cfg.seed,
-        "phash_distance": cfg.phash_distance,
+        "config": dataclasses.asdict(cfg),
         "n_groups": len(groups),
         "multi_image_groups": sorted((sorted(g) for g in groups if len(g) > 1), key=len)[::-1],
         "ids": ids,
@@ -197,6 +197,11 @@ def load_or_make_splits(
         stored = {i for s in SPLITS for i in splits["ids"][s]}
         if stored != {r.id for r in index.records}:
             raise ValueError(f"{path}: split file does not match dataset {index.name}")
+        if cfg is not None and splits.get("config") != dataclasses.asdict(cfg):
+            raise ValueError(
+                f"{path} was made with {splits.get('config')}, not {dataclasses.asdict(cfg)}: "
+                "use another output folder (or delete the file to re-split)"
+            )
         return splits
     splits = make_splits(index, cfg, **kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
