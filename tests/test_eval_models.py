@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 from safetensors.torch import load_file
 from test_eval_common import TINY_TEACHER, fake_student, one_thread  # noqa: F401
@@ -79,3 +80,13 @@ def test_classifiers_and_vit_heads():
     assert vit_seg(torch.rand(2, 1, 64, 64)).shape == (2, 1, 64, 64)
     multi = build_model(TINY_TEACHER, "seg", "linear", num_classes=4)
     assert multi(torch.rand(1, 1, 32, 32)).shape == (1, 4, 32, 32)
+
+
+def test_timm_weights_file_reaches_the_classifier(tmp_path):
+    torch.manual_seed(7)
+    net = timm.create_model("resnet18", pretrained=False, num_classes=10)  # with its fc
+    path = tmp_path / "r18.pth"
+    torch.save(net.state_dict(), path)
+    model = build_model(f"timm:resnet18={path}", "cls", "finetune", num_classes=3)
+    assert torch.equal(model.encoder.backbone.layer2[0].conv1.weight, net.layer2[0].conv1.weight)
+    assert model.head.out_features == 3  # the file's 10-class fc is not reused
