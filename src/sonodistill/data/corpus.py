@@ -23,6 +23,7 @@ import glob
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import random
 import re
@@ -271,10 +272,14 @@ def build_corpus(spec: CorpusSpec, out: str | Path, progress: bool = True) -> Bu
         tasks, parts, done_markers = _plan(spec, out)
         if not tasks:
             log.info("all %d sources already built in %s", len(spec.sources), out)
-        files_read = _run_tasks(tasks, settings.workers, progress)
+        files_read, failed = _run_tasks(tasks, settings.workers, progress)
         for marker, files in done_markers:
-            marker.write_text(json.dumps({"files": files}))
-        manifest = _finish(spec, out, parts)
+            # a source is finished when every file has its part (a crashed worker leaves none:
+            # the file is reported now and retried by the next build)
+            if all((marker.parent / f"{file_key(Path(f))}.parquet").is_file() for f in files):
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(json.dumps({"files": files}))
+        manifest = _finish(spec, out, parts, failed)
         missing = manifest[
             manifest.kept & ~manifest.path.map(lambda p: bool(p) and (out / p).is_file())
         ]
@@ -282,8 +287,9 @@ def build_corpus(spec: CorpusSpec, out: str | Path, progress: bool = True) -> Bu
             redo = set(missing.source)
             log.info("re-reading %d files whose kept frames are missing on disk", len(redo))
             redo_tasks = [t for t in _plan(spec, out, force_files=redo)[0] if t.file in redo]
-            files_read += _run_tasks(redo_tasks, settings.workers, progress)
-            manifest = _finish(spec, out, parts)
+            n, more = _run_tasks(redo_tasks, settings.workers, progress)
+            files_read += n
+            manifest = _finish(spec, out, parts, failed + more)
         seconds = time.perf_counter() - t0
         summary = write_summary(manifest, out, seconds=seconds, files_read=files_read)
         contact_sheet(manifest, out, settings.contact_sheet, settings.seed)
@@ -318,9 +324,23 @@ def _plan(spec: CorpusSpec, out: Path, force_files: set[str] = frozenset()):
     return tasks, parts, markers
 
 
-def _run_tasks(tasks: list[FileTask], workers: int, progress: bool) -> int:
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """A process pool whose workers do not inherit the caller's threads (torch, OpenMP, rich):
+    a forkserver (clean interpreter, corpus modules preloaded) where available, else spawn."""
+    methods = multiprocessing.get_all_start_methods()
+    if "forkserver" in methods:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["sonodistill.data.corpus", "sonodistill.data.leakage"])
+    else:
+        ctx = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+
+
+def _run_tasks(tasks: list[FileTask], workers: int, progress: bool) -> tuple[int, list[dict]]:
+    """Run the file tasks; returns how many ran and a row for each whose worker crashed."""
+    failed: list[dict] = []
     if not tasks:
-        return 0
+        return 0, failed
     from sonodistill.progress import progress_bar
 
     kept = 0
@@ -345,8 +365,8 @@ def _run_tasks(tasks: list[FileTask], workers: int, progress: bool) -> int:
         finally:
             if bar is not None:
                 bar.stop()
-        return len(tasks)
-    with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
+        return len(tasks), failed
+    with worker_pool(min(workers, len(tasks))) as pool:
         futures = {pool.submit(process_file, t): t for t in tasks}
         if bar is not None:
             bar.start()
@@ -357,26 +377,30 @@ def _run_tasks(tasks: list[FileTask], workers: int, progress: bool) -> int:
                 try:
                     df = future.result()
                 except Exception as exc:  # a crash in a worker (e.g. a decoder segfault)
-                    log.error("failed %s: %s", task.file, exc)
-                    df = pd.DataFrame(
-                        [
-                            {
-                                "dataset": task.dataset,
-                                "frame": -1,
-                                "kept": False,
-                                "reason": f"{fr.UNREADABLE}: worker failed: {exc}",
-                            }
-                        ]
-                    )
+                    row = {
+                        "id": f"{_safe(task.dataset)}/{file_key(Path(task.file))}/file",
+                        "dataset": task.dataset,
+                        "anatomy": task.anatomy,
+                        "source": task.file,
+                        "frame": -1,
+                        "kept": False,
+                        "reason": f"{fr.UNREADABLE}: worker failed: {exc!r}",
+                    }
+                    failed.append(row)
+                    df = pd.DataFrame([row])
                 report(df, task)
         finally:
             if bar is not None:
                 bar.stop()
-    return len(tasks)
+    return len(tasks), failed
 
 
-def _finish(spec: CorpusSpec, out: Path, parts: list[Path]) -> pd.DataFrame:
+def _finish(
+    spec: CorpusSpec, out: Path, parts: list[Path], failed: list[dict] = ()
+) -> pd.DataFrame:
     frames_list = [pd.read_parquet(p) for p in parts if p.is_file()]
+    if failed:
+        frames_list.append(pd.DataFrame(list(failed)).reindex(columns=MANIFEST_COLUMNS))
     if not frames_list:
         raise RuntimeError(f"no file could be processed into {out}")
     df = pd.concat(frames_list, ignore_index=True)

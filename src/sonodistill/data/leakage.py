@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +70,9 @@ def fingerprint_set(path: str | Path, workers: int = 2, use_cache: bool = True) 
         return pd.read_parquet(cached)
     rows: list[dict] = []
     if workers > 1 and len(files) > 8:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        from sonodistill.data.corpus import worker_pool
+
+        with worker_pool(workers) as pool:
             for part in pool.map(fingerprint_file, files, chunksize=16):
                 rows += part
     else:

@@ -1,0 +1,406 @@
+"""Corpus builder on the real files of ../shared/data: readers, frame selection, a build with
+broken files, leakage guard, pack, and a few distillation steps on a built corpus.
+
+Expected values (frame counts, sizes, pixels) are read independently from the files' headers with
+PyAV, SimpleITK, nibabel and pydicom, never written here by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import av
+import cv2
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+import SimpleITK as sitk
+import yaml
+
+from sonodistill.data import hashing, list_corpus_images
+from sonodistill.data.cli import main as corpus_main
+from sonodistill.data.frames import FrameSelector, FrameSettings
+from sonodistill.data.pack import open_pack, resize_frame
+from sonodistill.data.readers import ReadError, detect_kind, read_frames
+
+CLIPS = ["patient_10_L1.mp4", "patient_11_R3.mp4"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hash_cache(tmp_path_factory):
+    """Evaluation-set fingerprints cached once for the session, outside the user's home."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SONODISTILL_CACHE", str(tmp_path_factory.mktemp("hash-cache")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def corpus_data(shared_data) -> Path:
+    return shared_data / "corpus"
+
+
+@pytest.fixture(scope="session")
+def busi(shared_data) -> Path:
+    return shared_data / "busi" / "Dataset_BUSI_with_GT"
+
+
+def frames_of(path, **kw) -> list[tuple[int, np.ndarray]]:
+    return list(read_frames(path, **kw))
+
+
+# ---------------------------------------------------------------- readers
+
+
+def test_detect_kind(corpus_data, tmp_path):
+    assert detect_kind(corpus_data / "covid_blues/lus_videos" / CLIPS[0]) == "video"
+    assert detect_kind(corpus_data / "dicom/examples_palette.dcm") == "dicom"
+    assert detect_kind(corpus_data / "plus/TestImages/SpinePhantomFreehand.igs.mha") == "itk"
+    assert detect_kind(corpus_data / "plus/nifti_derived/SpinePhantomFreehand.nii.gz") == "nifti"
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert detect_kind(tmp_path / "notes.txt") is None
+    # content wins over a misleading extension
+    shutil.copy(corpus_data / "dicom/examples_rgb_color.dcm", tmp_path / "scan.png")
+    assert detect_kind(tmp_path / "scan.png") == "dicom"
+
+
+@pytest.mark.parametrize("clip", CLIPS)
+def test_read_mp4_clip(corpus_data, clip):
+    path = corpus_data / "covid_blues/lus_videos" / clip
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        n, h, w = stream.frames, stream.codec_context.height, stream.codec_context.width
+    frames = frames_of(path)
+    assert n > 0 and len(frames) == n
+    assert [i for i, _ in frames] == list(range(n))
+    assert {f.shape for _, f in frames} == {(h, w, 3)}
+    assert all(f.dtype == np.uint8 for _, f in frames)
+
+
+def _mha_files(corpus_data):
+    return sorted((corpus_data / "plus/TestImages").glob("*.mha"))
+
+
+def test_read_mha_sequences_and_volumes(corpus_data):
+    files = _mha_files(corpus_data)
+    assert len(files) == 6
+    for path in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        nx, ny, nz = reader.GetSize()
+        frames = frames_of(path)
+        # sequences (*.igs.mha) give their frames, volumes their z-slices: both nz of (ny, nx)
+        assert len(frames) == nz, path.name
+        assert {f.shape for _, f in frames} == {(ny, nx)}, path.name
+        expected = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        if expected.dtype == np.uint8:
+            assert all(np.array_equal(f, expected[i]) for i, f in frames), path.name
+        else:  # float volume: scaled once for the whole volume, same ordering of values
+            k = nz // 2
+            corr = np.corrcoef(frames[k][1].ravel(), expected[k].ravel())[0, 1]
+            assert corr > 0.99, path.name
+    # a volume sliced along another axis of its (z, y, x) array
+    vol = corpus_data / "plus/TestImages/SpinePhantomFreehandReconstructed.mha"
+    nx, ny, nz = sitk.ReadImage(str(vol)).GetSize()
+    along_x = frames_of(vol, axis=2)
+    assert len(along_x) == nx and {f.shape for _, f in along_x} == {(nz, ny)}
+    # `.igs` sequences are 2D+t, the reconstructions are volumes
+    from sonodistill.data.readers import volume_layout
+
+    layouts = {p.name: volume_layout(p, "itk").sequence for p in files}
+    assert {n for n, seq in layouts.items() if seq} == {p.name for p in files if ".igs." in p.name}
+
+
+def test_nifti_copies_match_the_metaimages(corpus_data):
+    niftis = sorted((corpus_data / "plus/nifti_derived").glob("*.nii.gz"))
+    assert len(niftis) == 6
+    mhas = {p.name.split(".")[0]: p for p in _mha_files(corpus_data)}
+    for path in niftis:
+        nx, ny, nz = nib.load(str(path)).shape[:3]
+        frames = frames_of(path)
+        assert len(frames) == nz and {f.shape for _, f in frames} == {(ny, nx)}, path.name
+        twin = frames_of(mhas[path.name.split(".")[0]])
+        assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(frames, twin, strict=True))
+
+
+def test_read_dicom_files(corpus_data):
+    files = sorted((corpus_data / "dicom").glob("*.dcm"))
+    assert len(files) == 4
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        n = int(ds.get("NumberOfFrames", 1) or 1)
+        frames = frames_of(path)
+        assert len(frames) == n, path.name
+        colour = ds.SamplesPerPixel == 3 or ds.PhotometricInterpretation == "PALETTE COLOR"
+        shape = (ds.Rows, ds.Columns, 3) if colour else (ds.Rows, ds.Columns)
+        assert {f.shape for _, f in frames} == {shape}, path.name
+
+    # the echo cine: 30 JPEG frames in YBR_FULL_422, converted to RGB (a grey echo has R~G~B;
+    # unconverted YBR would have its chroma planes near 128)
+    ds = pydicom.dcmread(corpus_data / "dicom/examples_ybr_color.dcm", stop_before_pixels=True)
+    assert ds.PhotometricInterpretation.startswith("YBR") and ds.NumberOfFrames == 30
+    cine = np.stack([f for _, f in frames_of(corpus_data / "dicom/examples_ybr_color.dcm")])
+    assert cine.shape[0] == 30
+    assert np.abs(cine[..., 0].astype(int) - cine[..., 2]).mean() < 3
+    assert cine.std(axis=0).mean() > 1  # the frames differ: a real cine, not one frame repeated
+
+    # palette: the stored indices through the LUT written in the file
+    pal = pydicom.dcmread(corpus_data / "dicom/examples_palette.dcm")
+    first, bits = pal.RedPaletteColorLookupTableDescriptor[1:]
+    idx = pal.pixel_array.astype(int) - first
+    (_, rgb), = frames_of(corpus_data / "dicom/examples_palette.dcm")  # fmt: skip
+    for c, name in enumerate(("Red", "Green", "Blue")):
+        lut = np.frombuffer(getattr(pal, f"{name}PaletteColorLookupTableData"), "<u2")
+        assert np.array_equal(rgb[..., c], (lut[np.clip(idx, 0, len(lut) - 1)] >> (bits - 8)))
+
+    # JPEG 2000 (YBR_RCT, 640x480) shows the same scan as the raw RGB file (320x240)
+    (_, j2k), = frames_of(corpus_data / "dicom/examples_jpeg2k.dcm")  # fmt: skip
+    (_, raw), = frames_of(corpus_data / "dicom/examples_rgb_color.dcm")  # fmt: skip
+    small = cv2.resize(j2k, raw.shape[1::-1], interpolation=cv2.INTER_AREA).astype(int)
+    assert np.abs(small - raw).mean() < 4 < np.abs(small[..., ::-1] - raw).mean()
+
+
+def test_unreadable_files_raise_read_error(corpus_data, tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    clip = (corpus_data / "covid_blues/lus_videos" / CLIPS[0]).read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(clip[: len(clip) // 3])
+    (tmp_path / "readme.txt").write_text("hello")
+    for name in ("bad.png", "cut.mp4", "readme.txt"):
+        with pytest.raises(ReadError):
+            frames_of(tmp_path / name)
+
+
+# ---------------------------------------------------------------- frame selection
+
+
+def test_near_duplicate_filter_keeps_few_distinct_frames(corpus_data):
+    path = corpus_data / "covid_blues/lus_videos" / CLIPS[0]
+    frames = frames_of(path)
+    settings = FrameSettings(max_per_clip=0)
+    select = FrameSelector(settings)
+    kept = [d for d in (select(i, f) for i, f in frames) if d.keep]
+    assert 2 <= len(kept) <= len(frames) // 5, (len(kept), len(frames))
+    bits = hashing.hex_to_uint64([d.phash for d in kept])
+    dist = hashing.hamming_matrix(bits, bits)
+    assert dist[np.triu_indices(len(kept), 1)].min() > settings.dup_threshold
+    for a, b in zip(kept, kept[1:], strict=False):
+        assert a.sha1 != b.sha1
+
+    # without the filter (a negative threshold) every informative frame stays
+    everything = FrameSelector(FrameSettings(max_per_clip=0, dup_threshold=-1))
+    n_all = sum(everything(i, f).keep for i, f in frames)
+    assert n_all == len(frames) > len(kept)
+
+    # the downsampled-difference method also thins the clip, and the cap bounds it
+    diff = FrameSelector(FrameSettings(dup_method="diff", dup_threshold=2.0, max_per_clip=0))
+    assert 1 <= sum(diff(i, f).keep for i, f in frames) < len(frames) // 2
+    capped = FrameSelector(FrameSettings(max_per_clip=2))
+    reasons = [capped(i, f).reason for i, f in frames]
+    assert reasons.count("") == 2 and "clip_cap" in reasons
+
+
+def test_colour_and_blank_frames_are_dropped(corpus_data):
+    select = FrameSelector(FrameSettings())
+    (_, doppler), = frames_of(corpus_data / "dicom/examples_rgb_color.dcm")  # fmt: skip
+    assert select(0, doppler).reason == "colour"
+    assert select(1, np.zeros((200, 200), np.uint8)).reason == "blank"
+    assert select(2, np.full((200, 200, 3), 90, np.uint8)).reason == "blank"
+    # a few coloured caliper marks on a grey frame are painted out, the frame is kept
+    (_, grey_rgb), = frames_of(corpus_data / "dicom/examples_ybr_color.dcm")[:1]  # fmt: skip
+    marked = grey_rgb.copy()
+    marked[100:103, 100:130] = (255, 255, 0)
+    d = select(3, marked)
+    assert d.keep and d.grey.ndim == 2
+
+
+# ---------------------------------------------------------------- builds
+
+
+def write_sources(path: Path, sources: list[dict], exclude=None, **settings) -> Path:
+    spec = {"settings": {"workers": 2, **settings}, "sources": sources}
+    if exclude:
+        spec["exclude"] = exclude
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_build_skips_broken_files_and_resumes(corpus_data, tmp_path, capsys):
+    src = tmp_path / "download"
+    src.mkdir()
+    clip = corpus_data / "covid_blues/lus_videos" / CLIPS[0]
+    shutil.copy(clip, src / "good.mp4")
+    data = clip.read_bytes()
+    (src / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    (src / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + np.random.default_rng(0).bytes(999))
+    (src / "notes.txt").write_text("acquisition notes")
+    sources = write_sources(
+        tmp_path / "sources.yaml",
+        [
+            {"dataset": "mixed", "anatomy": "lung", "path": "download"},
+            {"dataset": "echo", "anatomy": "heart", "path": str(corpus_data / "dicom")},
+        ],
+    )
+    out = tmp_path / "corpus"
+    assert corpus_main(["build", str(sources), "--out", str(out), "--quiet"]) == 0
+    m = pd.read_parquet(out / "manifest.parquet")
+    skipped = m[m.frame < 0].set_index(m[m.frame < 0].source.map(lambda s: Path(s).name))
+    assert set(skipped.index) == {"truncated.mp4", "corrupt.png", "notes.txt"}
+    assert all(r.startswith("unreadable:") for r in skipped.reason)
+    assert "unsupported file type" in skipped.reason["notes.txt"]
+    log = (out / "build.log").read_text()
+    assert all(name in log for name in skipped.index)
+
+    good = m[m.source.str.endswith("good.mp4")]
+    with av.open(str(clip)) as c:
+        assert len(good) == c.streams.video[0].frames  # one row per frame of the clip
+    assert 0 < good.kept.sum() < len(good) // 5
+
+    echo = m[m.dataset == "echo"]
+    assert (echo.source.str.endswith("examples_ybr_color.dcm") & echo.kept).sum() > 10
+    doppler = echo[echo.source.str.contains("rgb_color|jpeg2k")]
+    assert len(doppler) == 2 and set(doppler.reason) == {"colour"}
+
+    kept = m[m.kept]
+    for row in kept.itertuples():
+        png = cv2.imread(str(out / row.path), cv2.IMREAD_UNCHANGED)
+        assert png.ndim == 2 and png.shape == (row.height, row.width)
+    pngs = sorted(p.relative_to(out).as_posix() for p in (out / "frames").rglob("*.png"))
+    assert pngs == sorted(kept.path)
+    assert [p.relative_to(out).as_posix() for p in list_corpus_images(out)] == list(kept.path)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["frames_kept"] == len(kept) and summary["files_unreadable"] == 3
+    assert summary["drop_reasons"]["unreadable"] == 3
+    assert (out / "contact_sheet.png").is_file() and (out / "corpus.yaml").is_file()
+
+    # rerun: nothing is read again and the manifest is the same
+    capsys.readouterr()
+    assert corpus_main(["build", str(sources), "--out", str(out), "--quiet"]) == 0
+    assert "0 read this run" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "manifest.parquet"), m)
+
+
+def test_build_real_corpus_pack_and_distill(corpus_data, tmp_path):
+    out = tmp_path / "corpus"
+    sources = write_sources(
+        tmp_path / "sources.yaml",
+        [
+            {"dataset": "covid_blues", "anatomy": "lung",
+             "path": str(corpus_data / "covid_blues/lus_videos/patient_1[01]_L*.mp4")},
+            {"dataset": "plus", "anatomy": "phantom", "path": str(corpus_data / "plus/TestImages")},
+            {"dataset": "plus_nii", "anatomy": "phantom",
+             "path": str(corpus_data / "plus/nifti_derived")},
+            {"dataset": "dicom", "anatomy": "mixed", "path": str(corpus_data / "dicom"),
+             "frames": {"max_per_clip": 8}},
+        ],  # fmt: skip
+    )
+    assert corpus_main(["build", str(sources), "--out", str(out), "--quiet"]) == 0
+    m = pd.read_parquet(out / "manifest.parquet")
+    seen = m[m.frame >= 0]
+    # every frame of every file has its row: the headers' counts
+    mhas = _mha_files(corpus_data)
+    assert (seen.kind == "itk").sum() == sum(sitk.ReadImage(str(p)).GetSize()[2] for p in mhas)
+    assert (seen.kind == "nifti").sum() == (seen.kind == "itk").sum()
+    # the NIfTI copies hold the same pixels as the MetaImages: all dropped as corpus duplicates
+    nii = m[m.dataset == "plus_nii"]
+    assert not nii.kept.any()
+    assert (nii.reason == "corpus_duplicate").sum() == m[m.dataset == "plus"].kept.sum()
+    assert m.loc[m.dataset == "dicom", "kept"].sum() == 8  # the cine, capped
+    assert m.sha1[m.kept].is_unique and m.id.is_unique
+
+    pack = tmp_path / "pack"
+    assert corpus_main(["pack", str(out), "--out", str(pack), "--size", "64", "--quiet"]) == 0
+    frames, index = open_pack(pack)
+    kept = m[m.kept].reset_index(drop=True)
+    assert frames.shape == (len(kept), 64, 64)
+    assert json.loads((pack / "pack.json").read_text())["count"] == len(kept)
+    assert list(index.columns) == ["id", "dataset", "anatomy", "source", "frame"]
+    assert list(index.id) == list(kept.id)
+    k = len(kept) // 2
+    png = cv2.imread(str(out / kept.path[k]), cv2.IMREAD_GRAYSCALE)
+    assert np.array_equal(frames[k], resize_frame(png, 64))
+
+    from sonodistill.distill.cli import main as distill_main
+
+    run = tmp_path / "run"
+    rc = distill_main([
+        "--data", str(out), "--out", str(run), "--teacher.random_init", "true",
+        "--teacher.model_kwargs", "{embed_dim: 48, depth: 2, num_heads: 2}",
+        "--student.name", "resnet18", "--img_size", "64", "--batch_size", "8",
+        "--max_steps", "3", "--num_workers", "0", "--accelerator", "cpu", "--log_every", "1",
+        "--precision", "32-true",
+    ])  # fmt: skip
+    assert not rc
+    assert (run / "student_backbone.safetensors").is_file()
+
+    # the distillation reader takes the corpus folder, its manifest and the pack alike
+    from sonodistill.data.images import open_training_images
+
+    for data in (out, out / "manifest.parquet", pack):
+        images = open_training_images(data, 64)
+        assert len(images) == len(kept)
+        assert tuple(images[0].shape[-2:]) == (64, 64)
+
+
+# ---------------------------------------------------------------- leakage guard
+
+
+def test_check_leakage_finds_busi_duplicates(busi, corpus_data, tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    original = busi / "benign/benign (12).png"
+    im = cv2.imread(str(original), cv2.IMREAD_GRAYSCALE)
+    size = (im.shape[1] * 3 // 4, im.shape[0] * 3 // 4)
+    small = cv2.resize(im, size, interpolation=cv2.INTER_AREA)
+    cv2.imwrite(str(corpus / "planted.jpg"), small, [cv2.IMWRITE_JPEG_QUALITY, 80])
+    for i, f in frames_of(corpus_data / "covid_blues/lus_videos" / CLIPS[1])[:60:20]:
+        cv2.imwrite(str(corpus / f"lung_{i}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2GRAY))
+    report = tmp_path / "leaks.csv"
+    rc = corpus_main([
+        "check-leakage", str(corpus), "--against", f"BUSI={busi}", "--report", str(report),
+    ])  # fmt: skip
+    assert rc == 1
+    r = pd.read_csv(report)
+    cross = r[r.scope == "corpus"]
+    assert set(cross.a.map(lambda p: Path(p).name)) == {"planted.jpg"}
+    assert original.name in set(cross.b.map(lambda p: Path(p).name))
+    assert (cross.match == "near").all()
+    within = r[(r.scope == "within") & (r.match == "exact")]
+    pairs = {frozenset((Path(a).name, Path(b).name)) for a, b in within[["a", "b"]].values}
+    assert frozenset({"malignant (145).png", "benign (433).png"}) in pairs
+    assert f"BUSI: {len(cross)} corpus matches" in capsys.readouterr().out
+
+
+def test_build_excludes_evaluation_sets(busi, shared_data, corpus_data, tmp_path):
+    ddti = shared_data / "ddti"
+    sources = write_sources(
+        tmp_path / "sources.yaml",
+        [
+            {"dataset": "busi_leak", "anatomy": "breast",
+             "path": str(busi / "benign/benign (1?).png")},
+            {"dataset": "ddti_leak", "anatomy": "thyroid", "path": str(ddti / "image/1?.PNG")},
+            {"dataset": "lung", "anatomy": "lung",
+             "path": str(corpus_data / "covid_blues/lus_videos" / CLIPS[0])},
+        ],  # fmt: skip
+        exclude=[{"name": "BUSI", "path": str(busi)}, {"name": "DDTI", "path": str(ddti)}],
+    )
+    out = tmp_path / "corpus"
+    assert corpus_main(["build", str(sources), "--out", str(out), "--quiet"]) == 0
+    m = pd.read_parquet(out / "manifest.parquet")
+    leak = m[m.dataset.isin(["busi_leak", "ddti_leak"])]
+    assert len(leak) >= 15  # the sources did bring BUSI and DDTI images...
+    assert not leak.kept.any()  # ...and none of them is kept
+    # every one that passed the frame checks is dropped as a match of its own evaluation set
+    matched = leak[leak.reason.str.startswith("excluded:")]
+    assert len(matched) >= len(leak) - 2
+    assert set(matched.reason) <= {"excluded:BUSI", "excluded:DDTI"}
+    assert (matched.dataset == "busi_leak").sum() and (matched.dataset == "ddti_leak").sum()
+    assert m[m.dataset == "lung"].kept.sum() > 0  # lung frames do not match BUSI/DDTI
+    kept_dirs = {Path(p).parts[1] for p in m.path[m.kept]}
+    assert kept_dirs == {"lung"}
+    assert not list((out / "frames").glob("*leak*/**/*.png"))
