@@ -27,7 +27,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:11
 h1{margin-bottom:4px} h2{border-bottom:2px solid #e3e7ee;padding-bottom:4px;margin-top:36px}
 table{border-collapse:collapse;margin:8px 0 16px;font-size:14px}
 th,td{border:1px solid #d5dbe5;padding:4px 10px;text-align:right} th{background:#f2f5f9}
-td:first-child,th:first-child{text-align:left}
+td:first-child,th:first-child,td.t{text-align:left}
 pre{background:#f6f8fa;padding:10px;overflow-x:auto;font-size:12.5px;max-height:420px}
 .warn{background:#fff4d6;border:1px solid #e8c35a;padding:10px 14px;border-radius:6px}
 .ok{background:#e7f6ea;border:1px solid #7fc48c;padding:10px 14px;border-radius:6px}
@@ -85,8 +85,6 @@ def _overview(run: Path, summary: dict) -> str:
     elif teacher:
         source = html.escape(str(teacher.get("source")))
         parts.append(f"<p class='ok'>Teacher: DINOv3 weights <code>{source}</code></p>")
-    if summary.get("note"):
-        parts.append(f"<p>{html.escape(summary['note'])}</p>")
     steps = summary.get("steps", [])
     if steps:
         rows = [[s.get("name", ""), s.get("status", ""), f"{s.get('seconds', 0):.1f}",
@@ -96,7 +94,9 @@ def _overview(run: Path, summary: dict) -> str:
         parts.append(_html_table(["step", "status", "seconds", "detail"], rows))
     facts = {k: v for k, v in summary.items() if k not in ("steps", "teacher", "note")}
     if facts:
-        parts.append(_html_table(["", ""], [[k, str(v)] for k, v in facts.items()]))
+        items = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>"
+                        for k, v in facts.items())
+        parts.append(f"<ul class='muted'>{items}</ul>")
     return "\n".join(parts)
 
 
@@ -114,28 +114,41 @@ def _distill_teacher_is_random(run: Path) -> bool:
 def _configs(run: Path) -> str:
     parts = []
     for path in (run / "demo.yaml", run / "distill" / "config.yaml", run / "config.yaml"):
-        if path.is_file():
+        if path.is_file():  # the demo's own config open, the others folded
             text = html.escape(path.read_text())
-            parts.append(f"<details open><summary><code>{path.relative_to(run)}</code></summary>"
+            state = " open" if path.name == "demo.yaml" else ""
+            parts.append(f"<details{state}><summary><code>{path.relative_to(run)}</code></summary>"
                          f"<pre>{text}</pre></details>")
     return "\n".join(parts)
 
 
 def _curves(run: Path) -> str:
-    candidates = (run / "distill" / "metrics.csv", run / "metrics.csv")
-    metrics = next((p for p in candidates if p.is_file()), None)
-    if metrics is None:
-        return ""
-    rows = list(csv.DictReader(metrics.open()))
+    rows = _metrics_rows(run)
     series = {k: _column(rows, k) for k in ("loss", "cosine", "lr", "images_per_s")}
-    steps = _column(rows, "step") or list(range(len(rows)))
     if not series["loss"]:
         return ""
+    steps = _column(rows, "step") or list(range(len(rows)))
     png = _plot_curves(steps, series)
     last = rows[-1]
-    facts = ", ".join(f"{k} {float(last[k]):.4g}" for k in ("loss", "cosine", "images_per_s")
-                      if last.get(k) not in (None, ""))
+    keys = ("step", "loss", "cosine", "images_per_s")
+    facts = ", ".join(f"{k} {float(last[k]):.4g}" for k in keys if last.get(k) not in (None, ""))
     return _img(png, "distillation curves") + f"<p class='muted'>last logged step: {facts}</p>"
+
+
+def _metrics_rows(run: Path) -> list[dict]:
+    """Training rows of the distill run's CSV logs (every attempt of a resumed run, merged)."""
+    for folder in (run / "distill", run):
+        files = sorted((folder / "logs").glob("version_*/metrics.csv")) or sorted(
+            p for p in (folder / "metrics.csv", folder / "logs" / "metrics.csv") if p.is_file()
+        )
+        if files:
+            by_step: dict[str, dict] = {}
+            for f in files:  # later attempts replace the rows they repeat
+                for row in csv.DictReader(f.open()):
+                    if row.get("loss") not in (None, ""):
+                        by_step[row.get("step", str(len(by_step)))] = row
+            return sorted(by_step.values(), key=lambda r: float(r.get("step") or 0))
+    return []
 
 
 def _column(rows: list[dict], key: str) -> list[float]:
@@ -166,13 +179,13 @@ def _plot_curves(steps: list[float], series: dict[str, list[float]]) -> bytes:
 
 
 def _tables(folder: Path) -> str:
-    """Every table in a folder (recursively): CSV preferred, Markdown when there is no CSV."""
+    """Every table in a folder (recursively): Markdown preferred (it has the notes), else CSV."""
     if not folder.is_dir():
         return ""
     parts = []
     for path in sorted(folder.rglob("*")):
-        markdown_only = path.suffix == ".md" and not path.with_suffix(".csv").exists()
-        if path.suffix == ".csv" or markdown_only:
+        csv_only = path.suffix == ".csv" and not path.with_suffix(".md").exists()
+        if path.suffix == ".md" or csv_only:
             table = _csv_table(path) if path.suffix == ".csv" else _md_table(path.read_text())
             if table:
                 parts.append(f"<h3>{html.escape(_title(path, folder))}</h3>{table}")
@@ -218,9 +231,15 @@ def _md_table(text: str) -> str:
 def _html_table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows
+        "<tr>" + "".join(_td(c) for c in r) + "</tr>" for r in rows
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _td(cell) -> str:
+    text = str(cell)
+    numeric = any(ch.isdigit() for ch in text[:1]) or text[:1] in "-+."
+    return f"<td>{html.escape(text)}</td>" if numeric else f"<td class='t'>{html.escape(text)}</td>"
 
 
 def _figures(folder: Path) -> str:
