@@ -404,3 +404,12 @@ def test_build_excludes_evaluation_sets(busi, shared_data, corpus_data, tmp_path
     kept_dirs = {Path(p).parts[1] for p in m.path[m.kept]}
     assert kept_dirs == {"lung"}
     assert not list((out / "frames").glob("*leak*/**/*.png"))
+
+    # the same sources without `exclude:` into the same folder: the dropped images come back
+    # (their files are read again, since their frames were removed from the corpus folder)
+    write_sources(tmp_path / "sources.yaml", yaml.safe_load(sources.read_text())["sources"])
+    assert corpus_main(["build", str(sources), "--out", str(out), "--quiet"]) == 0
+    again = pd.read_parquet(out / "manifest.parquet")
+    back = again[again.dataset.isin(["busi_leak", "ddti_leak"]) & again.kept]
+    assert len(back) >= len(matched)
+    assert all((out / p).is_file() for p in back.path)

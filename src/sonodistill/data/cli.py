@@ -12,6 +12,7 @@ SOURCES.yaml, then the command-line flags (`sonodistill corpus build --help` lis
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import tempfile
@@ -54,7 +55,7 @@ def build_main(argv: list[str]) -> int:
     parser.add_argument("--help-settings", action="store_true", help="list the settings flags")
     args, rest = parser.parse_known_args(argv)
     if args.help_settings:
-        rest = ["--help"]
+        parse_config(BuildSettings, ["--help"], prog="sonodistill corpus build")
     path = Path(args.sources)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -158,7 +159,9 @@ def summary_main(argv: list[str]) -> int:
     parser.add_argument("corpus", help="corpus folder")
     args = parser.parse_args(argv)
     manifest, root = load_manifest(args.corpus)
-    write_summary(manifest, root)
+    previous = root / "summary.json"
+    timing = json.loads(previous.read_text()) if previous.is_file() else {}
+    write_summary(manifest, root, timing.get("seconds", 0.0), timing.get("files_read", 0))
     print((root / "summary.md").read_text())
     return 0
 
