@@ -291,7 +291,7 @@ def test_build_real_corpus_pack_and_distill(corpus_data, tmp_path):
         tmp_path / "sources.yaml",
         [
             {"dataset": "covid_blues", "anatomy": "lung",
-             "path": str(corpus_data / "covid_blues/lus_videos/patient_1[01]_L*.mp4")},
+             "path": str(corpus_data / "covid_blues/lus_videos/patient_10_L[12].mp4")},
             {"dataset": "plus", "anatomy": "phantom", "path": str(corpus_data / "plus/TestImages")},
             {"dataset": "plus_nii", "anatomy": "phantom",
              "path": str(corpus_data / "plus/nifti_derived")},
