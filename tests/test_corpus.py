@@ -413,3 +413,18 @@ def test_build_excludes_evaluation_sets(busi, shared_data, corpus_data, tmp_path
     back = again[again.dataset.isin(["busi_leak", "ddti_leak"]) & again.kept]
     assert len(back) >= len(matched)
     assert all((out / p).is_file() for p in back.path)
+
+
+def test_build_rejects_missing_paths(corpus_data, tmp_path, capsys):
+    clip = str(corpus_data / "covid_blues/lus_videos" / CLIPS[0])
+    typo = write_sources(tmp_path / "a.yaml", [{"dataset": "x", "path": str(tmp_path / "nope")}])
+    assert corpus_main(["build", str(typo), "--out", str(tmp_path / "a"), "--quiet"]) == 2
+    assert "no file matches" in capsys.readouterr().err
+    bad_exclude = write_sources(
+        tmp_path / "b.yaml",
+        [{"dataset": "x", "path": clip}],
+        exclude=[{"name": "EVAL", "path": str(tmp_path / "missing")}],
+    )
+    assert corpus_main(["build", str(bad_exclude), "--out", str(tmp_path / "b"), "--quiet"]) == 2
+    assert "exclude 'EVAL'" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "manifest.parquet").exists()

@@ -76,7 +76,11 @@ def build_main(argv: list[str]) -> int:
     except ValueError as exc:
         print(f"sonodistill corpus build: {exc}", file=sys.stderr)
         return 2
-    result = build_corpus(spec, args.out, progress=not args.quiet)
+    try:
+        result = build_corpus(spec, args.out, progress=not args.quiet)
+    except FileNotFoundError as exc:
+        print(f"sonodistill corpus build: {exc}", file=sys.stderr)
+        return 2
     s = result.summary
     fps = s["frames_seen"] / result.seconds if result.seconds else 0.0
     print(

@@ -122,9 +122,12 @@ def load_sources(path: str | Path, overrides: BuildSettings | None = None) -> Co
             raise ValueError(
                 f"{path}: exclude entries are {{name: NAME, path: PATH}}, got {item!r}"
             )
-        exclude.append(
-            EvalSet(item.get("name") or Path(item["path"]).name, _resolve(base, item["path"]))
+        eval_set = EvalSet(
+            item.get("name") or Path(item["path"]).name, _resolve(base, item["path"])
         )
+        if not list_files(eval_set.path):
+            raise ValueError(f"{path}: exclude {eval_set.name!r}: no file at {eval_set.path}")
+        exclude.append(eval_set)
     return CorpusSpec(settings, sources, exclude)
 
 
@@ -172,6 +175,10 @@ def file_key(path: Path) -> str:
     return f"{_safe(stem)}-{_short_hash(str(path.resolve()))}"
 
 
+class WriteError(RuntimeError):
+    """A kept frame could not be written into the corpus folder."""
+
+
 @dataclass
 class FileTask:
     dataset: str
@@ -211,11 +218,18 @@ def process_file(task: FileTask) -> pd.DataFrame:
                 out_dir.mkdir(parents=True, exist_ok=True)
                 rel = rel_dir / f"{index:06d}.png"
                 if not cv2.imwrite(str(Path(task.out) / rel), d.grey):
-                    raise OSError(f"cannot write {Path(task.out) / rel}")
+                    raise WriteError(f"cannot write {Path(task.out) / rel}")
                 row.update(path=rel.as_posix(), height=d.grey.shape[0], width=d.grey.shape[1])
             rows.append(row)
+    except WriteError:
+        raise  # the output's problem, not the file's: no part, the file is retried
     except (ReadError, OSError, ValueError, MemoryError) as exc:
         reason = f"{fr.UNREADABLE}: {exc}"
+        rows.append({**base, "id": f"{_safe(task.dataset)}/{key}/file", "frame": -1, "kept": False,
+                     "reason": reason})  # fmt: skip
+    except Exception as exc:  # a decoder or library failure on odd input: report, go on
+        log.exception("unexpected error on %s", path)
+        reason = f"{fr.UNREADABLE}: unexpected {type(exc).__name__}: {exc}"
         rows.append({**base, "id": f"{_safe(task.dataset)}/{key}/file", "frame": -1, "kept": False,
                      "reason": reason})  # fmt: skip
     df = pd.DataFrame(rows).reindex(columns=MANIFEST_COLUMNS)
@@ -312,7 +326,7 @@ def _plan(spec: CorpusSpec, out: Path, force_files: set[str] = frozenset()):
             continue
         files = list_files(src.path, frames.get("skip_patterns", []))
         if not files:
-            log.warning("source %s: no file matches %s", src.dataset, src.path)
+            raise FileNotFoundError(f"source {src.dataset!r}: no file matches {src.path}")
         for f in files:
             part = part_dir / f"{file_key(f)}.parquet"
             parts.append(part)
