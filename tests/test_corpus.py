@@ -292,9 +292,10 @@ def test_build_real_corpus_pack_and_distill(corpus_data, tmp_path):
         [
             {"dataset": "covid_blues", "anatomy": "lung",
              "path": str(corpus_data / "covid_blues/lus_videos/patient_10_L[12].mp4")},
-            {"dataset": "plus", "anatomy": "phantom", "path": str(corpus_data / "plus/TestImages")},
+            {"dataset": "plus", "anatomy": "phantom",
+             "path": str(corpus_data / "plus/TestImages/SpinePhantomFreehand*.mha")},
             {"dataset": "plus_nii", "anatomy": "phantom",
-             "path": str(corpus_data / "plus/nifti_derived")},
+             "path": str(corpus_data / "plus/nifti_derived/SpinePhantomFreehand*.nii.gz")},
             {"dataset": "dicom", "anatomy": "mixed", "path": str(corpus_data / "dicom"),
              "frames": {"max_per_clip": 8}},
         ],  # fmt: skip
@@ -303,7 +304,8 @@ def test_build_real_corpus_pack_and_distill(corpus_data, tmp_path):
     m = pd.read_parquet(out / "manifest.parquet")
     seen = m[m.frame >= 0]
     # every frame of every file has its row: the headers' counts
-    mhas = _mha_files(corpus_data)
+    mhas = sorted((corpus_data / "plus/TestImages").glob("SpinePhantomFreehand*.mha"))
+    assert len(mhas) == 2  # a 2D+t sequence and a reconstructed volume
     assert (seen.kind == "itk").sum() == sum(sitk.ReadImage(str(p)).GetSize()[2] for p in mhas)
     assert (seen.kind == "nifti").sum() == (seen.kind == "itk").sum()
     # the NIfTI copies hold the same pixels as the MetaImages: all dropped as corpus duplicates
@@ -428,3 +430,25 @@ def test_build_rejects_missing_paths(corpus_data, tmp_path, capsys):
     assert corpus_main(["build", str(bad_exclude), "--out", str(tmp_path / "b"), "--quiet"]) == 2
     assert "exclude 'EVAL'" in capsys.readouterr().err
     assert not (tmp_path / "b" / "manifest.parquet").exists()
+
+
+def test_settings_precedence_and_saved_config(corpus_data, tmp_path):
+    cine = corpus_data / "dicom/examples_ybr_color.dcm"
+    sources = write_sources(
+        tmp_path / "s.yaml",
+        [{"dataset": "echo", "anatomy": "heart", "path": str(cine)}],
+        workers=1,
+        frames={"max_per_clip": 5, "crop_fov": False},
+    )
+    out = tmp_path / "c"
+    args = ["build", str(sources), "--out", str(out), "--quiet", "--frames.max_per_clip", "3"]
+    assert corpus_main(args) == 0
+    m = pd.read_parquet(out / "manifest.parquet")
+    ds = pydicom.dcmread(cine, stop_before_pixels=True)
+    assert len(m) == ds.NumberOfFrames
+    assert m.kept.sum() == 3 and (m.reason == "clip_cap").any()  # the flag beats the YAML
+    assert set(zip(m.height[m.kept], m.width[m.kept], strict=True)) == {(ds.Rows, ds.Columns)}
+    saved = yaml.safe_load((out / "corpus.yaml").read_text())
+    assert saved["settings"]["frames"]["max_per_clip"] == 3
+    assert saved["settings"]["frames"]["crop_fov"] is False  # from the YAML
+    assert saved["sources"][0]["path"] == str(cine)

@@ -491,7 +491,9 @@ def summarize(manifest: pd.DataFrame) -> dict:
     )
     nfiles = manifest.groupby(["dataset", "anatomy"]).source.nunique().rename("files").reset_index()
     per = nfiles.merge(per, how="left", on=["dataset", "anatomy"]).fillna(0)
-    reasons = manifest.loc[~manifest.kept, "reason"].map(lambda r: r.split(":")[0])
+    reasons = manifest.loc[~manifest.kept, "reason"].map(
+        lambda r: fr.UNREADABLE if r.startswith(fr.UNREADABLE) else r
+    )
     kind_counts = frames.groupby(frames.kind.fillna("unknown")).agg(
         frames=("frame", "size"), kept=("kept", "sum")
     )
