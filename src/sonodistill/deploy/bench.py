@@ -90,7 +90,13 @@ def time_fn(fn: Callable[[], object], warmup: int, runs: int, sync=None) -> dict
         times.append((time.perf_counter() - t0) * 1000.0)
     mean = statistics.fmean(times)
     std = statistics.stdev(times) if len(times) > 1 else 0.0
-    return {"latency_ms": mean, "latency_std_ms": std, "throughput": 1000.0 / mean}
+    # The median resists the outliers of a shared machine; the table shows it beside mean +- std.
+    return {
+        "latency_ms": mean,
+        "latency_std_ms": std,
+        "latency_median_ms": statistics.median(times),
+        "throughput": 1000.0 / mean,
+    }
 
 
 def bf16_supported() -> bool:
@@ -194,16 +200,26 @@ def table_rows(t: dict, s: dict, threads: int) -> list[dict]:
     rows = []
 
     def add(
-        metric: str, tv: float, sv: float, fmt: str, word: str, higher=False, tstd=None, sstd=None
+        metric: str,
+        tv: float,
+        sv: float,
+        fmt: str,
+        word: str,
+        higher=False,
+        tstd=None,
+        sstd=None,
+        tmed=None,
+        smed=None,
     ):
-        def cell(v, std):
-            return format(v, fmt) + (f" ± {std:{fmt}}" if std is not None else "")
+        def cell(v, std, median=None):
+            text = format(v, fmt) + (f" ± {std:{fmt}}" if std is not None else "")
+            return text + (f" (median {median:{fmt}})" if median is not None else "")
 
         rows.append(
             {
                 "metric": metric,
-                "teacher": cell(tv, tstd),
-                "student": cell(sv, sstd),
+                "teacher": cell(tv, tstd, tmed),
+                "student": cell(sv, sstd, smed),
                 "student vs teacher": _ratio(tv, sv, higher, word),
             }
         )
@@ -240,6 +256,8 @@ def table_rows(t: dict, s: dict, threads: int) -> list[dict]:
                 "faster",
                 tstd=tt["latency_std_ms"],
                 sstd=ss["latency_std_ms"],
+                tmed=tt["latency_median_ms"],
+                smed=ss["latency_median_ms"],
             )
             add(
                 f"CPU throughput, {label} (img/s)",

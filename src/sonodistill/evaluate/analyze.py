@@ -170,7 +170,8 @@ def plot_panels(proj: pd.DataFrame, models: list[str], cfg: AnalyzeConfig, path:
     if len(colours) > len(top):
         handles.append(Line2D([], [], marker="o", ls="", color=(0.7, 0.7, 0.7), label="other"))
     legend.legend(handles=handles, loc="center left", frameon=False, title=cfg.color_by)
-    fig.suptitle(f"{cfg.method.upper()} of embeddings, coloured by {cfg.color_by}", fontsize=11)
+    title = {"tsne": "t-SNE", "umap": "UMAP"}[cfg.method]
+    fig.suptitle(f"{title} of embeddings, coloured by {cfg.color_by}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
