@@ -328,10 +328,10 @@ def bench(cfg: BenchConfig) -> dict:
     """Run the benchmark; returns {'rows', 'teacher', 'student', 'env'} and writes the tables."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     threads = cfg.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    cfg.threads = threads
+    cfg.threads = threads  # the resolved count goes into config.yaml and the table
+    save_config(cfg, out / "config.yaml")
     spec: EncoderSpec = parse_spec(cfg.teacher)
     if cfg.teacher_kwargs:
         spec.model_kwargs = dict(cfg.teacher_kwargs)
