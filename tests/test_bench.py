@@ -12,7 +12,14 @@ from conftest import TINY_TEACHER_KWARGS
 from test_embed import BUSI
 from torch import nn
 
-from sonodistill.deploy.bench import BenchConfig, _ratio, bench, main, time_fn
+from sonodistill.deploy.bench import (
+    BenchConfig,
+    _ratio,
+    bench,
+    main,
+    time_fn,
+    time_interleaved,
+)
 from sonodistill.deploy.flops import count_flops, count_params
 from sonodistill.models.encoders import EncoderSpec, build_encoder
 
@@ -48,6 +55,15 @@ def test_time_fn_statistics():
     stats = time_fn(lambda: calls.append(1), warmup=2, runs=5)
     assert len(calls) == 7
     assert stats["throughput"] == pytest.approx(1000.0 / stats["latency_ms"])
+
+
+def test_time_interleaved_alternates_order():
+    order: list[str] = []
+    stats = time_interleaved(
+        {"t": lambda: order.append("t"), "s": lambda: order.append("s")}, warmup=1, runs=3
+    )
+    assert order == ["t", "s", "t", "s", "s", "t", "t", "s"]  # warm-up, then flipped rounds
+    assert set(stats) == {"t", "s"} and stats["t"]["latency_median_ms"] >= 0
 
 
 def test_bench_tiny_teacher_vs_resnet18(shared_data, tmp_path):

@@ -5,7 +5,9 @@ For each model: parameters (backbone; backbone + head), forward FLOPs at the inp
 `runs` timed batch-1 forwards after `warmup`, at a stated thread count) and throughput for
 PyTorch fp32, PyTorch bf16 (autocast, where the CPU has native bf16), ONNX Runtime fp32 and
 int8 (static QDQ); on a CUDA GPU also latency, throughput and peak memory. Timings cover the
-backbone (the deployed encoder: frames -> last feature map), not the heads.
+backbone (the deployed encoder: frames -> last feature map), not the heads. On CPU, teacher and
+student of one backend are timed in alternation, so that a shared machine's load drifts onto
+both alike and the ratios stay fair.
 
 "Head" in the parameter row: teacher = ViT + a linear classifier on the CLS token
 (`teacher_head_classes` outputs, a downstream head: the teacher needs no distillation head);
@@ -88,6 +90,10 @@ def time_fn(fn: Callable[[], object], warmup: int, runs: int, sync=None) -> dict
         if sync:
             sync()
         times.append((time.perf_counter() - t0) * 1000.0)
+    return _stats(times)
+
+
+def _stats(times: list[float]) -> dict[str, float]:
     mean = statistics.fmean(times)
     std = statistics.stdev(times) if len(times) > 1 else 0.0
     # The median resists the outliers of a shared machine; the table shows it beside mean +- std.
@@ -120,12 +126,7 @@ def student_head(encoder: Encoder, cfg: BenchConfig, teacher_dim: int) -> nn.Mod
     return student.head
 
 
-def measure(
-    name: str, encoder: Encoder, head: nn.Module, cfg: BenchConfig, calib: np.ndarray, tmp: Path
-) -> dict:
-    size = cfg.image_size
-    frames = torch.rand(1, 1, size, size)
-    x = to_model_input(frames)
+def static_costs(name: str, encoder: Encoder, head: nn.Module, x: torch.Tensor) -> dict:
     result: dict = {
         "model": name,
         "params_backbone": count_params(encoder.backbone),
@@ -133,34 +134,62 @@ def measure(
     }
     result["params_total"] = result["params_backbone"] + result["params_head"]
     result["flops"], result["flops_by_op"] = count_flops(encoder, x)
-    log.info(
-        "%s: %.2fM params, %.2f GFLOPs",
-        name,
-        result["params_backbone"] / 1e6,
-        result["flops"] / 1e9,
-    )
-    with torch.inference_mode():
-        if "torch_fp32" in cfg.backends:
-            result["torch_fp32"] = time_fn(lambda: encoder(x), cfg.warmup, cfg.runs)
-        if "torch_bf16" in cfg.backends and bf16_supported():
+    log.info("%s: %.2fM params, %.2f GFLOPs", name, result["params_backbone"] / 1e6,
+             result["flops"] / 1e9)  # fmt: skip
+    return result
+
+
+def cpu_runners(
+    name: str, encoder: Encoder, cfg: BenchConfig, calib: np.ndarray, tmp: Path
+) -> tuple[dict[str, Callable[[], object]], dict[str, float]]:
+    """One batch-1 forward per backend, ready to time; and the ONNX file sizes (MB)."""
+    frames = torch.rand(1, 1, cfg.image_size, cfg.image_size)
+    x = to_model_input(frames)
+    runners: dict[str, Callable[[], object]] = {}
+    sizes: dict[str, float] = {}
+    if "torch_fp32" in cfg.backends:
+        runners["torch_fp32"] = lambda: encoder(x)
+    if "torch_bf16" in cfg.backends and bf16_supported():
+
+        def bf16() -> object:
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                result["torch_bf16"] = time_fn(lambda: encoder(x), cfg.warmup, cfg.runs)
+                return encoder(x)
+
+        runners["torch_bf16"] = bf16
     wanted = [b for b in ("ort_fp32", "ort_int8") if b in cfg.backends]
     if wanted:
         fp32 = export_onnx(
-            WithPreprocess(encoder), tmp / f"{name}_fp32.onnx", size, exporter=cfg.exporter
-        )
+            WithPreprocess(encoder), tmp / f"{name}_fp32.onnx", cfg.image_size,
+            exporter=cfg.exporter,
+        )  # fmt: skip
         paths = {"ort_fp32": fp32}
         if "ort_int8" in wanted:
             paths["ort_int8"] = quantize_int8(fp32, tmp / f"{name}_int8.onnx", calib)
         feed = {"frames": frames.numpy()}
         for backend in wanted:
             sess = session(paths[backend], cfg.threads)
-            result[backend] = time_fn(lambda s=sess: s.run(None, feed), cfg.warmup, cfg.runs)
-            result[backend]["file_mb"] = paths[backend].stat().st_size / 2**20
-    if _use_gpu(cfg):
-        result["gpu"] = measure_gpu(encoder, x, cfg)
-    return result
+            runners[backend] = lambda s=sess: s.run(None, feed)
+            sizes[backend] = paths[backend].stat().st_size / 2**20
+    return runners, sizes
+
+
+def time_interleaved(
+    runners: dict[str, Callable[[], object]], warmup: int, runs: int
+) -> dict[str, dict[str, float]]:
+    """time_fn's statistics for several callables timed in alternation (order flipped every
+    round), so that load from other processes drifts onto all of them alike: the teacher and
+    the student of one backend are compared under the same conditions."""
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    keys = list(runners)
+    for i in range(runs):
+        for key in keys if i % 2 == 0 else keys[::-1]:
+            t0 = time.perf_counter()
+            runners[key]()
+            times[key].append((time.perf_counter() - t0) * 1000.0)
+    return {k: _stats(v) for k, v in times.items()}
 
 
 def _use_gpu(cfg: BenchConfig) -> bool:
@@ -338,23 +367,23 @@ def bench(cfg: BenchConfig) -> dict:
     teacher = build_encoder(spec).eval()
     student = build_encoder(cfg.student).eval()
     calib, calib_note = _calibration(cfg)
-    with tempfile.TemporaryDirectory() as tmp:
-        t = measure(
-            "teacher",
-            teacher,
-            teacher_head(teacher, cfg.teacher_head_classes),
-            cfg,
-            calib,
-            Path(tmp),
-        )
-        s = measure(
-            "student",
-            student,
-            student_head(student, cfg, teacher.out_channels),
-            cfg,
-            calib,
-            Path(tmp),
-        )
+    x = to_model_input(torch.rand(1, 1, cfg.image_size, cfg.image_size))
+    t = static_costs("teacher", teacher, teacher_head(teacher, cfg.teacher_head_classes), x)
+    s = static_costs("student", student, student_head(student, cfg, teacher.out_channels), x)
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        t_run, t_mb = cpu_runners("teacher", teacher, cfg, calib, Path(tmp))
+        s_run, s_mb = cpu_runners("student", student, cfg, calib, Path(tmp))
+        for backend in t_run:  # teacher and student of a backend in alternation
+            log.info("timing %s", backend)
+            both = time_interleaved(
+                {"t": t_run[backend], "s": s_run[backend]}, cfg.warmup, cfg.runs
+            )
+            t[backend], s[backend] = both["t"], both["s"]
+            if backend in t_mb:
+                t[backend]["file_mb"], s[backend]["file_mb"] = t_mb[backend], s_mb[backend]
+    if _use_gpu(cfg):
+        t["gpu"] = measure_gpu(teacher, x, cfg)
+        s["gpu"] = measure_gpu(student, x, cfg)
     t["label"], s["label"] = teacher.name, student.name
     env = environment(threads) | {
         "warmup": cfg.warmup,
@@ -388,7 +417,7 @@ def write_outputs(result: dict, cfg: BenchConfig, out: Path) -> None:
         f"Batch 1, {cfg.image_size}x{cfg.image_size} input, {env['warmup']} warm-up + "
         f"{env['runs']} timed runs, {env['threads']} CPU threads on {env['cpu']}; "
         f"torch {env['torch']}, onnxruntime {env['onnxruntime']}; int8 = static QDQ, "
-        f"per-channel, calibrated on {env['calibration']}. "
+        f"per-channel, calibrated on {env['calibration']}. Teacher and student runs alternate. "
         + ("" if env["bf16_native"] else "No bf16 row: this CPU has no native bf16. ")
         + "Head: teacher = linear classifier on the CLS token "
         f"({cfg.teacher_head_classes} classes); student = distillation projection head "
