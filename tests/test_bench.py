@@ -127,3 +127,20 @@ def test_cli_subset_of_backends(tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "PyTorch fp32" in out and "ONNX Runtime" not in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_gpu_on_without_cuda_is_a_clear_error(tmp_path):
+    cfg = BenchConfig(
+        teacher="teacher:random",
+        teacher_kwargs=TINY_TEACHER_KWARGS,
+        student="random:resnet18",
+        image_size=32,
+        warmup=0,
+        runs=1,
+        backends=[],
+        gpu="on",
+        out=str(tmp_path),
+    )
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        bench(cfg)
