@@ -103,24 +103,23 @@ def _is_wrapped(model: nn.Module) -> bool:
 
 
 def predict_masks(logits: np.ndarray) -> np.ndarray:
-    """(N, C, H, W) logits -> (N, H, W) boolean foreground."""
+    """(N, C, H, W) logits -> (N, H, W) class-index map (one logit: sigmoid > 0.5)."""
     if logits.shape[1] == 1:
-        return logits[:, 0] > 0.0  # sigmoid > 0.5
-    return logits.argmax(1) > 0
+        return (logits[:, 0] > 0.0).astype(np.int64)
+    return logits.argmax(1)
 
 
-def dice(pred: np.ndarray, target: np.ndarray) -> float:
-    """Mean per-image Dice; an image where both are empty counts 1."""
-    scores = []
-    for p, t in zip(pred, target, strict=True):
-        inter, total = np.logical_and(p, t).sum(), p.sum() + t.sum()
-        scores.append(1.0 if total == 0 else 2.0 * inter / total)
-    return float(np.mean(scores))
+def dice(pred: np.ndarray, target: np.ndarray, num_classes: int = 2) -> float:
+    """Mean per-image Dice with `sonodistill evaluate`'s rule (both empty -> 1)."""
+    from sonodistill.evaluate.metrics import dice_iou
+
+    return float(dice_iou(pred.astype(np.int64), target.astype(np.int64), num_classes)[0].mean())
 
 
 def head_metric(spec: HeadSpec, outputs: np.ndarray, targets: np.ndarray) -> tuple[str, float]:
     if spec.kind == "seg":
-        return "dice", dice(predict_masks(outputs), targets.astype(bool))
+        classes = max(2, outputs.shape[1])
+        return "dice", dice(predict_masks(outputs), targets, classes)
     return "accuracy", float((outputs.argmax(1) == targets).mean())
 
 
