@@ -35,11 +35,12 @@ def test_demo_runs_every_step(demo_run: Path) -> None:
     assert summary["teacher"]["random"] is True
     assert len(list((demo_run / "corpus").rglob("*.png"))) == 32
     assert (demo_run / "distill" / "student_backbone.safetensors").is_file()
-    for table in ("evaluate/linear.md", "evaluate/finetune.md", "bench/table5.md",
-                  "analysis/metrics.md", "analysis/tsne.png", "samples/segmentation_samples.png"):
+    for table in ("evaluate/table2_linear_probe.md", "evaluate/table3_finetune.md",
+                  "bench/table5.md", "analysis/metrics.md", "analysis/tsne.png",
+                  "samples/segmentation_samples.png"):
         assert (demo_run / table).is_file(), table
     # Both encoders in both protocols, with metric values in [0, 1].
-    finetune = (demo_run / "evaluate" / "finetune.csv").read_text().splitlines()
+    finetune = (demo_run / "evaluate" / "table3_finetune.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in finetune[1:]] == ["R18-Rand", "R18-Distill"]
     assert all(0 <= float(v) <= 1 for r in finetune[1:] for v in r.split(",")[1:5])
 

@@ -221,9 +221,9 @@ def _write_eval_tables(out: Path, results: dict, encoders: dict[str, str]) -> No
     """Paper-style tables: one per protocol, a row per encoder, Dice/IoU and accuracy/macro-F1."""
     import csv
 
-    titles = {"linear": "Linear probe (frozen encoder; paper Table 2)",
-              "finetune": "Fine-tuning (paper Table 3)"}
-    for protocol, title in titles.items():
+    tables = {"linear": ("table2_linear_probe", "Linear probe, frozen encoder (cf. paper Table 2)"),
+              "finetune": ("table3_finetune", "Full fine-tuning (cf. paper Table 3)")}
+    for protocol, (stem, title) in tables.items():
         header = ["encoder", "seg dice", "seg iou", "cls acc", "cls macro-F1", "best epochs"]
         rows = []
         for enc, spec in encoders.items():
@@ -234,7 +234,7 @@ def _write_eval_tables(out: Path, results: dict, encoders: dict[str, str]) -> No
                 row += [f"{r['test'][m]:.4f}" for m in names]
                 epochs.append(str(r["best_epoch"]))
             rows.append(row + ["/".join(epochs)])
-        with (out / f"{protocol}.csv").open("w", newline="") as fh:
+        with (out / f"{stem}.csv").open("w", newline="") as fh:
             csv.writer(fh).writerows([header, *rows])
         n = results[(protocol, "seg", "random")]["n"]
         md = [f"# {title}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
@@ -242,7 +242,7 @@ def _write_eval_tables(out: Path, results: dict, encoders: dict[str, str]) -> No
         md += ["", f"Simulated lesions: segmentation (Dice/IoU per image, averaged) and 4-class "
                    f"lesion type (accuracy, macro-F1); test metrics of the best-validation epoch; "
                    f"splits train/val/test = {n['train']}/{n['val']}/{n['test']}."]
-        (out / f"{protocol}.md").write_text("\n".join(md) + "\n")
+        (out / f"{stem}.md").write_text("\n".join(md) + "\n")
 
 
 def _sample_figure(run: Path, index, splits: dict, models: dict, encoders: dict, size: int) -> None:

@@ -18,6 +18,7 @@ import csv
 import html
 import io
 import json
+import re
 from pathlib import Path
 
 TITLE = "sonodistill report"
@@ -26,7 +27,8 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:11
  margin:24px auto;padding:0 16px;color:#1d2430;line-height:1.45}
 h1{margin-bottom:4px} h2{border-bottom:2px solid #e3e7ee;padding-bottom:4px;margin-top:36px}
 table{border-collapse:collapse;margin:8px 0 16px;font-size:14px}
-th,td{border:1px solid #d5dbe5;padding:4px 10px;text-align:right} th{background:#f2f5f9}
+th,td{border:1px solid #d5dbe5;padding:4px 10px;text-align:right}
+th{background:#f2f5f9;text-align:left}
 td:first-child,th:first-child,td.t{text-align:left}
 pre{background:#f6f8fa;padding:10px;overflow-x:auto;font-size:12.5px;max-height:420px}
 .warn{background:#fff4d6;border:1px solid #e8c35a;padding:10px 14px;border-radius:6px}
@@ -164,9 +166,13 @@ def _plot_curves(steps: list[float], series: dict[str, list[float]]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(k, v) for k, v in series.items() if v and k in ("loss", "cosine", "lr")]
+    # A constant lr says nothing: show the training throughput instead.
+    lr_varies = len(set(series.get("lr") or [])) > 1
+    keep = ("loss", "cosine", "lr" if lr_varies else "images_per_s")
+    panels = [(k, series[k]) for k in keep if series.get(k)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
-    labels = {"loss": "token MSE loss (Eq. 6)", "cosine": "teacher-student cosine", "lr": "lr"}
+    labels = {"loss": "token MSE loss (Eq. 6)", "cosine": "teacher-student cosine", "lr": "lr",
+              "images_per_s": "throughput (images/s)"}
     for ax, (key, values) in zip(axes[0], panels, strict=True):
         ax.plot(steps, values, lw=1.5)
         ax.set_title(labels[key])
@@ -186,9 +192,12 @@ def _tables(folder: Path) -> str:
     for path in sorted(folder.rglob("*")):
         csv_only = path.suffix == ".csv" and not path.with_suffix(".md").exists()
         if path.suffix == ".md" or csv_only:
-            table = _csv_table(path) if path.suffix == ".csv" else _md_table(path.read_text())
+            text = path.read_text()
+            table = _csv_table(path) if path.suffix == ".csv" else _md_table(text)
+            heading = re.search(r"^#+\s+(.+)$", text, re.M) if path.suffix == ".md" else None
+            title = heading.group(1) if heading else _title(path, folder)
             if table:
-                parts.append(f"<h3>{html.escape(_title(path, folder))}</h3>{table}")
+                parts.append(f"<h3>{html.escape(title)}</h3>{table}")
     return "\n".join(parts)
 
 
@@ -236,9 +245,13 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+_NUMBER = re.compile(r"[-+]?[\d.,]+(e[-+]?\d+)?( ± [\d.]+)?")
+
+
 def _td(cell) -> str:
+    """Numbers right-aligned (they compare digit by digit), text left-aligned."""
     text = str(cell)
-    numeric = any(ch.isdigit() for ch in text[:1]) or text[:1] in "-+."
+    numeric = bool(_NUMBER.fullmatch(text))
     return f"<td>{html.escape(text)}</td>" if numeric else f"<td class='t'>{html.escape(text)}</td>"
 
 
