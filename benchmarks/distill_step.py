@@ -39,13 +39,16 @@ def teacher_config(kind: str) -> TeacherConfig:
     return TeacherConfig(random_init=True, model_kwargs=kwargs)  # speed does not need weights
 
 
-def models_alone(args, steps: int) -> float:
+def models_alone(args, steps: int, precision: str) -> float:
     torch.manual_seed(0)
     teacher = Teacher(teacher_config(args.teacher))
     student = Student(StudentConfig(name=args.student), teacher.out_channels)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.05)
     x = to_model_input(torch.rand(args.batch, 1, args.img_size, args.img_size))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision != "32-true")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    teacher, student = teacher.to(device), student.to(device)
+    x = x.to(device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
     def step() -> None:
         with autocast:
@@ -98,16 +101,20 @@ def main() -> None:
             extract_frames(Path(tmp) / "frames") if (Path(tmp) / "frames").mkdir() is None else None
         )
         loop = full_loop(args, data, Path(tmp) / "run", args.steps)
-        alone = models_alone(args, args.steps)
+        precision = resolve_precision(args.precision)
+        alone = models_alone(args, args.steps, precision)
+        other = "bf16-mixed" if precision == "32-true" else "32-true"
+        alone_other = models_alone(args, args.steps, other)
     print(
         f"\nteacher {args.teacher}, student {args.student}, {args.img_size}px, batch {args.batch}, "
-        f"{resolve_precision(args.precision)}, {torch.get_num_threads()} threads, "
-        f"{args.workers} workers"
+        f"{torch.get_num_threads()} threads, {args.workers} workers"
     )
-    print("| measurement | images/s |\n|---|---|")
-    print(f"| full loop (real frames, augmentation, mixup) | {loop:.1f} |")
-    print(f"| models alone (ready tensors) | {alone:.1f} |")
-    print(f"| ratio full loop / models alone | {loop / alone:.2f} |")
+    print("| measurement | precision | images/s |\n|---|---|---|")
+    print(f"| full loop (real frames, augmentation, mixup) | {precision} | {loop:.2f} |")
+    print(f"| models alone (ready tensors) | {precision} | {alone:.2f} |")
+    print(f"| models alone (ready tensors) | {other} | {alone_other:.2f} |")
+    print(f"| ratio full loop / models alone | {precision} | {loop / alone:.2f} |")
+    print(f"| ratio {other} / {precision}, models alone | | {alone_other / alone:.2f} |")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ class DistillConfig:
     strategy: str = "auto"
     """Fabric strategy: auto, ddp, ddp_spawn (CPU tests), ..."""
     precision: str = "auto"
-    """auto: bf16-mixed (GPU and CPU); or 32-true, bf16-mixed, 16-mixed."""
+    """auto: bf16-mixed on GPU, 32-true on CPU; or set 32-true, bf16-mixed, 16-mixed."""
     num_workers: int = 4
     log_every: int = 10
     checkpoint_every: int = 500

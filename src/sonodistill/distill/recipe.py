@@ -41,7 +41,7 @@ def distill(cfg: DistillConfig) -> Path:
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
         strategy=cfg.strategy,
-        precision=resolve_precision(cfg.precision),
+        precision=resolve_precision(cfg.precision, cfg.accelerator),
         loggers=_loggers(cfg.out),
     )
     fabric.launch(_run, cfg)
@@ -78,9 +78,13 @@ def read_metrics(run_dir: str | Path) -> pd.DataFrame:
     return rows.sort_values(["step", "attempt"]).reset_index(drop=True)
 
 
-def resolve_precision(precision: str) -> str:
-    # bf16 autocast pays off on GPUs and on CPUs with AVX512-BF16/AMX alike.
-    return "bf16-mixed" if precision == "auto" else precision
+def resolve_precision(precision: str, accelerator: str = "auto") -> str:
+    """auto: bf16-mixed on a GPU; fp32 on a CPU, where bf16 autocast measured slower here
+    (benchmarks/distill_step.py compares both on your machine)."""
+    if precision != "auto":
+        return precision
+    on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if on_gpu else "32-true"
 
 
 def _run(fabric: Fabric, cfg: DistillConfig) -> None:
@@ -92,7 +96,7 @@ def _run(fabric: Fabric, cfg: DistillConfig) -> None:
         info = {
             "teacher_weights": teacher.weights_source,
             "world_size": fabric.world_size,
-            "precision": resolve_precision(cfg.precision),
+            "precision": resolve_precision(cfg.precision, cfg.accelerator),
             "device": str(fabric.device),
             "torch": torch.__version__,
         }
