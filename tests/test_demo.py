@@ -61,3 +61,11 @@ def test_teacher_weights_switch_to_real_vit(monkeypatch, tmp_path: Path) -> None
     teacher, size, random = resolve_teacher(DemoConfig())
     assert not random and not teacher.random_init and teacher.model_kwargs == {}
     assert teacher.weights == str(tmp_path / "w.pth") and size == 224
+
+
+def test_missing_teacher_weights_fail_fast(tmp_path: Path) -> None:
+    cfg = DemoConfig(out=str(tmp_path / "run"),
+                     teacher=TeacherConfig(weights=str(tmp_path / "missing.pth")))
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        run_demo(cfg)
+    assert not (tmp_path / "run" / "corpus").exists()

@@ -41,7 +41,7 @@ def _tiny_teacher() -> TeacherConfig:
 
 @dataclass
 class DemoConfig:
-    """The demo's knobs; defaults fit about five minutes on two CPU cores."""
+    """The demo's knobs; defaults take about five minutes on two CPU cores."""
 
     out: str = "runs/demo"
     """Run folder (overwritten step by step)."""
@@ -376,6 +376,8 @@ def run_demo(cfg: DemoConfig) -> Path:
     run.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run / "demo.yaml")
     teacher, img_size, random_teacher = resolve_teacher(cfg)
+    if teacher.weights and not Path(teacher.weights).is_file():  # fail before minutes of work
+        raise FileNotFoundError(f"teacher weights not found: {teacher.weights}")
     state: dict = {"teacher": teacher, "img_size": img_size, "random_teacher": random_teacher}
     summary = _summary(cfg, teacher, img_size, random_teacher)
     _banner(random_teacher, teacher)

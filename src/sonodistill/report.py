@@ -201,7 +201,18 @@ def _tables(folder: Path) -> str:
     return "\n".join(parts)
 
 
+# Titles of the files the demo's steps write; any other file is titled by its path.
+TITLES = {
+    "tsne": "t-SNE of the corpus embeddings, coloured by simulated anatomy (cf. paper Fig. 2)",
+    "metrics": "How well each encoder separates the anatomies (silhouette, k-NN accuracy)",
+    "table5": "Teacher vs student deployment cost (cf. paper Table 5)",
+    "segmentation_samples": "Test frames: ground truth and each fine-tuned model's predicted mask",
+}
+
+
 def _title(path: Path, folder: Path) -> str:
+    if path.parent == folder and path.stem in TITLES:
+        return TITLES[path.stem]
     return str(path.relative_to(folder).with_suffix("")).replace("_", " ")
 
 
@@ -245,7 +256,7 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-_NUMBER = re.compile(r"[-+]?[\d.,]+(e[-+]?\d+)?( ± [\d.]+)?")
+_NUMBER = re.compile(r"[-+]?\d[\d.,]*(e[-+]?\d+)?( ± [\d.]+)?( \(median [\d.]+\))?")
 
 
 def _td(cell) -> str:
