@@ -127,7 +127,7 @@ def step_distill(cfg: DemoConfig, run: Path, state: dict) -> str:
         data=str(run / "corpus"), out=str(run / "distill"), teacher=state["teacher"],
         student=StudentConfig(name=cfg.student), img_size=state["img_size"],
         batch_size=cfg.batch_size, max_steps=cfg.distill_steps, seed=cfg.seed,
-        accelerator="auto", precision=_precision(cfg.precision), num_workers=0, log_every=5,
+        accelerator="auto", precision=cfg.precision, num_workers=0, log_every=5,
         checkpoint_every=10**9,
     )
     state["distill_dir"] = Path(distill(dcfg))
@@ -191,27 +191,13 @@ def step_evaluate(cfg: DemoConfig, run: Path, state: dict) -> str:
 
 
 def _run_one(index, splits, spec, protocol, seed, settings, on_epoch, keep_model: bool):
-    """evaluate.train.run_one; with keep_model, also the trained model (best-val checkpoint).
+    """evaluate.train.run_one; with keep_model, also the trained model (best-val checkpoint)."""
+    from sonodistill.evaluate.train import run_one
 
-    run_one does not return its model; the sample figure needs one, so we catch the instance
-    it builds (it loads the best checkpoint into that instance before testing).
-    """
-    from unittest import mock
-
-    import sonodistill.evaluate.train as train
-
-    if not keep_model:
-        return train.run_one(index, splits, spec, protocol, 1.0, seed, settings, on_epoch), None
-    built: list = []
-    original = train.build_model
-
-    def build_and_keep(*args, **kwargs):
-        built.append(original(*args, **kwargs))
-        return built[-1]
-
-    with mock.patch.object(train, "build_model", build_and_keep):
-        result = train.run_one(index, splits, spec, protocol, 1.0, seed, settings, on_epoch)
-    return result, built[-1].eval().cpu()
+    kept: list = []
+    result = run_one(index, splits, spec, protocol, 1.0, seed, settings, on_epoch,
+                     on_end=kept.append if keep_model else None)
+    return result, (kept[0].eval().cpu() if kept else None)
 
 
 METRICS = {"seg": ("dice", "iou"), "cls": ("acc", "f1")}
@@ -335,14 +321,6 @@ def step_bench(cfg: DemoConfig, run: Path, state: dict) -> str:
         out=str(run / "bench"),
     ))
     return f"batch 1, {size} px, {cfg.bench_runs} runs, {', '.join(cfg.bench_backends)}"
-
-
-def _precision(precision: str) -> str:
-    import torch
-
-    if precision != "auto":
-        return precision
-    return "bf16-mixed" if torch.cuda.is_available() else "32-true"
 
 
 def _short(name: str) -> str:

@@ -141,8 +141,12 @@ def run_one(
     seed: int,
     settings: TrainSettings,
     on_epoch: Callable[[int, dict], None] | None = None,
+    on_end: Callable[[nn.Module], None] | None = None,
 ) -> dict:
-    """Train, select by validation (seg: Dice; cls: macro-F1), test the selected checkpoint."""
+    """Train, select by validation (seg: Dice; cls: macro-F1), test the selected checkpoint.
+
+    `on_epoch(epoch, row)` follows training; `on_end(model)` receives the selected model.
+    """
     start = time.time()
     gen = seed_everything(seed)
     device = pick_device(settings.device)
@@ -179,6 +183,8 @@ def run_one(
             on_epoch(epoch + 1, history[-1])
     model.load_state_dict(best_state)
     test = evaluate(model, loaders["test"], index.task, index.num_classes, device)
+    if on_end:
+        on_end(model)
     return {
         "test": test,
         "val_best": best,
