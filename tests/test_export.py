@@ -137,3 +137,21 @@ def test_classification_head_plain_timm_format(shared_data, tmp_path):
     with torch.no_grad():
         ref = model(x).numpy()
     np.testing.assert_allclose(run_session(sess, x.numpy()), ref, atol=1e-4)
+
+
+def test_evaluate_head_saved_from_a_student_run_loads_without_the_run(tmp_path):
+    import shutil
+
+    from sonodistill.deploy import save_evaluate_head
+    from sonodistill.evaluate.heads import build_model
+
+    run = fake_student_run(tmp_path / "run")
+    model = build_model(f"student:{run}", "cls", "finetune", 3).eval()
+    save_evaluate_head(model, f"student:{run}@R18-Distill", "cls", "finetune", 3,
+                       tmp_path / "head", ["benign", "malignant", "normal"])  # fmt: skip
+    shutil.rmtree(run)  # the head must not need the distill run any more
+    loaded, spec = load_head(tmp_path / "head")
+    assert spec.encoder["kind"] == "random" and spec.encoder["name"] == "resnet18"
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))

@@ -2,7 +2,7 @@
 cost benchmark (paper Table 5)."""
 
 from sonodistill.deploy.flops import count_flops, count_params
-from sonodistill.deploy.heads import HeadSpec, load_head, save_head
+from sonodistill.deploy.heads import HeadSpec, load_head, save_evaluate_head, save_head
 from sonodistill.deploy.onnx_utils import (
     WithPreprocess,
     compare,
@@ -22,6 +22,7 @@ __all__ = [
     "load_head",
     "quantize_int8",
     "run_session",
+    "save_evaluate_head",
     "save_head",
     "session",
 ]

@@ -25,6 +25,7 @@ import torch
 import yaml
 from torch import nn
 
+from sonodistill.models.encoders import EncoderSpec, parse_spec, resolve_student
 from sonodistill.models.weights import load_strict, read_state_dict
 
 HEAD_YAML = "head.yaml"
@@ -36,7 +37,8 @@ _TASKS = {"cls": "cls", "classification": "cls", "seg": "seg", "segmentation": "
 class HeadSpec:
     task: str
     """seg | cls (segmentation | classification accepted)."""
-    encoder: str = ""
+    encoder: str | dict = ""
+    """Encoder spec string, or EncoderSpec fields as a dict (see `portable_encoder`)."""
     protocol: str = "finetune"
     num_classes: int = 2
     class_names: list[str] = field(default_factory=list)
@@ -57,7 +59,8 @@ def build_head_model(spec: HeadSpec) -> nn.Module:
     if spec.encoder:
         from sonodistill.evaluate.heads import build_model
 
-        return build_model(spec.encoder, spec.kind, spec.protocol, spec.num_classes)
+        encoder = EncoderSpec(**spec.encoder) if isinstance(spec.encoder, dict) else spec.encoder
+        return build_model(encoder, spec.kind, spec.protocol, spec.num_classes)
     if spec.kind == "cls" and spec.arch:
         return WithPreprocess(
             timm.create_model(spec.arch, pretrained=False, num_classes=spec.num_classes)
@@ -91,6 +94,48 @@ def save_head(model: nn.Module, spec: HeadSpec, folder: str | Path) -> Path:
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     save_file(state, str(folder / HEAD_WEIGHTS))
     return folder
+
+
+def portable_encoder(encoder: EncoderSpec | str) -> dict:
+    """The architecture of an encoder spec without its weights file (EncoderSpec fields).
+
+    A head checkpoint holds every weight itself; naming the architecture alone keeps it
+    loadable after the distill run dir or the teacher weights have moved.
+    """
+    spec = parse_spec(encoder) if isinstance(encoder, str) else encoder
+    if spec.kind == "teacher":
+        name = spec.name or "vit_base_patch16_dinov3_qkvb"
+        kind, weights = "teacher", "random"
+    else:
+        name = (
+            resolve_student(spec.weights, spec.name or None)[0]
+            if spec.kind == "student"
+            else (spec.name or "resnet50")
+        )
+        kind, weights = "random", None
+    return {"kind": kind, "name": name, "weights": weights, "label": spec.label,
+            "model_kwargs": dict(spec.model_kwargs)}  # fmt: skip
+
+
+def save_evaluate_head(
+    model: nn.Module,
+    encoder: EncoderSpec | str,
+    task: str,
+    protocol: str,
+    num_classes: int,
+    folder: str | Path,
+    class_names: list[str] | tuple[str, ...] = (),
+) -> Path:
+    """Save a model built by `sonodistill.evaluate.heads.build_model`, e.g. from
+    `run_one(..., on_end=lambda m: save_evaluate_head(m, encoder, task, ...))`."""
+    spec = HeadSpec(
+        task=task,
+        encoder=portable_encoder(encoder),
+        protocol=protocol,
+        num_classes=num_classes,
+        class_names=list(class_names),
+    )
+    return save_head(model, spec, folder)
 
 
 def _is_wrapped(model: nn.Module) -> bool:
