@@ -1,24 +1,24 @@
 """Deterministic, leakage-free train/val/test splits and nested label fractions.
 
 Exact duplicates (same grey pixels) and near-duplicates (perceptual hash within a Hamming
-distance) are grouped with a dataset's own group column (patient) by union-find, and a group
-always lands in one split. Splits are written to JSON and reused, so every encoder, protocol
-and seed of a suite sees the same images.
+distance) are grouped with a dataset's own group column (patient) as connected components of
+a "must share a split" graph, and a group always lands in one split. Splits are written to
+JSON and reused, so every encoder, protocol and seed of a suite sees the same images.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import imagehash
 import numpy as np
-from PIL import Image
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
+from sonodistill.data.hashing import hex_to_uint64, near_pairs, phash, pixel_sha1
 from sonodistill.evaluate.datasets import DatasetIndex, read_grey
 
 DDTI_COUNTS = (445, 127, 65)
@@ -42,27 +42,12 @@ class SplitConfig:
 
 
 def image_hashes(index: DatasetIndex) -> dict[str, tuple[str, str]]:
-    """{id: (sha1 of the grey pixels, perceptual hash hex)}."""
+    """{id: (sha1 of the grey pixels, perceptual hash hex)}: the corpus builder's fingerprints."""
     out = {}
     for r in index.records:
         grey = read_grey(r.image)
-        digest = hashlib.sha1(grey.tobytes() + str(grey.shape).encode()).hexdigest()
-        out[r.id] = (digest, str(imagehash.phash(Image.fromarray(grey))))
+        out[r.id] = (pixel_sha1(grey), phash(grey))
     return out
-
-
-class _UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
-
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, a: int, b: int) -> None:
-        self.parent[self.find(a)] = self.find(b)
 
 
 def duplicate_groups(
@@ -70,24 +55,21 @@ def duplicate_groups(
 ) -> list[list[str]]:
     """Groups of ids that must share a split: same pixels, near-identical phash, same group."""
     ids = [r.id for r in index.records]
-    uf = _UnionFind(len(ids))
+    edges: list[tuple[int, int]] = []
     first: dict[tuple[str, str], int] = {}
     for i, r in enumerate(index.records):
         keys = [("sha", hashes[r.id][0])] + ([("group", r.group)] if r.group else [])
         for key in keys:
-            if key in first:
-                uf.union(i, first[key])
-            else:
-                first[key] = i
+            edges.append((i, first.setdefault(key, i)))
     if phash_distance >= 0:
-        bits = np.array([imagehash.hex_to_hash(hashes[i][1]).hash.flatten() for i in ids])
-        for i in range(len(ids)):
-            close = np.nonzero((bits[i + 1 :] != bits[i]).sum(1) <= phash_distance)[0]
-            for j in close:
-                uf.union(i, i + 1 + int(j))
+        values = hex_to_uint64([hashes[i][1] for i in ids])
+        edges += [(i, j) for i, j, _ in near_pairs(values, values, phash_distance, same=True)]
+    rows, cols = zip(*edges, strict=True) if edges else ((), ())
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(ids), len(ids)))
+    _, labels = connected_components(graph, directed=False)
     groups: dict[int, list[str]] = {}
-    for i, id_ in enumerate(ids):
-        groups.setdefault(uf.find(i), []).append(id_)
+    for id_, label in zip(ids, labels.tolist(), strict=True):
+        groups.setdefault(label, []).append(id_)
     return list(groups.values())
 
 
