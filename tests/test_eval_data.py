@@ -16,6 +16,7 @@ import yaml
 from PIL import Image
 from test_eval_common import fake_student, one_thread  # noqa: F401
 
+from sonodistill.deploy.heads import load_head
 from sonodistill.evaluate.datasets import SegDataset, load_busi, load_ddti, load_mask, read_grey
 from sonodistill.evaluate.splits import (
     SPLITS,
@@ -175,6 +176,7 @@ def test_smoke_suite_on_real_data(splits_dir, tmp_path, shared_data, fake_studen
         fractions=[1.0, 0.5],
         seeds=[0],
         train=TrainSettings(seg_size=32, cls_size=32, epochs=1, seg_batch=8, cls_batch=8, subset=8),
+        save_models=True,
     )
     tables = run_suite(cfg)
     runs = sorted((out / "runs").glob("*.json"))
@@ -198,6 +200,11 @@ def test_smoke_suite_on_real_data(splits_dir, tmp_path, shared_data, fake_studen
     one = json.loads(runs[0].read_text())
     assert one["n"] == {"train": 8, "val": 8, "test": 8} and one["best_epoch"] == 1
     assert yaml.safe_load((out / "suite.yaml").read_text())["seeds"] == [0]
+    # the selected models are kept in the format `sonodistill export --head` reads
+    model, spec = load_head(out / "models" / runs[0].stem)
+    assert spec.task == one["task_type"] and spec.protocol == one["protocol"]
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert len(list((out / "models").iterdir())) == len(runs)
     # resumable: a second call trains nothing and rewrites no run file
     stamps = {p: p.stat().st_mtime_ns for p in runs}
     run_suite(cfg)

@@ -57,6 +57,8 @@ class SuiteConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     tables_only: bool = False
     """Only rebuild the tables from the run JSONs already in `out`."""
+    save_models: bool = False
+    """Keep each run's selected model as OUT/models/RUN_ID (for `sonodistill export --head`)."""
 
 
 @dataclass
@@ -199,6 +201,7 @@ def run_suite(cfg: SuiteConfig) -> list[Path]:
                     run.seed,
                     cfg.train,
                     on_epoch,
+                    on_end=_model_saver(run, index, out) if cfg.save_models else None,
                 )
                 done = {
                     "id": run.id,
@@ -224,6 +227,23 @@ def run_suite(cfg: SuiteConfig) -> list[Path]:
     if not cfg.tables_only and any(v == "seg" for v in types.values()):
         tables.append(write_baselines(cfg, data, types, out / "tables"))
     return tables
+
+
+def _model_saver(run: Run, index: DatasetIndex, out: Path):
+    from sonodistill.deploy.heads import save_evaluate_head  # deploy builds on evaluate
+
+    def save(model) -> None:
+        save_evaluate_head(
+            model,
+            run.encoder,
+            index.task,
+            run.protocol,
+            index.num_classes,
+            out / "models" / run.id,
+            index.classes,
+        )
+
+    return save
 
 
 def write_baselines(cfg: SuiteConfig, data: _Data, types: dict[str, str], out: Path) -> Path:
