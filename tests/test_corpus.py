@@ -26,6 +26,7 @@ from sonodistill.data.cli import main as corpus_main
 from sonodistill.data.frames import FrameSelector, FrameSettings
 from sonodistill.data.pack import open_pack, resize_frame
 from sonodistill.data.readers import ReadError, detect_kind, read_frames
+from sonodistill.evaluate.embed import collect_frames
 
 CLIPS = ["patient_10_L1.mp4", "patient_11_R3.mp4"]
 
@@ -314,6 +315,12 @@ def test_build_real_corpus_pack_and_distill(corpus_data, tmp_path):
     assert (nii.reason == "corpus_duplicate").sum() == m[m.dataset == "plus"].kept.sum()
     assert m.loc[m.dataset == "dicom", "kept"].sum() == 8  # the cine, capped
     assert m.sha1[m.kept].is_unique and m.id.is_unique
+
+    # `sonodistill embed` reads the corpus: kept frames, labelled and grouped by their source
+    frames = collect_frames([str(out)])
+    assert len(frames) == m.kept.sum()
+    assert {f.dataset for f in frames} == set(m.dataset[m.kept])
+    assert {f.group for f in frames} == set(m.source[m.kept])
 
     pack = tmp_path / "pack"
     assert corpus_main(["pack", str(out), "--out", str(pack), "--size", "64", "--quiet"]) == 0

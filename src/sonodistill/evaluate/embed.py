@@ -6,8 +6,10 @@ Sources (`--sources`, repeatable, mixed freely):
   (`*_mask.png`, `*_mask_1.png`, files under a `mask/` or `masks/` folder) are skipped.
   The dataset label is NAME (default: the folder's name); with `label_component K` the K-th
   path component under the folder is appended (`busi/benign`).
-- `PATH.parquet`: a corpus manifest with `dataset`, `file` and optionally `anatomy`, `frame`
-  columns; relative files are resolved against the manifest's folder.
+- a corpus from `sonodistill corpus build` (its folder or `manifest.parquet`): the kept frames,
+  labelled by their dataset and anatomy, grouped by the clip/volume they come from.
+- any other `PATH.parquet`: a table with `dataset`, `file` and optionally `anatomy`, `frame`
+  columns; relative files are resolved against the table's folder.
 
 Output folder: `metadata.parquet` (one row per frame: dataset, anatomy, file, frame, group),
 `<model>.npy` (N, C) global-average-pooled final features for each encoder, `<model>.cls.npy`
@@ -74,11 +76,13 @@ class Frame:
     file: str
     frame: int = -1
     anatomy: str = ""
+    source: str = ""
+    """The clip or volume a corpus frame was extracted from."""
 
     @property
     def group(self) -> str:
         # Frames of one clip are near-duplicates: cross-validation must keep them together.
-        return self.file
+        return self.source or self.file
 
 
 # --- listing ------------------------------------------------------------------------------------
@@ -118,6 +122,8 @@ def split_source(text: str) -> tuple[str | None, Path]:
 def list_source(text: str, label_component: int | None = None, frames_per_video: int = 8):
     """Frames of one source (see the module docstring), in sorted, reproducible order."""
     name, path = split_source(text)
+    if (path / "manifest.parquet").is_file() or _is_corpus_manifest(path):
+        return list_corpus(path, name)
     if path.suffix == ".parquet":
         return list_manifest(path, name, frames_per_video)
     if not path.exists():
@@ -143,6 +149,25 @@ def list_source(text: str, label_component: int | None = None, frames_per_video:
     if not frames:
         raise FileNotFoundError(f"source {text!r}: no images or videos found")
     return frames
+
+
+def _is_corpus_manifest(path: Path) -> bool:
+    if path.suffix != ".parquet" or not path.is_file():
+        return False
+    import pyarrow.parquet as pq
+
+    return {"kept", "path", "source"} <= set(pq.read_schema(path).names)
+
+
+def list_corpus(path: Path, name: str | None) -> list[Frame]:
+    """The kept frames of a built corpus (its folder or manifest), with their provenance."""
+    from sonodistill.data.corpus import load_manifest
+
+    table, root = load_manifest(path)
+    return [
+        Frame(name or str(r.dataset), str(root / r.path), -1, str(r.anatomy or ""), str(r.source))
+        for r in table[table.kept].itertuples(index=False)
+    ]
 
 
 def list_manifest(path: Path, name: str | None, frames_per_video: int) -> list[Frame]:
