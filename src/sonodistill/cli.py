@@ -7,6 +7,7 @@ imported lazily so that `sonodistill --help` answers without importing torch.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -45,7 +46,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sonodistill: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    return int(module.main(argv[1:]) or 0)
+    from sonodistill.models.weights import WeightsMismatchError
+
+    try:
+        return int(module.main(argv[1:]) or 0)
+    except (FileNotFoundError, WeightsMismatchError) as err:
+        # Bad input is the user's to fix: say what and where, without a traceback.
+        if os.environ.get("SONODISTILL_DEBUG"):
+            raise
+        print(f"sonodistill {argv[0]}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
