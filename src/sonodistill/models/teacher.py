@@ -68,16 +68,8 @@ class Teacher(nn.Module):
         self.model.eval()
 
     @property
-    def embed_dim(self) -> int:
-        return self.model.embed_dim
-
-    @property
     def out_channels(self) -> int:
         return self.cfg.n_blocks * self.model.embed_dim
-
-    @property
-    def patch_size(self) -> int:
-        return self.model.patch_embed.patch_size[0]
 
     def train(self, mode: bool = True) -> Teacher:
         return super().train(False)
@@ -95,15 +87,6 @@ class Teacher(nn.Module):
         grid = blocks[-1].shape[-2:]
         blocks = [b if b.shape[-2:] == grid else _resize(b, grid) for b in blocks]
         return torch.cat(blocks, dim=1)
-
-    @torch.no_grad()
-    def cls_and_patches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final-normed CLS token (B, D) and last-block patch tokens (B, D, h, w)."""
-        tokens = self.model.forward_features(x)
-        n_prefix = self.model.num_prefix_tokens
-        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        patches = tokens[:, n_prefix:].transpose(1, 2).reshape(x.shape[0], -1, h, w)
-        return tokens[:, 0], patches
 
 
 def _resize(x: torch.Tensor, size: torch.Size) -> torch.Tensor:
