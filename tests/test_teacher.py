@@ -71,6 +71,12 @@ def test_official_checkpoint_with_a_bad_tensor_is_refused_by_name(official, tmp_
     assert str(path) in str(err.value)
 
 
+def test_model_without_qv_biases_refuses_to_drop_them(official):
+    _, path = official
+    with pytest.raises(WeightsMismatchError, match="vit_base_patch16_dinov3_qkvb"):
+        Teacher(TeacherConfig(name="vit_base_patch16_dinov3", weights=str(path)))
+
+
 def official_to_hf(sd: dict[str, torch.Tensor], d: int) -> dict[str, torch.Tensor]:
     """Meta -> Hugging Face names, written independently of the loader's reverse mapping."""
     hf = {

@@ -107,6 +107,7 @@ def load_teacher_weights(model: nn.Module, path: str | Path) -> str:
         fmt = "timm"
     if fmt in ("official", "huggingface"):
         _check_official(sd, model, f"{path} ({fmt} format)")
+        _check_qkv_bias(sd, model, f"{path} ({fmt} format)")
         sd = checkpoint_filter_fn(sd, model)
     load_strict(model, sd, f"{path} ({fmt} format)")
     log.info("loaded teacher weights %s (%s format)", path, fmt)
@@ -164,6 +165,18 @@ def _check_official(sd: dict[str, torch.Tensor], model: nn.Module, source: str) 
             if items:
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]))
         raise WeightsMismatchError("\n".join(lines))
+
+
+def _check_qkv_bias(sd: dict[str, torch.Tensor], model: nn.Module, source: str) -> None:
+    # timm's filter silently drops q/v biases when the model has none (plain `_dinov3` names).
+    has_bias = getattr(model.blocks[0].attn, "q_bias", None) is not None
+    lost = [k for k, v in sd.items() if k.endswith("attn.qkv.bias") and bool(v.any())]
+    if lost and not has_bias:
+        raise WeightsMismatchError(
+            f"{source}: the model has no q/v biases but the file has non-zero ones "
+            f"({len(lost)} blocks, e.g. {lost[0]}); use a `_qkvb` model such as "
+            "vit_base_patch16_dinov3_qkvb"
+        )
 
 
 def _is_hf(sd: dict[str, torch.Tensor]) -> bool:
