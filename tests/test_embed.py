@@ -85,7 +85,12 @@ def test_video_frames_read_directly_match_pyav(shared_data):
     with av.open(str(video)) as container:
         decoded = [f.to_ndarray(format="gray") for f in container.decode(video=0)]
     for frame, arr in zip(frames, got, strict=True):
-        np.testing.assert_array_equal(arr, decoded[frame.frame])
+        # Frames go through the corpus reader (RGB, then OpenCV's luma): PyAV's direct grey
+        # conversion rounds differently by at most one level; a neighbouring frame differs more.
+        diff = np.abs(arr.astype(int) - decoded[frame.frame])
+        assert diff.max() <= 1
+        neighbour = decoded[frame.frame + 1 if frame.frame + 1 < len(decoded) else frame.frame - 1]
+        assert np.abs(arr.astype(int) - neighbour).max() > 1
 
 
 def test_max_per_source_is_seeded_and_anatomy_mapped(shared_data):

@@ -15,17 +15,18 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from sonodistill.data.readers import IMAGE_EXT
+
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
 def find_images(root: str | Path) -> list[Path]:
     """Every image file under root (any depth), in a stable order."""
     root = Path(root)
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXT)
     if not files:
-        raise FileNotFoundError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise FileNotFoundError(f"{root}: no images ({', '.join(sorted(IMAGE_EXT))})")
     return files
 
 

@@ -123,11 +123,12 @@ def _pil_to_array(im) -> np.ndarray:
 
 
 def video_frame_count(path: Path) -> int:
-    """The frame count written in the container (0 when it does not say)."""
+    """The frame count written in the container, else counted by decoding (some omit it)."""
     import av
 
     with av.open(str(path)) as container:
-        return int(container.streams.video[0].frames)
+        stream = container.streams.video[0]
+        return int(stream.frames) or sum(1 for _ in container.decode(stream))
 
 
 def read_video(path: Path) -> Iterator[tuple[int, np.ndarray]]:

@@ -19,7 +19,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+from sonodistill.data.readers import IMAGE_EXT
+
 BUSI_CLASSES = ("normal", "benign", "malignant")
 Task = Literal["seg", "cls"]
 
@@ -125,7 +126,7 @@ def load_mask(record: Record, shape: tuple[int, int], binary: bool = True) -> np
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXT)
 
 
 def _natural_key(text: str) -> list:

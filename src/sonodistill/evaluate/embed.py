@@ -31,14 +31,14 @@ import torch
 from PIL import Image
 
 from sonodistill.config import parse_config, save_config
+from sonodistill.data.frames import to_grey
+from sonodistill.data.readers import IMAGE_EXT, VIDEO_EXT, read_video, video_frame_count
 from sonodistill.models import to_model_input
 from sonodistill.models.encoders import Encoder, build_encoder, parse_spec
 from sonodistill.progress import track
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-VIDEO_EXT = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
 _MASK_STEM = re.compile(r"_mask(_\d+)?$", re.IGNORECASE)
 _MASK_DIRS = {"mask", "masks", "label", "labels", "annotations"}
 
@@ -94,16 +94,6 @@ def is_mask(path: Path) -> bool:
     )
 
 
-def _video_frame_count(path: Path) -> int:
-    import av
-
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        if stream.frames:
-            return int(stream.frames)
-        return sum(1 for _ in container.decode(stream))  # some containers omit the count
-
-
 def _spread(count: int, k: int) -> list[int]:
     """k evenly spaced indices in [0, count)."""
     if count <= 0:
@@ -142,7 +132,7 @@ def list_source(text: str, label_component: int | None = None, frames_per_video:
             if len(parts) > label_component:
                 dataset = f"{label}/{parts[label_component]}"
         if suffix in VIDEO_EXT:
-            for i in _spread(_video_frame_count(file), frames_per_video):
+            for i in _spread(video_frame_count(file), frames_per_video):
                 frames.append(Frame(dataset, str(file), i))
         else:
             frames.append(Frame(dataset, str(file)))
@@ -186,7 +176,7 @@ def list_manifest(path: Path, name: str | None, frames_per_video: int) -> list[F
         if frame is not None and not pd.isna(frame):
             frames.append(Frame(dataset, str(file), int(frame), anatomy))
         elif file.suffix.lower() in VIDEO_EXT:
-            for i in _spread(_video_frame_count(file), frames_per_video):
+            for i in _spread(video_frame_count(file), frames_per_video):
                 frames.append(Frame(dataset, str(file), i, anatomy))
         else:
             frames.append(Frame(dataset, str(file), -1, anatomy))
@@ -226,8 +216,6 @@ def _resize(grey: np.ndarray, size: int) -> np.ndarray:
 
 def read_frames(frames: Sequence[Frame], size: int) -> Iterator[np.ndarray]:
     """Grey uint8 (size, size) arrays, in order; each video is decoded once per run of frames."""
-    import av
-
     i = 0
     while i < len(frames):
         f = frames[i]
@@ -241,12 +229,11 @@ def read_frames(frames: Sequence[Frame], size: int) -> Iterator[np.ndarray]:
             j += 1
         wanted = {frames[k].frame: k for k in range(i, j)}
         got: dict[int, np.ndarray] = {}
-        with av.open(f.file) as container:
-            for index, vf in enumerate(container.decode(container.streams.video[0])):
-                if index in wanted:
-                    got[index] = _resize(vf.to_ndarray(format="gray"), size)
-                if index >= max(wanted):
-                    break
+        for index, rgb in read_video(Path(f.file)):
+            if index in wanted:
+                got[index] = _resize(to_grey(rgb), size)
+            if index >= max(wanted):
+                break
         for k in range(i, j):
             if frames[k].frame not in got:
                 raise ValueError(f"{f.file}: frame {frames[k].frame} could not be decoded")
