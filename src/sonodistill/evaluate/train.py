@@ -4,11 +4,11 @@ validation score, test that checkpoint (the same rule for every model, Sec. 4.3 
 from __future__ import annotations
 
 import copy
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import lightning_fabric
 import numpy as np
 import torch
 from segmentation_models_pytorch.losses import DiceLoss, FocalLoss
@@ -62,9 +62,8 @@ def thin(ids: list[str], subset: int | None) -> list[str]:
 
 
 def seed_everything(seed: int) -> torch.Generator:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    """Seed python, numpy and torch (Lightning's helper); the generator shuffles the loader."""
+    lightning_fabric.seed_everything(seed, verbose=False)
     return torch.Generator().manual_seed(seed)
 
 
