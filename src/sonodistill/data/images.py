@@ -10,12 +10,13 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from sonodistill.data.readers import IMAGE_EXT
+from sonodistill.data.frames import to_grey
+from sonodistill.data.readers import IMAGE_EXT, ReadError, read_image
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,13 @@ class ImageFiles(Dataset):
         for offset in range(len(self.files)):
             path = self.files[(index + offset) % len(self.files)]
             try:
-                with Image.open(path) as img:
-                    grey = img.convert("L").resize((self.size, self.size), Image.BILINEAR)
-                return torch.from_numpy(np.asarray(grey, dtype=np.uint8).copy())[None]
-            except (OSError, ValueError) as err:
+                # The corpus reader: 16-bit and colour images become 8-bit grey like corpus frames.
+                _, frame = next(read_image(path))
+            except (ReadError, StopIteration) as err:
                 log.warning("skipping unreadable image %s: %s", path, err)
+                continue
+            grey = cv2.resize(to_grey(frame), (self.size, self.size), interpolation=cv2.INTER_AREA)
+            return torch.from_numpy(grey)[None]
         raise RuntimeError("no readable image in the dataset")
 
 
