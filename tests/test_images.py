@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 from PIL import Image
 
@@ -12,7 +13,9 @@ from sonodistill.data.images import ImageFiles, find_images
 
 
 def test_image_folder_skips_corrupt_files_and_reads_16_bit(shared_data, tmp_path, caplog):
-    real = np.asarray(Image.open(shared_data / "ddti/image/1.PNG").convert("L"))
+    # a real unlabeled frame (evaluation sets stay out of distillation inputs)
+    mha = sorted((shared_data / "corpus/plus/TestImages").glob("*.igs.mha"))[0]
+    real = sitk.GetArrayFromImage(sitk.ReadImage(str(mha)))[0].astype(np.uint8)
     Image.fromarray(real).save(tmp_path / "a_real.png")
     (tmp_path / "b_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     deep = (real.astype(np.uint16) * 257).astype(np.uint16)  # same picture on 16 bits
