@@ -33,7 +33,8 @@ def main() -> int:
 
     import pandas as pd
 
-    from sonodistill.data.corpus import BuildSettings, build_corpus, load_sources
+    from sonodistill.data.corpus import build_corpus
+    from sonodistill.data.sources import BuildSettings, load_sources
 
     data = Path(args.data)
     if not data.is_dir():

@@ -18,16 +18,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sonodistill.deploy import HeadSpec, save_head
+from sonodistill.data.masks import image_mask
 from sonodistill.deploy.export import ExportConfig, export, report_markdown
-from sonodistill.deploy.heads import build_head_model, read_mask
+from sonodistill.evaluate.head_checkpoint import HeadSpec, build_head_model, save_head
 
 DDTI = Path(__file__).resolve().parents[2] / "shared" / "data" / "ddti"
 
 
 def load(files: list[Path], size: int) -> tuple[torch.Tensor, torch.Tensor]:
     images = [np.asarray(Image.open(f).convert("L").resize((size, size))) for f in files]
-    masks = [read_mask(f, size) for f in files]
+    masks = [image_mask(f, size) for f in files]
     x = torch.from_numpy(np.stack(images)).float().div(255).unsqueeze(1)
     return x, torch.from_numpy(np.stack(masks)).float().unsqueeze(1)
 

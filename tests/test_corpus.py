@@ -21,12 +21,13 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
-from sonodistill.data import hashing, list_corpus_images
+from sonodistill.data import hashing
 from sonodistill.data.cli import main as corpus_main
 from sonodistill.data.frames import FrameSelector, FrameSettings
+from sonodistill.data.listing import collect_frames
+from sonodistill.data.manifest import list_corpus_images
 from sonodistill.data.pack import open_pack, resize_frame
 from sonodistill.data.readers import ReadError, detect_kind, read_frames
-from sonodistill.evaluate.embed import collect_frames
 
 CLIPS = ["patient_10_L1.mp4", "patient_11_R3.mp4"]
 

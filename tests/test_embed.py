@@ -16,18 +16,11 @@ from conftest import TINY_TEACHER_KWARGS
 from PIL import Image
 from safetensors.torch import save_file
 
-from sonodistill.evaluate.embed import (
-    EmbedConfig,
-    collect_frames,
-    embed,
-    is_mask,
-    list_source,
-    load_embeddings,
-    main,
-    read_frames,
-)
+from sonodistill.data.listing import collect_frames, list_source, load_frames
+from sonodistill.data.masks import is_mask
+from sonodistill.distill.run import load_encoder
+from sonodistill.evaluate.embed import EmbedConfig, embed, load_embeddings, main
 from sonodistill.models import to_model_input
-from sonodistill.models.encoders import build_encoder
 
 BUSI = "busi/Dataset_BUSI_with_GT"
 VIDEOS = "corpus/covid_blues/lus_videos"
@@ -81,7 +74,7 @@ def test_video_frames_read_directly_match_pyav(shared_data):
     video = sorted((shared_data / VIDEOS).glob("*.mp4"))[0]
     frames = list_source(f"lung={video}", frames_per_video=3)
     assert [f.frame for f in frames][0] == 0 and len(frames) == 3
-    got = list(read_frames(frames, 350))  # clips are 350x350: no resize
+    got = list(load_frames(frames, 350))  # clips are 350x350: no resize
     with av.open(str(video)) as container:
         decoded = [f.to_ndarray(format="gray") for f in container.decode(video=0)]
     for frame, arr in zip(frames, got, strict=True):
@@ -119,7 +112,7 @@ def test_manifest_parquet(shared_data, tmp_path):
         ("ddti", "thyroid", -1),
         ("lung", "lung", 7),
     ]
-    assert len(list(read_frames(frames, 32))) == 3
+    assert len(list(load_frames(frames, 32))) == 3
 
 
 def test_embed_three_real_sources_three_encoders(shared_data, lung_png, tmp_path):
@@ -153,7 +146,7 @@ def test_embed_three_real_sources_three_encoders(shared_data, lung_png, tmp_path
     row = meta.iloc[7]
     img = Image.open(row.file).convert("L").resize((64, 64), Image.BILINEAR)
     x = torch.from_numpy(np.array(img)).float().div(255)[None, None]
-    enc = build_encoder(f"student:{student}").eval()
+    enc = load_encoder(f"student:{student}").eval()
     with torch.no_grad():
         expected = enc.pooled(to_model_input(x))[0].numpy()
     np.testing.assert_allclose(arrays["R18-Distill"][7], expected, rtol=1e-4, atol=1e-5)

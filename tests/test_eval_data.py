@@ -16,8 +16,8 @@ import yaml
 from PIL import Image
 from test_eval_common import fake_student, one_thread  # noqa: F401
 
-from sonodistill.deploy.heads import load_head
 from sonodistill.evaluate.datasets import SegDataset, load_busi, load_ddti, load_mask, read_grey
+from sonodistill.evaluate.head_checkpoint import load_head
 from sonodistill.evaluate.splits import (
     SPLITS,
     SplitConfig,

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from sonodistill.data.masks import read_mask_file
 from sonodistill.evaluate.datasets import (
     ClsDataset,
     DatasetSpec,
@@ -15,7 +16,6 @@ from sonodistill.evaluate.datasets import (
     load_dataset,
     load_ddti,
     load_mask,
-    read_mask_file,
 )
 from sonodistill.evaluate.splits import SPLITS, make_splits
 from sonodistill.evaluate.tables import paper_tables

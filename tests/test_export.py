@@ -12,17 +12,10 @@ import torch
 from PIL import Image
 from test_embed import BUSI, fake_student_run
 
-from sonodistill.deploy.export import ExportConfig, export, main
-from sonodistill.deploy.heads import (
-    HeadSpec,
-    build_head_model,
-    dice,
-    load_head,
-    mask_files,
-    read_mask,
-    save_head,
-)
+from sonodistill.data.masks import image_mask, mask_files
+from sonodistill.deploy.export import ExportConfig, export, head_metric, main
 from sonodistill.deploy.onnx_utils import compare, run_session, session
+from sonodistill.evaluate.head_checkpoint import HeadSpec, build_head_model, load_head, save_head
 
 
 def _frames(shared):
@@ -67,17 +60,20 @@ def test_compare_metrics():
     assert m["cosine_mean"] == pytest.approx((1 / np.sqrt(1.25) - 1) / 2)
 
 
-def test_dice_and_masks(shared_data):
-    pred = np.zeros((2, 4, 4), bool)
-    target = np.zeros((2, 4, 4), bool)
-    pred[0, :2], target[0, :1] = True, True  # |P|=8, |T|=4, overlap 4 -> 8/12
-    assert dice(pred, target) == pytest.approx((8 / 12 + 1.0) / 2)  # empty/empty counts 1
+def test_head_metric_and_masks(shared_data):
+    logits = np.full((2, 1, 4, 4), -1.0)
+    target = np.zeros((2, 4, 4), np.int64)
+    logits[0, 0, :2], target[0, :1] = 1.0, 1  # |P|=8, |T|=4, overlap 4 -> 8/12
+    spec = HeadSpec(task="segmentation", encoder="random:resnet18")
+    assert spec.task == "seg"
+    name, value = head_metric(spec, logits, target)  # evaluate's rule: empty/empty counts 1
+    assert name == "dice" and value == pytest.approx((8 / 12 + 1.0) / 2)
     busi = shared_data / BUSI / "benign" / "benign (100).png"
     assert [m.name for m in mask_files(busi)] == [
         "benign (100)_mask.png",
         "benign (100)_mask_1.png",
     ]
-    union = read_mask(busi, 64)
+    union = image_mask(busi, 64) > 0
     parts = [
         np.asarray(Image.open(m).convert("L").resize((64, 64), Image.NEAREST)) > 0
         for m in mask_files(busi)
@@ -142,7 +138,7 @@ def test_classification_head_plain_timm_format(shared_data, tmp_path):
 def test_evaluate_head_saved_from_a_student_run_loads_without_the_run(tmp_path):
     import shutil
 
-    from sonodistill.deploy import save_evaluate_head
+    from sonodistill.evaluate.head_checkpoint import save_evaluate_head
     from sonodistill.evaluate.heads import build_model
 
     run = fake_student_run(tmp_path / "run")

@@ -241,7 +241,7 @@ def _sample_figure(run: Path, index, splits: dict, models: dict, encoders: dict,
     import torch
 
     from sonodistill.evaluate.datasets import SegDataset
-    from sonodistill.evaluate.train import predict_mask
+    from sonodistill.evaluate.metrics import predict_mask
 
     labels = dict(_read_labels(run / "labelled" / "labels.csv"))
     test = index.subset(splits["ids"]["test"])

@@ -1,21 +1,16 @@
-"""Unlabeled ultrasound corpus: build (readers, cleaning, dedup), leakage guard, training pack."""
+"""Unlabeled ultrasound corpus and the readers every stage shares.
 
-from __future__ import annotations
-
-from pathlib import Path
-
-
-def list_corpus_images(path: str | Path) -> list[Path]:
-    """The kept frame PNGs of a built corpus: `path` is its folder (with manifest.parquet) or
-    the manifest file. Raises FileNotFoundError when there is no manifest or a frame is missing."""
-    from sonodistill.data.corpus import load_manifest
-
-    manifest, root = load_manifest(path)
-    paths = [root / p for p in manifest.loc[manifest.kept, "path"]]
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} corpus frames are missing, e.g. {missing[0]}")
-    return paths
-
-
-__all__ = ["list_corpus_images"]
+    readers    one reader per file kind (image, video, DICOM, NIfTI, ITK), frames streamed
+    frames     cleaning and selection of a file's frames (FrameSettings, FrameSelector)
+    hashing    exact and perceptual fingerprints
+    files      the files of a source (file, folder, glob); the worker pool
+    sources    SOURCES.yaml: sources, evaluation sets to exclude, build settings
+    manifest   the corpus manifest: columns, ids, reading, kept frames
+    corpus     the build (per-file work, corpus-wide dedup) -> summary (summary.md, sheet)
+    leakage    exact/near duplicates with evaluation sets
+    pack       the memory-mapped training cache
+    images     training datasets for distillation (folder, corpus or pack)
+    listing    frames of folders, videos and corpora to embed or check (FrameRef)
+    masks      where an image's masks are and how they are read
+    simulator  the demo's B-mode simulator
+"""

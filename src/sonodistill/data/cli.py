@@ -41,7 +41,8 @@ def _logging(quiet: bool = False) -> None:
 
 def build_main(argv: list[str]) -> int:
     from sonodistill.config import parse_config
-    from sonodistill.data.corpus import BuildSettings, build_corpus, load_sources
+    from sonodistill.data.corpus import build_corpus
+    from sonodistill.data.sources import BuildSettings, load_sources
 
     parser = argparse.ArgumentParser(
         prog="sonodistill corpus build",
@@ -157,7 +158,8 @@ def pack_main(argv: list[str]) -> int:
 
 
 def summary_main(argv: list[str]) -> int:
-    from sonodistill.data.corpus import load_manifest, write_summary
+    from sonodistill.data.manifest import load_manifest
+    from sonodistill.data.summary import write_summary
 
     parser = argparse.ArgumentParser(prog="sonodistill corpus summary")
     parser.add_argument("corpus", help="corpus folder")

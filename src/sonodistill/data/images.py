@@ -16,10 +16,10 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from sonodistill.data.frames import to_grey
+from sonodistill.data.manifest import is_corpus, list_corpus_images
 from sonodistill.data.readers import IMAGE_EXT, ReadError, read_image
 
 log = logging.getLogger(__name__)
-
 
 
 def find_images(root: str | Path) -> list[Path]:
@@ -90,9 +90,7 @@ def open_training_images(path: str | Path, size: int) -> Dataset:
     path = Path(path)
     if (path / "pack.json").is_file():
         return PackedFrames(path, size)
-    if path.suffix == ".parquet" or (path / "manifest.parquet").is_file():
-        from sonodistill.data import list_corpus_images
-
+    if path.suffix == ".parquet" or is_corpus(path):
         return ImageFiles(list_corpus_images(path), size)
     if path.is_dir():
         return ImageFiles(find_images(path), size)

@@ -23,6 +23,8 @@ import pandas as pd
 
 from sonodistill.data import frames as fr
 from sonodistill.data import hashing
+from sonodistill.data.files import list_files, worker_pool
+from sonodistill.data.manifest import is_corpus, load_manifest
 from sonodistill.data.readers import ReadError, read_frames
 
 log = logging.getLogger("sonodistill.corpus")
@@ -58,8 +60,6 @@ def fingerprint_file(path: str) -> list[dict]:
 
 def fingerprint_set(path: str | Path, workers: int = 2, use_cache: bool = True) -> pd.DataFrame:
     """Fingerprints of every image of a folder/glob/file (mask files left out), cached."""
-    from sonodistill.data.corpus import list_files
-
     files = [str(f) for f in list_files(str(path), ["*mask*"])]
     if not files:
         raise FileNotFoundError(f"{path}: no image found")
@@ -70,8 +70,6 @@ def fingerprint_set(path: str | Path, workers: int = 2, use_cache: bool = True) 
         return pd.read_parquet(cached)
     rows: list[dict] = []
     if workers > 1 and len(files) > 8:
-        from sonodistill.data.corpus import worker_pool
-
         with worker_pool(workers) as pool:
             for part in pool.map(fingerprint_file, files, chunksize=16):
                 rows += part
@@ -93,9 +91,7 @@ def _corpus_fingerprints(path: str | Path, workers: int) -> pd.DataFrame:
     """A built corpus (folder with manifest.parquet, or the manifest): its kept frames, as
     stored. Anything else: a folder/glob of images, fingerprinted like an evaluation set."""
     p = Path(path)
-    if (p / "manifest.parquet").is_file() or (p.is_file() and p.suffix == ".parquet"):
-        from sonodistill.data.corpus import load_manifest
-
+    if is_corpus(p):
         m, _ = load_manifest(p)
         m = m[m.kept]
         return pd.DataFrame({

@@ -18,6 +18,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from sonodistill.data.manifest import load_manifest
+from sonodistill.progress import track
+
 INDEX_COLUMNS = ["id", "dataset", "anatomy", "source", "frame"]
 
 
@@ -31,9 +34,6 @@ def pack_corpus(
     corpus: str | Path, out: str | Path, size: int = 256, progress: bool = True
 ) -> Path:
     """Write the pack of a corpus folder (or manifest file); returns the pack folder."""
-    from sonodistill.data.corpus import load_manifest
-    from sonodistill.progress import track
-
     if size < 8:
         raise ValueError(f"pack size must be at least 8, not {size}")
     manifest, root = load_manifest(corpus)

@@ -36,9 +36,11 @@ from torch import nn
 
 from sonodistill.config import parse_config, save_config
 from sonodistill.deploy.flops import count_flops, count_params
-from sonodistill.deploy.onnx_utils import WithPreprocess, export_onnx, quantize_int8, session
+from sonodistill.deploy.onnx_utils import export_onnx, quantize_int8, session
+from sonodistill.distill.run import load_encoder
+from sonodistill.evaluate.heads import WithPreprocess
 from sonodistill.models import Student, StudentConfig, to_model_input
-from sonodistill.models.encoders import Encoder, EncoderSpec, build_encoder, parse_spec
+from sonodistill.models.encoders import Encoder, EncoderSpec, parse_spec
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +345,7 @@ def environment(threads: int) -> dict:
 
 def _calibration(cfg: BenchConfig) -> tuple[np.ndarray, str]:
     if cfg.calib_frames:
-        from sonodistill.evaluate.embed import collect_frames, frames_tensor
+        from sonodistill.data.listing import collect_frames, frames_tensor
 
         per = max(1, -(-cfg.n_calib // len(cfg.calib_frames)))
         frames = collect_frames(cfg.calib_frames, per)[: cfg.n_calib]
@@ -364,8 +366,8 @@ def bench(cfg: BenchConfig) -> dict:
     spec: EncoderSpec = parse_spec(cfg.teacher)
     if cfg.teacher_kwargs:
         spec.model_kwargs = dict(cfg.teacher_kwargs)
-    teacher = build_encoder(spec).eval()
-    student = build_encoder(cfg.student).eval()
+    teacher = load_encoder(spec).eval()
+    student = load_encoder(cfg.student).eval()
     calib, calib_note = _calibration(cfg)
     x = to_model_input(torch.rand(1, 1, cfg.image_size, cfg.image_size))
     t = static_costs("teacher", teacher, teacher_head(teacher, cfg.teacher_head_classes), x)

@@ -22,17 +22,13 @@ import torch
 from torch import nn
 
 from sonodistill.config import parse_config, save_config
-from sonodistill.deploy.heads import head_metric, load_head, mask_files, test_set_targets
-from sonodistill.deploy.onnx_utils import (
-    WithPreprocess,
-    compare,
-    export_onnx,
-    quantize_int8,
-    run_session,
-    session,
-)
-from sonodistill.evaluate.embed import collect_frames, frames_tensor
-from sonodistill.models.encoders import build_encoder
+from sonodistill.data.listing import FrameRef, collect_frames, frames_tensor
+from sonodistill.data.masks import image_mask, mask_files
+from sonodistill.deploy.onnx_utils import compare, export_onnx, quantize_int8, run_session, session
+from sonodistill.distill.run import load_encoder
+from sonodistill.evaluate.head_checkpoint import HeadSpec, load_head
+from sonodistill.evaluate.heads import WithPreprocess
+from sonodistill.evaluate.metrics import dice_iou, predict_mask
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +74,7 @@ def _split_frames(cfg: ExportConfig):
     return frames[: cfg.n_check], frames[cfg.n_check : total]
 
 
-def _test_frames(cfg: ExportConfig, task: str):
+def _test_frames(cfg: ExportConfig, task: str) -> list[FrameRef]:
     frames = collect_frames([cfg.test_set], None, seed=cfg.seed)
     if task == "seg":
         frames = [f for f in frames if mask_files(f.file)]
@@ -87,6 +83,25 @@ def _test_frames(cfg: ExportConfig, task: str):
     rng = np.random.default_rng(cfg.seed)
     keep = np.sort(rng.choice(len(frames), min(cfg.n_test, len(frames)), replace=False))
     return [frames[i] for i in keep]
+
+
+def test_set_targets(frames: list[FrameRef], spec: HeadSpec, size: int) -> np.ndarray:
+    """Labels of test frames: class index (by the parent folder's name) or the union of the
+    image's masks resized (nearest) to size x size."""
+    if spec.task == "seg":
+        return np.stack([image_mask(f.file, size) for f in frames])
+    names = spec.class_names or sorted({Path(f.file).parent.name for f in frames})
+    return np.array([names.index(Path(f.file).parent.name) for f in frames])
+
+
+def head_metric(spec: HeadSpec, outputs: np.ndarray, targets: np.ndarray) -> tuple[str, float]:
+    """Dice (`sonodistill evaluate`'s per-image rule) for segmentation, accuracy otherwise."""
+    if spec.task == "seg":
+        dice, _ = dice_iou(
+            predict_mask(outputs), targets.astype(np.int64), max(2, outputs.shape[1])
+        )
+        return "dice", float(dice.mean())
+    return "accuracy", float((outputs.argmax(1) == targets).mean())
 
 
 @torch.inference_mode()
@@ -105,9 +120,9 @@ def export(cfg: ExportConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     if cfg.head:  # heads take grey [0, 1] frames already
         model, spec = load_head(cfg.head)
-        source, output, task = cfg.head, "logits", f"{spec.kind} head"
+        source, output, task = cfg.head, "logits", f"{spec.task} head"
     elif cfg.encoder:
-        model, spec = WithPreprocess(build_encoder(cfg.encoder)).eval(), None
+        model, spec = WithPreprocess(load_encoder(cfg.encoder)).eval(), None
         source, output, task = cfg.encoder, "features", "backbone"
     else:
         raise ValueError("export: give --encoder SPEC or --head FOLDER")
@@ -150,7 +165,7 @@ def export(cfg: ExportConfig) -> dict:
     report["fp32_ok"] = report["models"]["fp32"]["max_abs"] <= cfg.tolerance
 
     if spec is not None and cfg.test_set:
-        test = _test_frames(cfg, spec.kind)
+        test = _test_frames(cfg, spec.task)
         x_test = frames_tensor(test, cfg.image_size)
         targets = test_set_targets(test, spec, cfg.image_size)
         name, base = head_metric(spec, _torch_outputs(model, x_test), targets)

@@ -12,26 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from sonodistill.models import to_model_input
-
 log = logging.getLogger(__name__)
 
 INPUT = "frames"
-
-
-class WithPreprocess(nn.Module):
-    """Grey frames (B, 1, H, W) in [0, 1] -> model(ImageNet-normalised 3-channel input).
-
-    Exported graphs take what a scanner gives (grey, scaled to [0, 1]), so that a deployment
-    cannot get the normalisation wrong.
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        return self.model(to_model_input(frames))
 
 
 def export_onnx(

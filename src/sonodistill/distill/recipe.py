@@ -12,7 +12,6 @@ import math
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 from lightning_fabric import Fabric
 from lightning_fabric.loggers import CSVLogger, TensorBoardLogger
@@ -24,12 +23,18 @@ from sonodistill.distill.augment import build_augmentation, mixup
 from sonodistill.distill.checkpoint import atomic_save, load_checkpoint
 from sonodistill.distill.config import DistillConfig, OptimConfig
 from sonodistill.distill.loss import token_cosine, token_mse
+from sonodistill.distill.run import (
+    CONFIG,
+    LAST_CHECKPOINT,
+    LOGS,
+    RUN_INFO,
+    STUDENT_WEIGHTS,
+    next_log_version,
+)
 from sonodistill.models import Student, Teacher, to_model_input
-from sonodistill.models.encoders import STUDENT_WEIGHTS
 from sonodistill.progress import progress_bar
 
 log = logging.getLogger(__name__)
-LAST_CHECKPOINT = "checkpoints/last.pt"
 
 
 def distill(cfg: DistillConfig) -> Path:
@@ -49,33 +54,11 @@ def distill(cfg: DistillConfig) -> Path:
 
 
 def _loggers(out: str) -> list:
-    # Each start or resume logs into its own logs/version_N: Fabric's CSVLogger would otherwise
-    # delete the metrics of the interrupted attempt. `read_metrics` merges them.
-    version = len(list((Path(out) / "logs").glob("version_*")))
+    version = next_log_version(out)
     return [
-        CSVLogger(out, name="logs", version=version, flush_logs_every_n_steps=1),
-        TensorBoardLogger(out, name="logs", version=version, default_hp_metric=False),
+        CSVLogger(out, name=LOGS, version=version, flush_logs_every_n_steps=1),
+        TensorBoardLogger(out, name=LOGS, version=version, default_hp_metric=False),
     ]
-
-
-def read_metrics(run_dir: str | Path) -> pd.DataFrame:
-    """All logged rows of a run, attempts merged; a resumed attempt's rows replace older ones."""
-    files = sorted(
-        (Path(run_dir) / "logs").glob("version_*/metrics.csv"),
-        key=lambda p: int(p.parent.name.split("_")[1]),
-    )
-    if not files:
-        raise FileNotFoundError(f"{run_dir}: no logs/version_*/metrics.csv")
-    frames = [pd.read_csv(f).assign(attempt=i) for i, f in enumerate(files)]
-    rows = pd.concat(frames, ignore_index=True)
-    # Train and validation rows share step numbers: dedupe within each kind.
-    rows["kind"] = (
-        rows["val_loss"].notna().map({True: "val", False: "train"})
-        if ("val_loss" in rows)
-        else "train"
-    )
-    rows = rows.drop_duplicates(["kind", "step"], keep="last").drop(columns=["kind"])
-    return rows.sort_values(["step", "attempt"]).reset_index(drop=True)
 
 
 def resolve_precision(precision: str, accelerator: str = "auto") -> str:
@@ -92,7 +75,7 @@ def _run(fabric: Fabric, cfg: DistillConfig) -> None:
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank and every attempt
     teacher = Teacher(cfg.teacher)
     if fabric.is_global_zero:
-        save_config(cfg, out / "config.yaml")
+        save_config(cfg, out / CONFIG)
         info = {
             "teacher_weights": teacher.weights_source,
             "world_size": fabric.world_size,
@@ -100,7 +83,7 @@ def _run(fabric: Fabric, cfg: DistillConfig) -> None:
             "device": str(fabric.device),
             "torch": torch.__version__,
         }
-        (out / "run_info.json").write_text(json.dumps(info, indent=2))
+        (out / RUN_INFO).write_text(json.dumps(info, indent=2))
 
     train_set, val_set = _split(open_training_images(cfg.data, cfg.img_size), cfg)
     if cfg.batch_size % fabric.world_size:

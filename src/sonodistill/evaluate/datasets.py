@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from sonodistill.data.masks import mask_owner, masks_by_image, merge_masks
 from sonodistill.data.readers import IMAGE_EXT
 
 BUSI_CLASSES = ("normal", "benign", "malignant")
@@ -78,27 +79,6 @@ def read_grey(path: Path) -> np.ndarray:
         return np.asarray(im.convert("L"))
 
 
-def read_mask_file(path: Path, binary: bool = True) -> np.ndarray:
-    """A mask in any PIL mode -> uint8 (H, W): {0, 1} when binary, else the pixel values.
-
-    1-bit, grey and RGB masks: the brightest channel; RGBA: the colour channels, or the alpha
-    channel when the colour is constant (masks drawn as transparency).
-    """
-    with Image.open(path) as im:
-        if im.mode == "1":
-            arr = np.asarray(im.convert("L"))
-        elif im.mode in ("RGB", "RGBA", "LA", "P"):
-            rgba = np.asarray(im.convert("RGBA"))
-            arr = rgba[..., :3].max(axis=-1)
-            if im.mode in ("RGBA", "LA") and arr.min() == arr.max():
-                arr = rgba[..., 3]
-        else:
-            arr = np.asarray(im)
-    if arr.ndim != 2:
-        raise ValueError(f"{path}: mask must be a single plane, got shape {arr.shape}")
-    return (arr > 0).astype(np.uint8) if binary else arr.astype(np.uint8)
-
-
 def rasterise(polygons, size: tuple[int, int]) -> np.ndarray:
     """Filled polygons (x, y in pixels) -> uint8 {0, 1} mask of size (W, H)."""
     canvas = Image.new("L", size, 0)
@@ -111,12 +91,7 @@ def rasterise(polygons, size: tuple[int, int]) -> np.ndarray:
 
 def load_mask(record: Record, shape: tuple[int, int], binary: bool = True) -> np.ndarray:
     """All masks of a record merged (union for binary, max for class indices)."""
-    mask = np.zeros(shape, np.uint8)
-    for path in record.masks:
-        m = read_mask_file(path, binary)
-        if m.shape != shape:
-            raise ValueError(f"{path}: mask {m.shape} does not match image {shape}")
-        mask = np.maximum(mask, m)
+    mask = merge_masks(record.masks, shape, binary)
     if record.polygons:
         mask = np.maximum(mask, rasterise(record.polygons, (shape[1], shape[0])))
     return mask
@@ -144,12 +119,8 @@ def load_busi(root: str | Path, task: Task = "seg") -> DatasetIndex:
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: BUSI class folder missing")
         files = _images(folder)
-        masks: dict[str, list[Path]] = {}
-        for p in files:
-            base, sep, _ = p.stem.partition("_mask")
-            if sep:
-                masks.setdefault(base, []).append(p)
-        images = [p for p in files if "_mask" not in p.stem]
+        masks = masks_by_image(files)
+        images = [p for p in files if mask_owner(p) is None]
         for p in sorted(images, key=lambda p: _natural_key(p.stem)):
             if task == "seg" and p.stem not in masks:
                 raise FileNotFoundError(f"{p}: no mask file")
@@ -157,7 +128,7 @@ def load_busi(root: str | Path, task: Task = "seg") -> DatasetIndex:
                 Record(
                     id=f"{cls}/{p.stem}",
                     image=p,
-                    masks=tuple(sorted(masks.get(p.stem, []))),
+                    masks=tuple(masks.get(p.stem, [])),
                     label=label,
                 )
             )
@@ -170,12 +141,12 @@ def load_ddti(root: str | Path) -> DatasetIndex:
     (`CASE_K.jpg` + `CASE.xml` with nodule polygons; the case number is the patient group)."""
     root = Path(root)
     if (root / "image").is_dir() and (root / "mask").is_dir():
-        masks = {p.stem: p for p in _images(root / "mask")}
+        masks = masks_by_image((root / "mask").iterdir(), named_only=False)
         records = []
         for p in sorted(_images(root / "image"), key=lambda p: _natural_key(p.stem)):
             if p.stem not in masks:
                 raise FileNotFoundError(f"{p}: no mask in {root / 'mask'}")
-            records.append(Record(id=p.stem, image=p, masks=(masks[p.stem],)))
+            records.append(Record(id=p.stem, image=p, masks=tuple(masks[p.stem])))
         return DatasetIndex("ddti_seg", "seg", records, ("background", "nodule"))
     xmls = sorted(root.glob("*.xml"), key=lambda p: _natural_key(p.stem))
     if not xmls:
@@ -224,14 +195,12 @@ def load_seg_folder(
 ) -> DatasetIndex:
     """`images/NAME.*` + `masks/NAME.*` (same stem). Binary unless `classes` (by mask value)."""
     root = Path(root)
-    mask_files = {p.stem: p for p in _images(root / masks)}
+    found = masks_by_image((root / masks).iterdir(), named_only=False)
     records = []
     for p in _images(root / images):
-        stem = p.stem
-        match = mask_files.get(stem) or mask_files.get(f"{stem}_mask")
-        if match is None:
-            raise FileNotFoundError(f"{p}: no mask named {stem}.* in {root / masks}")
-        records.append(Record(id=stem, image=p, masks=(match,)))
+        if p.stem not in found:
+            raise FileNotFoundError(f"{p}: no mask named {p.stem}.* in {root / masks}")
+        records.append(Record(id=p.stem, image=p, masks=tuple(found[p.stem])))
     return DatasetIndex(
         name or root.name,
         "seg",

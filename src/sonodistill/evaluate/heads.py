@@ -13,10 +13,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sonodistill.distill.run import load_encoder
 from sonodistill.models import to_model_input
-from sonodistill.models.encoders import Encoder, EncoderSpec, build_encoder
+from sonodistill.models.encoders import Encoder, EncoderSpec
 
 Protocol = Literal["linear", "finetune"]
+
+
+class WithPreprocess(nn.Module):
+    """Grey frames (B, 1, H, W) in [0, 1] -> model(ImageNet-normalised 3-channel input).
+
+    Exported graphs take what a scanner gives (grey, scaled to [0, 1]), so that a deployment
+    cannot get the normalisation wrong.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.model(to_model_input(frames))
 
 
 def seg_channels(num_classes: int) -> int:
@@ -147,7 +163,7 @@ def build_model(
     spec: EncoderSpec | str, task: str, protocol: Protocol, num_classes: int
 ) -> nn.Module:
     """The downstream model of one run: (task, protocol) x encoder."""
-    encoder = build_encoder(spec)
+    encoder = load_encoder(spec)
     if task == "cls":
         return Classifier(encoder, num_classes, frozen=protocol == "linear")
     if protocol == "linear":

@@ -18,6 +18,15 @@ from sklearn.metrics import accuracy_score, f1_score
 EMPTY_RULE = "both empty -> Dice = IoU = 1; exactly one empty -> 0"
 
 
+def predict_mask(logits: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """(B, C, H, W) logits -> (B, H, W) class-index map; one logit: foreground where > 0
+    (sigmoid > 0.5)."""
+    logits = torch.as_tensor(logits)
+    if logits.shape[1] == 1:
+        return (logits[:, 0] > 0).long()
+    return logits.argmax(1)
+
+
 def dice_iou(
     pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray, num_classes: int = 2
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -20,6 +20,7 @@ from sonodistill.evaluate.datasets import (
     builtin_datasets,
     load_dataset,
 )
+from sonodistill.evaluate.head_checkpoint import save_evaluate_head
 from sonodistill.evaluate.splits import (
     FRACTIONS,
     SplitConfig,
@@ -230,8 +231,6 @@ def run_suite(cfg: SuiteConfig) -> list[Path]:
 
 
 def _model_saver(run: Run, index: DatasetIndex, out: Path):
-    from sonodistill.deploy.heads import save_evaluate_head  # deploy builds on evaluate
-
     def save(model) -> None:
         save_evaluate_head(
             model,

@@ -21,6 +21,7 @@ from sonodistill.evaluate.metrics import (
     EMPTY_RULE,
     classification_scores,
     dice_iou,
+    predict_mask,
     segmentation_scores,
 )
 from sonodistill.evaluate.splits import split_ids
@@ -79,12 +80,6 @@ class SegLoss(nn.Module):
     def forward(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         target = mask[:, None].float() if self.binary else mask
         return 0.8 * self.dice(logits, target) + 0.2 * self.focal(logits, target)
-
-
-def predict_mask(logits: torch.Tensor) -> torch.Tensor:
-    if logits.shape[1] == 1:
-        return (logits[:, 0] > 0).long()
-    return logits.argmax(1)
 
 
 @torch.no_grad()

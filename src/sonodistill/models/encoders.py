@@ -13,13 +13,11 @@ from typing import Literal
 
 import timm
 import torch
-import yaml
 from torch import nn
 
 from sonodistill.models.student import build_backbone
 from sonodistill.models.teacher import WEIGHTS_ENV, WEIGHTS_HELP, load_teacher_weights
 
-STUDENT_WEIGHTS = "student_backbone.safetensors"
 Kind = Literal["random", "student", "timm", "teacher"]
 
 
@@ -31,7 +29,8 @@ class EncoderSpec:
     name: str = ""
     """timm architecture; default resnet50 (teacher: ViT-B/16 DINOv3; student: from its run)."""
     weights: str | None = None
-    """timm: weights file; student: distill run dir or backbone file; teacher: DINOv3 file."""
+    """timm: weights file; teacher: DINOv3 file; student: backbone file (a distill run dir is
+    resolved by `sonodistill.distill.run.resolve_encoder`: models know no run folders)."""
     label: str | None = None
     """Display name in tables, e.g. R50-Distill-US."""
     model_kwargs: dict = field(default_factory=dict)
@@ -102,31 +101,19 @@ def build_encoder(spec: EncoderSpec | str) -> Encoder:
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     if spec.kind == "teacher":
         return _teacher_encoder(spec)
-    if spec.kind == "student":
-        name, weights = resolve_student(spec.weights, spec.name or None)
-        spec = EncoderSpec(**{**spec.__dict__, "name": name})
-        return Encoder(build_backbone(name, weights), spec, is_vit=False)
+    if spec.kind == "student" and (
+        not spec.name or not spec.weights or Path(spec.weights).is_dir()
+    ):
+        raise ValueError(
+            f"encoder {spec.display}: a student needs its architecture and backbone file; "
+            "a distill run dir is resolved by sonodistill.distill.run.load_encoder"
+        )
     if spec.kind == "timm" and not spec.weights:
         raise ValueError(f"encoder {spec.display}: kind 'timm' needs a weights file")
     spec = EncoderSpec(**{**spec.__dict__, "name": spec.name or "resnet50"})
-    backbone = build_backbone(spec.name, spec.weights if spec.kind == "timm" else None)
+    weights = spec.weights if spec.kind in ("timm", "student") else None
+    backbone = build_backbone(spec.name, weights)
     return Encoder(backbone, spec, is_vit=False)
-
-
-def resolve_student(path: str | None, name: str | None = None) -> tuple[str, Path]:
-    """(architecture, backbone weights file) of a distilled student run dir or weights file."""
-    if not path:
-        raise ValueError("a student encoder needs the distill run dir (student:RUN_DIR)")
-    path = Path(path)
-    if path.is_dir():
-        config = path / "config.yaml"
-        if not config.is_file() or not (path / STUDENT_WEIGHTS).is_file():
-            raise FileNotFoundError(f"{path}: not a distill run dir ({STUDENT_WEIGHTS} missing)")
-        name = name or yaml.safe_load(config.read_text())["student"]["name"]
-        return name, path / STUDENT_WEIGHTS
-    if not name:
-        raise ValueError(f"{path}: give the architecture too (EncoderSpec.name) for a bare file")
-    return name, path
 
 
 def _teacher_encoder(spec: EncoderSpec) -> Encoder:

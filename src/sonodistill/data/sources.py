@@ -1,0 +1,114 @@
+"""SOURCES.yaml: what a corpus is built from, what it must exclude, and the build settings.
+
+    sources:
+      - {dataset: covid_blues, anatomy: lung, path: data/covid_blues/lus_videos/*.mp4}
+      - {dataset: plus, anatomy: phantom, path: data/plus, frames: {volume_axis: 0}}
+    exclude:
+      - {name: BUSI, path: data/busi}
+    settings: {workers: 2, frames: {max_per_clip: 32}}
+
+Relative paths are resolved against the file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from sonodistill.config import from_dict
+from sonodistill.data.files import list_files
+from sonodistill.data.frames import FrameSettings
+
+
+@dataclass
+class BuildSettings:
+    """Settings of a corpus build (the `settings:` section of SOURCES.yaml, or flags)."""
+
+    workers: int = 2  # processes reading files in parallel (1: in this process)
+    frames: FrameSettings = field(default_factory=FrameSettings)
+    corpus_dup_threshold: int = 0  # phash bits for a cross-file near duplicate (-1: exact only)
+    exclude_threshold: int = 4  # phash bits for a match with an evaluation set
+    contact_sheet: int = 48  # random kept frames on the contact sheet
+    seed: int = 0
+    force: bool = False  # rebuild every source, ignoring finished parts
+
+
+@dataclass
+class Source:
+    dataset: str
+    anatomy: str
+    path: str  # file, folder (read recursively) or glob; relative to SOURCES.yaml
+    kind: str = "auto"  # auto | image | video | dicom | nifti | itk
+    frames: dict = field(default_factory=dict)  # FrameSettings overrides for this source
+
+
+@dataclass
+class EvalSet:
+    name: str
+    path: str
+
+
+@dataclass
+class CorpusSpec:
+    settings: BuildSettings
+    sources: list[Source]
+    exclude: list[EvalSet]
+
+
+def read_sources_yaml(path: str | Path) -> dict:
+    """The raw mapping of a SOURCES.yaml; ValueError naming the file when it cannot be read."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: cannot read sources file: {exc}") from exc
+    if not isinstance(raw, dict) or not raw.get("sources"):
+        raise ValueError(f"{path}: expected a mapping with a non-empty `sources:` list")
+    return raw
+
+
+def load_sources(path: str | Path, overrides: BuildSettings | None = None) -> CorpusSpec:
+    """Read SOURCES.yaml; relative paths are resolved against its folder. `overrides` (already
+    merged with the file's `settings:` by the CLI) replaces the file's settings when given."""
+    path = Path(path)
+    raw = read_sources_yaml(path)
+    base = path.resolve().parent
+    settings = overrides or from_dict(BuildSettings, raw.get("settings") or {})
+    sources = []
+    for i, item in enumerate(raw["sources"]):
+        if not isinstance(item, dict) or "path" not in item or "dataset" not in item:
+            raise ValueError(f"{path}: source #{i + 1} needs at least `dataset:` and `path:`")
+        unknown = set(item) - {f.name for f in dataclasses.fields(Source)}
+        if unknown:
+            raise ValueError(f"{path}: source {item['dataset']!r}: unknown keys {sorted(unknown)}")
+        src = Source(**{"anatomy": "unknown", **item})
+        src.path = _resolve(base, src.path)
+        from_dict(FrameSettings, {**dataclasses.asdict(settings.frames), **src.frames})
+        sources.append(src)
+    exclude = []
+    items = raw.get("exclude") or []
+    if isinstance(items, dict):
+        items = [{"name": k, "path": v} for k, v in items.items()]
+    for item in items:
+        if isinstance(item, str) and "=" in item:
+            item = dict(zip(("name", "path"), item.split("=", 1), strict=True))
+        if not isinstance(item, dict) or "path" not in item:
+            raise ValueError(
+                f"{path}: exclude entries are {{name: NAME, path: PATH}}, got {item!r}"
+            )
+        eval_set = EvalSet(
+            item.get("name") or Path(item["path"]).name, _resolve(base, item["path"])
+        )
+        if not list_files(eval_set.path):
+            raise ValueError(f"{path}: exclude {eval_set.name!r}: no file at {eval_set.path}")
+        exclude.append(eval_set)
+    return CorpusSpec(settings, sources, exclude)
+
+
+def _resolve(base: Path, p: str) -> str:
+    p = os.path.expanduser(str(p))
+    return p if os.path.isabs(p) else str(base / p)

@@ -1,0 +1,105 @@
+"""What a built corpus holds: summary.json / summary.md (counts per dataset, kind and drop
+reason; skipped files) and contact_sheet.png (random kept frames)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pandas as pd
+
+from sonodistill.data import frames as fr
+
+
+def summarize(manifest: pd.DataFrame) -> dict:
+    frames = manifest[manifest.frame >= 0]
+    files = manifest.groupby("source").agg(
+        dataset=("dataset", "first"),
+        kind=("kind", "first"),
+        unreadable=("frame", lambda f: bool((f < 0).any())),
+    )
+    per = (
+        frames.groupby(["dataset", "anatomy"])
+        .agg(frames=("frame", "size"), kept=("kept", "sum"))
+        .reset_index()
+    )
+    nfiles = manifest.groupby(["dataset", "anatomy"]).source.nunique().rename("files").reset_index()
+    per = nfiles.merge(per, how="left", on=["dataset", "anatomy"]).fillna(0)
+    reasons = manifest.loc[~manifest.kept, "reason"].map(
+        lambda r: fr.UNREADABLE if r.startswith(fr.UNREADABLE) else r
+    )
+    kind_counts = frames.groupby(frames.kind.fillna("unknown")).agg(
+        frames=("frame", "size"), kept=("kept", "sum")
+    )
+    skipped = manifest[manifest.frame < 0][["source", "reason"]]
+    return {
+        "frames_seen": int(len(frames)),
+        "frames_kept": int(manifest.kept.sum()),
+        "files": int(len(files)),
+        "files_unreadable": int(files.unreadable.sum()),
+        "per_dataset": [
+            {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+            for row in per.astype({"files": int, "frames": int, "kept": int}).to_dict("records")
+        ],
+        "per_kind": {
+            k: {"frames": int(v.frames), "kept": int(v.kept)} for k, v in kind_counts.iterrows()
+        },
+        "drop_reasons": {k: int(v) for k, v in reasons.value_counts().items()},
+        "skipped_files": skipped.to_dict("records"),
+    }
+
+
+def write_summary(
+    manifest: pd.DataFrame, out: Path, seconds: float = 0.0, files_read: int = 0
+) -> dict:
+    summary = summarize(manifest)
+    summary["seconds"] = round(seconds, 2)
+    summary["files_read"] = files_read
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    lines = [
+        f"# Corpus summary: {out.name}",
+        "",
+        f"{summary['frames_kept']} frames kept of {summary['frames_seen']} seen, from "
+        f"{summary['files']} files ({summary['files_unreadable']} unreadable).",
+        "",
+        "| dataset | anatomy | files | frames seen | kept |",
+        "|---|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['dataset']} | {r['anatomy']} | {r['files']} | {r['frames']} | {r['kept']} |"
+        for r in summary["per_dataset"]
+    ]
+    lines += ["", "| kind | frames seen | kept |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v['frames']} | {v['kept']} |" for k, v in summary["per_kind"].items()]
+    lines += ["", "| drop reason | frames |", "|---|---:|"]
+    lines += [f"| {k} | {v} |" for k, v in summary["drop_reasons"].items()]
+    if summary["skipped_files"]:
+        lines += ["", "Skipped files:", ""]
+        lines += [f"- `{r['source']}`: {r['reason']}" for r in summary["skipped_files"]]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
+def contact_sheet(manifest: pd.DataFrame, out: Path, n: int = 48, seed: int = 0,
+                  thumb: int = 128) -> Path | None:  # fmt: skip
+    """A grid of `n` random kept frames, labelled with their dataset."""
+    from PIL import Image, ImageDraw
+
+    kept = manifest[manifest.kept]
+    if kept.empty or n <= 0:
+        return None
+    rows = kept.iloc[sorted(random.Random(seed).sample(range(len(kept)), min(n, len(kept))))]
+    cols = 8
+    grid = Image.new("L", (cols * thumb, -(-len(rows) // cols) * (thumb + 14)), 0)
+    draw = ImageDraw.Draw(grid)
+    for k, (_, row) in enumerate(rows.iterrows()):
+        with Image.open(out / row.path) as im:
+            im = im.convert("L")
+            im.thumbnail((thumb, thumb))
+        x, y = (k % cols) * thumb, (k // cols) * (thumb + 14)
+        grid.paste(im, (x + (thumb - im.width) // 2, y + (thumb - im.height) // 2))
+        draw.text((x + 2, y + thumb), f"{row.dataset}:{row.frame}"[:20], fill=255)
+    path = out / "contact_sheet.png"
+    grid.save(path)
+    return path
