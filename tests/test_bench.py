@@ -96,8 +96,11 @@ def test_bench_tiny_teacher_vs_resnet18(shared_data, tmp_path):
 
     table = pd.read_csv(tmp_path / "bench" / "table5.csv")
     assert list(table.columns) == [
-        "metric", "teacher: tiny-ViT", "student: R18", "student vs teacher"
-    ]  # fmt: skip
+        "metric",
+        "teacher: tiny-ViT",
+        "student: R18",
+        "student vs teacher",
+    ]
     metrics = table.metric.tolist()
     assert metrics[:3] == [
         "Parameters, backbone only (M)",
@@ -116,14 +119,9 @@ def test_bench_tiny_teacher_vs_resnet18(shared_data, tmp_path):
 
 
 def test_cli_subset_of_backends(tmp_path, capsys):
-    argv = [
-        "--teacher", "teacher:random@tiny",
-        "--teacher_kwargs", json.dumps(TINY_TEACHER_KWARGS),
-        "--student", "random:resnet18@r18",
-        "--image_size", "32", "--warmup", "0", "--runs", "2", "--threads", "1",
-        "--backends", "[torch_fp32]", "--gpu", "off",
-        "--out", str(tmp_path),
-    ]  # fmt: skip
+    flags = f"--teacher teacher:random@tiny --student random:resnet18@r18 --out {tmp_path}"
+    flags += " --image_size 32 --warmup 0 --runs 2 --threads 1 --backends [torch_fp32] --gpu off"
+    argv = [*flags.split(), "--teacher_kwargs", json.dumps(TINY_TEACHER_KWARGS)]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "PyTorch fp32" in out and "ONNX Runtime" not in out

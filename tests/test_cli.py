@@ -20,17 +20,8 @@ def test_unknown_command_is_an_error(capsys):
 
 def test_missing_data_names_the_path_without_a_traceback(tmp_path, capsys):
     missing = tmp_path / "nowhere"
-    rc = main(
-        [
-            "distill",
-            "--data",
-            str(missing),
-            "--teacher.random_init",
-            "true",
-            "--teacher.model_kwargs",
-            "{embed_dim: 48, depth: 2, num_heads: 2}",
-        ]
-    )
+    tiny = ["--teacher.model_kwargs", "{embed_dim: 48, depth: 2, num_heads: 2}"]
+    rc = main(["distill", "--data", str(missing), "--teacher.random_init", "true", *tiny])
     assert rc == 1
     err = capsys.readouterr().err
     assert str(missing) in err and "Traceback" not in err
@@ -39,17 +30,8 @@ def test_missing_data_names_the_path_without_a_traceback(tmp_path, capsys):
 def test_wrong_teacher_weights_are_refused_with_the_list(tmp_path, capsys):
     bad = tmp_path / "not_dinov3.pth"
     torch.save({"conv1.weight": torch.zeros(1)}, bad)
-    rc = main(
-        [
-            "distill",
-            "--data",
-            str(tmp_path),
-            "--teacher.weights",
-            str(bad),
-            "--teacher.model_kwargs",
-            "{embed_dim: 48, depth: 2, num_heads: 2}",
-        ]
-    )
+    tiny = ["--teacher.model_kwargs", "{embed_dim: 48, depth: 2, num_heads: 2}"]
+    rc = main(["distill", "--data", str(tmp_path), "--teacher.weights", str(bad), *tiny])
     assert rc == 1
     err = capsys.readouterr().err
     assert "not_dinov3.pth" in err and "missing" in err and "conv1.weight" in err

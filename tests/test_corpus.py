@@ -155,14 +155,14 @@ def test_read_dicom_files(corpus_data):
     pal = pydicom.dcmread(corpus_data / "dicom/examples_palette.dcm")
     first, bits = pal.RedPaletteColorLookupTableDescriptor[1:]
     idx = pal.pixel_array.astype(int) - first
-    (_, rgb), = frames_of(corpus_data / "dicom/examples_palette.dcm")  # fmt: skip
+    ((_, rgb),) = frames_of(corpus_data / "dicom/examples_palette.dcm")
     for c, name in enumerate(("Red", "Green", "Blue")):
         lut = np.frombuffer(getattr(pal, f"{name}PaletteColorLookupTableData"), "<u2")
         assert np.array_equal(rgb[..., c], (lut[np.clip(idx, 0, len(lut) - 1)] >> (bits - 8)))
 
     # JPEG 2000 (YBR_RCT, 640x480) shows the same scan as the raw RGB file (320x240)
-    (_, j2k), = frames_of(corpus_data / "dicom/examples_jpeg2k.dcm")  # fmt: skip
-    (_, raw), = frames_of(corpus_data / "dicom/examples_rgb_color.dcm")  # fmt: skip
+    ((_, j2k),) = frames_of(corpus_data / "dicom/examples_jpeg2k.dcm")
+    ((_, raw),) = frames_of(corpus_data / "dicom/examples_rgb_color.dcm")
     small = cv2.resize(j2k, raw.shape[1::-1], interpolation=cv2.INTER_AREA).astype(int)
     assert np.abs(small - raw).mean() < 4 < np.abs(small[..., ::-1] - raw).mean()
 
@@ -208,12 +208,12 @@ def test_near_duplicate_filter_keeps_few_distinct_frames(corpus_data):
 
 def test_colour_and_blank_frames_are_dropped(corpus_data):
     select = FrameSelector(FrameSettings())
-    (_, doppler), = frames_of(corpus_data / "dicom/examples_rgb_color.dcm")  # fmt: skip
+    ((_, doppler),) = frames_of(corpus_data / "dicom/examples_rgb_color.dcm")
     assert select(0, doppler).reason == "colour"
     assert select(1, np.zeros((200, 200), np.uint8)).reason == "blank"
     assert select(2, np.full((200, 200, 3), 90, np.uint8)).reason == "blank"
     # a few coloured caliper marks on a grey frame are painted out, the frame is kept
-    (_, grey_rgb), = frames_of(corpus_data / "dicom/examples_ybr_color.dcm")[:1]  # fmt: skip
+    ((_, grey_rgb),) = frames_of(corpus_data / "dicom/examples_ybr_color.dcm")[:1]
     marked = grey_rgb.copy()
     marked[100:103, 100:130] = (255, 255, 0)
     d = select(3, marked)
@@ -292,15 +292,28 @@ def test_build_real_corpus_pack_and_distill(corpus_data, tmp_path):
     sources = write_sources(
         tmp_path / "sources.yaml",
         [
-            {"dataset": "covid_blues", "anatomy": "lung",
-             "path": str(corpus_data / "covid_blues/lus_videos/patient_10_L[12].mp4")},
-            {"dataset": "plus", "anatomy": "phantom",
-             "path": str(corpus_data / "plus/TestImages/SpinePhantomFreehand*.mha")},
-            {"dataset": "plus_nii", "anatomy": "phantom",
-             "path": str(corpus_data / "plus/nifti_derived/SpinePhantomFreehand*.nii.gz")},
-            {"dataset": "dicom", "anatomy": "mixed", "path": str(corpus_data / "dicom"),
-             "frames": {"max_per_clip": 8}},
-        ],  # fmt: skip
+            {
+                "dataset": "covid_blues",
+                "anatomy": "lung",
+                "path": str(corpus_data / "covid_blues/lus_videos/patient_10_L[12].mp4"),
+            },
+            {
+                "dataset": "plus",
+                "anatomy": "phantom",
+                "path": str(corpus_data / "plus/TestImages/SpinePhantomFreehand*.mha"),
+            },
+            {
+                "dataset": "plus_nii",
+                "anatomy": "phantom",
+                "path": str(corpus_data / "plus/nifti_derived/SpinePhantomFreehand*.nii.gz"),
+            },
+            {
+                "dataset": "dicom",
+                "anatomy": "mixed",
+                "path": str(corpus_data / "dicom"),
+                "frames": {"max_per_clip": 8},
+            },
+        ],
     )
     assert corpus_main(["build", str(sources), "--out", str(out), "--quiet"]) == 0
     m = pd.read_parquet(out / "manifest.parquet")
@@ -338,13 +351,11 @@ def test_build_real_corpus_pack_and_distill(corpus_data, tmp_path):
     from sonodistill.distill.cli import main as distill_main
 
     run = tmp_path / "run"
-    rc = distill_main([
-        "--data", str(out), "--out", str(run), "--teacher.random_init", "true",
-        "--teacher.model_kwargs", "{embed_dim: 48, depth: 2, num_heads: 2}",
-        "--student.name", "resnet18", "--img_size", "64", "--batch_size", "8",
-        "--max_steps", "3", "--num_workers", "0", "--accelerator", "cpu", "--log_every", "1",
-        "--precision", "32-true",
-    ])  # fmt: skip
+    flags = f"--data {out} --out {run} --teacher.random_init true --student.name resnet18"
+    flags += " --img_size 64 --batch_size 8 --max_steps 3 --num_workers 0 --accelerator cpu"
+    flags += " --log_every 1 --precision 32-true"
+    tiny = ["--teacher.model_kwargs", "{embed_dim: 48, depth: 2, num_heads: 2}"]
+    rc = distill_main([*flags.split(), *tiny])
     assert not rc
     assert (run / "student_backbone.safetensors").is_file()
 
@@ -371,9 +382,7 @@ def test_check_leakage_finds_busi_duplicates(busi, corpus_data, tmp_path, capsys
     for i, f in frames_of(corpus_data / "covid_blues/lus_videos" / CLIPS[1])[:60:20]:
         cv2.imwrite(str(corpus / f"lung_{i}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2GRAY))
     report = tmp_path / "leaks.csv"
-    rc = corpus_main([
-        "check-leakage", str(corpus), "--against", f"BUSI={busi}", "--report", str(report),
-    ])  # fmt: skip
+    rc = corpus_main(f"check-leakage {corpus} --against BUSI={busi} --report {report}".split())
     assert rc == 1
     r = pd.read_csv(report)
     cross = r[r.scope == "corpus"]
@@ -391,12 +400,18 @@ def test_build_excludes_evaluation_sets(busi, shared_data, corpus_data, tmp_path
     sources = write_sources(
         tmp_path / "sources.yaml",
         [
-            {"dataset": "busi_leak", "anatomy": "breast",
-             "path": str(busi / "benign/benign (1?).png")},
+            {
+                "dataset": "busi_leak",
+                "anatomy": "breast",
+                "path": str(busi / "benign/benign (1?).png"),
+            },
             {"dataset": "ddti_leak", "anatomy": "thyroid", "path": str(ddti / "image/1?.PNG")},
-            {"dataset": "lung", "anatomy": "lung",
-             "path": str(corpus_data / "covid_blues/lus_videos" / CLIPS[0])},
-        ],  # fmt: skip
+            {
+                "dataset": "lung",
+                "anatomy": "lung",
+                "path": str(corpus_data / "covid_blues/lus_videos" / CLIPS[0]),
+            },
+        ],
         exclude=[{"name": "BUSI", "path": str(busi)}, {"name": "DDTI", "path": str(ddti)}],
     )
     out = tmp_path / "corpus"

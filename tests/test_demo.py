@@ -18,10 +18,17 @@ STEPS = ["corpus", "labelled", "distill", "evaluate", "analysis", "bench"]
 def demo_run(tmp_path_factory) -> Path:
     cfg = DemoConfig(
         out=str(tmp_path_factory.mktemp("demo") / "run"),
-        corpus_frames=32, labelled_frames=32, img_size=32,
+        corpus_frames=32,
+        labelled_frames=32,
+        img_size=32,
         teacher=TeacherConfig(random_init=True, model_kwargs=dict(TINY_TEACHER_KWARGS)),
-        distill_steps=3, batch_size=8, eval_epochs=1, tsne_frames=32,
-        bench_size=32, bench_runs=1, bench_backends=["torch_fp32"],
+        distill_steps=3,
+        batch_size=8,
+        eval_epochs=1,
+        tsne_frames=32,
+        bench_size=32,
+        bench_runs=1,
+        bench_backends=["torch_fp32"],
     )
     return run_demo(cfg)
 
@@ -35,9 +42,14 @@ def test_demo_runs_every_step(demo_run: Path) -> None:
     assert summary["teacher"]["random"] is True
     assert len(list((demo_run / "corpus").rglob("*.png"))) == 32
     assert (demo_run / "distill" / "student_backbone.safetensors").is_file()
-    for table in ("evaluate/table2_linear_probe.md", "evaluate/table3_finetune.md",
-                  "bench/table5.md", "analysis/metrics.md", "analysis/tsne.png",
-                  "samples/segmentation_samples.png"):
+    for table in (
+        "evaluate/table2_linear_probe.md",
+        "evaluate/table3_finetune.md",
+        "bench/table5.md",
+        "analysis/metrics.md",
+        "analysis/tsne.png",
+        "samples/segmentation_samples.png",
+    ):
         assert (demo_run / table).is_file(), table
     # Both encoders in both protocols, with metric values in [0, 1].
     finetune = (demo_run / "evaluate" / "table3_finetune.csv").read_text().splitlines()
@@ -64,8 +76,9 @@ def test_teacher_weights_switch_to_real_vit(monkeypatch, tmp_path: Path) -> None
 
 
 def test_missing_teacher_weights_fail_fast(tmp_path: Path) -> None:
-    cfg = DemoConfig(out=str(tmp_path / "run"),
-                     teacher=TeacherConfig(weights=str(tmp_path / "missing.pth")))
+    cfg = DemoConfig(
+        out=str(tmp_path / "run"), teacher=TeacherConfig(weights=str(tmp_path / "missing.pth"))
+    )
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         run_demo(cfg)
     assert not (tmp_path / "run" / "corpus").exists()

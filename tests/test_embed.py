@@ -155,14 +155,9 @@ def test_embed_three_real_sources_three_encoders(shared_data, lung_png, tmp_path
 
 
 def test_cli(shared_data, tmp_path):
+    flags = f"--sources+ ddti={shared_data / 'ddti'} --encoders [random:resnet18@r18]"
     rc = main(
-        [
-            "--sources+", f"ddti={shared_data / 'ddti'}",
-            "--encoders", "[random:resnet18@r18]",
-            "--max_per_source", "3",
-            "--image_size", "32",
-            "--out", str(tmp_path / "e"),
-        ]
-    )  # fmt: skip
+        [*flags.split(), *f"--max_per_source 3 --image_size 32 --out {tmp_path / 'e'}".split()]
+    )
     assert rc == 0
     assert np.load(tmp_path / "e" / "r18.npy").shape == (3, 512)

@@ -115,14 +115,11 @@ def test_classification_head_plain_timm_format(shared_data, tmp_path):
     save_head(timm.create_model("resnet18", num_classes=3), spec, tmp_path / "head")
     model, loaded = load_head(tmp_path / "head")
     assert loaded.class_names == names
-    argv = [
-        "--head", str(tmp_path / "head"),
-        "--frames+", f"busi={shared_data / BUSI}",
-        "--test_set", str(shared_data / BUSI),
-        "--n_test", "6", "--image_size", "64", "--n_calib", "2", "--n_check", "2",
-        "--int8", "false",
-        "--out", str(tmp_path / "exp"),
-    ]  # fmt: skip
+    argv = (
+        f"--head {tmp_path / 'head'} --frames+ busi={shared_data / BUSI} --out {tmp_path / 'exp'}"
+    )
+    argv += f" --test_set {shared_data / BUSI} --n_test 6 --image_size 64 --n_calib 2 --n_check 2"
+    argv = [*argv.split(), "--int8", "false"]
     assert main(argv) == 0
     report = json.loads((tmp_path / "exp" / "report.json").read_text())
     assert set(report["models"]) == {"fp32"}
@@ -143,8 +140,15 @@ def test_evaluate_head_saved_from_a_student_run_loads_without_the_run(tmp_path):
 
     run = fake_student_run(tmp_path / "run")
     model = build_model(f"student:{run}", "cls", "finetune", 3).eval()
-    save_evaluate_head(model, f"student:{run}@R18-Distill", "cls", "finetune", 3,
-                       tmp_path / "head", ["benign", "malignant", "normal"])  # fmt: skip
+    save_evaluate_head(
+        model,
+        f"student:{run}@R18-Distill",
+        "cls",
+        "finetune",
+        3,
+        tmp_path / "head",
+        ["benign", "malignant", "normal"],
+    )
     shutil.rmtree(run)  # the head must not need the distill run any more
     loaded, spec = load_head(tmp_path / "head")
     assert spec.encoder["kind"] == "random" and spec.encoder["name"] == "resnet18"

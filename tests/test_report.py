@@ -39,16 +39,24 @@ def _fake_run(run: Path, random_teacher: bool = True) -> Path:
     cv2.imwrite(str(run / "analysis" / "tsne.png"), np.full((20, 30, 3), 128, np.uint8))
     (run / "samples").mkdir()
     cv2.imwrite(str(run / "samples" / "predictions.png"), np.zeros((10, 10), np.uint8))
-    summary = {"teacher": {"random": random_teacher, "source": teacher["weights"] or "random"},
-               "steps": [{"name": "distill", "status": "ok", "seconds": 61.2, "detail": "x"}]}
+    summary = {
+        "teacher": {"random": random_teacher, "source": teacher["weights"] or "random"},
+        "steps": [{"name": "distill", "status": "ok", "seconds": 61.2, "detail": "x"}],
+    }
     (run / "demo.json").write_text(json.dumps(summary))
     return run
 
 
 def test_report_has_every_section_self_contained(tmp_path: Path) -> None:
     page = build_report(_fake_run(tmp_path / "run")).read_text()
-    for heading in ("Configuration", "Distillation curves", "Downstream evaluation",
-                    "t-SNE", "Table 5", "predicted masks"):
+    for heading in (
+        "Configuration",
+        "Distillation curves",
+        "Downstream evaluation",
+        "t-SNE",
+        "Table 5",
+        "predicted masks",
+    ):
         assert heading in page
     assert "No output for" not in page, "every section has content"
     # Tables carry the values of the files, as HTML tables.

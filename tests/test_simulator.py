@@ -96,8 +96,10 @@ def test_posterior_shadow_and_enhancement() -> None:
     # Linear probe: depth is the row axis, so "below" is simply the next rows.
     cfg = SimConfig(size=96)
     diffs = {}
-    for kind, kwargs in {"shadow": dict(lesion="hypoechoic", shadow=True),
-                         "enhancement": dict(lesion="cyst")}.items():
+    for kind, kwargs in {
+        "shadow": dict(lesion="hypoechoic", shadow=True),
+        "enhancement": dict(lesion="cyst"),
+    }.items():
         d = []
         for seed in range(4):
             f = simulate_frame(seed, preset="thyroid", cfg=cfg, **kwargs)

@@ -94,8 +94,14 @@ def resolve_teacher(cfg: DemoConfig) -> tuple[TeacherConfig, int, bool]:
         t = cfg.teacher
         return TeacherConfig(**{**t.__dict__, "random_init": True}), cfg.img_size, True
     kwargs = {} if cfg.teacher.model_kwargs == TINY_TEACHER else cfg.teacher.model_kwargs
-    teacher = TeacherConfig(**{**cfg.teacher.__dict__, "weights": str(weights),
-                               "random_init": False, "model_kwargs": kwargs})
+    teacher = TeacherConfig(
+        **{
+            **cfg.teacher.__dict__,
+            "weights": str(weights),
+            "random_init": False,
+            "model_kwargs": kwargs,
+        }
+    )
     return teacher, max(cfg.img_size, 224), False
 
 
@@ -114,8 +120,9 @@ def step_labelled(cfg: DemoConfig, run: Path, state: dict) -> str:
     from sonodistill.data.simulator import write_labelled
 
     with _bar("simulate labelled set", cfg.labelled_frames) as advance:
-        write_labelled(run / "labelled", cfg.labelled_frames, state["img_size"], cfg.seed + 1,
-                       advance)
+        write_labelled(
+            run / "labelled", cfg.labelled_frames, state["img_size"], cfg.seed + 1, advance
+        )
     return f"{cfg.labelled_frames} frames with lesion masks and 4 lesion types"
 
 
@@ -124,10 +131,18 @@ def step_distill(cfg: DemoConfig, run: Path, state: dict) -> str:
     from sonodistill.models import StudentConfig
 
     dcfg = DistillConfig(
-        data=str(run / "corpus"), out=str(run / "distill"), teacher=state["teacher"],
-        student=StudentConfig(name=cfg.student), img_size=state["img_size"],
-        batch_size=cfg.batch_size, max_steps=cfg.distill_steps, seed=cfg.seed,
-        accelerator="auto", precision=cfg.precision, num_workers=0, log_every=5,
+        data=str(run / "corpus"),
+        out=str(run / "distill"),
+        teacher=state["teacher"],
+        student=StudentConfig(name=cfg.student),
+        img_size=state["img_size"],
+        batch_size=cfg.batch_size,
+        max_steps=cfg.distill_steps,
+        seed=cfg.seed,
+        accelerator="auto",
+        precision=cfg.precision,
+        num_workers=0,
+        log_every=5,
         checkpoint_every=10**9,
     )
     state["distill_dir"] = Path(distill(dcfg))
@@ -158,33 +173,53 @@ def step_evaluate(cfg: DemoConfig, run: Path, state: dict) -> str:
         "cls": load_cls_folder(lab / "cls", name="sim-lesion-type"),
     }
     splits = {
-        t: load_or_make_splits(index, out / f"splits_{t}.json",
-                               SplitConfig(seed=cfg.seed, proportions=(0.6, 0.2, 0.2)),
-                               fractions=())
+        t: load_or_make_splits(
+            index,
+            out / f"splits_{t}.json",
+            SplitConfig(seed=cfg.seed, proportions=(0.6, 0.2, 0.2)),
+            fractions=(),
+        )
         for t, index in tasks.items()
     }
     size = state["img_size"]
-    settings = TrainSettings(seg_size=size, cls_size=size, epochs=cfg.eval_epochs, seg_batch=8,
-                             cls_batch=16, lr=cfg.eval_lr, restart_epochs=cfg.eval_epochs,
-                             device="auto")
+    settings = TrainSettings(
+        seg_size=size,
+        cls_size=size,
+        epochs=cfg.eval_epochs,
+        seg_batch=8,
+        cls_batch=16,
+        lr=cfg.eval_lr,
+        restart_epochs=cfg.eval_epochs,
+        device="auto",
+    )
     encoders = _encoders(cfg, state)
     runs = [(p, t, e) for p in ("linear", "finetune") for t in tasks for e in encoders]
     results: dict[tuple[str, str, str], dict] = {}
     seg_models = {}
     with _bar("evaluate (epochs)", len(runs) * cfg.eval_epochs) as advance:
         for protocol, task, enc in runs:
+
             def on_epoch(epoch: int, row: dict, what=f"{protocol} {task} {enc}") -> None:
                 advance(info=what)
 
             keep = protocol == "finetune" and task == "seg"
-            result, model = _run_one(tasks[task], splits[task], encoders[enc], protocol,
-                                     cfg.seed, settings, on_epoch, keep)
+            result, model = _run_one(
+                tasks[task],
+                splits[task],
+                encoders[enc],
+                protocol,
+                cfg.seed,
+                settings,
+                on_epoch,
+                keep,
+            )
             results[(protocol, task, enc)] = result
             if keep:
                 seg_models[enc] = model
     _write_eval_tables(out, results, encoders)
-    runs_json = [{"protocol": p, "task": t, "encoder": encoders[e], **r}
-                 for (p, t, e), r in results.items()]
+    runs_json = [
+        {"protocol": p, "task": t, "encoder": encoders[e], **r} for (p, t, e), r in results.items()
+    ]
     (out / "runs.json").write_text(json.dumps(runs_json, indent=1, default=str))
     _sample_figure(run, tasks["seg"], splits["seg"], seg_models, encoders, size)
     return f"{len(runs)} runs x {cfg.eval_epochs} epochs at {size} px"
@@ -195,8 +230,17 @@ def _run_one(index, splits, spec, protocol, seed, settings, on_epoch, keep_model
     from sonodistill.evaluate.train import run_one
 
     kept: list = []
-    result = run_one(index, splits, spec, protocol, 1.0, seed, settings, on_epoch,
-                     on_end=kept.append if keep_model else None)
+    result = run_one(
+        index,
+        splits,
+        spec,
+        protocol,
+        1.0,
+        seed,
+        settings,
+        on_epoch,
+        on_end=kept.append if keep_model else None,
+    )
     return result, (kept[0].eval().cpu() if kept else None)
 
 
@@ -207,8 +251,10 @@ def _write_eval_tables(out: Path, results: dict, encoders: dict[str, str]) -> No
     """Paper-style tables: one per protocol, a row per encoder, Dice/IoU and accuracy/macro-F1."""
     import csv
 
-    tables = {"linear": ("table2_linear_probe", "Linear probe, frozen encoder (cf. paper Table 2)"),
-              "finetune": ("table3_finetune", "Full fine-tuning (cf. paper Table 3)")}
+    tables = {
+        "linear": ("table2_linear_probe", "Linear probe, frozen encoder (cf. paper Table 2)"),
+        "finetune": ("table3_finetune", "Full fine-tuning (cf. paper Table 3)"),
+    }
     for protocol, (stem, title) in tables.items():
         header = ["encoder", "seg dice", "seg iou", "cls acc", "cls macro-F1", "best epochs"]
         rows = []
@@ -225,9 +271,12 @@ def _write_eval_tables(out: Path, results: dict, encoders: dict[str, str]) -> No
         n = results[(protocol, "seg", "random")]["n"]
         md = [f"# {title}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
         md += ["| " + " | ".join(r) + " |" for r in rows]
-        md += ["", f"Simulated lesions: segmentation (Dice/IoU per image, averaged) and 4-class "
-                   f"lesion type (accuracy, macro-F1); test metrics of the best-validation epoch; "
-                   f"splits train/val/test = {n['train']}/{n['val']}/{n['test']}."]
+        md += [
+            "",
+            f"Simulated lesions: segmentation (Dice/IoU per image, averaged) and 4-class "
+            f"lesion type (accuracy, macro-F1); test metrics of the best-validation epoch; "
+            f"splits train/val/test = {n['train']}/{n['val']}/{n['test']}.",
+        ]
         (out / f"{stem}.md").write_text("\n".join(md) + "\n")
 
 
@@ -256,8 +305,9 @@ def _sample_figure(run: Path, index, splits: dict, models: dict, encoders: dict,
         for enc, model in models.items():
             preds[enc] = predict_mask(model(x)).numpy()
     cols = ["frame", "ground truth", *(encoders[e].split("@")[-1] for e in models)]
-    fig, axes = plt.subplots(len(picked), len(cols), figsize=(2.3 * len(cols), 2.3 * len(picked)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(picked), len(cols), figsize=(2.3 * len(cols), 2.3 * len(picked)), squeeze=False
+    )
     for i, rec in enumerate(picked):
         img = x[i, 0].numpy()
         masks = [None, y[i].numpy(), *(preds[e][i] for e in models)]
@@ -297,14 +347,26 @@ def step_analysis(cfg: DemoConfig, run: Path, state: dict) -> str:
     per_source = max(1, cfg.tsne_frames // max(len(presets), 1))
     encoders = [*_encoders(cfg, state).values(), teacher_spec]
     ecfg = EmbedConfig(
-        sources=[f"{p.name}={p}" for p in presets], encoders=encoders,
-        out=str(run / "embeddings"), image_size=state["img_size"], batch_size=32,
-        max_per_source=per_source, seed=cfg.seed, teacher_kwargs=dict(teacher.model_kwargs),
+        sources=[f"{p.name}={p}" for p in presets],
+        encoders=encoders,
+        out=str(run / "embeddings"),
+        image_size=state["img_size"],
+        batch_size=32,
+        max_per_source=per_source,
+        seed=cfg.seed,
+        teacher_kwargs=dict(teacher.model_kwargs),
     )
     folder = embed(ecfg)
     n = per_source * len(presets)
-    analyze(AnalyzeConfig(embeddings=str(folder), out=str(run / "analysis"),
-                          perplexity=min(30.0, max(5.0, n / 10)), folds=5, seed=cfg.seed))
+    analyze(
+        AnalyzeConfig(
+            embeddings=str(folder),
+            out=str(run / "analysis"),
+            perplexity=min(30.0, max(5.0, n / 10)),
+            folds=5,
+            seed=cfg.seed,
+        )
+    )
     return f"{n} corpus frames, {len(encoders)} encoders, coloured by simulated anatomy"
 
 
@@ -314,18 +376,25 @@ def step_bench(cfg: DemoConfig, run: Path, state: dict) -> str:
 
     encoders = _encoders(cfg, state)
     size = cfg.bench_size
-    bench(BenchConfig(
-        teacher="teacher:random@ViT-B/16 (DINOv3 architecture)",
-        student=encoders["distilled"], image_size=size, warmup=2, runs=cfg.bench_runs,
-        backends=list(cfg.bench_backends), gpu="auto", gpu_runs=cfg.bench_runs,
-        out=str(run / "bench"),
-    ))
+    bench(
+        BenchConfig(
+            teacher="teacher:random@ViT-B/16 (DINOv3 architecture)",
+            student=encoders["distilled"],
+            image_size=size,
+            warmup=2,
+            runs=cfg.bench_runs,
+            backends=list(cfg.bench_backends),
+            gpu="auto",
+            gpu_runs=cfg.bench_runs,
+            out=str(run / "bench"),
+        )
+    )
     return f"batch 1, {size} px, {cfg.bench_runs} runs, {', '.join(cfg.bench_backends)}"
 
 
 def _short(name: str) -> str:
     """resnet18 -> R18, resnet50 -> R50 (the paper's names), else the timm name."""
-    return "R" + name[len("resnet"):] if name.startswith("resnet") else name
+    return "R" + name[len("resnet") :] if name.startswith("resnet") else name
 
 
 STEPS = [
@@ -369,8 +438,10 @@ def run_demo(cfg: DemoConfig) -> Path:
             record.update(status="failed", detail=f"{type(err).__name__}: {err}")
             log.error("step %s failed:\n%s", step.name, traceback.format_exc())
         record["seconds"] = round(time.perf_counter() - start, 1)
-        print(f"    {step.name}: {record['status']} in {record['seconds']:.1f} s  "
-              f"{record['detail']}", flush=True)
+        print(
+            f"    {step.name}: {record['status']} in {record['seconds']:.1f} s  {record['detail']}",
+            flush=True,
+        )
         summary["steps"].append(record)
         (run / "demo.json").write_text(json.dumps(summary, indent=2))
     report = build_report(run)
@@ -383,29 +454,40 @@ def _summary(cfg: DemoConfig, teacher: TeacherConfig, img_size: int, random_teac
 
     note = (
         "Teacher randomly initialised: the numbers show the mechanics only."
-        if random_teacher else "Teacher: real DINOv3 weights."
+        if random_teacher
+        else "Teacher: real DINOv3 weights."
     )
     return {
-        "teacher": {"random": random_teacher, "source": teacher.weights or "random",
-                    "name": teacher.name, "model_kwargs": teacher.model_kwargs},
+        "teacher": {
+            "random": random_teacher,
+            "source": teacher.weights or "random",
+            "name": teacher.name,
+            "model_kwargs": teacher.model_kwargs,
+        },
         "note": note,
         "student": cfg.student,
         "img_size": img_size,
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, "
-                   f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-                   f"cuda {torch.cuda.is_available()}",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"cuda {torch.cuda.is_available()}",
         "steps": [],
     }
 
 
 def _banner(random_teacher: bool, teacher: TeacherConfig) -> None:
     if random_teacher:
-        print(f"teacher: randomly initialised small DINOv3 ({teacher.model_kwargs}); the numbers "
-              f"will show the mechanics only. For the real ViT-B/16 pass --teacher.weights FILE "
-              f"or set {WEIGHTS_ENV}.", flush=True)
+        print(
+            f"teacher: randomly initialised small DINOv3 ({teacher.model_kwargs}); the numbers "
+            f"will show the mechanics only. For the real ViT-B/16 pass --teacher.weights FILE "
+            f"or set {WEIGHTS_ENV}.",
+            flush=True,
+        )
     else:
-        print(f"teacher: DINOv3 {teacher.name} from {teacher.weights} at 224 px; on a CPU this "
-              "run is much slower than the random-teacher demo.", flush=True)
+        print(
+            f"teacher: DINOv3 {teacher.name} from {teacher.weights} at 224 px; on a CPU this "
+            "run is much slower than the random-teacher demo.",
+            flush=True,
+        )
 
 
 class _bar:
@@ -429,8 +511,9 @@ def main(argv: list[str] | None = None) -> int:
     from sonodistill.config import parse_config
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = parse_config(DemoConfig, list(argv or []), prog="sonodistill demo",
-                       description=__doc__.splitlines()[0])
+    cfg = parse_config(
+        DemoConfig, list(argv or []), prog="sonodistill demo", description=__doc__.splitlines()[0]
+    )
     run = run_demo(cfg)
     summary = json.loads((run / "demo.json").read_text())
     failed = [s["name"] for s in summary["steps"] if s["status"] != "ok"]

@@ -89,15 +89,23 @@ def _overview(run: Path, summary: dict) -> str:
         parts.append(f"<p class='ok'>Teacher: DINOv3 weights <code>{source}</code></p>")
     steps = summary.get("steps", [])
     if steps:
-        rows = [[s.get("name", ""), s.get("status", ""), f"{s.get('seconds', 0):.1f}",
-                 s.get("detail", "")] for s in steps]
+        rows = [
+            [
+                s.get("name", ""),
+                s.get("status", ""),
+                f"{s.get('seconds', 0):.1f}",
+                s.get("detail", ""),
+            ]
+            for s in steps
+        ]
         total = sum(s.get("seconds", 0) for s in steps)
         rows.append(["total", "", f"{total:.1f}", ""])
         parts.append(_html_table(["step", "status", "seconds", "detail"], rows))
     facts = {k: v for k, v in summary.items() if k not in ("steps", "teacher", "note")}
     if facts:
-        items = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>"
-                        for k, v in facts.items())
+        items = "".join(
+            f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in facts.items()
+        )
         parts.append(f"<ul class='muted'>{items}</ul>")
     return "\n".join(parts)
 
@@ -119,8 +127,10 @@ def _configs(run: Path) -> str:
         if path.is_file():  # the demo's own config open, the others folded
             text = html.escape(path.read_text())
             state = " open" if path.name == "demo.yaml" else ""
-            parts.append(f"<details{state}><summary><code>{path.relative_to(run)}</code></summary>"
-                         f"<pre>{text}</pre></details>")
+            parts.append(
+                f"<details{state}><summary><code>{path.relative_to(run)}</code></summary>"
+                f"<pre>{text}</pre></details>"
+            )
     return "\n".join(parts)
 
 
@@ -171,8 +181,12 @@ def _plot_curves(steps: list[float], series: dict[str, list[float]]) -> bytes:
     keep = ("loss", "cosine", "lr" if lr_varies else "images_per_s")
     panels = [(k, series[k]) for k in keep if series.get(k)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
-    labels = {"loss": "token MSE loss (Eq. 6)", "cosine": "teacher-student cosine", "lr": "lr",
-              "images_per_s": "throughput (images/s)"}
+    labels = {
+        "loss": "token MSE loss (Eq. 6)",
+        "cosine": "teacher-student cosine",
+        "lr": "lr",
+        "images_per_s": "throughput (images/s)",
+    }
     for ax, (key, values) in zip(axes[0], panels, strict=True):
         ax.plot(steps, values, lw=1.5)
         ax.set_title(labels[key])
@@ -250,9 +264,7 @@ def _md_table(text: str) -> str:
 
 def _html_table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(_td(c) for c in r) + "</tr>" for r in rows
-    )
+    body = "".join("<tr>" + "".join(_td(c) for c in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 

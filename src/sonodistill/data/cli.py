@@ -67,8 +67,9 @@ def build_main(argv: list[str]) -> int:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
         yaml.safe_dump(settings_yaml, fh)
     try:
-        settings = parse_config(BuildSettings, ["--config", fh.name, *rest],
-                                prog="sonodistill corpus build")  # fmt: skip
+        settings = parse_config(
+            BuildSettings, ["--config", fh.name, *rest], prog="sonodistill corpus build"
+        )
     finally:
         Path(fh.name).unlink(missing_ok=True)
     _logging(args.quiet)
@@ -103,8 +104,13 @@ def leakage_main(argv: list[str]) -> int:
         "corpus frame matches an evaluation image.",
     )
     parser.add_argument("corpus", help="corpus folder, manifest.parquet, or folder of images")
-    parser.add_argument("--against", action="append", required=True, metavar="NAME=PATH",
-                        help="an evaluation set (repeatable)")  # fmt: skip
+    parser.add_argument(
+        "--against",
+        action="append",
+        required=True,
+        metavar="NAME=PATH",
+        help="an evaluation set (repeatable)",
+    )
     parser.add_argument("--threshold", type=int, default=4, help="phash bits for a near match")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--report", help="write the pairs as CSV here")
@@ -172,8 +178,12 @@ def summary_main(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"build": build_main, "check-leakage": leakage_main, "pack": pack_main,
-            "summary": summary_main}  # fmt: skip
+COMMANDS = {
+    "build": build_main,
+    "check-leakage": leakage_main,
+    "pack": pack_main,
+    "summary": summary_main,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -194,8 +194,9 @@ def _plan(spec: CorpusSpec, out: Path, force_files: set[str] = frozenset()):
             parts.append(part)
             if part.is_file() and not spec.settings.force and str(f) not in force_files:
                 continue
-            tasks.append(FileTask(src.dataset, src.anatomy, str(f), src.kind, frames, str(out),
-                                  str(part)))  # fmt: skip
+            tasks.append(
+                FileTask(src.dataset, src.anatomy, str(f), src.kind, frames, str(out), str(part))
+            )
         markers.append((marker, [str(f) for f in files]))
     return tasks, parts, markers
 

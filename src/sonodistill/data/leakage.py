@@ -48,11 +48,16 @@ def fingerprint_file(path: str) -> list[dict]:
             clean = fr.to_grey(frame, remove_marks=True)
             top, bottom, left, right = fr.fov_box(clean)
             clean = np.ascontiguousarray(clean[top:bottom, left:right])
-            rows.append({
-                "file": path, "frame": index,
-                "sha1_raw": hashing.pixel_sha1(raw), "phash_raw": hashing.phash(raw),
-                "sha1_clean": hashing.pixel_sha1(clean), "phash_clean": hashing.phash(clean),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "file": path,
+                    "frame": index,
+                    "sha1_raw": hashing.pixel_sha1(raw),
+                    "phash_raw": hashing.phash(raw),
+                    "sha1_clean": hashing.pixel_sha1(clean),
+                    "phash_clean": hashing.phash(clean),
+                }
+            )
     except (ReadError, OSError, ValueError) as exc:
         log.warning("leakage: cannot read %s: %s", path, exc)
     return rows
@@ -94,11 +99,16 @@ def _corpus_fingerprints(path: str | Path, workers: int) -> pd.DataFrame:
     if is_corpus(p):
         m, _ = load_manifest(p)
         m = m[m.kept]
-        return pd.DataFrame({
-            "file": m.id.to_numpy(), "frame": m.frame.to_numpy(),
-            "sha1_raw": m.sha1.to_numpy(), "phash_raw": m.phash.to_numpy(),
-            "sha1_clean": m.sha1.to_numpy(), "phash_clean": m.phash.to_numpy(),
-        })  # fmt: skip
+        return pd.DataFrame(
+            {
+                "file": m.id.to_numpy(),
+                "frame": m.frame.to_numpy(),
+                "sha1_raw": m.sha1.to_numpy(),
+                "phash_raw": m.phash.to_numpy(),
+                "sha1_clean": m.sha1.to_numpy(),
+                "phash_clean": m.phash.to_numpy(),
+            }
+        )
     return fingerprint_set(p, workers)
 
 
@@ -125,8 +135,9 @@ def match(a: pd.DataFrame, b: pd.DataFrame, threshold: int, same: bool = False) 
     return pd.DataFrame(rows, columns=["ia", "ib", "distance", "match"])
 
 
-def check_leakage(corpus: str | Path, against: dict[str, str], threshold: int = 4,
-                  workers: int = 2) -> pd.DataFrame:  # fmt: skip
+def check_leakage(
+    corpus: str | Path, against: dict[str, str], threshold: int = 4, workers: int = 2
+) -> pd.DataFrame:
     """Report of exact/near duplicates between a corpus and each evaluation set, and inside
     each evaluation set (columns: set, scope, a, b, distance, match)."""
     c = _corpus_fingerprints(corpus, workers)
@@ -152,10 +163,12 @@ def exclude_matches(manifest: pd.DataFrame, sets, threshold: int, workers: int =
     kept = manifest.index[manifest.kept].to_numpy()
     if not len(kept):
         return 0
-    c = pd.DataFrame({
-        "sha1_raw": manifest.loc[kept, "sha1"].to_numpy(),
-        "phash_raw": manifest.loc[kept, "phash"].to_numpy(),
-    })  # fmt: skip
+    c = pd.DataFrame(
+        {
+            "sha1_raw": manifest.loc[kept, "sha1"].to_numpy(),
+            "phash_raw": manifest.loc[kept, "phash"].to_numpy(),
+        }
+    )
     c["sha1_clean"], c["phash_clean"] = c.sha1_raw, c.phash_raw
     dropped = 0
     for s in sets:

@@ -54,8 +54,14 @@ def pack_corpus(
     del array
     os.replace(tmp, out / "frames.u8")
     kept[INDEX_COLUMNS].to_parquet(out / "index.parquet", index=False)
-    meta = {"count": len(kept), "size": size, "dtype": "uint8", "layout": "N,H,W",
-            "resize": "plain", "corpus": str(Path(corpus).resolve())}  # fmt: skip
+    meta = {
+        "count": len(kept),
+        "size": size,
+        "dtype": "uint8",
+        "layout": "N,H,W",
+        "resize": "plain",
+        "corpus": str(Path(corpus).resolve()),
+    }
     (out / "pack.json").write_text(json.dumps(meta, indent=2))
     return out
 

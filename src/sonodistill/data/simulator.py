@@ -186,12 +186,17 @@ def _kernel_overlap(sigma_a: float, sigma_b: float) -> float:
 
 
 def _blur(x: np.ndarray, sigma_lateral: float, sigma_axial: float) -> np.ndarray:
-    return cv2.GaussianBlur(x, (0, 0), sigmaX=sigma_lateral, sigmaY=sigma_axial,
-                            borderType=cv2.BORDER_REFLECT)
+    return cv2.GaussianBlur(
+        x, (0, 0), sigmaX=sigma_lateral, sigmaY=sigma_axial, borderType=cv2.BORDER_REFLECT
+    )
 
 
 def _tissue(
-    rng: np.random.Generator, n: int, preset: str, lesion: str, cfg: SimConfig,
+    rng: np.random.Generator,
+    n: int,
+    preset: str,
+    lesion: str,
+    cfg: SimConfig,
     shadow: bool | None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
     """Echogenicity and attenuation maps of layered tissue with at most one lesion."""
@@ -271,10 +276,12 @@ def scan_convert(
     t = np.arctan2(x, y)
     map_r = ((r - r0) / (r_max - r0) * (n_r - 1)).astype(np.float32)
     map_t = ((t + half) / (2 * half) * (n_t - 1)).astype(np.float32)
-    image = cv2.remap(beam, map_t, map_r, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                      borderValue=0)
-    out_mask = cv2.remap(mask, map_t, map_r, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
-                         borderValue=0)
+    image = cv2.remap(
+        beam, map_t, map_r, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+    )
+    out_mask = cv2.remap(
+        mask, map_t, map_r, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+    )
     return image.astype(np.float32), out_mask.astype(np.uint8)
 
 

@@ -81,8 +81,9 @@ def write_summary(
     return summary
 
 
-def contact_sheet(manifest: pd.DataFrame, out: Path, n: int = 48, seed: int = 0,
-                  thumb: int = 128) -> Path | None:  # fmt: skip
+def contact_sheet(
+    manifest: pd.DataFrame, out: Path, n: int = 48, seed: int = 0, thumb: int = 128
+) -> Path | None:
     """A grid of `n` random kept frames, labelled with their dataset."""
     from PIL import Image, ImageDraw
 

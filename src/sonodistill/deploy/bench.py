@@ -136,8 +136,12 @@ def static_costs(name: str, encoder: Encoder, head: nn.Module, x: torch.Tensor) 
     }
     result["params_total"] = result["params_backbone"] + result["params_head"]
     result["flops"], result["flops_by_op"] = count_flops(encoder, x)
-    log.info("%s: %.2fM params, %.2f GFLOPs", name, result["params_backbone"] / 1e6,
-             result["flops"] / 1e9)  # fmt: skip
+    log.info(
+        "%s: %.2fM params, %.2f GFLOPs",
+        name,
+        result["params_backbone"] / 1e6,
+        result["flops"] / 1e9,
+    )
     return result
 
 
@@ -161,9 +165,11 @@ def cpu_runners(
     wanted = [b for b in ("ort_fp32", "ort_int8") if b in cfg.backends]
     if wanted:
         fp32 = export_onnx(
-            WithPreprocess(encoder), tmp / f"{name}_fp32.onnx", cfg.image_size,
+            WithPreprocess(encoder),
+            tmp / f"{name}_fp32.onnx",
+            cfg.image_size,
             exporter=cfg.exporter,
-        )  # fmt: skip
+        )
         paths = {"ort_fp32": fp32}
         if "ort_int8" in wanted:
             paths["ort_int8"] = quantize_int8(fp32, tmp / f"{name}_int8.onnx", calib)

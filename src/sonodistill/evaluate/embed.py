@@ -30,7 +30,6 @@ from sonodistill.progress import track
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class EmbedConfig:
     """Embeddings of frames from folders, videos or a corpus manifest, for several encoders."""
