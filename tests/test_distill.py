@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import av
 import pydicom
@@ -12,7 +13,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sonodistill.config import load_config
-from sonodistill.distill import DistillConfig, distill, read_metrics
+from sonodistill.distill import (
+    LOSSES,
+    DistillConfig,
+    OptimConfig,
+    distill,
+    read_metrics,
+    register_loss,
+)
 from sonodistill.distill import recipe as recipe_module
 from sonodistill.models import StudentConfig, TeacherConfig
 from tests.conftest import TINY_TEACHER_KWARGS
@@ -54,16 +62,12 @@ def tiny_config(data, out, **overrides) -> DistillConfig:
     return cfg
 
 
-def metrics(run_dir):
-    return read_metrics(run_dir)
-
-
 def test_tiny_run_on_real_frames_learns_the_teacher_on_held_out_frames(real_frames, tmp_path):
     assert len(list(real_frames.glob("*.png"))) >= 70
     cfg = tiny_config(real_frames, tmp_path / "run", max_steps=30, val_fraction=0.2)
     cfg.optim.lr = 1e-3
     run = distill(cfg)
-    val = metrics(run).dropna(subset=["val_loss"]).sort_values("step")
+    val = read_metrics(run).dropna(subset=["val_loss"]).sort_values("step")
     first, last = val.iloc[0], val.iloc[-1]
     assert first.step == 0 and last.step == 30
     assert last.val_loss < 0.8 * first.val_loss
@@ -77,35 +81,86 @@ def test_tiny_run_on_real_frames_learns_the_teacher_on_held_out_frames(real_fram
     assert any((run / "logs").glob("version_0/events.out.tfevents.*"))
 
 
-def test_resume_after_a_crash_repeats_the_straight_run(real_frames, tmp_path, monkeypatch):
-    straight = distill(tiny_config(real_frames, tmp_path / "straight", max_steps=6))
+@pytest.fixture(scope="module")
+def three_batches(real_frames, tmp_path_factory):
+    """24 of the real frames: three batches of 8 per epoch, so a short run crosses epochs."""
+    out = tmp_path_factory.mktemp("three_batches")
+    for png in sorted(real_frames.glob("*.png"))[::3][:24]:
+        shutil.copy(png, out / png.name)
+    return out
+
+
+def test_resume_across_an_epoch_boundary_repeats_the_straight_run(
+    three_batches, tmp_path, monkeypatch
+):
+    def config(out):
+        cfg = tiny_config(three_batches, out, max_steps=8, checkpoint_every=4)
+        cfg.optim = OptimConfig(lr=1e-3, schedule="cosine", warmup_steps=3, min_lr=1e-5)
+        cfg.optim.grad_clip = 0.01  # small enough to clip every step
+        return cfg
+
+    straight = distill(config(tmp_path / "straight"))
 
     real_step, calls = recipe_module.train_step, {"n": 0}
 
     def crashing_step(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == 7:  # step 7, in the third epoch; the last checkpoint is step 4
             raise RuntimeError("simulated crash")
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(recipe_module, "train_step", crashing_step)
-    crashed_cfg = tiny_config(real_frames, tmp_path / "crashed", max_steps=6, checkpoint_every=3)
+    crashed_cfg = config(tmp_path / "crashed")
     with pytest.raises(RuntimeError, match="simulated crash"):
         distill(crashed_cfg)
     monkeypatch.setattr(recipe_module, "train_step", real_step)
     crashed_cfg.resume = True
     resumed = distill(crashed_cfg)
 
-    expected = metrics(straight).set_index("step")["loss"]
+    expected = read_metrics(straight).set_index("step")
+    got = read_metrics(resumed).set_index("step")
     assert len(list((resumed / "logs").glob("version_*"))) == 2  # the crashed attempt's logs kept
-    got = metrics(resumed).set_index("step")["loss"]
-    assert list(got.index) == [1, 2, 3, 4, 5, 6]
-    torch.testing.assert_close(
-        torch.tensor(got.values), torch.tensor(expected.values), rtol=1e-4, atol=1e-4
-    )
+    assert list(got.index) == list(range(1, 9)) and list(got.epoch) == [s / 3 for s in range(1, 9)]
+    assert got.loc[6, "attempt"] == 1  # steps 5-8 come from the resumed attempt
+    lr = expected["lr"].to_numpy()
+    assert lr[0] < lr[2] and lr[2] > lr[3] > lr[7] > 0  # warm-up, then cosine decay
+    for column in ("loss", "cosine", "lr"):
+        torch.testing.assert_close(
+            torch.tensor(got[column].to_numpy()), torch.tensor(expected[column].to_numpy())
+        )
     a = load_file(str(straight / "student_backbone.safetensors"))
     b = load_file(str(resumed / "student_backbone.safetensors"))
     torch.testing.assert_close(a["conv1.weight"], b["conv1.weight"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_loss_registered_in_one_function_drives_a_three_step_run(three_batches, tmp_path):
+    calls = []
+
+    @register_loss("test_token_l1", "token L1 loss (test)")
+    def token_l1(student, teacher):
+        calls.append(tuple(student.shape))
+        diff = (student.float() - teacher.float()).abs()
+        return diff.sum(dim=1).mean(), {"max_abs": diff.max().detach()}
+
+    try:
+        cfg = tiny_config(three_batches, tmp_path / "run", max_steps=3, loss="test_token_l1")
+        cfg.val_fraction = 0.25  # 6 held-out frames: one validation batch
+        run = distill(cfg)
+    finally:
+        LOSSES.pop("test_token_l1")
+    rows = read_metrics(run)
+    train, val = rows[rows["loss"].notna()], rows[rows["val_loss"].notna()]
+    assert list(train.step) == [1, 2, 3] and train["max_abs"].notna().all()
+    assert "cosine" not in rows  # the default objective's metric is not logged: it did not run
+    assert list(val.step) == [0, 3] and val["val_max_abs"].notna().all()
+    assert len(calls) == 3 + 2 and calls[0][1] == 2 * TINY_TEACHER_KWARGS["embed_dim"]
+    assert load_config(DistillConfig, run / "config.yaml").loss == "test_token_l1"
+
+
+def test_an_unknown_loss_is_refused_before_anything_is_written(three_batches, tmp_path):
+    with pytest.raises(ValueError, match="unknown loss 'nope'.*token_mse"):
+        distill(tiny_config(three_batches, tmp_path / "run", loss="nope"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_two_process_ddp_on_cpu_completes(real_frames, tmp_path):
@@ -120,6 +175,6 @@ def test_two_process_ddp_on_cpu_completes(real_frames, tmp_path):
     )
     run = distill(cfg)
     assert json.loads((run / "run_info.json").read_text())["world_size"] == 2
-    log = metrics(run)
+    log = read_metrics(run)
     assert log["step"].max() == 3 and log["loss"].notna().all()
     assert (run / "student_backbone.safetensors").is_file()

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from torch import nn
 
-from sonodistill.distill import build_augmentation, mixup, token_cosine, token_mse
+from sonodistill.distill import (
+    OptimConfig,
+    build_augmentation,
+    get_loss,
+    mixup,
+    register_loss,
+    token_cosine,
+    token_mse,
+)
+from sonodistill.distill.recipe import lr_factor, train_step
+from sonodistill.models import to_model_input
 
 
 def test_token_mse_matches_a_hand_computation_of_eq6():
@@ -42,8 +54,6 @@ def test_mixup_mixes_each_image_with_one_partner_and_one_lambda():
 
 
 def test_training_step_feeds_the_same_mixed_images_to_teacher_and_student():
-    from sonodistill.distill.recipe import train_step
-
     seen = {}
 
     class Spy(torch.nn.Module):
@@ -63,12 +73,19 @@ def test_training_step_feeds_the_same_mixed_images_to_teacher_and_student():
         def backward(self, loss):
             loss.backward()
 
-    torch.manual_seed(1)
     images = torch.randint(0, 255, (4, 1, 16, 16), dtype=torch.uint8)
-    train_step(NoFabric(), Spy("teacher"), Spy("student"), torch.nn.Identity(), images, True)
-    assert torch.equal(seen["teacher"], seen["student"])
-    raw = (images.float() / 255).expand(-1, 3, -1, -1)
-    assert not torch.allclose(seen["teacher"][:, :1], raw[:, :1])  # mixed, not the originals
+    raw = images.float() / 255
+    objective = get_loss("token_mse").fn
+    for use_mixup in (True, False):
+        torch.manual_seed(1)
+        train_step(
+            NoFabric(), Spy("teacher"), Spy("student"), nn.Identity(), objective, images, use_mixup
+        )
+        assert torch.equal(seen["teacher"], seen["student"])
+        torch.manual_seed(1)  # the same draws: the images mixup makes from this batch
+        expected = to_model_input(mixup(raw)[0] if use_mixup else raw)
+        torch.testing.assert_close(seen["student"], expected)
+    assert not torch.allclose(to_model_input(mixup(raw)[0]), to_model_input(raw))
 
 
 def _top_bright(n=32, size=48):
@@ -98,3 +115,37 @@ def test_default_policy_jitters_intensity_and_is_reproducible_from_the_seed():
     torch.testing.assert_close(a, b)
     brightest = a.amax(dim=(1, 2, 3))
     assert brightest.std() > 0.01  # colour jitter changes intensities between images
+
+
+def test_builtin_objectives_by_hand():
+    student = torch.tensor([[[[0.5]], [[3.0]]]])  # (1, 2, 1, 1): one token, two channels
+    teacher = torch.tensor([[[[0.0]], [[1.0]]]])
+    mse, metrics = get_loss("token_mse").fn(student, teacher)
+    assert mse.item() == pytest.approx(0.25 + 4.0)  # Eq. 6: summed over channels
+    cosine = (0.5 * 0 + 3.0 * 1) / (9.25**0.5 * 1.0)
+    assert metrics["cosine"].item() == pytest.approx(cosine)
+    # Huber per channel: 0.5 d^2 below beta = 1, |d| - 0.5 above, then summed like Eq. 6
+    huber, metrics = get_loss("token_smooth_l1").fn(student, teacher)
+    assert huber.item() == pytest.approx(0.5 * 0.25 + (2.0 - 0.5))
+    assert metrics["cosine"].item() == pytest.approx(cosine)
+    one_minus, metrics = get_loss("token_cosine").fn(student, teacher)
+    assert one_minus.item() == pytest.approx(1 - cosine, abs=1e-6)
+    # every objective trains: its value carries gradients to the student
+    for name in ("token_mse", "token_cosine", "token_smooth_l1"):
+        s = student.clone().requires_grad_(True)
+        get_loss(name).fn(s, teacher)[0].backward()
+        assert s.grad is not None and s.grad.abs().sum() > 0, name
+    with pytest.raises(ValueError, match="already registered"):
+        register_loss("token_mse")(lambda s, t: (token_mse(s, t), {}))
+
+
+def test_lr_factor_warms_up_linearly_then_follows_the_cosine_to_min_lr():
+    optim = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=4, schedule="cosine")
+    factor = lr_factor(optim, total_steps=14)
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert factor(4) == pytest.approx(1.0)  # the cosine starts at the base lr
+    assert factor(9) == pytest.approx(0.1 + 0.9 * 0.5)  # half way: half way to the floor
+    assert factor(14) == pytest.approx(0.1) and factor(20) == pytest.approx(0.1)  # min_lr / lr
+    constant = lr_factor(OptimConfig(lr=1e-3, warmup_steps=2), total_steps=14)
+    assert [constant(s) for s in (0, 1, 2, 13)] == [0.5, 1.0, 1.0, 1.0]
+    assert lr_factor(OptimConfig(schedule="cosine"), total_steps=10)(0) == 1.0  # no warm-up

@@ -34,6 +34,9 @@ class DistillConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: str = "token_mse"
+    """Objective, by its name in sonodistill.distill.loss: token_mse (Eq. 6), token_cosine,
+    token_smooth_l1, or one you register with `register_loss`."""
     img_size: int = 224
     augment: Literal["us", "default", "none"] = "us"
     mixup: bool = True

@@ -1,7 +1,14 @@
-"""The distillation recipe, end to end in one readable loop (Sec. 3.2-3.5).
+"""The distillation recipe (Sec. 3.2-3.5), in the order it runs:
 
-data -> batched augmentation on the device -> mixup -> frozen teacher tokens vs projected student
-map -> token-wise MSE -> AdamW; checkpoints, logs and the exported student in one run directory.
+    data     image folder, corpus or pack -> resumable shards -> uint8 batches on the device
+    models   frozen DINOv3 teacher; CNN student with its projection head; AdamW + lr schedule
+    resume   OUT/checkpoints/last.pt, with --resume, when it exists
+    loop     augment -> mixup -> teacher tokens vs projected student map -> objective -> AdamW;
+             logs every log_every steps, validation every val_every steps, checkpoints
+    finish   a last validation, the exported student backbone, closed logs
+
+The objective is the one `DistillConfig.loss` names (`sonodistill.distill.loss`, token MSE of
+Eq. 6 by default); the run folder's layout is `sonodistill.distill.run`'s.
 """
 
 from __future__ import annotations
@@ -10,11 +17,13 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from lightning_fabric import Fabric
 from lightning_fabric.loggers import CSVLogger, TensorBoardLogger
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from sonodistill.config import save_config, to_dict
@@ -22,7 +31,7 @@ from sonodistill.data.images import ResumableSampler, open_training_images
 from sonodistill.distill.augment import build_augmentation, mixup
 from sonodistill.distill.checkpoint import atomic_save, load_checkpoint
 from sonodistill.distill.config import DistillConfig, OptimConfig
-from sonodistill.distill.loss import token_cosine, token_mse
+from sonodistill.distill.loss import Objective, get_loss
 from sonodistill.distill.run import (
     CONFIG,
     LAST_CHECKPOINT,
@@ -41,6 +50,7 @@ def distill(cfg: DistillConfig) -> Path:
     """Run (or resume) a distillation; returns the run directory."""
     if not cfg.data:
         raise ValueError("no training data: pass --data FOLDER|CORPUS|MANIFEST|PACK")
+    get_loss(cfg.loss)  # an unknown objective is refused before anything is written
     fabric = Fabric(
         accelerator=cfg.accelerator,
         devices=cfg.devices,
@@ -70,21 +80,51 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
     return "bf16-mixed" if on_gpu else "32-true"
 
 
+@dataclass
+class Data:
+    loader: DataLoader
+    val_loader: DataLoader | None
+    sampler: ResumableSampler
+
+
+@dataclass
+class Models:
+    teacher: Teacher
+    student: nn.Module  # Fabric-wrapped Student: `.module` is the Student itself
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    augment: nn.Module
+
+
 def _run(fabric: Fabric, cfg: DistillConfig) -> None:
-    out = Path(cfg.out)
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank and every attempt
     teacher = Teacher(cfg.teacher)
     if fabric.is_global_zero:
-        save_config(cfg, out / CONFIG)
-        info = {
-            "teacher_weights": teacher.weights_source,
-            "world_size": fabric.world_size,
-            "precision": resolve_precision(cfg.precision, cfg.accelerator),
-            "device": str(fabric.device),
-            "torch": torch.__version__,
-        }
-        (out / RUN_INFO).write_text(json.dumps(info, indent=2))
+        _write_run_files(fabric, cfg, teacher)
+    data = _data(fabric, cfg)
+    total_steps = cfg.max_steps or cfg.epochs * data.sampler.batches_per_epoch
+    models = _models(fabric, cfg, teacher, total_steps)
+    step = _resume(fabric, cfg, models, total_steps)
+    objective = get_loss(cfg.loss).fn
+    step = _loop(fabric, cfg, objective, data, models, step, total_steps)
+    _finish(fabric, cfg, objective, data, models, step)
 
+
+def _write_run_files(fabric: Fabric, cfg: DistillConfig, teacher: Teacher) -> None:
+    out = Path(cfg.out)
+    save_config(cfg, out / CONFIG)
+    info = {
+        "teacher_weights": teacher.weights_source,
+        "world_size": fabric.world_size,
+        "precision": resolve_precision(cfg.precision, cfg.accelerator),
+        "device": str(fabric.device),
+        "torch": torch.__version__,
+    }
+    (out / RUN_INFO).write_text(json.dumps(info, indent=2))
+
+
+def _data(fabric: Fabric, cfg: DistillConfig) -> Data:
+    """Training images sharded by a resumable sampler; held-out images without augmentation."""
     train_set, val_set = _split(open_training_images(cfg.data, cfg.img_size), cfg)
     if cfg.batch_size % fabric.world_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {fabric.world_size}")
@@ -106,8 +146,12 @@ def _run(fabric: Fabric, cfg: DistillConfig) -> None:
         val_loader = fabric.setup_dataloaders(
             DataLoader(val_set, batch_size=per_device, num_workers=cfg.num_workers)
         )
-    total_steps = cfg.max_steps or cfg.epochs * sampler.batches_per_epoch
+    return Data(loader, val_loader, sampler)
 
+
+def _models(fabric: Fabric, cfg: DistillConfig, teacher: Teacher, total_steps: int) -> Models:
+    """Teacher on the device, the student (backbone + projection head to the teacher's width),
+    AdamW with its lr schedule, and the batch augmentation."""
     teacher = fabric.to_device(teacher)
     student = Student(cfg.student, teacher.out_channels)
     optimizer = torch.optim.AdamW(
@@ -119,79 +163,98 @@ def _run(fabric: Fabric, cfg: DistillConfig) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, total_steps))
     student, optimizer = fabric.setup(student, optimizer)
     augment = build_augmentation(cfg.augment, cfg.img_size).to(fabric.device)
+    return Models(teacher, student, optimizer, scheduler, augment)
 
-    step = 0
-    checkpoint = out / LAST_CHECKPOINT
-    if cfg.resume and checkpoint.is_file():
-        state = load_checkpoint(checkpoint)
-        student.module.load_state_dict(state["student"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
-        fabric.print(f"resumed {checkpoint} at step {step}/{total_steps}")
 
-    if val_loader is not None and step == 0:
-        fabric.log_dict(_validate(fabric, teacher, student, val_loader), step=0)
+def _resume(fabric: Fabric, cfg: DistillConfig, m: Models, total_steps: int) -> int:
+    """The step to start from: that of OUT/checkpoints/last.pt with --resume, else 0."""
+    checkpoint = Path(cfg.out) / LAST_CHECKPOINT
+    if not (cfg.resume and checkpoint.is_file()):
+        return 0
+    state = load_checkpoint(checkpoint)
+    m.student.module.load_state_dict(state["student"])
+    m.optimizer.load_state_dict(state["optimizer"])
+    m.scheduler.load_state_dict(state["scheduler"])
+    fabric.print(f"resumed {checkpoint} at step {state['step']}/{total_steps}")
+    return state["step"]
 
-    def save() -> None:
-        if fabric.is_global_zero:
-            state = {
-                "student": student.module.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "step": step,
-                "config": to_dict(cfg),
-            }
-            atomic_save(state, checkpoint)
-        fabric.barrier()
 
+def _loop(
+    fabric, cfg: DistillConfig, objective, data: Data, m: Models, step: int, total_steps: int
+):
+    """Train from `step` to `total_steps`; returns the last step."""
+    if data.val_loader is not None and step == 0:
+        fabric.log_dict(_validate(fabric, m, objective, data.val_loader), step=0)
+    batches_per_epoch = data.sampler.batches_per_epoch
     with progress_bar(disable=not fabric.is_global_zero) as bar:
         task = bar.add_task("distill", total=total_steps, completed=step, info="")
         tick, images_seen = time.perf_counter(), 0
         while step < total_steps:
-            sampler.set_position(*divmod(step, sampler.batches_per_epoch))
-            for images in loader:
+            data.sampler.set_position(*divmod(step, batches_per_epoch))
+            for images in data.loader:
                 # Every random draw of a step is a function of (seed, step, rank): a resumed run
                 # repeats the interrupted one exactly without storing generator states.
                 torch.manual_seed(hash((cfg.seed, step, fabric.global_rank)) % 2**63)
-                loss, cosine = train_step(fabric, teacher, student, augment, images, cfg.mixup)
+                loss, metrics = train_step(
+                    fabric, m.teacher, m.student, m.augment, objective, images, cfg.mixup
+                )
                 if cfg.optim.grad_clip:
-                    fabric.clip_gradients(student, optimizer, max_norm=cfg.optim.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
+                    fabric.clip_gradients(m.student, m.optimizer, max_norm=cfg.optim.grad_clip)
+                m.optimizer.step()
+                m.optimizer.zero_grad(set_to_none=True)
+                m.scheduler.step()
                 step += 1
                 images_seen += images.shape[0] * fabric.world_size
                 bar.update(task, completed=step, info=f"loss {loss.item():.4f}")
                 if step % cfg.log_every == 0 or step == total_steps:
                     elapsed = time.perf_counter() - tick
-                    metrics = {
-                        "loss": fabric.all_reduce(loss.detach(), reduce_op="mean").item(),
-                        "cosine": fabric.all_reduce(cosine, reduce_op="mean").item(),
-                        "lr": scheduler.get_last_lr()[0],
-                        "images_per_s": images_seen / max(elapsed, 1e-9),
-                        "epoch": step / sampler.batches_per_epoch,
-                    }
-                    fabric.log_dict(metrics, step=step)
+                    row = _mean_over_ranks(fabric, {"loss": loss, **metrics})
+                    row["lr"] = m.scheduler.get_last_lr()[0]
+                    row["images_per_s"] = images_seen / max(elapsed, 1e-9)
+                    row["epoch"] = step / batches_per_epoch
+                    fabric.log_dict(row, step=step)
                     tick, images_seen = time.perf_counter(), 0
-                if val_loader is not None and cfg.val_every and step % cfg.val_every == 0:
-                    fabric.log_dict(_validate(fabric, teacher, student, val_loader), step=step)
+                if data.val_loader is not None and cfg.val_every and step % cfg.val_every == 0:
+                    fabric.log_dict(_validate(fabric, m, objective, data.val_loader), step=step)
                 if step % cfg.checkpoint_every == 0 or step == total_steps:
-                    save()
+                    _save_checkpoint(fabric, cfg, m, step)
                 if step >= total_steps:
                     break
+    return step
 
-    if val_loader is not None and not (cfg.val_every and step % cfg.val_every == 0):
-        fabric.log_dict(_validate(fabric, teacher, student, val_loader), step=step)
+
+def _finish(fabric, cfg: DistillConfig, objective, data: Data, m: Models, step: int) -> None:
+    """A last validation (unless the loop just ran one), the student backbone, closed logs."""
+    if data.val_loader is not None and not (cfg.val_every and step % cfg.val_every == 0):
+        fabric.log_dict(_validate(fabric, m, objective, data.val_loader), step=step)
     if fabric.is_global_zero:
-        atomic_save(student.module.backbone_state_dict(), out / STUDENT_WEIGHTS)
+        atomic_save(m.student.module.backbone_state_dict(), Path(cfg.out) / STUDENT_WEIGHTS)
     for logger in fabric.loggers:
         logger.finalize("success")
     fabric.barrier()
 
 
-def train_step(fabric, teacher, student, augment, images, use_mixup: bool):
-    """One forward/backward on a uint8 batch; returns (loss, mean token cosine)."""
+def _save_checkpoint(fabric: Fabric, cfg: DistillConfig, m: Models, step: int) -> None:
+    if fabric.is_global_zero:
+        state = {
+            "student": m.student.module.state_dict(),
+            "optimizer": m.optimizer.state_dict(),
+            "scheduler": m.scheduler.state_dict(),
+            "step": step,
+            "config": to_dict(cfg),
+        }
+        atomic_save(state, Path(cfg.out) / LAST_CHECKPOINT)
+    fabric.barrier()
+
+
+def _mean_over_ranks(fabric: Fabric, values: dict[str, torch.Tensor]) -> dict[str, float]:
+    stacked = torch.stack([v.detach().float() for v in values.values()])
+    stacked = fabric.all_reduce(stacked, reduce_op="mean")
+    return dict(zip(values, stacked.tolist(), strict=True))
+
+
+def train_step(fabric, teacher, student, augment, objective: Objective, images, use_mixup: bool):
+    """One forward/backward on a uint8 batch; returns the loss and the objective's metrics."""
     x = augment(images.float().div_(255))
     if use_mixup:
         x, _, _ = mixup(x)
@@ -199,35 +262,31 @@ def train_step(fabric, teacher, student, augment, images, use_mixup: bool):
     with fabric.autocast():
         target = teacher(x)
         pred = student(x, target.shape[-2:])
-    loss = token_mse(pred, target)
+    loss, metrics = objective(pred, target)
     fabric.backward(loss)
-    return loss, token_cosine(pred.detach(), target)
+    return loss, metrics
 
 
 @torch.no_grad()
-def _validate(fabric, teacher, student, loader) -> dict[str, float]:
-    """Loss and cosine on held-out images, no augmentation or mixup."""
-    student.eval()
-    totals = torch.zeros(3, device=fabric.device)
+def _validate(fabric, m: Models, objective: Objective, loader) -> dict[str, float]:
+    """The objective and its metrics on held-out images (no augmentation or mixup), averaged
+    over images and ranks, as val_loss, val_NAME."""
+    m.student.eval()
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
     for images in loader:
         x = to_model_input(images.float().div_(255))
         with fabric.autocast():
-            target = teacher(x)
-            pred = student(x, target.shape[-2:])
-        n = x.shape[0]
-        totals += torch.stack(
-            [
-                token_mse(pred, target) * n,
-                token_cosine(pred, target) * n,
-                torch.tensor(n, device=fabric.device, dtype=torch.float),
-            ]
-        )
-    student.train()
-    totals = fabric.all_reduce(totals, reduce_op="sum")
-    return {
-        "val_loss": (totals[0] / totals[2]).item(),
-        "val_cosine": (totals[1] / totals[2]).item(),
-    }
+            target = m.teacher(x)
+            pred = m.student(x, target.shape[-2:])
+        loss, metrics = objective(pred, target)
+        for name, value in {"loss": loss, **metrics}.items():
+            sums[name] = sums.get(name, 0) + value.float() * x.shape[0]
+        count += x.shape[0]
+    m.student.train()
+    count_t = torch.tensor(float(count), device=fabric.device)
+    totals = fabric.all_reduce(torch.stack([*sums.values(), count_t]), reduce_op="sum")
+    return {f"val_{name}": (totals[i] / totals[-1]).item() for i, name in enumerate(sums)}
 
 
 def _split(dataset, cfg: DistillConfig):

@@ -29,13 +29,31 @@ LOGS = "logs"
 STUDENT_WEIGHTS = "student_backbone.safetensors"
 
 
+def read_config(run_dir: str | Path) -> dict:
+    """A run's config.yaml as written (a mapping; {} when absent), without validating it
+    against today's DistillConfig, so that older runs stay readable."""
+    config = Path(run_dir) / CONFIG
+    if not config.is_file():
+        return {}
+    values = yaml.safe_load(config.read_text())
+    return values if isinstance(values, dict) else {}
+
+
 def student_architecture(run_dir: str | Path) -> str:
     """The timm name of a run's student, from its config.yaml."""
-    config = Path(run_dir) / CONFIG
     try:
-        return str(yaml.safe_load(config.read_text())["student"]["name"])
-    except (OSError, yaml.YAMLError, KeyError, TypeError) as err:
-        raise FileNotFoundError(f"{config}: no student architecture ({err})") from err
+        return str(read_config(run_dir)["student"]["name"])
+    except (KeyError, TypeError) as err:
+        raise FileNotFoundError(f"{Path(run_dir) / CONFIG}: no student.name ({err})") from err
+
+
+def loss_title(run_dir: str | Path) -> str:
+    """How to name a run's objective in plots: its registered title (token MSE by default,
+    the objective of runs older than the `loss` option)."""
+    from sonodistill.distill.loss import LOSSES
+
+    name = read_config(run_dir).get("loss", "token_mse")
+    return LOSSES[name].title if name in LOSSES else f"{name} loss"
 
 
 def student_backbone(path: str | Path, name: str | None = None) -> tuple[str, Path]:
