@@ -25,7 +25,7 @@ def _fake_run(run: Path, random_teacher: bool = True) -> Path:
     (run / "distill" / "config.yaml").write_text(yaml.safe_dump({"teacher": teacher}))
     rows = ["step,loss,cosine,lr,images_per_s"]
     rows += [f"{s},{2.0 / (1 + s)},{0.2 + s / 100},0.0001,55.5" for s in range(0, 50, 5)]
-    (run / "distill" / "metrics.csv").write_text("\n".join(rows) + "\n")
+    _write_log(run / "distill", 0, rows)
     (run / "evaluate").mkdir()
     (run / "evaluate" / "linear_probe.csv").write_text(
         "encoder,task,dice,iou\nresnet18-random,seg,0.3121,0.2\nresnet18-distilled,seg,0.4567,0.3\n"
@@ -45,6 +45,24 @@ def _fake_run(run: Path, random_teacher: bool = True) -> Path:
     }
     (run / "demo.json").write_text(json.dumps(summary))
     return run
+
+
+def _write_log(run: Path, version: int, rows: list[str]) -> None:
+    """A metrics.csv where `sonodistill distill` writes one per start or resume."""
+    folder = run / "logs" / f"version_{version}"
+    folder.mkdir(parents=True)
+    (folder / "metrics.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_curves_of_a_run_resumed_ten_times_come_from_the_last_attempt(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "distill").mkdir(parents=True)
+    (run / "distill" / "config.yaml").write_text(yaml.safe_dump({"loss": "token_cosine"}))
+    for version in range(11):  # each attempt logs step 5 again: version_10 is the newest
+        _write_log(run / "distill", version, ["step,loss,cosine", f"5,{version + 1},0.5"])
+    page = build_report(run).read_text()
+    assert "step 5, loss 11, cosine 0.5" in page  # not version_9's 10 (a string sort's pick)
+    assert "objective: token cosine loss (1 - cosine)" in page  # named by the run's config
 
 
 def test_report_has_every_section_self_contained(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ It reads the demo run layout (see docs/demo.md) and shows whatever is there, so 
 a partial run or on a plain distill run dir:
 
     demo.json / demo.yaml        summary (teacher, per-step times) and resolved demo config
-    distill/config.yaml          distillation config      distill/metrics.csv  loss/cosine curves
+    distill/config.yaml          distillation config      distill/logs/        loss/cosine curves
     evaluate/**/*.{csv,md}       evaluation tables        analysis/*.png       t-SNE figure(s)
     analysis/**/*.{csv,md}       embedding tables         bench/*.{csv,md}     Table 5
     samples/*.png                frames with ground-truth and predicted masks
@@ -20,6 +20,8 @@ import io
 import json
 import re
 from pathlib import Path
+
+from sonodistill.distill.run import loss_title, read_config, read_metrics
 
 TITLE = "sonodistill report"
 CSS = """
@@ -110,15 +112,15 @@ def _overview(run: Path, summary: dict) -> str:
     return "\n".join(parts)
 
 
+def _distill_run(run: Path) -> Path:
+    """The distill run of a demo folder (run/distill), else the folder itself."""
+    return run / "distill" if (run / "distill").is_dir() else run
+
+
 def _distill_teacher_is_random(run: Path) -> bool:
     """A distill config without weights and with random_init: the teacher was random."""
-    import yaml
-
-    for cfg_path in (run / "distill" / "config.yaml", run / "config.yaml"):
-        if cfg_path.is_file():
-            teacher = (yaml.safe_load(cfg_path.read_text()) or {}).get("teacher") or {}
-            return bool(teacher.get("random_init")) and not teacher.get("weights")
-    return False
+    teacher = read_config(_distill_run(run)).get("teacher") or {}
+    return bool(teacher.get("random_init")) and not teacher.get("weights")
 
 
 def _configs(run: Path) -> str:
@@ -135,42 +137,25 @@ def _configs(run: Path) -> str:
 
 
 def _curves(run: Path) -> str:
-    rows = _metrics_rows(run)
-    series = {k: _column(rows, k) for k in ("loss", "cosine", "lr", "images_per_s")}
-    if not series["loss"]:
+    folder = _distill_run(run)
+    try:
+        rows = read_metrics(folder)  # every attempt of a resumed run, in version order
+    except FileNotFoundError:
         return ""
-    steps = _column(rows, "step") or list(range(len(rows)))
-    png = _plot_curves(steps, series)
-    last = rows[-1]
-    keys = ("step", "loss", "cosine", "images_per_s")
-    facts = ", ".join(f"{k} {float(last[k]):.4g}" for k in keys if last.get(k) not in (None, ""))
-    return _img(png, "distillation curves") + f"<p class='muted'>last logged step: {facts}</p>"
+    train = rows[rows["loss"].notna()] if "loss" in rows else rows.iloc[:0]
+    if train.empty:
+        return ""
+    keys = ("loss", "cosine", "lr", "images_per_s")
+    series = {k: train[k].tolist() for k in keys if k in train and train[k].notna().all()}
+    objective = loss_title(folder)
+    png = _plot_curves(train["step"].tolist(), series, objective)
+    last = train.iloc[-1]
+    facts = ", ".join(f"{k} {float(last[k]):.4g}" for k in ("step", *keys) if k in train)
+    text = f"objective: {objective}; last logged step: {facts}"
+    return _img(png, "distillation curves") + f"<p class='muted'>{html.escape(text)}</p>"
 
 
-def _metrics_rows(run: Path) -> list[dict]:
-    """Training rows of the distill run's CSV logs (every attempt of a resumed run, merged)."""
-    for folder in (run / "distill", run):
-        files = sorted((folder / "logs").glob("version_*/metrics.csv")) or sorted(
-            p for p in (folder / "metrics.csv", folder / "logs" / "metrics.csv") if p.is_file()
-        )
-        if files:
-            by_step: dict[str, dict] = {}
-            for f in files:  # later attempts replace the rows they repeat
-                for row in csv.DictReader(f.open()):
-                    if row.get("loss") not in (None, ""):
-                        by_step[row.get("step", str(len(by_step)))] = row
-            return sorted(by_step.values(), key=lambda r: float(r.get("step") or 0))
-    return []
-
-
-def _column(rows: list[dict], key: str) -> list[float]:
-    values = [r.get(key) for r in rows]
-    if not values or any(v in (None, "") for v in values):
-        return []
-    return [float(v) for v in values]
-
-
-def _plot_curves(steps: list[float], series: dict[str, list[float]]) -> bytes:
+def _plot_curves(steps: list[float], series: dict[str, list[float]], loss: str) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,7 +167,7 @@ def _plot_curves(steps: list[float], series: dict[str, list[float]]) -> bytes:
     panels = [(k, series[k]) for k in keep if series.get(k)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
     labels = {
-        "loss": "token MSE loss (Eq. 6)",
+        "loss": loss,
         "cosine": "teacher-student cosine",
         "lr": "lr",
         "images_per_s": "throughput (images/s)",
