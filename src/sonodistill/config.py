@@ -2,11 +2,16 @@
 
 jsonargparse turns a dataclass into `--section.field value` flags plus `--config FILE.yaml`;
 every run writes the resolved config beside its outputs with `save_config`.
+
+`--config` also takes the name of a config shipped in the package (`sonodistill/configs/`, as
+torchtune resolves its recipes): `--config paper_distill_r50`, `--config suites/smoke_cpu`. An
+existing file of that name wins; flags after `--config` override its values.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from importlib.resources import files
 from pathlib import Path
 from typing import TypeVar
 
@@ -19,19 +24,51 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 C = TypeVar("C")
 
 
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped in the package, e.g. paper_distill_r50, suites/paper."""
+    root = Path(str(files("sonodistill") / "configs"))
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+
+
+def resolve_config(value: str) -> str:
+    """The file a `--config` value names: an existing file, else a packaged config by name."""
+    if Path(value).is_file():
+        return value
+    name = value.removesuffix(".yaml")
+    if name in packaged_configs():
+        return str(files("sonodistill") / "configs" / f"{name}.yaml")
+    raise FileNotFoundError(
+        f"--config {value}: no such file, nor a packaged config ({', '.join(packaged_configs())})"
+    )
+
+
 def config_parser(cls: type, prog: str, description: str) -> ArgumentParser:
-    """A parser with `--config FILE` and one flag per (nested) dataclass field."""
+    """A parser with `--config FILE|NAME` and one flag per (nested) dataclass field."""
     parser = ArgumentParser(prog=prog, description=description, exit_on_error=True)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file of options")
+    parser.add_argument(
+        "--config",
+        action=ActionConfigFile,
+        help=f"YAML file of options, or a packaged config: {', '.join(packaged_configs())}",
+    )
     parser.add_class_arguments(cls, nested_key=None, fail_untyped=True)
     return parser
 
 
 def parse_config(cls: type[C], argv: list[str], prog: str, description: str = "") -> C:
     parser = config_parser(cls, prog, description)
-    namespace = parser.parse_args(argv)
+    namespace = parser.parse_args(_resolve_config_flags(argv))
     namespace.pop("config", None)
     return from_dict(cls, namespace.as_dict())
+
+
+def _resolve_config_flags(argv: list[str]) -> list[str]:
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            out[i + 1] = resolve_config(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + resolve_config(arg.split("=", 1)[1])
+    return out
 
 
 def from_dict(cls: type[C], values: dict) -> C:

@@ -8,7 +8,7 @@ from sonodistill.evaluate.suite import SuiteConfig, run_suite
 DESCRIPTION = (
     "Downstream evaluation (paper Tables 2, 3, 4, 6, 7): encoders x tasks x protocols x label "
     "fractions x seeds. One JSON per run under OUT/runs (finished runs are skipped), tables "
-    "under OUT/tables. Example: sonodistill evaluate --config configs/suites/smoke_cpu.yaml"
+    "under OUT/tables. Example: sonodistill evaluate --config suites/smoke_cpu"
 )
 
 
