@@ -27,16 +27,12 @@ def phash(grey: np.ndarray) -> str:
     return str(imagehash.phash(Image.fromarray(grey), hash_size=8))
 
 
-def phash_bits(grey: np.ndarray) -> np.ndarray:
-    """The same hash as a bool vector of 64 bits (for fast in-clip comparisons)."""
-    return hex_to_bits([phash(grey)])[0]
-
-
 def hex_to_uint64(hashes) -> np.ndarray:
     return np.array([int(h, 16) for h in hashes], dtype=np.uint64)
 
 
 def hex_to_bits(hashes) -> np.ndarray:
+    """Hex hashes as bool vectors of 64 bits (fast in-clip comparisons)."""
     values = hex_to_uint64(hashes)
     return np.unpackbits(values.astype(">u8").view(np.uint8).reshape(-1, 8), axis=1).astype(bool)
 

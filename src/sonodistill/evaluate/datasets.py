@@ -314,11 +314,3 @@ class ClsDataset(Dataset):
         if self.hflip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x, torch.tensor(self.records[i].label, dtype=torch.long)
-
-
-def index_summary(index: DatasetIndex) -> dict:
-    counts: dict[str, int] = {}
-    for r in index.records:
-        key = index.classes[r.label] if index.task == "cls" and r.label is not None else "all"
-        counts[key] = counts.get(key, 0) + 1
-    return {"name": index.name, "task": index.task, "n": len(index.records), "counts": counts}
