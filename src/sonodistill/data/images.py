@@ -5,7 +5,6 @@ Workers only decode and resize to a fixed square; augmentation runs batched on t
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from torch.utils.data import Dataset, Sampler
 
 from sonodistill.data.frames import to_grey
 from sonodistill.data.manifest import is_corpus, list_corpus_images
+from sonodistill.data.pack import is_pack, open_pack
 from sonodistill.data.readers import IMAGE_EXT, ReadError, read_image
 
 log = logging.getLogger(__name__)
@@ -59,10 +59,7 @@ class PackedFrames(Dataset):
     """Frames from `sonodistill corpus pack`: a memory-mapped (N, S, S) uint8 array."""
 
     def __init__(self, pack_dir: str | Path, size: int):
-        pack_dir = Path(pack_dir)
-        meta = json.loads((pack_dir / "pack.json").read_text())
-        shape = (meta["count"], meta["size"], meta["size"])
-        self.frames = np.memmap(pack_dir / "frames.u8", dtype=np.uint8, mode="r", shape=shape)
+        self.frames, _ = open_pack(pack_dir)
         self.size = size
 
     def __len__(self) -> int:
@@ -88,7 +85,7 @@ class PackedFrames(Dataset):
 def open_training_images(path: str | Path, size: int) -> Dataset:
     """A pack folder, a corpus folder or manifest (kept frames only), or any image folder."""
     path = Path(path)
-    if (path / "pack.json").is_file():
+    if is_pack(path):
         return PackedFrames(path, size)
     if path.suffix == ".parquet" or is_corpus(path):
         return ImageFiles(list_corpus_images(path), size)

@@ -66,6 +66,10 @@ def pack_corpus(
     return out
 
 
+def is_pack(path: str | Path) -> bool:
+    return (Path(path) / "pack.json").is_file()
+
+
 def open_pack(path: str | Path) -> tuple[np.memmap, pd.DataFrame]:
     """The read-only frame array and the index of a pack folder."""
     path = Path(path)
