@@ -216,7 +216,7 @@ def step_evaluate(cfg: DemoConfig, run: Path, state: dict) -> str:
             results[(protocol, task, enc)] = result
             if keep:
                 seg_models[enc] = model
-    _write_eval_tables(out, results, encoders)
+    _write_eval_tables(out, results, encoders, cfg.seed)
     runs_json = [
         {"protocol": p, "task": t, "encoder": encoders[e], **r} for (p, t, e), r in results.items()
     ]
@@ -244,40 +244,34 @@ def _run_one(index, splits, spec, protocol, seed, settings, on_epoch, keep_model
     return result, (kept[0].eval().cpu() if kept else None)
 
 
-METRICS = {"seg": ("dice", "iou"), "cls": ("acc", "f1")}
+def _write_eval_tables(out: Path, results: dict, encoders: dict[str, str], seed: int) -> None:
+    """Paper-style tables (those of `sonodistill evaluate`): one per protocol, a row per encoder,
+    Dice/IoU and accuracy/macro-F1."""
+    from sonodistill.evaluate.tables import HEAD, METRICS, aggregate, metric_table, runs_frame
+    from sonodistill.io import write_table
 
-
-def _write_eval_tables(out: Path, results: dict, encoders: dict[str, str]) -> None:
-    """Paper-style tables: one per protocol, a row per encoder, Dice/IoU and accuracy/macro-F1."""
-    import csv
-
+    labels = {enc: spec.split("@")[-1] for enc, spec in encoders.items()}
+    runs = [
+        {"task": t, "task_type": t, "protocol": p, "encoder": labels[e], "fraction": 1.0, **r}
+        for (p, t, e), r in results.items()
+    ]
+    agg = aggregate(runs_frame([{**r, "seed": seed} for r in runs]))
+    n = results[("linear", "seg", "random")]["n"]
+    note = (
+        "Simulated lesions: segmentation (Dice/IoU per image, averaged) and 4-class lesion type "
+        "(accuracy, macro-F1); test metrics of the best-validation epoch; splits "
+        f"train/val/test = {n['train']}/{n['val']}/{n['test']}."
+    )
     tables = {
         "linear": ("table2_linear_probe", "Linear probe, frozen encoder (cf. paper Table 2)"),
         "finetune": ("table3_finetune", "Full fine-tuning (cf. paper Table 3)"),
     }
     for protocol, (stem, title) in tables.items():
-        header = ["encoder", "seg dice", "seg iou", "cls acc", "cls macro-F1", "best epochs"]
-        rows = []
-        for enc, spec in encoders.items():
-            row = [spec.split("@")[-1]]
-            epochs = []
-            for task, names in METRICS.items():
-                r = results[(protocol, task, enc)]
-                row += [f"{r['test'][m]:.4f}" for m in names]
-                epochs.append(str(r["best_epoch"]))
-            rows.append(row + ["/".join(epochs)])
-        with (out / f"{stem}.csv").open("w", newline="") as fh:
-            csv.writer(fh).writerows([header, *rows])
-        n = results[(protocol, "seg", "random")]["n"]
-        md = [f"# {title}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-        md += ["| " + " | ".join(r) + " |" for r in rows]
-        md += [
-            "",
-            f"Simulated lesions: segmentation (Dice/IoU per image, averaged) and 4-class "
-            f"lesion type (accuracy, macro-F1); test metrics of the best-validation epoch; "
-            f"splits train/val/test = {n['train']}/{n['val']}/{n['test']}.",
+        columns = [
+            (f"{task} {HEAD[m]}", task, m, 1.0, protocol) for task in METRICS for m in METRICS[task]
         ]
-        (out / f"{stem}.md").write_text("\n".join(md) + "\n")
+        table = metric_table(agg, list(labels.values()), columns)
+        write_table(table, out / stem, title, note)
 
 
 def _sample_figure(run: Path, index, splits: dict, models: dict, encoders: dict, size: int) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from sonodistill.data import frames as fr
+from sonodistill.io import markdown_table
 
 
 def summarize(manifest: pd.DataFrame) -> dict:
@@ -57,23 +58,26 @@ def write_summary(
     summary["seconds"] = round(seconds, 2)
     summary["files_read"] = files_read
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    per_dataset = pd.DataFrame(
+        summary["per_dataset"], columns=["dataset", "anatomy", "files", "frames", "kept"]
+    ).rename(columns={"frames": "frames seen"})
+    per_kind = pd.DataFrame(
+        [(k, v["frames"], v["kept"]) for k, v in summary["per_kind"].items()],
+        columns=["kind", "frames seen", "kept"],
+    )
+    reasons = pd.DataFrame(list(summary["drop_reasons"].items()), columns=["drop reason", "frames"])
     lines = [
         f"# Corpus summary: {out.name}",
         "",
         f"{summary['frames_kept']} frames kept of {summary['frames_seen']} seen, from "
         f"{summary['files']} files ({summary['files_unreadable']} unreadable).",
         "",
-        "| dataset | anatomy | files | frames seen | kept |",
-        "|---|---|---:|---:|---:|",
+        markdown_table(per_dataset),
+        "",
+        markdown_table(per_kind),
+        "",
+        markdown_table(reasons),
     ]
-    lines += [
-        f"| {r['dataset']} | {r['anatomy']} | {r['files']} | {r['frames']} | {r['kept']} |"
-        for r in summary["per_dataset"]
-    ]
-    lines += ["", "| kind | frames seen | kept |", "|---|---:|---:|"]
-    lines += [f"| {k} | {v['frames']} | {v['kept']} |" for k, v in summary["per_kind"].items()]
-    lines += ["", "| drop reason | frames |", "|---|---:|"]
-    lines += [f"| {k} | {v} |" for k, v in summary["drop_reasons"].items()]
     if summary["skipped_files"]:
         lines += ["", "Skipped files:", ""]
         lines += [f"- `{r['source']}`: {r['reason']}" for r in summary["skipped_files"]]

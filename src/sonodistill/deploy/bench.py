@@ -39,8 +39,10 @@ from sonodistill.deploy.flops import count_flops, count_params
 from sonodistill.deploy.onnx_utils import export_onnx, quantize_int8, session
 from sonodistill.distill.run import load_encoder
 from sonodistill.evaluate.heads import WithPreprocess
-from sonodistill.models import Student, StudentConfig, to_model_input
+from sonodistill.io import write_table
+from sonodistill.models import to_model_input
 from sonodistill.models.encoders import Encoder, EncoderSpec, parse_spec
+from sonodistill.models.student import projection_head
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +122,10 @@ def teacher_head(encoder: Encoder, classes: int) -> nn.Module:
 
 
 def student_head(encoder: Encoder, cfg: BenchConfig, teacher_dim: int) -> nn.Module:
-    # The projection head exactly as distillation builds it (Student), on this backbone.
-    student = Student(
-        StudentConfig(name=encoder.spec.name, head=cfg.student_head),
-        cfg.teacher_n_blocks * teacher_dim,
+    """The distillation projection head exactly as `Student` builds it, on this backbone."""
+    return projection_head(
+        encoder.out_channels, cfg.teacher_n_blocks * teacher_dim, cfg.student_head
     )
-    return student.head
 
 
 def static_costs(name: str, encoder: Encoder, head: nn.Module, x: torch.Tensor) -> dict:
@@ -406,22 +406,18 @@ def bench(cfg: BenchConfig) -> dict:
 
 
 def write_outputs(result: dict, cfg: BenchConfig, out: Path) -> None:
-    import pandas as pd
-
     rows, env = result["rows"], result["env"]
     t, s = result["teacher"], result["student"]
-    header = ["metric", f"teacher: {t['label']}", f"student: {s['label']}", "student vs teacher"]
-    frame = pd.DataFrame(
-        [[r["metric"], r["teacher"], r["student"], r["student vs teacher"]] for r in rows],
-        columns=header,
-    )
-    frame.to_csv(out / "table5.csv", index=False)
-    (out / "table5.json").write_text(json.dumps(result, indent=2, default=str))
-    md = [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(False)),
-        "",
+    table = [
+        {
+            "metric": r["metric"],
+            f"teacher: {t['label']}": r["teacher"],
+            f"student: {s['label']}": r["student"],
+            "student vs teacher": r["student vs teacher"],
+        }
+        for r in rows
+    ]
+    note = (
         f"Batch 1, {cfg.image_size}x{cfg.image_size} input, {env['warmup']} warm-up + "
         f"{env['runs']} timed runs, {env['threads']} CPU threads on {env['cpu']}; "
         f"torch {env['torch']}, onnxruntime {env['onnxruntime']}; int8 = static QDQ, "
@@ -430,9 +426,10 @@ def write_outputs(result: dict, cfg: BenchConfig, out: Path) -> None:
         + "Head: teacher = linear classifier on the CLS token "
         f"({cfg.teacher_head_classes} classes); student = distillation projection head "
         f"({cfg.student_head}, to {cfg.teacher_n_blocks} x teacher width). Timings cover the "
-        "backbone only.",
-    ]
-    (out / "table5.md").write_text("\n".join(md) + "\n")
+        "backbone only."
+    )
+    write_table(table, out / "table5", note=note)
+    (out / "table5.json").write_text(json.dumps(result, indent=2, default=str))
 
 
 def main(argv: list[str] | None = None) -> int:

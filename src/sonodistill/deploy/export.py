@@ -29,6 +29,7 @@ from sonodistill.distill.run import load_encoder
 from sonodistill.evaluate.head_checkpoint import HeadSpec, load_head
 from sonodistill.evaluate.heads import WithPreprocess
 from sonodistill.evaluate.metrics import dice_iou, predict_mask
+from sonodistill.io import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -189,14 +190,19 @@ def report_markdown(report: dict) -> str:
         f"checked on {report['check_frames']} real frames ({', '.join(report['datasets'])}), "
         f"int8 calibrated on {report['calib_frames']} others.",
         "",
-        "| model | size (MB) | max abs diff | mean abs diff | cosine mean | cosine min |",
-        "|---|---|---|---|---|---|",
     ]
-    for kind, m in report["models"].items():
-        lines.append(
-            f"| {kind} | {m['size_mb']} | {m['max_abs']:.3g} | {m['mean_abs']:.3g} "
-            f"| {m['cosine_mean']:.6f} | {m['cosine_min']:.6f} |"
-        )
+    rows = [
+        {
+            "model": kind,
+            "size (MB)": m["size_mb"],
+            "max abs diff": f"{m['max_abs']:.3g}",
+            "mean abs diff": f"{m['mean_abs']:.3g}",
+            "cosine mean": f"{m['cosine_mean']:.6f}",
+            "cosine min": f"{m['cosine_min']:.6f}",
+        }
+        for kind, m in report["models"].items()
+    ]
+    lines.append(markdown_table(rows, floatfmt="g"))
     verdict = "within" if report["fp32_ok"] else "OUTSIDE"
     lines += ["", f"fp32 {verdict} tolerance {report['tolerance']:g} of PyTorch."]
     if "test" in report:

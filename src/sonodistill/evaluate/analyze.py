@@ -12,7 +12,6 @@ Reads an `embed` output folder and writes:
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import pandas as pd
 
 from sonodistill.config import parse_config, save_config
 from sonodistill.evaluate.embed import load_embeddings
+from sonodistill.io import write_table
 
 log = logging.getLogger(__name__)
 
@@ -178,27 +178,6 @@ def plot_panels(proj: pd.DataFrame, models: list[str], cfg: AnalyzeConfig, path:
     return path
 
 
-# --- tables -------------------------------------------------------------------------------------
-
-
-def write_table(rows: list[dict], stem: Path, floatfmt: str = ".4f") -> None:
-    """The same table as Markdown, CSV and JSON."""
-    frame = pd.DataFrame(rows)
-    frame.to_csv(stem.with_suffix(".csv"), index=False)
-    stem.with_suffix(".json").write_text(json.dumps(rows, indent=2))
-    stem.with_suffix(".md").write_text(markdown(frame, floatfmt) + "\n")
-
-
-def markdown(frame: pd.DataFrame, floatfmt: str = ".4f") -> str:
-    def fmt(v) -> str:
-        return format(v, floatfmt) if isinstance(v, float) else str(v)
-
-    head = "| " + " | ".join(map(str, frame.columns)) + " |"
-    sep = "|" + "|".join("---" for _ in frame.columns) + "|"
-    body = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in frame.itertuples(False)]
-    return "\n".join([head, sep, *body])
-
-
 def analyze(cfg: AnalyzeConfig) -> Path:
     """Projection figure and metrics table for every model; returns the output folder."""
     from threadpoolctl import threadpool_limits
@@ -249,7 +228,7 @@ def _analyze(cfg: AnalyzeConfig) -> Path:
         )
     proj.to_parquet(out / "projection.parquet", index=False)
     plot_panels(proj, models, cfg, out / f"{cfg.method}.png")
-    write_table(rows, out / "metrics")
+    write_table(rows, out / "metrics", with_json=True)
     return out
 
 

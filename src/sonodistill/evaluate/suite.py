@@ -29,6 +29,7 @@ from sonodistill.evaluate.splits import (
 )
 from sonodistill.evaluate.tables import paper_tables
 from sonodistill.evaluate.train import TrainSettings, run_one, trivial_baselines
+from sonodistill.io import write_table
 from sonodistill.models.encoders import EncoderSpec, parse_spec
 from sonodistill.progress import progress_bar
 
@@ -247,25 +248,17 @@ def _model_saver(run: Run, index: DatasetIndex, out: Path):
 
 def write_baselines(cfg: SuiteConfig, data: _Data, types: dict[str, str], out: Path) -> Path:
     """All-background / all-foreground test scores per segmentation task, beside the tables."""
-    lines = [
-        "## Trivial predictors on the same test splits",
-        "",
-        f"Segmentation at {cfg.train.seg_size} px; per-image Dice/IoU, both empty = 1.",
-        "",
-        "| Task | Predictor | Dice | IoU |",
-        "|---|---|---|---|",
-    ]
-    scores = {}
+    scores, rows = {}, []
     for task in (t for t, kind in types.items() if kind == "seg"):
         index, splits = data.get(task)
         scores[task] = trivial_baselines(index, splits, cfg.train)
         for name, s in scores[task].items():
-            lines.append(f"| {task} | {name} | {s['dice']:.4f} | {s['iou']:.4f} |")
+            rows.append({"Task": task, "Predictor": name, "Dice": s["dice"], "IoU": s["iou"]})
     out.mkdir(parents=True, exist_ok=True)
     (out / "baselines.json").write_text(json.dumps(scores, indent=1))
-    path = out / "baselines.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    title = "Trivial predictors on the same test splits"
+    note = f"Segmentation at {cfg.train.seg_size} px; per-image Dice/IoU, both empty = 1."
+    return write_table(rows, out / "baselines", title, note)
 
 
 def table_note(cfg: SuiteConfig) -> str:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from sonodistill.io import write_table
+
 METRICS = {"seg": ("dice", "iou"), "cls": ("acc", "f1")}
 HEAD = {"dice": "Dice", "iou": "IoU", "acc": "Acc", "f1": "F1"}
 
@@ -67,21 +69,6 @@ def metric_table(
     return pd.DataFrame(rows)
 
 
-def to_markdown(df: pd.DataFrame) -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines)
-
-
-def write_table(df: pd.DataFrame, out: Path, stem: str, title: str, note: str) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / f"{stem}.csv", index=False)
-    path = out / f"{stem}.md"
-    path.write_text(f"## {title}\n\n{note}\n\n{to_markdown(df)}\n")
-    return path
-
-
 def paper_tables(
     results: list[dict],
     encoders: list[str],
@@ -120,7 +107,7 @@ def paper_tables(
     for protocol, (stem, title) in titles.items():
         if (df.protocol == protocol).any() and (df.fraction == 1.0).any():
             table = metric_table(agg, encoders, cols(protocol, list(tasks)))
-            written.append(write_table(table, out, stem, title, note))
+            written.append(write_table(table, out / stem, title, note))
     fractions = sorted(f for f in df.fraction.unique() if f < 1.0)
     if fractions:
         first = {"seg": ("dice",), "cls": ("acc",)}
@@ -128,12 +115,12 @@ def paper_tables(
         columns.sort(key=lambda c: (list(tasks).index(c[1]), c[3]))
         table = metric_table(agg, encoders, columns)
         title = "Table 4: limited labels (fine-tuning on a fraction of the training split)"
-        written.append(write_table(table, out, "table4_label_fractions", title, note))
+        written.append(write_table(table, out / "table4_label_fractions", title, note))
     paper = [t for t in ("busi_cls", "ddti_seg") if t in tasks] or list(tasks)
     if (df.protocol == "finetune").any():
         table = metric_table(agg, encoders, cols("finetune", paper))
         title = "Table 7: architectures, distilled vs random (full fine-tuning)"
-        written.append(write_table(table, out, "table7_architectures", title, note))
+        written.append(write_table(table, out / "table7_architectures", title, note))
     if ablation:
         labels = [a["encoder"] for a in ablation]
         keys = {
@@ -142,5 +129,5 @@ def paper_tables(
         }
         table = metric_table(agg, labels, cols("finetune", paper), keys)
         title = "Table 6: ablation, augmentation policy and mixup (full fine-tuning)"
-        written.append(write_table(table, out, "table6_ablation", title, note))
+        written.append(write_table(table, out / "table6_ablation", title, note))
     return written
