@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 from test_embed import BUSI, extract_lung_frames, fake_student_run
 
+from sonodistill.cli import main
 from sonodistill.evaluate.analyze import (
     AnalyzeConfig,
     analyze,
     colour_map,
     knn_accuracy,
-    main,
     silhouette,
 )
 from sonodistill.evaluate.embed import EmbedConfig, embed
@@ -96,13 +96,13 @@ def test_analyze_real_frames_writes_figure_and_table(real_embeddings, tmp_path):
 
 def test_cli_and_umap_option(real_embeddings, tmp_path, capsys):
     argv = ["--embeddings", str(real_embeddings), "--out", str(tmp_path), "--models", "[R18-Rand]"]
-    assert main([*argv, "--tsne_iter", "250", "--threads", "1"]) == 0
+    assert main(["analyze", *argv, "--tsne_iter", "250", "--threads", "1"]) == 0
     assert "R18-Rand" in capsys.readouterr().out
     if importlib.util.find_spec("umap") is None:
         with pytest.raises(ImportError, match=r"sonodistill\[umap\]"):
-            main([*argv, "--method", "umap"])
+            main(["analyze", *argv, "--method", "umap"])
     else:
-        assert main([*argv, "--method", "umap"]) == 0
+        assert main(["analyze", *argv, "--method", "umap"]) == 0
         assert (tmp_path / "umap.png").is_file()
     with pytest.raises(KeyError, match="no embeddings"):
         analyze(AnalyzeConfig(embeddings=str(real_embeddings), models=["nope"]))

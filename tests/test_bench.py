@@ -12,11 +12,11 @@ from conftest import TINY_TEACHER_KWARGS
 from test_embed import BUSI
 from torch import nn
 
+from sonodistill.cli import main
 from sonodistill.deploy.bench import (
     BenchConfig,
     _ratio,
     bench,
-    main,
     time_fn,
     time_interleaved,
 )
@@ -122,7 +122,7 @@ def test_cli_subset_of_backends(tmp_path, capsys):
     flags = f"--teacher teacher:random@tiny --student random:resnet18@r18 --out {tmp_path}"
     flags += " --image_size 32 --warmup 0 --runs 2 --threads 1 --backends [torch_fp32] --gpu off"
     argv = [*flags.split(), "--teacher_kwargs", json.dumps(TINY_TEACHER_KWARGS)]
-    assert main(argv) == 0
+    assert main(["bench", *argv]) == 0
     out = capsys.readouterr().out
     assert "PyTorch fp32" in out and "ONNX Runtime" not in out
 

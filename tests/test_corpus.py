@@ -21,8 +21,8 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
+from sonodistill.cli import main
 from sonodistill.data import hashing
-from sonodistill.data.cli import main as corpus_main
 from sonodistill.data.frames import FrameSelector, FrameSettings
 from sonodistill.data.listing import collect_frames
 from sonodistill.data.manifest import list_corpus_images
@@ -248,7 +248,7 @@ def test_build_skips_broken_files_and_resumes(corpus_data, tmp_path, capsys):
         ],
     )
     out = tmp_path / "corpus"
-    assert corpus_main(["build", str(sources), "--out", str(out), "--quiet"]) == 0
+    assert main(["corpus", "build", str(sources), "--out", str(out), "--quiet", "true"]) == 0
     m = pd.read_parquet(out / "manifest.parquet")
     skipped = m[m.frame < 0].set_index(m[m.frame < 0].source.map(lambda s: Path(s).name))
     assert set(skipped.index) == {"truncated.mp4", "corrupt.png", "notes.txt"}
@@ -282,7 +282,7 @@ def test_build_skips_broken_files_and_resumes(corpus_data, tmp_path, capsys):
 
     # rerun: nothing is read again and the manifest is the same
     capsys.readouterr()
-    assert corpus_main(["build", str(sources), "--out", str(out), "--quiet"]) == 0
+    assert main(["corpus", "build", str(sources), "--out", str(out), "--quiet", "true"]) == 0
     assert "0 read this run" in capsys.readouterr().out
     pd.testing.assert_frame_equal(pd.read_parquet(out / "manifest.parquet"), m)
 
@@ -315,7 +315,7 @@ def test_build_real_corpus_pack_and_distill(corpus_data, tmp_path):
             },
         ],
     )
-    assert corpus_main(["build", str(sources), "--out", str(out), "--quiet"]) == 0
+    assert main(["corpus", "build", str(sources), "--out", str(out), "--quiet", "true"]) == 0
     m = pd.read_parquet(out / "manifest.parquet")
     seen = m[m.frame >= 0]
     # every frame of every file has its row: the headers' counts
@@ -337,7 +337,10 @@ def test_build_real_corpus_pack_and_distill(corpus_data, tmp_path):
     assert {f.group for f in frames} == set(m.source[m.kept])
 
     pack = tmp_path / "pack"
-    assert corpus_main(["pack", str(out), "--out", str(pack), "--size", "64", "--quiet"]) == 0
+    assert (
+        main(["corpus", "pack", str(out), "--out", str(pack), "--size", "64", "--quiet", "true"])
+        == 0
+    )
     frames, index = open_pack(pack)
     kept = m[m.kept].reset_index(drop=True)
     assert frames.shape == (len(kept), 64, 64)
@@ -348,14 +351,12 @@ def test_build_real_corpus_pack_and_distill(corpus_data, tmp_path):
     png = cv2.imread(str(out / kept.path[k]), cv2.IMREAD_GRAYSCALE)
     assert np.array_equal(frames[k], resize_frame(png, 64))
 
-    from sonodistill.distill.cli import main as distill_main
-
     run = tmp_path / "run"
     flags = f"--data {out} --out {run} --teacher.random_init true --student.name resnet18"
     flags += " --img_size 64 --batch_size 8 --max_steps 3 --num_workers 0 --accelerator cpu"
     flags += " --log_every 1 --precision 32-true"
     tiny = ["--teacher.model_kwargs", "{embed_dim: 48, depth: 2, num_heads: 2}"]
-    rc = distill_main([*flags.split(), *tiny])
+    rc = main(["distill", *flags.split(), *tiny])
     assert not rc
     assert (run / "student_backbone.safetensors").is_file()
 
@@ -382,7 +383,7 @@ def test_check_leakage_finds_busi_duplicates(busi, corpus_data, tmp_path, capsys
     for i, f in frames_of(corpus_data / "covid_blues/lus_videos" / CLIPS[1])[:60:20]:
         cv2.imwrite(str(corpus / f"lung_{i}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2GRAY))
     report = tmp_path / "leaks.csv"
-    rc = corpus_main(f"check-leakage {corpus} --against BUSI={busi} --report {report}".split())
+    rc = main(f"corpus check-leakage {corpus} --against+ BUSI={busi} --report {report}".split())
     assert rc == 1
     r = pd.read_csv(report)
     cross = r[r.scope == "corpus"]
@@ -415,7 +416,7 @@ def test_build_excludes_evaluation_sets(busi, shared_data, corpus_data, tmp_path
         exclude=[{"name": "BUSI", "path": str(busi)}, {"name": "DDTI", "path": str(ddti)}],
     )
     out = tmp_path / "corpus"
-    assert corpus_main(["build", str(sources), "--out", str(out), "--quiet"]) == 0
+    assert main(["corpus", "build", str(sources), "--out", str(out), "--quiet", "true"]) == 0
     m = pd.read_parquet(out / "manifest.parquet")
     leak = m[m.dataset.isin(["busi_leak", "ddti_leak"])]
     assert len(leak) >= 15  # the sources did bring BUSI and DDTI images...
@@ -433,7 +434,7 @@ def test_build_excludes_evaluation_sets(busi, shared_data, corpus_data, tmp_path
     # the same sources without `exclude:` into the same folder: the dropped images come back
     # (their files are read again, since their frames were removed from the corpus folder)
     write_sources(tmp_path / "sources.yaml", yaml.safe_load(sources.read_text())["sources"])
-    assert corpus_main(["build", str(sources), "--out", str(out), "--quiet"]) == 0
+    assert main(["corpus", "build", str(sources), "--out", str(out), "--quiet", "true"]) == 0
     again = pd.read_parquet(out / "manifest.parquet")
     back = again[again.dataset.isin(["busi_leak", "ddti_leak"]) & again.kept]
     assert len(back) >= len(matched)
@@ -443,14 +444,19 @@ def test_build_excludes_evaluation_sets(busi, shared_data, corpus_data, tmp_path
 def test_build_rejects_missing_paths(corpus_data, tmp_path, capsys):
     clip = str(corpus_data / "covid_blues/lus_videos" / CLIPS[0])
     typo = write_sources(tmp_path / "a.yaml", [{"dataset": "x", "path": str(tmp_path / "nope")}])
-    assert corpus_main(["build", str(typo), "--out", str(tmp_path / "a"), "--quiet"]) == 2
+    assert (
+        main(["corpus", "build", str(typo), "--out", str(tmp_path / "a"), "--quiet", "true"]) == 2
+    )
     assert "no file matches" in capsys.readouterr().err
     bad_exclude = write_sources(
         tmp_path / "b.yaml",
         [{"dataset": "x", "path": clip}],
         exclude=[{"name": "EVAL", "path": str(tmp_path / "missing")}],
     )
-    assert corpus_main(["build", str(bad_exclude), "--out", str(tmp_path / "b"), "--quiet"]) == 2
+    assert (
+        main(["corpus", "build", str(bad_exclude), "--out", str(tmp_path / "b"), "--quiet", "true"])
+        == 2
+    )
     assert "exclude 'EVAL'" in capsys.readouterr().err
     assert not (tmp_path / "b" / "manifest.parquet").exists()
 
@@ -464,8 +470,17 @@ def test_settings_precedence_and_saved_config(corpus_data, tmp_path):
         frames={"max_per_clip": 5, "crop_fov": False},
     )
     out = tmp_path / "c"
-    args = ["build", str(sources), "--out", str(out), "--quiet", "--frames.max_per_clip", "3"]
-    assert corpus_main(args) == 0
+    args = [
+        "build",
+        str(sources),
+        "--out",
+        str(out),
+        "--quiet",
+        "true",
+        "--frames.max_per_clip",
+        "3",
+    ]
+    assert main(["corpus", *args]) == 0
     m = pd.read_parquet(out / "manifest.parquet")
     ds = pydicom.dcmread(cine, stop_before_pixels=True)
     assert len(m) == ds.NumberOfFrames

@@ -16,10 +16,11 @@ from conftest import TINY_TEACHER_KWARGS
 from PIL import Image
 from safetensors.torch import save_file
 
+from sonodistill.cli import main
 from sonodistill.data.listing import collect_frames, list_source, load_frames
 from sonodistill.data.masks import is_mask
 from sonodistill.distill.run import load_encoder
-from sonodistill.evaluate.embed import EmbedConfig, embed, load_embeddings, main
+from sonodistill.evaluate.embed import EmbedConfig, embed, load_embeddings
 from sonodistill.models import to_model_input
 
 BUSI = "busi/Dataset_BUSI_with_GT"
@@ -157,7 +158,8 @@ def test_embed_three_real_sources_three_encoders(shared_data, lung_png, tmp_path
 def test_cli(shared_data, tmp_path):
     flags = f"--sources+ ddti={shared_data / 'ddti'} --encoders [random:resnet18@r18]"
     rc = main(
-        [*flags.split(), *f"--max_per_source 3 --image_size 32 --out {tmp_path / 'e'}".split()]
+        ["embed"]
+        + [*flags.split(), *f"--max_per_source 3 --image_size 32 --out {tmp_path / 'e'}".split()]
     )
     assert rc == 0
     assert np.load(tmp_path / "e" / "r18.npy").shape == (3, 512)

@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 from test_embed import BUSI, fake_student_run
 
+from sonodistill.cli import main
 from sonodistill.data.masks import image_mask, mask_files
-from sonodistill.deploy.export import ExportConfig, export, head_metric, main
+from sonodistill.deploy.export import ExportConfig, export, head_metric
 from sonodistill.deploy.onnx_utils import compare, run_session, session
 from sonodistill.evaluate.head_checkpoint import HeadSpec, build_head_model, load_head, save_head
 
@@ -120,7 +121,7 @@ def test_classification_head_plain_timm_format(shared_data, tmp_path):
     )
     argv += f" --test_set {shared_data / BUSI} --n_test 6 --image_size 64 --n_calib 2 --n_check 2"
     argv = [*argv.split(), "--int8", "false"]
-    assert main(argv) == 0
+    assert main(["export", *argv]) == 0
     report = json.loads((tmp_path / "exp" / "report.json").read_text())
     assert set(report["models"]) == {"fp32"}
     assert report["test"]["metric"] == "accuracy" and report["test"]["fp32_delta"] == 0.0

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
-from sonodistill.report import build_report, main
+from sonodistill.cli import main
+from sonodistill.report import build_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -96,7 +97,7 @@ def test_report_says_when_teacher_was_random(tmp_path: Path) -> None:
 def test_report_of_partial_run_marks_missing_sections(tmp_path: Path, capsys) -> None:
     run = tmp_path / "partial"
     run.mkdir()
-    assert main([str(run), "--out", str(tmp_path / "r.html")]) == 0
+    assert main(["report", str(run), "--out", str(tmp_path / "r.html")]) == 0
     page = (tmp_path / "r.html").read_text()
     assert page.count("No output for") == 7  # an empty folder: nothing in any section
     assert "r.html" in capsys.readouterr().out

@@ -1,26 +1,57 @@
 """`sonodistill` command line: a thin dispatcher over the Python API.
 
-Each subcommand lives beside the code it drives and exposes `main(argv) -> int`; modules are
-imported lazily so that `sonodistill --help` answers without importing torch.
+Every command is a function `NAME_main(argv) -> int` in the `cli.py` of the package whose code
+it drives (data/cli.py: corpus; distill/cli.py: distill; evaluate/cli.py: evaluate, embed,
+analyze; deploy/cli.py: export, bench), or here for the commands above the packages (demo,
+report); every one parses a typed config with jsonargparse (`--config`, `--print_config`,
+`--section.field value`). Modules are imported lazily so that `sonodistill --help` answers
+without importing torch.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import logging
 import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "distill": ("sonodistill.distill.cli", "distil a DINOv3 teacher into a CNN student"),
-    "corpus": ("sonodistill.data.cli", "build, check and pack an unlabeled ultrasound corpus"),
-    "evaluate": ("sonodistill.evaluate.cli", "downstream segmentation/classification suites"),
-    "embed": ("sonodistill.evaluate.embed", "embeddings of a corpus or dataset with any encoder"),
-    "analyze": ("sonodistill.evaluate.analyze", "t-SNE/UMAP, silhouette and k-NN of embeddings"),
-    "export": ("sonodistill.deploy.export", "ONNX (fp32, int8) export checked against PyTorch"),
-    "bench": ("sonodistill.deploy.bench", "teacher vs student cost table (paper Table 5)"),
-    "demo": ("sonodistill.demo", "the whole method on an embedded simulated corpus"),
-    "report": ("sonodistill.report", "a self-contained HTML report of a run folder"),
+    "corpus": ("sonodistill.data.cli:corpus_main", "build, check and pack an unlabeled corpus"),
+    "distill": ("sonodistill.distill.cli:distill_main", "distil a DINOv3 teacher into a CNN"),
+    "evaluate": ("sonodistill.evaluate.cli:evaluate_main", "downstream seg/cls suites"),
+    "embed": ("sonodistill.evaluate.cli:embed_main", "embeddings of frames with any encoder"),
+    "analyze": ("sonodistill.evaluate.cli:analyze_main", "t-SNE/UMAP, silhouette and k-NN"),
+    "export": ("sonodistill.deploy.cli:export_main", "ONNX (fp32, int8) checked against PyTorch"),
+    "bench": ("sonodistill.deploy.cli:bench_main", "teacher vs student cost (paper Table 5)"),
+    "demo": ("sonodistill.cli:demo_main", "the whole method on an embedded simulated corpus"),
+    "report": ("sonodistill.cli:report_main", "a self-contained HTML report of a run folder"),
 }
+
+
+def demo_main(argv: list[str]) -> int:
+    """Exit code 1 when a step failed (the others still run and the report is written)."""
+    from sonodistill import demo
+    from sonodistill.config import parse_config
+
+    cfg = parse_config(demo.DemoConfig, argv, "sonodistill demo", demo.__doc__)
+    run = demo.run_demo(cfg)
+    summary = json.loads((run / "demo.json").read_text())
+    failed = [s["name"] for s in summary["steps"] if s["status"] != "ok"]
+    if failed:
+        print(f"steps failed: {', '.join(failed)} (see the log above)")
+    return 1 if failed else 0
+
+
+def report_main(argv: list[str]) -> int:
+    from sonodistill import report
+    from sonodistill.config import parse_config
+
+    positional = {"run_dir": "a run folder (e.g. runs/demo)"}
+    cfg = parse_config(report.ReportConfig, argv, "sonodistill report", report.__doc__, positional)
+    path = report.build_report(cfg.run_dir, cfg.out)
+    print(f"report: {path}  (open it in a browser: file://{path.resolve()})")
+    return 0
 
 
 def _usage() -> str:
@@ -45,11 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"sonodistill: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[argv[0]][0])
+    module, _, function = COMMANDS[argv[0]][0].partition(":")
+    command = getattr(importlib.import_module(module), function)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from sonodistill.models.weights import WeightsMismatchError
 
     try:
-        return int(module.main(argv[1:]) or 0)
+        return int(command(argv[1:]) or 0)
     except (FileNotFoundError, WeightsMismatchError) as err:
         # Bad input is the user's to fix: say what and where, without a traceback.
         if os.environ.get("SONODISTILL_DEBUG"):

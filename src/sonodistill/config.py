@@ -42,20 +42,33 @@ def resolve_config(value: str) -> str:
     )
 
 
-def config_parser(cls: type, prog: str, description: str) -> ArgumentParser:
-    """A parser with `--config FILE|NAME` and one flag per (nested) dataclass field."""
+def config_parser(
+    cls: type, prog: str, description: str, positional: dict[str, str] | None = None
+) -> ArgumentParser:
+    """A parser with `--config FILE|NAME` and one flag per (nested) dataclass field, except
+    the fields in `positional` ({field: help}), positional arguments in that order."""
     parser = ArgumentParser(prog=prog, description=description, exit_on_error=True)
     parser.add_argument(
         "--config",
         action=ActionConfigFile,
         help=f"YAML file of options, or a packaged config: {', '.join(packaged_configs())}",
     )
-    parser.add_class_arguments(cls, nested_key=None, fail_untyped=True)
+    positional = positional or {}
+    for name, text in positional.items():
+        parser.add_argument(name, help=text)
+    parser.add_class_arguments(cls, nested_key=None, fail_untyped=True, skip=set(positional))
     return parser
 
 
-def parse_config(cls: type[C], argv: list[str], prog: str, description: str = "") -> C:
-    parser = config_parser(cls, prog, description)
+def parse_config(
+    cls: type[C],
+    argv: list[str],
+    prog: str,
+    description: str = "",
+    positional: dict[str, str] | None = None,
+) -> C:
+    """The dataclass `cls` from defaults, `--config`, then flags (see `config_parser`)."""
+    parser = config_parser(cls, prog, description, positional)
     namespace = parser.parse_args(_resolve_config_flags(argv))
     namespace.pop("config", None)
     return from_dict(cls, namespace.as_dict())

@@ -499,18 +499,3 @@ class _bar:
 
     def __exit__(self, *exc) -> None:
         self.progress.stop()
-
-
-def main(argv: list[str] | None = None) -> int:
-    from sonodistill.config import parse_config
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = parse_config(
-        DemoConfig, list(argv or []), prog="sonodistill demo", description=__doc__.splitlines()[0]
-    )
-    run = run_demo(cfg)
-    summary = json.loads((run / "demo.json").read_text())
-    failed = [s["name"] for s in summary["steps"] if s["status"] != "ok"]
-    if failed:
-        print(f"steps failed: {', '.join(failed)} (see the log above)")
-    return 1 if failed else 0

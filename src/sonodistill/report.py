@@ -12,18 +12,29 @@ a partial run or on a plain distill run dir:
 
 from __future__ import annotations
 
-import argparse
 import base64
 import csv
 import html
 import io
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from sonodistill.distill.run import loss_title, read_config, read_metrics
 
 TITLE = "sonodistill report"
+
+
+@dataclass
+class ReportConfig:
+    """One self-contained HTML page (images inlined) of a run folder."""
+
+    run_dir: str = ""
+    out: str | None = None
+    """Output HTML file (default RUN_DIR/report.html)."""
+
+
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;
  margin:24px auto;padding:0 16px;color:#1d2430;line-height:1.45}
@@ -295,13 +306,3 @@ def _png(fig) -> bytes:
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sonodistill report", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", help="a run folder (e.g. runs/demo)")
-    parser.add_argument("--out", help="output HTML file (default RUN_DIR/report.html)")
-    args = parser.parse_args(argv)
-    path = build_report(args.run_dir, args.out)
-    print(f"report: {path}  (open it in a browser: file://{path.resolve()})")
-    return 0

@@ -1,88 +1,124 @@
 """`sonodistill corpus ...`: build, check-leakage, pack and summary.
 
     sonodistill corpus build SOURCES.yaml --out DIR [--workers 2] [--frames.max_per_clip 32] ...
-    sonodistill corpus check-leakage CORPUS --against BUSI=PATH [--against DDTI=PATH] ...
+    sonodistill corpus check-leakage CORPUS --against+ BUSI=PATH [--against+ DDTI=PATH] ...
     sonodistill corpus pack CORPUS --out PACK_DIR [--size 256]
     sonodistill corpus summary CORPUS
 
-Build settings come from the dataclass `BuildSettings`: defaults, then the `settings:` section of
+Build settings are the fields of `BuildSettings`: defaults, then the `settings:` section of
 SOURCES.yaml, then the command-line flags (`sonodistill corpus build --help` lists them).
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import logging
 import sys
-import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from sonodistill.config import config_parser, from_dict, parse_config
 
 USAGE = """usage: sonodistill corpus COMMAND ...
 
 commands:
   build           SOURCES.yaml --out DIR: videos, volumes, DICOM, images -> a clean frame corpus
-  check-leakage   CORPUS --against NAME=PATH ...: exact/near duplicates with evaluation sets
+  check-leakage   CORPUS --against+ NAME=PATH ...: exact/near duplicates with evaluation sets
   pack            CORPUS --out DIR --size N: kept frames as a memory-mapped uint8 array
   summary         CORPUS: counts per dataset, kind and drop reason
 """
 
 
-def _logging(quiet: bool = False) -> None:
-    logger = logging.getLogger("sonodistill.corpus")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+@dataclass
+class BuildCommand:
+    """Build a 2D grey frame corpus from the sources listed in SOURCES.yaml; the other flags are
+    the build settings (they override the file's `settings:`)."""
+
+    sources: str = ""
+    out: str = ""
+    """Corpus folder (created; a build into it resumes)."""
+    quiet: bool = False
+    """No progress bar, warnings only."""
+
+
+@dataclass
+class LeakageCommand:
+    """Exact and near duplicates between a corpus (built folder, manifest, or image folder) and
+    evaluation sets, and inside each evaluation set. Exit code 1 when a corpus frame matches an
+    evaluation image."""
+
+    corpus: str = ""
+    against: list[str] = field(default_factory=list)
+    """Evaluation sets as NAME=PATH (repeat --against+ NAME=PATH)."""
+    threshold: int = 4
+    """Perceptual-hash bits for a near match."""
+    workers: int = 2
+    report: str | None = None
+    """Write the pairs as CSV here."""
+
+
+@dataclass
+class PackCommand:
+    """Kept frames of a corpus, plain-resized to SIZE x SIZE, as PACK_DIR/frames.u8 (uint8
+    memmap N,H,W) + index.parquet + pack.json."""
+
+    corpus: str = ""
+    out: str = ""
+    """Pack folder."""
+    size: int = 256
+    quiet: bool = False
+
+
+@dataclass
+class SummaryCommand:
+    """Rewrite and print the summary (counts per dataset, kind and drop reason) of a corpus."""
+
+    corpus: str = ""
+
+
+CORPUS = {"corpus": "corpus folder (or its manifest.parquet)"}
+
+
+def _log_level(quiet: bool) -> None:
+    logging.getLogger("sonodistill.corpus").setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _error(command: str, message: object) -> int:
+    print(f"sonodistill corpus {command}: {message}", file=sys.stderr)
+    return 2
 
 
 def build_main(argv: list[str]) -> int:
-    from sonodistill.config import parse_config
     from sonodistill.data.corpus import build_corpus
-    from sonodistill.data.sources import BuildSettings, load_sources
+    from sonodistill.data.sources import BuildSettings, load_sources, read_sources_yaml
 
-    parser = argparse.ArgumentParser(
-        prog="sonodistill corpus build",
-        description="Build a 2D grey frame corpus from the sources listed in SOURCES.yaml; "
-        "other flags (--workers, --frames.FIELD, ...) are BuildSettings fields, shown with "
-        "`--help-settings`.",
-    )
-    parser.add_argument("sources", help="SOURCES.yaml")
-    parser.add_argument("--out", required=True, help="corpus folder (created, resumable)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
-    parser.add_argument("--help-settings", action="store_true", help="list the settings flags")
-    args, rest = parser.parse_known_args(argv)
-    if args.help_settings:
-        parse_config(BuildSettings, ["--help"], prog="sonodistill corpus build")
-    path = Path(args.sources)
+    prog = "sonodistill corpus build"
+    parser = config_parser(BuildCommand, prog, BuildCommand.__doc__, {"sources": "SOURCES.yaml"})
+    parser.add_class_arguments(BuildSettings, nested_key=None, fail_untyped=True)
+    given = parser.parse_args(argv, defaults=False).as_dict()  # only what the user wrote
+    given.pop("config", None)
+    own = {k: given.pop(k) for k in ("sources", "out", "quiet") if k in given}
+    command = from_dict(BuildCommand, own)
+    if not command.out:
+        return _error("build", "give the corpus folder with --out DIR")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        print(f"sonodistill corpus build: cannot read {path}: {exc}", file=sys.stderr)
-        return 2
-    settings_yaml = (raw.get("settings") if isinstance(raw, dict) else None) or {}
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
-        yaml.safe_dump(settings_yaml, fh)
-    try:
-        settings = parse_config(
-            BuildSettings, ["--config", fh.name, *rest], prog="sonodistill corpus build"
-        )
-    finally:
-        Path(fh.name).unlink(missing_ok=True)
-    _logging(args.quiet)
-    try:
-        spec = load_sources(path, settings)
+        from_file = read_sources_yaml(command.sources).get("settings") or {}
     except ValueError as exc:
-        print(f"sonodistill corpus build: {exc}", file=sys.stderr)
-        return 2
+        return _error("build", exc)
+    values = dataclasses.asdict(BuildSettings())
+    for layer in (from_file, given):  # defaults < SOURCES.yaml settings < flags
+        values = _merge(values, layer)
     try:
-        result = build_corpus(spec, args.out, progress=not args.quiet)
+        settings = from_dict(BuildSettings, values)
+        spec = load_sources(command.sources, settings)
+    except ValueError as exc:
+        return _error("build", exc)
+    _log_level(command.quiet)
+    try:
+        result = build_corpus(spec, command.out, progress=not command.quiet)
     except FileNotFoundError as exc:
-        print(f"sonodistill corpus build: {exc}", file=sys.stderr)
-        return 2
+        return _error("build", exc)
     s = result.summary
     fps = s["frames_seen"] / result.seconds if result.seconds else 0.0
     print(
@@ -90,43 +126,40 @@ def build_main(argv: list[str]) -> int:
         f"({s['files_unreadable']} unreadable, {result.files_read} read this run) in "
         f"{result.seconds:.1f} s ({fps:.0f} frames/s) -> {result.out}"
     )
-    print((Path(args.out) / "summary.md").read_text())
+    print((Path(command.out) / "summary.md").read_text())
     return 0
+
+
+def _merge(base: dict, update: dict) -> dict:
+    """`update` over `base`, nested mappings merged key by key."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def leakage_main(argv: list[str]) -> int:
     from sonodistill.data.leakage import check_leakage
 
-    parser = argparse.ArgumentParser(
-        prog="sonodistill corpus check-leakage",
-        description="Exact and near duplicates between a corpus (built folder, manifest, or "
-        "image folder) and evaluation sets, and inside each evaluation set. Exit code 1 when a "
-        "corpus frame matches an evaluation image.",
-    )
-    parser.add_argument("corpus", help="corpus folder, manifest.parquet, or folder of images")
-    parser.add_argument(
-        "--against",
-        action="append",
-        required=True,
-        metavar="NAME=PATH",
-        help="an evaluation set (repeatable)",
-    )
-    parser.add_argument("--threshold", type=int, default=4, help="phash bits for a near match")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--report", help="write the pairs as CSV here")
-    args = parser.parse_args(argv)
+    prog = "sonodistill corpus check-leakage"
+    cmd = parse_config(LeakageCommand, argv, prog, LeakageCommand.__doc__, CORPUS)
     against = {}
-    for item in args.against:
-        if "=" not in item:
-            parser.error(f"--against expects NAME=PATH, got {item!r}")
-        name, p = item.split("=", 1)
-        if not Path(p).exists():
-            parser.error(f"--against {name}: {p} does not exist")
-        against[name] = p
-    _logging()
-    report = check_leakage(args.corpus, against, args.threshold, args.workers)
-    if args.report:
-        report.to_csv(args.report, index=False)
+    for item in cmd.against:
+        name, sep, path = item.partition("=")
+        if not sep:
+            return _error("check-leakage", f"--against expects NAME=PATH, got {item!r}")
+        if not Path(path).exists():
+            return _error("check-leakage", f"--against {name}: {path} does not exist")
+        against[name] = path
+    if not against:
+        return _error("check-leakage", "give at least one evaluation set: --against+ NAME=PATH")
+    _log_level(False)
+    report = check_leakage(cmd.corpus, against, cmd.threshold, cmd.workers)
+    if cmd.report:
+        report.to_csv(cmd.report, index=False)
     leaks = report[report.scope == "corpus"]
     for name in against:
         mine = report[report.set == name]
@@ -144,21 +177,13 @@ def leakage_main(argv: list[str]) -> int:
 def pack_main(argv: list[str]) -> int:
     from sonodistill.data.pack import pack_corpus
 
-    parser = argparse.ArgumentParser(
-        prog="sonodistill corpus pack",
-        description="Kept frames of a corpus, plain-resized to SIZE x SIZE, as PACK_DIR/frames.u8 "
-        "(uint8 memmap N,H,W) + index.parquet + pack.json.",
-    )
-    parser.add_argument("corpus", help="corpus folder or its manifest.parquet")
-    parser.add_argument("--out", required=True, help="pack folder")
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
+    cmd = parse_config(PackCommand, argv, "sonodistill corpus pack", PackCommand.__doc__, CORPUS)
+    if not cmd.out:
+        return _error("pack", "give the pack folder with --out DIR")
     try:
-        out = pack_corpus(args.corpus, args.out, args.size, progress=not args.quiet)
+        out = pack_corpus(cmd.corpus, cmd.out, cmd.size, progress=not cmd.quiet)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"sonodistill corpus pack: {exc}", file=sys.stderr)
-        return 2
+        return _error("pack", exc)
     print(f"packed -> {out} ({(out / 'pack.json').read_text().strip()})")
     return 0
 
@@ -167,10 +192,9 @@ def summary_main(argv: list[str]) -> int:
     from sonodistill.data.manifest import load_manifest
     from sonodistill.data.summary import write_summary
 
-    parser = argparse.ArgumentParser(prog="sonodistill corpus summary")
-    parser.add_argument("corpus", help="corpus folder")
-    args = parser.parse_args(argv)
-    manifest, root = load_manifest(args.corpus)
+    prog = "sonodistill corpus summary"
+    cmd = parse_config(SummaryCommand, argv, prog, SummaryCommand.__doc__, CORPUS)
+    manifest, root = load_manifest(cmd.corpus)
     previous = root / "summary.json"
     timing = json.loads(previous.read_text()) if previous.is_file() else {}
     write_summary(manifest, root, timing.get("seconds", 0.0), timing.get("files_read", 0))
@@ -178,7 +202,7 @@ def summary_main(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {
+SUBCOMMANDS = {
     "build": build_main,
     "check-leakage": leakage_main,
     "pack": pack_main,
@@ -186,16 +210,11 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def corpus_main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
-    if argv[0] not in COMMANDS:
+    if argv[0] not in SUBCOMMANDS:
         print(f"sonodistill corpus: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    return COMMANDS[argv[0]](argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return SUBCOMMANDS[argv[0]](argv[1:])

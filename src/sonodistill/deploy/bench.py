@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sonodistill.config import parse_config, save_config
+from sonodistill.config import save_config
 from sonodistill.deploy.flops import count_flops, count_params
 from sonodistill.deploy.onnx_utils import export_onnx, quantize_int8, session
 from sonodistill.distill.run import load_encoder
@@ -430,12 +430,3 @@ def write_outputs(result: dict, cfg: BenchConfig, out: Path) -> None:
     )
     write_table(table, out / "table5", note=note)
     (out / "table5.json").write_text(json.dumps(result, indent=2, default=str))
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = parse_config(BenchConfig, argv or [], "sonodistill bench", __doc__.splitlines()[0])
-    bench(cfg)
-    print((Path(cfg.out) / "table5.md").read_text())
-    print(f"written to {cfg.out}")
-    return 0

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sonodistill.config import parse_config, save_config
+from sonodistill.config import save_config
 from sonodistill.data.listing import FrameRef, collect_frames, frames_tensor
 from sonodistill.data.masks import image_mask, mask_files
 from sonodistill.deploy.onnx_utils import compare, export_onnx, quantize_int8, run_session, session
@@ -211,12 +211,3 @@ def report_markdown(report: dict) -> str:
         for kind in report["models"]:
             lines.append(f"- {kind}: {t[kind]:.4f} ({t[f'{kind}_delta']:+.4f})")
     return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = parse_config(ExportConfig, argv or [], "sonodistill export", __doc__.splitlines()[0])
-    report = export(cfg)
-    print(report_markdown(report))
-    print(f"written to {cfg.out}")
-    return 0 if report["fp32_ok"] else 1

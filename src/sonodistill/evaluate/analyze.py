@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from sonodistill.config import parse_config, save_config
+from sonodistill.config import save_config
 from sonodistill.evaluate.embed import load_embeddings
 from sonodistill.io import write_table
 
@@ -230,12 +230,3 @@ def _analyze(cfg: AnalyzeConfig) -> Path:
     plot_panels(proj, models, cfg, out / f"{cfg.method}.png")
     write_table(rows, out / "metrics", with_json=True)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = parse_config(AnalyzeConfig, argv or [], "sonodistill analyze", __doc__.splitlines()[0])
-    out = analyze(cfg)
-    print((out / "metrics.md").read_text())
-    print(f"figure and tables written to {out}")
-    return 0

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sonodistill.config import parse_config, save_config
+from sonodistill.config import save_config
 from sonodistill.data.listing import collect_frames, frames_tensor
 from sonodistill.distill.run import load_encoder
 from sonodistill.models import to_model_input
@@ -150,11 +150,3 @@ def load_embeddings(folder: str | Path) -> tuple[pd.DataFrame, dict[str, np.ndar
         if "cls" in m:
             arrays[m["label"] + ".cls"] = np.load(folder / m["cls"])
     return meta, arrays
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = parse_config(EmbedConfig, argv or [], "sonodistill embed", __doc__.splitlines()[0])
-    out = embed(cfg)
-    print(f"embeddings written to {out}")
-    return 0

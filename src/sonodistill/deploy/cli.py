@@ -1,0 +1,29 @@
+"""`sonodistill export` and `sonodistill bench`: each a typed config (YAML via --config, flags
+override) handed to the library function of the same name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sonodistill.config import parse_config
+
+
+def export_main(argv: list[str]) -> int:
+    """Exit code 1 when the fp32 graph differs from PyTorch by more than the tolerance."""
+    from sonodistill.deploy import export as module
+
+    cfg = parse_config(module.ExportConfig, argv, "sonodistill export", module.__doc__)
+    report = module.export(cfg)
+    print(module.report_markdown(report))
+    print(f"written to {cfg.out}")
+    return 0 if report["fp32_ok"] else 1
+
+
+def bench_main(argv: list[str]) -> int:
+    from sonodistill.deploy import bench as module
+
+    cfg = parse_config(module.BenchConfig, argv, "sonodistill bench", module.__doc__)
+    module.bench(cfg)
+    print((Path(cfg.out) / "table5.md").read_text())
+    print(f"written to {cfg.out}")
+    return 0
