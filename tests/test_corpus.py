@@ -231,6 +231,38 @@ def write_sources(path: Path, sources: list[dict], exclude=None, **settings) -> 
     return path
 
 
+def _manifest(rows):
+    columns = ["id", "source", "sha1", "phash", "kept"]
+    df = pd.DataFrame(rows, columns=columns).assign(reason="", duplicate_of=None)
+    df.loc[~df.kept, "reason"] = "blank"
+    return df
+
+
+def test_dedup_corpus_drops_later_copies_of_other_files_only():
+    from sonodistill.data.corpus import dedup_corpus
+
+    rows = [  # phash bits: f0 ^ f1 = 1, f0 ^ f2 = 1, f1 ^ f2 = 2, f2 ^ f6 = 1, f0 ^ f6 = 2
+        ("a0", "A", "s1", "0000000000000000", True),
+        ("a1", "A", "s2", "00000000000000f0", True),
+        ("a2", "A", "s3", "00000000000000f1", True),  # near a1, same file: the clip decided
+        ("b0", "B", "s1", "ffff000000000000", True),  # exact copy of a0
+        ("b1", "B", "s4", "00000000000000f2", True),  # near a1 (1 bit)
+        ("c0", "C", "s5", "00000000000000f6", True),  # near b1 only, and b1 is dropped
+        ("d0", "D", "s1", "0000000000000000", False),  # already dropped: not a copy, not kept
+    ]
+    df = _manifest(rows)
+    dedup_corpus(df, threshold=1)
+    assert list(df.id[df.kept]) == ["a0", "a1", "a2", "c0"]
+    dups = df.set_index("id")
+    assert dups.loc["b0", "duplicate_of"] == "a0" and dups.loc["b1", "duplicate_of"] == "a1"
+    assert set(dups.loc[["b0", "b1"], "reason"]) == {"corpus_duplicate"}
+    assert dups.loc["d0", "reason"] == "blank" and dups.loc["d0", "duplicate_of"] is None
+
+    exact_only = _manifest(rows)
+    dedup_corpus(exact_only, threshold=-1)
+    assert list(exact_only.id[~exact_only.kept]) == ["b0", "d0"]
+
+
 def test_build_skips_broken_files_and_resumes(corpus_data, tmp_path, capsys):
     src = tmp_path / "download"
     src.mkdir()

@@ -13,10 +13,12 @@ from PIL import Image
 from test_embed import BUSI, fake_student_run
 
 from sonodistill.cli import main
+from sonodistill.data.listing import FrameRef, frames_tensor
 from sonodistill.data.masks import image_mask, mask_files
 from sonodistill.deploy.export import ExportConfig, export, head_metric
 from sonodistill.deploy.onnx_utils import compare, run_session, session
 from sonodistill.evaluate.head_checkpoint import HeadSpec, build_head_model, load_head, save_head
+from sonodistill.evaluate.metrics import dice_iou
 
 
 def _frames(shared):
@@ -106,7 +108,15 @@ def test_segmentation_head_export_reports_dice_change(shared_data, tmp_path):
     assert test["metric"] == "dice" and test["n"] == 4
     assert 0.0 <= test["torch"] <= 1.0
     assert abs(test["fp32_delta"]) < 1e-2  # same logits up to 1e-3: masks barely move
-    assert test["int8"] == pytest.approx(test["torch"] + test["int8_delta"])
+    # The int8 figure, recomputed here from the saved int8 graph on the same test images.
+    refs = [FrameRef("ddti", f) for f in test["files"]]
+    assert len(refs) == 4 and all(mask_files(f.file) for f in refs)
+    int8 = session(tmp_path / "exp" / "model_int8.onnx")
+    logits = run_session(int8, frames_tensor(refs, 64).numpy())
+    masks = np.stack([image_mask(f.file, 64) for f in refs])
+    dice = dice_iou((logits[:, 0] > 0).astype(np.int64), masks.astype(np.int64))[0].mean()
+    assert test["int8"] == pytest.approx(dice, abs=1e-6)
+    assert test["int8_delta"] == pytest.approx(test["int8"] - test["torch"], abs=1e-9)
 
 
 def test_classification_head_plain_timm_format(shared_data, tmp_path):

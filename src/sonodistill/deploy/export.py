@@ -171,6 +171,7 @@ def export(cfg: ExportConfig) -> dict:
         targets = test_set_targets(test, spec, cfg.image_size)
         name, base = head_metric(spec, _torch_outputs(model, x_test), targets)
         report["test"] = {"set": cfg.test_set, "n": len(test), "metric": name, "torch": base}
+        report["test"]["files"] = [f.file for f in test]
         for kind, sess in sessions.items():
             _, value = head_metric(spec, run_session(sess, x_test.numpy()), targets)
             report["test"][kind] = value
