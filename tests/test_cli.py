@@ -23,7 +23,7 @@ def test_missing_data_names_the_path_without_a_traceback(tmp_path, capsys):
     tiny = ["--teacher.model_kwargs", "{embed_dim: 48, depth: 2, num_heads: 2}"]
     out = ["--out", str(tmp_path / "run")]  # not the default runs/distill of the checkout
     rc = main(["distill", "--data", str(missing), "--teacher.random_init", "true", *tiny, *out])
-    assert rc == 1
+    assert rc == 2
     err = capsys.readouterr().err
     assert str(missing) in err and "Traceback" not in err
 
@@ -34,6 +34,6 @@ def test_wrong_teacher_weights_are_refused_with_the_list(tmp_path, capsys):
     tiny = ["--teacher.model_kwargs", "{embed_dim: 48, depth: 2, num_heads: 2}"]
     out = ["--out", str(tmp_path / "run")]
     rc = main(["distill", "--data", str(tmp_path), "--teacher.weights", str(bad), *tiny, *out])
-    assert rc == 1
+    assert rc == 2
     err = capsys.readouterr().err
     assert "not_dinov3.pth" in err and "missing" in err and "conv1.weight" in err

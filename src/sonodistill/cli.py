@@ -6,6 +6,11 @@ analyze; deploy/cli.py: export, bench), or here for the commands above the packa
 report); every one parses a typed config with jsonargparse (`--config`, `--print_config`,
 `--section.field value`). Modules are imported lazily so that `sonodistill --help` answers
 without importing torch.
+
+One error policy for every command (`sonodistill.errors`): a user error (bad option, missing,
+corrupt or mismatched file, full disk, folder in use) is one line on stderr and exit code 2;
+a run stopped by a signal says where its state is and exits with the scheduler's code; a bug
+keeps its traceback. SONODISTILL_DEBUG=1 shows the traceback of user errors too.
 """
 
 from __future__ import annotations
@@ -76,19 +81,32 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"sonodistill: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module, _, function = COMMANDS[argv[0]][0].partition(":")
-    command = getattr(importlib.import_module(module), function)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from sonodistill.models.weights import WeightsMismatchError
+    return run_command(argv[0], argv[1:])
 
+
+def run_command(name: str, argv: list[str]) -> int:
+    """`sonodistill NAME ARGV...` under the error policy; returns the exit code."""
+    from sonodistill.errors import USER_ERROR, Interrupted, user_message
+
+    debug = os.environ.get("SONODISTILL_DEBUG", "") not in ("", "0")
+    module, _, function = COMMANDS[name][0].partition(":")
     try:
-        return int(command(argv[1:]) or 0)
-    except (FileNotFoundError, WeightsMismatchError) as err:
-        # Bad input is the user's to fix: say what and where, without a traceback.
-        if os.environ.get("SONODISTILL_DEBUG"):
+        return int(getattr(importlib.import_module(module), function)(argv) or 0)
+    except Interrupted as err:
+        print(f"sonodistill {name}: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        if debug:
             raise
-        print(f"sonodistill {argv[0]}: error: {err}", file=sys.stderr)
-        return 1
+        print(f"sonodistill {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        message = user_message(err)
+        if message is None or debug:
+            raise  # a bug: its traceback is the report
+        print(f"sonodistill {name}: error: {message}", file=sys.stderr)
+        return USER_ERROR
 
 
 if __name__ == "__main__":

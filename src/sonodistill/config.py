@@ -18,6 +18,8 @@ from typing import TypeVar
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
+from sonodistill.io import write_text
+
 # Field docstrings (the string under each dataclass field) become the flags' help text.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -110,10 +112,35 @@ def to_dict(cfg) -> dict:
 
 
 def save_config(cfg, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    return path
+    return write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def flatten(values: dict, prefix: str = "") -> dict:
+    """{"optim": {"lr": 1e-4}} -> {"optim.lr": 1e-4}; lists and scalars are leaves."""
+    out = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def config_changes(old: dict, new: dict) -> dict[str, tuple]:
+    """{dotted.option: (old value, new value)} for every option that differs."""
+    a, b = flatten(old), flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
+def describe_changes(changes: dict[str, tuple]) -> str:
+    """`--batch_size 8 -> 16, --seed 0 -> 1` (YAML-style values)."""
+    return ", ".join(f"--{k} {_show(a)} -> {_show(b)}" for k, (a, b) in changes.items())
+
+
+def _show(value) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return text.removesuffix("...").strip()
 
 
 def load_config(cls: type[C], path: str | Path) -> C:

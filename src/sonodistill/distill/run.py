@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from sonodistill.errors import UserError
 from sonodistill.models.encoders import Encoder, EncoderSpec, build_encoder, parse_spec
 
 CONFIG = "config.yaml"
@@ -44,7 +45,7 @@ def student_architecture(run_dir: str | Path) -> str:
     try:
         return str(read_config(run_dir)["student"]["name"])
     except (KeyError, TypeError) as err:
-        raise FileNotFoundError(f"{Path(run_dir) / CONFIG}: no student.name ({err})") from err
+        raise UserError(f"{Path(run_dir) / CONFIG}: no student.name ({err})") from err
 
 
 def loss_title(run_dir: str | Path) -> str:
@@ -60,12 +61,16 @@ def student_backbone(path: str | Path, name: str | None = None) -> tuple[str, Pa
     """(architecture, backbone weights file) of a distill run folder or a bare weights file
     (whose architecture must then be given)."""
     path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such distill run folder or backbone weights file")
     if path.is_dir():
         if not (path / CONFIG).is_file() or not (path / STUDENT_WEIGHTS).is_file():
-            raise FileNotFoundError(f"{path}: not a distill run dir ({STUDENT_WEIGHTS} missing)")
+            raise UserError(
+                f"{path}: not a finished distill run ({CONFIG} or {STUDENT_WEIGHTS} missing)"
+            )
         return name or student_architecture(path), path / STUDENT_WEIGHTS
     if not name:
-        raise ValueError(f"{path}: give the architecture too (EncoderSpec.name) for a bare file")
+        raise UserError(f"{path}: a bare weights file needs its architecture (EncoderSpec.name)")
     return name, path
 
 
@@ -76,7 +81,7 @@ def resolve_encoder(spec: EncoderSpec | str) -> EncoderSpec:
     if spec.kind != "student":
         return spec
     if not spec.weights:
-        raise ValueError("a student encoder needs the distill run dir (student:RUN_DIR)")
+        raise UserError("a student encoder needs the distill run dir (student:RUN_DIR)")
     name, weights = student_backbone(spec.weights, spec.name or None)
     return dataclasses.replace(spec, name=name, weights=str(weights))
 

@@ -8,11 +8,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sonodistill.errors import UserError
+
 # Containers that training frameworks wrap a state dict in.
 _WRAPPER_KEYS = ("state_dict", "model", "teacher", "student", "module", "model_state")
 
 
-class WeightsMismatchError(ValueError):
+class WeightsMismatchError(UserError, ValueError):
     """A weights file whose tensors do not match the model; the message lists every mismatch."""
 
 
@@ -24,7 +26,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as err:  # truncated or not a safetensors file
+            raise WeightsMismatchError(f"{path}: not a readable weights file ({err})") from err
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors, truncated zips, non-torch files

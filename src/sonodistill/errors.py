@@ -1,0 +1,99 @@
+"""The one error policy: what is the user's to fix, and how a command says so.
+
+`UserError` is a bad option, a missing, corrupt or mismatched file, a full disk or a folder in
+use by another run. Its message is one line naming the option or file and what to do; the CLI
+prints it without a traceback and exits with `USER_ERROR` (2). Anything else is a bug and keeps
+its traceback. `SONODISTILL_DEBUG=1` shows the traceback of user errors too.
+
+`Interrupted` is not an error: a run stopped on a signal after saving what it needs to resume;
+its exit code tells a scheduler what to do (`REQUEUE`: the shipped sbatch requeues the job).
+"""
+
+from __future__ import annotations
+
+import difflib
+import errno
+from collections.abc import Iterable
+
+USER_ERROR = 2
+"""Exit code of every user error, in every command."""
+REQUEUE = 3
+"""Exit code after SIGUSR1/SIGTERM: state saved, run again with --resume (sbatch requeues)."""
+INTERRUPTED = 130
+"""Exit code after SIGINT (Ctrl-C): state saved, resume when you like."""
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+class UserError(Exception):
+    """Something the user can fix; the message is one line naming it and what to do."""
+
+
+class Interrupted(Exception):
+    """A run stopped on a signal with its state saved; `exit_code` is for the scheduler."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def is_disk_full(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in _DISK_FULL
+
+
+def disk_full(path, err: BaseException) -> UserError:
+    """The user error for a write that ran out of space (or quota) at `path`."""
+    why = getattr(err, "strerror", None) or "no space left on device"
+    return UserError(
+        f"disk full: cannot write {path} ({why}); free space (or quota) and run again "
+        "(with --resume true to continue)"
+    )
+
+
+def user_message(err: BaseException) -> str | None:
+    """The one-line message of a user error, None for a bug (which keeps its traceback).
+
+    Besides `UserError`: a full disk anywhere, and OS errors on a named path (missing file,
+    no permission), which only a user's path can cause in a command that checked its inputs.
+    """
+    if is_disk_full(err):
+        return str(disk_full(getattr(err, "filename", None) or "a file", err))
+    if isinstance(err, (UserError, *_FILE_ERRORS)):
+        return _one_line(err)
+    return None
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return "; ".join(lines) if lines else type(err).__name__
+
+
+def unknown_name(what: str, name: str, known: Iterable[str], option: str = "") -> UserError:
+    """`--student.name resnt18: unknown model; did you mean resnet18?`"""
+    known = list(known)
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}?" if close else _some(known)
+    where = f"{option} {name}" if option else repr(name)
+    return UserError(f"{where}: unknown {what}; {hint}")
+
+
+def _some(known: list[str]) -> str:
+    shown = ", ".join(sorted(known)[:12])
+    more = f", ... ({len(known)} in all)" if len(known) > 12 else ""
+    return f"known: {shown}{more}"
+
+
+def check(ok: bool, option: str, value, why: str) -> None:
+    """Raise the user error `--option value: why` unless `ok`."""
+    if not ok:
+        raise UserError(f"{option} {value}: {why}")
+
+
+def check_positive(values: dict[str, float | int | None], allow_zero: bool = False) -> None:
+    """Each `{--option: value}` must be > 0 (>= 0 with allow_zero); None is left alone."""
+    for option, value in values.items():
+        if value is None:
+            continue
+        ok = value >= 0 if allow_zero else value > 0
+        check(ok, option, value, "must be >= 0" if allow_zero else "must be > 0")
