@@ -1,7 +1,10 @@
-"""Shared fixtures: the real ultrasound data beside the repository, tiny model configs."""
+"""Shared fixtures: the real ultrasound data beside the repository, tiny model configs, and
+random weights in Meta's DINOv3 checkpoint layout."""
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -24,3 +27,74 @@ def shared_data() -> Path:
 
 # A DINOv3 architecture small enough for CPU tests (real layout: registers, RoPE, q/v biases).
 TINY_TEACHER_KWARGS = {"embed_dim": 48, "depth": 2, "num_heads": 2}
+
+# DINOv3 ViT architectures: ViT-B/16, the SwiGLU ViT-S+/16, and the tiny one above.
+VITB = {"dim": 768, "depth": 12, "heads": 12, "hidden": 3072, "swiglu": False}
+VITSP = {"dim": 384, "depth": 12, "heads": 6, "hidden": 1536, "swiglu": True}
+TINY = {"dim": 48, "depth": 2, "heads": 2, "hidden": 192, "swiglu": False}
+
+
+def official_shapes(dim, depth, heads, hidden, swiglu, patch=16, storage=4) -> dict:
+    """Tensor names and shapes of an official DINOv3 ViT checkpoint."""
+    shapes = {
+        "cls_token": (1, 1, dim),
+        "storage_tokens": (1, storage, dim),
+        "mask_token": (1, dim),
+        "patch_embed.proj.weight": (dim, 3, patch, patch),
+        "patch_embed.proj.bias": (dim,),
+        "rope_embed.periods": (dim // heads // 4,),
+    }
+    mlp = (
+        {"w1": (hidden, dim), "w2": (hidden, dim), "w3": (dim, hidden)}
+        if swiglu
+        else {"fc1": (hidden, dim), "fc2": (dim, hidden)}
+    )
+    for i in range(depth):
+        b = f"blocks.{i}."
+        shapes |= {
+            b + "norm1.weight": (dim,),
+            b + "norm1.bias": (dim,),
+            b + "attn.qkv.weight": (3 * dim, dim),
+            b + "attn.qkv.bias": (3 * dim,),
+            b + "attn.qkv.bias_mask": (3 * dim,),
+            b + "attn.proj.weight": (dim, dim),
+            b + "attn.proj.bias": (dim,),
+            b + "ls1.gamma": (dim,),
+            b + "norm2.weight": (dim,),
+            b + "norm2.bias": (dim,),
+        }
+        for name, shape in mlp.items():
+            shapes[f"{b}mlp.{name}.weight"] = shape
+            shapes[f"{b}mlp.{name}.bias"] = (shape[0],)
+        shapes[b + "ls2.gamma"] = (dim,)
+    return shapes | {"norm.weight": (dim,), "norm.bias": (dim,)}
+
+
+def standard_periods(head_dim: int, base: float = 100.0) -> torch.Tensor:
+    """base ** (2i / (D_head / 2)) for i < D_head / 4 (the published RoPE schedule)."""
+    i = torch.arange(head_dim // 4, dtype=torch.float32)
+    return base ** (2 * i / (head_dim // 2))
+
+
+def perturbed_official(arch: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors at trained-like scales, so every part of the forward matters."""
+    gen = torch.Generator().manual_seed(seed)
+    dim = arch["dim"]
+    sd = {}
+    for key, shape in official_shapes(**arch).items():
+        x = torch.randn(shape, generator=gen)
+        if key.endswith("bias_mask"):
+            x = torch.ones(shape)
+            x[dim : 2 * dim] = 0  # DINOv3 masks the k bias
+        elif key == "rope_embed.periods":
+            x = standard_periods(dim // arch["heads"])
+        elif re.search(r"norm\d?\.weight$", key):
+            x = 1 + 0.1 * x
+        elif key.endswith("gamma"):
+            x = 0.3 + 0.1 * x
+        elif key.endswith("bias"):
+            x = 0.1 * x  # the qkv k bias is non-zero too: only the mask removes it
+        elif key.endswith("weight"):
+            x = x / math.sqrt(math.prod(shape[1:]))
+        sd[key] = x
+    return sd

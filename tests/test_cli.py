@@ -28,7 +28,7 @@ def test_missing_data_names_the_path_without_a_traceback(tmp_path, capsys):
     assert str(missing) in err and "Traceback" not in err
 
 
-def test_wrong_teacher_weights_are_refused_with_the_list(tmp_path, capsys):
+def test_wrong_teacher_weights_are_refused_naming_the_file(tmp_path, capsys):
     bad = tmp_path / "not_dinov3.pth"
     torch.save({"conv1.weight": torch.zeros(1)}, bad)
     tiny = ["--teacher.model_kwargs", "{embed_dim: 48, depth: 2, num_heads: 2}"]
@@ -36,4 +36,4 @@ def test_wrong_teacher_weights_are_refused_with_the_list(tmp_path, capsys):
     rc = main(["distill", "--data", str(tmp_path), "--teacher.weights", str(bad), *tiny, *out])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "not_dinov3.pth" in err and "missing" in err and "conv1.weight" in err
+    assert "not_dinov3.pth" in err and "not a DINOv3 ViT file" in err and "conv1.weight" in err

@@ -75,7 +75,7 @@ def test_tiny_run_on_real_frames_learns_the_teacher_on_held_out_frames(real_fram
     # The run directory holds everything a user needs.
     saved = load_config(DistillConfig, run / "config.yaml")
     assert saved.teacher.random_init and saved.student.name == "resnet18"
-    assert json.loads((run / "run_info.json").read_text())["teacher_weights"] == "random"
+    assert json.loads((run / "run_info.json").read_text())["teacher_weights"]["file"] == "random"
     backbone = load_file(str(run / "student_backbone.safetensors"))
     assert "layer4.1.bn2.running_var" in backbone and not any(k.startswith("fc.") for k in backbone)
     assert any((run / "logs").glob("version_0/events.out.tfevents.*"))

@@ -98,12 +98,14 @@ class Models:
 
 def _run(fabric: Fabric, cfg: DistillConfig) -> None:
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank and every attempt
-    teacher = Teacher(cfg.teacher)
+    teacher = Teacher(cfg.teacher)  # models first: a bad file or size stops before any write
+    teacher.check_input_size(cfg.img_size)
+    student = Student(cfg.student, teacher.out_channels)
     if fabric.is_global_zero:
         _write_run_files(fabric, cfg, teacher)
     data = _data(fabric, cfg)
     total_steps = cfg.max_steps or cfg.epochs * data.sampler.batches_per_epoch
-    models = _models(fabric, cfg, teacher, total_steps)
+    models = _models(fabric, cfg, teacher, student, total_steps)
     step = _resume(fabric, cfg, models, total_steps)
     objective = get_loss(cfg.loss).fn
     step = _loop(fabric, cfg, objective, data, models, step, total_steps)
@@ -114,7 +116,7 @@ def _write_run_files(fabric: Fabric, cfg: DistillConfig, teacher: Teacher) -> No
     out = Path(cfg.out)
     save_config(cfg, out / CONFIG)
     info = {
-        "teacher_weights": teacher.weights_source,
+        "teacher_weights": teacher.weights_info,
         "world_size": fabric.world_size,
         "precision": resolve_precision(cfg.precision, cfg.accelerator),
         "device": str(fabric.device),
@@ -149,11 +151,12 @@ def _data(fabric: Fabric, cfg: DistillConfig) -> Data:
     return Data(loader, val_loader, sampler)
 
 
-def _models(fabric: Fabric, cfg: DistillConfig, teacher: Teacher, total_steps: int) -> Models:
+def _models(
+    fabric: Fabric, cfg: DistillConfig, teacher: Teacher, student: Student, total_steps: int
+) -> Models:
     """Teacher on the device, the student (backbone + projection head to the teacher's width),
     AdamW with its lr schedule, and the batch augmentation."""
     teacher = fabric.to_device(teacher)
-    student = Student(cfg.student, teacher.out_channels)
     optimizer = torch.optim.AdamW(
         student.parameters(),
         lr=cfg.optim.lr,

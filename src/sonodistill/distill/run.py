@@ -78,12 +78,12 @@ def resolve_encoder(spec: EncoderSpec | str) -> EncoderSpec:
     """The spec with `student:RUN_DIR` replaced by the run's architecture and backbone file;
     other specs unchanged."""
     spec = parse_spec(spec) if isinstance(spec, str) else spec
-    if spec.kind != "student":
+    if spec.family != "student":
         return spec
     if not spec.weights:
         raise UserError("a student encoder needs the distill run dir (student:RUN_DIR)")
     name, weights = student_backbone(spec.weights, spec.name or None)
-    return dataclasses.replace(spec, name=name, weights=str(weights))
+    return dataclasses.replace(spec, family="timm", name=name, weights=str(weights))
 
 
 def load_encoder(spec: EncoderSpec | str) -> Encoder:

@@ -6,12 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sonodistill.models.weights import load_strict, read_state_dict
+from sonodistill.models.encoders import EncoderSpec, build_encoder
 
 
 @dataclass
@@ -21,7 +20,8 @@ class StudentConfig:
     name: str = "resnet50"
     """Any timm CNN with a final feature map: resnet50, resnet18, convnext_tiny, ..."""
     weights: str | None = None
-    """Optional backbone initialisation (timm-format state dict, .safetensors or .pth)."""
+    """Optional backbone initialisation: a timm state dict (.safetensors/.pth) or a layout timm
+    converts for the architecture, e.g. Meta's DINOv3 ConvNeXt .pth for convnext_tiny."""
     head: Literal["linear", "mlp"] = "linear"
     """Projection head: a single linear layer (1x1 conv, Sec. 3.2) or a two-layer MLP (Sec. 3.5)."""
     mlp_hidden: int | None = None
@@ -29,15 +29,10 @@ class StudentConfig:
 
 
 def build_backbone(name: str, weights: str | Path | None = None) -> nn.Module:
-    """A timm backbone without classifier; weights (if any) must fit exactly."""
-    backbone = timm.create_model(name, pretrained=False, num_classes=0)
-    if weights:
-        sd = read_state_dict(weights)
-        # Classifier tensors are not part of a backbone: accept files that still carry them.
-        classifier = backbone.pretrained_cfg.get("classifier", "fc")
-        sd = {k: v for k, v in sd.items() if not k.startswith(classifier + ".")}
-        load_strict(backbone, sd, str(weights))
-    return backbone
+    """A timm backbone without classifier; weights (if any: timm layout, or one timm converts
+    such as Meta's DINOv3 ConvNeXt .pth) must fit exactly."""
+    spec = EncoderSpec(family="timm", name=name, weights=str(weights) if weights else None)
+    return build_encoder(spec).backbone
 
 
 def projection_head(in_ch: int, out_ch: int, kind: str, hidden: int | None = None) -> nn.Module:
