@@ -33,7 +33,7 @@ def test_flops_are_two_per_mac():
 
 def test_vit_attention_is_counted_on_cpu():
     enc = build_encoder(
-        EncoderSpec(kind="teacher", weights="random", model_kwargs=TINY_TEACHER_KWARGS)
+        EncoderSpec(family="dinov3", weights="random", model_kwargs=TINY_TEACHER_KWARGS)
     )
     size, vit = 64, enc.backbone
     flops, by_op = count_flops(enc, torch.randn(1, 3, size, size))
@@ -84,7 +84,7 @@ def test_bench_tiny_teacher_vs_resnet18(shared_data, tmp_path):
     t, s = result["teacher"], result["student"]
     assert t["params_backbone"] == count_params(
         build_encoder(
-            EncoderSpec(kind="teacher", weights="random", model_kwargs=TINY_TEACHER_KWARGS)
+            EncoderSpec(family="dinov3", weights="random", model_kwargs=TINY_TEACHER_KWARGS)
         ).backbone
     )
     assert s["params_backbone"] == 11_176_512  # timm resnet18 without classifier

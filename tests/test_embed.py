@@ -123,9 +123,13 @@ def test_embed_three_real_sources_three_encoders(shared_data, lung_png, tmp_path
         encoders=[
             "random:resnet18@R18-Rand",
             f"student:{student}@R18-Distill",
-            "teacher:random@ViT-tiny",
+            {
+                "family": "dinov3",
+                "weights": "random",
+                "label": "ViT-tiny",
+                "model_kwargs": TINY_TEACHER_KWARGS,
+            },
         ],
-        teacher_kwargs=TINY_TEACHER_KWARGS,
         out=str(tmp_path / "emb"),
         image_size=64,
         max_per_source=5,

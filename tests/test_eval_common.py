@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from sonodistill.models.encoders import EncoderSpec
 
 TINY_TEACHER = EncoderSpec(
-    kind="teacher", weights="random", label="ViT-tiny", model_kwargs=TINY_TEACHER_KWARGS
+    family="dinov3", weights="random", label="ViT-tiny", model_kwargs=TINY_TEACHER_KWARGS
 )
 
 

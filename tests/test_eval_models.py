@@ -1,8 +1,10 @@
-"""Downstream models: weights really land in smp's U-Net, probes stay frozen, ViT heads fit."""
+"""Downstream models: the U-Net is smp's on the encoder's own pyramid, probes stay frozen, ViT
+heads fit."""
 
 from __future__ import annotations
 
 import pytest
+import segmentation_models_pytorch as smp
 import timm
 import torch
 from safetensors.torch import load_file
@@ -10,9 +12,9 @@ from test_eval_common import TINY_TEACHER, fake_student, one_thread  # noqa: F40
 
 from sonodistill.evaluate.heads import (
     Classifier,
+    LightSegModel,
     LinearSegProbe,
     UNetSeg,
-    ViTSegModel,
     build_model,
     trainable_parameters,
 )
@@ -21,30 +23,33 @@ from sonodistill.models.encoders import build_encoder
 
 
 @pytest.mark.parametrize("name", ["resnet18", "convnext_tiny"])
-def test_unet_carries_the_encoder_weights(name):
+def test_unet_is_smps_decoder_on_the_encoders_own_weights(name):
     torch.manual_seed(0)
     encoder = build_encoder(f"random:{name}")
     unet = UNetSeg(encoder, num_classes=2)
-    source = encoder.backbone_state_dict()
-    target = unet.unet.encoder.model.state_dict()
-    first = "conv1.weight" if name == "resnet18" else "stem_0.weight"
-    last = "layer4.1.bn2.running_var" if name == "resnet18" else "stages_3.blocks.2.gamma"
-    for key in (first, last):
-        src_key = key.replace("stem_0", "stem.0").replace("stages_3", "stages.3")
-        assert torch.equal(target[key], source[src_key])
-    # a fresh smp U-Net of the same kind has different weights: the copy is what made them equal
-    torch.manual_seed(1)
-    other = UNetSeg(build_encoder(f"random:{name}"), num_classes=2)
-    assert not torch.equal(other.unet.encoder.model.state_dict()[first], target[first])
-    assert unet(torch.rand(2, 1, 64, 64)).shape == (2, 1, 64, 64)
+    assert unet.encoder is encoder  # fine-tuning trains these very weights: nothing is copied
+    # smp.Unet(tu-NAME) gives the same decoder and head for the same pyramid (strides 2-32)
+    reference = smp.Unet(f"tu-{name}", encoder_weights=None, classes=1)
+    ours = {k: v.shape for k, v in unet.state_dict().items() if not k.startswith("encoder.")}
+    theirs = {
+        k.replace("decoder.", "unet_decoder.", 1): v.shape
+        for k, v in reference.state_dict().items()
+        if not k.startswith("encoder.")
+    }
+    assert ours == theirs
+    x = torch.rand(2, 1, 64, 64)
+    y = unet(x)
+    assert y.shape == (2, 1, 64, 64)
+    with torch.no_grad():  # the encoder's weights shape the output
+        next(iter(encoder.backbone.parameters())).mul_(0.5)
+    assert not torch.allclose(unet(x), y)
 
 
 def test_student_weights_reach_the_unet(fake_student):  # noqa: F811
     model = build_model(f"student:{fake_student}", "seg", "finetune", num_classes=2)
     saved = load_file(fake_student / "student_backbone.safetensors")
     assert torch.equal(
-        model.unet.encoder.model.state_dict()["layer3.0.conv1.weight"],
-        saved["layer3.0.conv1.weight"],
+        model.encoder.backbone.layer3[0].conv1.weight, saved["layer3.0.conv1.weight"]
     )
 
 
@@ -76,7 +81,7 @@ def test_classifiers_and_vit_heads():
     assert vit_cls.head.in_features == 2 * 48  # CLS token + mean patch token
     assert vit_cls(torch.rand(2, 1, 32, 32)).shape == (2, 3)
     vit_seg = build_model(TINY_TEACHER, "seg", "finetune", num_classes=2)
-    assert isinstance(vit_seg, ViTSegModel)
+    assert isinstance(vit_seg, LightSegModel)  # the paper's ViT reference head by default
     assert vit_seg(torch.rand(2, 1, 64, 64)).shape == (2, 1, 64, 64)
     multi = build_model(TINY_TEACHER, "seg", "linear", num_classes=4)
     assert multi(torch.rand(1, 1, 32, 32)).shape == (1, 4, 32, 32)

@@ -153,7 +153,6 @@ def test_evaluate_head_saved_from_a_student_run_loads_without_the_run(tmp_path):
     model = build_model(f"student:{run}", "cls", "finetune", 3).eval()
     save_evaluate_head(
         model,
-        f"student:{run}@R18-Distill",
         "cls",
         "finetune",
         3,
@@ -162,7 +161,8 @@ def test_evaluate_head_saved_from_a_student_run_loads_without_the_run(tmp_path):
     )
     shutil.rmtree(run)  # the head must not need the distill run any more
     loaded, spec = load_head(tmp_path / "head")
-    assert spec.encoder["kind"] == "random" and spec.encoder["name"] == "resnet18"
+    assert spec.encoder["family"] == "timm" and spec.encoder["name"] == "resnet18"
+    assert spec.encoder["weights"] == "random"
     x = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))

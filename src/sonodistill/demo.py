@@ -17,6 +17,7 @@ Run folder (default runs/demo):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -336,7 +337,7 @@ def step_analysis(cfg: DemoConfig, run: Path, state: dict) -> str:
 
     teacher: TeacherConfig = state["teacher"]
     label = "DINOv3-random" if state["random_teacher"] else "DINOv3-ViT-B16"
-    teacher_spec = f"teacher:{teacher.weights or 'random'}@{label}"
+    teacher_spec = {**dataclasses.asdict(teacher.spec()), "label": label}
     presets = sorted(p for p in (run / "corpus").iterdir() if p.is_dir())
     per_source = max(1, cfg.tsne_frames // max(len(presets), 1))
     encoders = [*_encoders(cfg, state).values(), teacher_spec]
@@ -348,7 +349,6 @@ def step_analysis(cfg: DemoConfig, run: Path, state: dict) -> str:
         batch_size=32,
         max_per_source=per_source,
         seed=cfg.seed,
-        teacher_kwargs=dict(teacher.model_kwargs),
     )
     folder = embed(ecfg)
     n = per_source * len(presets)

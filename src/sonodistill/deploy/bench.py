@@ -54,8 +54,9 @@ OPPOSITE = {"smaller": "larger", "less": "more", "faster": "slower", "higher": "
 class BenchConfig:
     """Teacher vs student deployment cost (paper Table 5)."""
 
-    teacher: str = "teacher:random@ViT-B/16 (DINOv3)"
-    """Encoder spec; weights do not change the cost, so a random init is the default."""
+    teacher: str | dict = "teacher:random@ViT-B/16 (DINOv3)"
+    """Encoder spec of any family (string or EncoderSpec mapping); weights do not change the
+    cost, so a random init is the default."""
     student: str = "random:resnet50@ResNet-50 student"
     teacher_kwargs: dict = field(default_factory=dict)
     """Architecture overrides for the teacher (tiny teachers in tests)."""
@@ -363,17 +364,19 @@ def _calibration(cfg: BenchConfig) -> tuple[np.ndarray, str]:
 
 def bench(cfg: BenchConfig) -> dict:
     """Run the benchmark; returns {'rows', 'teacher', 'student', 'env'} and writes the tables."""
-    out = Path(cfg.out)
+    spec = parse_spec(cfg.teacher) if isinstance(cfg.teacher, str) else EncoderSpec(**cfg.teacher)
+    if cfg.teacher_kwargs:
+        spec.model_kwargs = dict(cfg.teacher_kwargs)
+    teacher = load_encoder(spec).eval()
+    student = load_encoder(cfg.student).eval()
+    for encoder in (teacher, student):
+        encoder.check_input_size(cfg.image_size, cfg.image_size, "--image_size")
+    out = Path(cfg.out)  # models and size are valid: now write
     out.mkdir(parents=True, exist_ok=True)
     threads = cfg.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     cfg.threads = threads  # the resolved count goes into config.yaml and the table
     save_config(cfg, out / "config.yaml")
-    spec: EncoderSpec = parse_spec(cfg.teacher)
-    if cfg.teacher_kwargs:
-        spec.model_kwargs = dict(cfg.teacher_kwargs)
-    teacher = load_encoder(spec).eval()
-    student = load_encoder(cfg.student).eval()
     calib, calib_note = _calibration(cfg)
     x = to_model_input(torch.rand(1, 1, cfg.image_size, cfg.image_size))
     t = static_costs("teacher", teacher, teacher_head(teacher, cfg.teacher_head_classes), x)

@@ -30,6 +30,7 @@ from sonodistill.evaluate.head_checkpoint import HeadSpec, load_head
 from sonodistill.evaluate.heads import WithPreprocess
 from sonodistill.evaluate.metrics import dice_iou, predict_mask
 from sonodistill.io import markdown_table
+from sonodistill.models.encoders import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +115,6 @@ def _torch_outputs(model: nn.Module, frames: torch.Tensor, batch_size: int = 8) 
 
 def export(cfg: ExportConfig) -> dict:
     """Export, quantize and check; returns the report (also written to out/report.json)."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.head:  # heads take grey [0, 1] frames already
@@ -127,6 +125,13 @@ def export(cfg: ExportConfig) -> dict:
         source, output, task = cfg.encoder, "features", "backbone"
     else:
         raise ValueError("export: give --encoder SPEC or --head FOLDER")
+    inner = model.model if isinstance(model, WithPreprocess) else model
+    encoder = getattr(inner, "encoder", inner)
+    if isinstance(encoder, Encoder):  # a library head (timm, smp) has its own size rules
+        encoder.check_input_size(cfg.image_size, cfg.image_size, "--image_size")
+    out = Path(cfg.out)  # the model and size are valid: now write
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
 
     check, calib = _split_frames(cfg)
     x_check = frames_tensor(check, cfg.image_size)

@@ -3,13 +3,20 @@
 Sources (`--sources`, repeatable, mixed freely): folders, images, videos, built corpora or
 tables of frames, listed as `sonodistill.data.listing` describes.
 
+Encoders: any family's spec (`sonodistill.models.encoders`), as a string or a mapping of
+EncoderSpec fields. Each gives the vectors its family offers (`Encoder.vectors`).
+
 Output folder: `metadata.parquet` (one row per frame: dataset, anatomy, file, frame, group),
-`<model>.npy` (N, C) global-average-pooled final features for each encoder, `<model>.cls.npy`
-(N, D) the CLS token for ViT teachers, `embeddings.json` (index of models) and `config.yaml`.
+`<model>.npy` (N, C) the global average of each encoder's last feature map (a ViT's mean patch
+token), `<model>.cls.npy` (N, D) a CLS vector where the family has one (ViT: the CLS token;
+DINOv3 ConvNeXt: its normed average), `embeddings.json` (index of models) and `config.yaml`.
+Everything is validated (sources, encoders and their weights, the image size) before the first
+file is written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -24,7 +31,7 @@ from sonodistill.config import save_config
 from sonodistill.data.listing import collect_frames, frames_tensor
 from sonodistill.distill.run import load_encoder
 from sonodistill.models import to_model_input
-from sonodistill.models.encoders import Encoder, parse_spec
+from sonodistill.models.encoders import Encoder, EncoderSpec, parse_spec
 from sonodistill.progress import track
 
 log = logging.getLogger(__name__)
@@ -36,8 +43,10 @@ class EmbedConfig:
 
     sources: list[str] = field(default_factory=list)
     """`NAME=PATH` or `PATH` (folder, image, video, or a .parquet corpus manifest)."""
-    encoders: list[str] = field(default_factory=lambda: ["random:resnet50@R50-Rand"])
-    """Encoder specs: random:ARCH, student:RUN_DIR, timm:ARCH=FILE, teacher:FILE; `@LABEL`."""
+    encoders: list[str | dict] = field(default_factory=lambda: ["random:resnet50@R50-Rand"])
+    """Encoder specs: random:ARCH, student:RUN_DIR, timm:ARCH=FILE, dinov3:FILE, teacher:FILE,
+    dinov3-convnext:ARCH=FILE, sam2:ARCH=FILE, vit:ARCH=FILE (`@LABEL`), or EncoderSpec fields
+    as a mapping (options, model_kwargs)."""
     out: str = "runs/embed"
     image_size: int = 224
     """Frames are resized (bilinear) to image_size x image_size grey, as in distillation."""
@@ -51,21 +60,27 @@ class EmbedConfig:
     """`DATASET=ANATOMY` pairs, e.g. busi=breast ddti=thyroid lung=lung."""
     seed: int = 0
     device: str = "cpu"
-    teacher_kwargs: dict = field(default_factory=dict)
-    """Architecture overrides for `teacher:` specs (tiny teachers in tests)."""
 
 
 # --- embedding ----------------------------------------------------------------------------------
 
 
 @torch.inference_mode()
-def embed_batch(encoder: Encoder, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-    """[0, 1] grey images -> (pooled features, CLS token or None)."""
-    x = to_model_input(images)
-    if encoder.is_vit:
-        cls, patches = encoder.tokens(x)
-        return patches.mean(dim=(-2, -1)).float().cpu().numpy(), cls.float().cpu().numpy()
-    return encoder.pooled(x).float().cpu().numpy(), None
+def embed_batch(encoder: Encoder, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """[0, 1] grey images -> the encoder's named vectors (`pooled`, and `cls` where it has one)."""
+    vectors = encoder.vectors(to_model_input(images))
+    return {name: v.float().cpu().numpy() for name, v in vectors.items()}
+
+
+def build_encoders(items: list[str | dict], image_size: int) -> list[Encoder]:
+    """Every encoder of the config, weights loaded and input size checked."""
+    encoders = []
+    for item in items:
+        spec = parse_spec(item) if isinstance(item, str) else EncoderSpec(**item)
+        encoder = load_encoder(spec)
+        encoder.check_input_size(image_size, image_size, "--image_size")
+        encoders.append(encoder)
+    return encoders
 
 
 def slug(text: str) -> str:
@@ -76,10 +91,11 @@ def embed(cfg: EmbedConfig) -> Path:
     """Embed all frames of cfg.sources with every encoder; returns the output folder."""
     if not cfg.sources:
         raise ValueError("embed: give at least one source (--sources NAME=PATH)")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     torch.manual_seed(cfg.seed)  # random encoders: the same init for a given seed
+    encoders = [e.eval().to(cfg.device) for e in build_encoders(cfg.encoders, cfg.image_size)]
+    labels = [slug(e.name) for e in encoders]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"encoder labels must differ (add @LABEL): {labels}")
     frames = collect_frames(
         cfg.sources,
         cfg.max_per_source,
@@ -88,6 +104,9 @@ def embed(cfg: EmbedConfig) -> Path:
         cfg.anatomy,
         cfg.seed,
     )
+    out = Path(cfg.out)  # everything is valid: now write
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
     meta = pd.DataFrame(
         {
             "dataset": [f.dataset for f in frames],
@@ -100,53 +119,39 @@ def embed(cfg: EmbedConfig) -> Path:
     meta.to_parquet(out / "metadata.parquet", index=False)
     log.info("embed: %d frames from %d datasets", len(frames), meta.dataset.nunique())
 
-    encoders = []
-    for text in cfg.encoders:
-        spec = parse_spec(text)
-        if spec.kind == "teacher" and cfg.teacher_kwargs:
-            spec.model_kwargs = dict(cfg.teacher_kwargs)
-        encoders.append(load_encoder(spec).eval().to(cfg.device))
-    labels = [slug(e.name) for e in encoders]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"encoder labels must differ (add @LABEL): {labels}")
-
-    pooled: list[list[np.ndarray]] = [[] for _ in encoders]
-    cls: list[list[np.ndarray]] = [[] for _ in encoders]
+    vectors: list[dict[str, list[np.ndarray]]] = [{} for _ in encoders]
     starts = range(0, len(frames), cfg.batch_size)
     for start in track(starts, "embedding", total=len(starts)):
         images = frames_tensor(frames[start : start + cfg.batch_size], cfg.image_size)
         images = images.to(cfg.device)
         for k, encoder in enumerate(encoders):  # frames are read once for all encoders
-            p, c = embed_batch(encoder, images)
-            pooled[k].append(p)
-            if c is not None:
-                cls[k].append(c)
+            for name, v in embed_batch(encoder, images).items():
+                vectors[k].setdefault(name, []).append(v)
 
     index = {"n": len(frames), "image_size": cfg.image_size, "models": []}
-    for encoder, label, p, c in zip(encoders, labels, pooled, cls, strict=True):
+    for encoder, label, named in zip(encoders, labels, vectors, strict=True):
         entry = {
             "label": label,
-            "spec": encoder.spec.__dict__ | {"name": encoder.spec.name},
-            "pooled": f"{label}.npy",
+            "spec": dataclasses.asdict(encoder.spec),
             "dim": int(encoder.out_channels),
+            "vectors": sorted(named),
         }
-        np.save(out / entry["pooled"], np.concatenate(p).astype(np.float32))
-        if c:
-            entry["cls"] = f"{label}.cls.npy"
-            np.save(out / entry["cls"], np.concatenate(c).astype(np.float32))
+        for name, parts in named.items():
+            entry[name] = f"{label}.npy" if name == "pooled" else f"{label}.{name}.npy"
+            np.save(out / entry[name], np.concatenate(parts).astype(np.float32))
         index["models"].append(entry)
     (out / "embeddings.json").write_text(json.dumps(index, indent=2, default=str))
     return out
 
 
 def load_embeddings(folder: str | Path) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
-    """Metadata and {label: pooled, label.cls: CLS} arrays of an `embed` output folder."""
+    """Metadata and {label: pooled, label.cls: CLS, ...} arrays of an `embed` output folder."""
     folder = Path(folder)
     index = json.loads((folder / "embeddings.json").read_text())
     meta = pd.read_parquet(folder / "metadata.parquet")
     arrays = {}
     for m in index["models"]:
-        arrays[m["label"]] = np.load(folder / m["pooled"])
-        if "cls" in m:
-            arrays[m["label"] + ".cls"] = np.load(folder / m["cls"])
+        for name in m.get("vectors", ["pooled", *(["cls"] if "cls" in m else [])]):
+            key = m["label"] if name == "pooled" else f"{m['label']}.{name}"
+            arrays[key] = np.load(folder / m[name])
     return meta, arrays

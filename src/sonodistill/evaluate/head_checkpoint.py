@@ -4,9 +4,10 @@ writes (`--save_models`) and `export` (and any deployment code) reads.
 A head checkpoint is a folder with `model.safetensors` (the module's full state dict, loaded
 strictly) and `head.yaml` saying what to build, in one of two forms:
 - what `sonodistill evaluate` trains (`sonodistill.evaluate.heads.build_model`):
-  `{task: seg|cls, encoder: random:resnet50, protocol: finetune|linear, num_classes: 2,
-  class_names: [...]}` (the encoder spec only names the architecture: every weight comes from
-  model.safetensors, so `random:ARCH` is the portable choice);
+  `{task: seg|cls, encoder: {family: timm, name: resnet50, weights: random, ...}, protocol:
+  finetune|linear, seg_decoder: unet|light, num_classes: 2, class_names: [...]}` (the encoder
+  spec only names the architecture: every weight comes from model.safetensors, so a random
+  initialisation is the portable choice; `random:resnet50` strings work too);
 - plain libraries: `{task: cls, arch: resnet50, num_classes: 3, class_names: [...]}` ->
   `timm.create_model(arch, num_classes=...)`, or `{task: seg, smp: {arch: Unet,
   encoder_name: tu-resnet50, classes: 1}}` -> `segmentation_models_pytorch.create_model`; these
@@ -25,9 +26,8 @@ import timm
 import yaml
 from torch import nn
 
-from sonodistill.distill.run import resolve_encoder
 from sonodistill.evaluate.heads import WithPreprocess, build_model
-from sonodistill.models.encoders import EncoderSpec
+from sonodistill.models.encoders import Encoder, EncoderSpec
 from sonodistill.models.weights import load_strict, read_state_dict
 
 HEAD_YAML = "head.yaml"
@@ -42,6 +42,8 @@ class HeadSpec:
     encoder: str | dict = ""
     """Encoder spec string, or EncoderSpec fields as a dict (see `portable_encoder`)."""
     protocol: str = "finetune"
+    seg_decoder: str = "auto"
+    """Fine-tuned segmentation decoder: unet, light (auto: the encoder family's default)."""
     num_classes: int = 2
     class_names: list[str] = field(default_factory=list)
     arch: str = ""
@@ -57,7 +59,7 @@ def build_head_model(spec: HeadSpec) -> nn.Module:
     """The (untrained) module of a head spec, taking grey (B, 1, H, W) frames in [0, 1]."""
     if spec.encoder:
         encoder = EncoderSpec(**spec.encoder) if isinstance(spec.encoder, dict) else spec.encoder
-        return build_model(encoder, spec.task, spec.protocol, spec.num_classes)
+        return build_model(encoder, spec.task, spec.protocol, spec.num_classes, spec.seg_decoder)
     if spec.task == "cls" and spec.arch:
         return WithPreprocess(
             timm.create_model(spec.arch, pretrained=False, num_classes=spec.num_classes)
@@ -94,31 +96,17 @@ def save_head(model: nn.Module, spec: HeadSpec, folder: str | Path) -> Path:
     return folder
 
 
-def portable_encoder(encoder: EncoderSpec | str) -> dict:
-    """The architecture of an encoder spec without its weights file (EncoderSpec fields).
+def portable_encoder(encoder: Encoder) -> dict:
+    """The encoder's architecture without its weights file (EncoderSpec fields).
 
     A head checkpoint holds every weight itself; naming the architecture alone keeps it
     loadable after the distill run dir or the teacher weights have moved.
     """
-    spec = resolve_encoder(encoder)
-    if spec.kind == "teacher":
-        name = spec.name or "vit_base_patch16_dinov3_qkvb"
-        kind, weights = "teacher", "random"
-    else:
-        name = spec.name or "resnet50"
-        kind, weights = "random", None
-    return {
-        "kind": kind,
-        "name": name,
-        "weights": weights,
-        "label": spec.label,
-        "model_kwargs": dict(spec.model_kwargs),
-    }
+    return dataclasses.asdict(encoder.portable_spec())
 
 
 def save_evaluate_head(
     model: nn.Module,
-    encoder: EncoderSpec | str,
     task: str,
     protocol: str,
     num_classes: int,
@@ -126,11 +114,12 @@ def save_evaluate_head(
     class_names: list[str] | tuple[str, ...] = (),
 ) -> Path:
     """Save a model built by `sonodistill.evaluate.heads.build_model`, e.g. from
-    `run_one(..., on_end=lambda m: save_evaluate_head(m, encoder, task, ...))`."""
+    `run_one(..., on_end=lambda m: save_evaluate_head(m, task, ...))`."""
     spec = HeadSpec(
         task=task,
-        encoder=portable_encoder(encoder),
+        encoder=portable_encoder(model.encoder),
         protocol=protocol,
+        seg_decoder=getattr(model, "seg_decoder", "auto"),
         num_classes=num_classes,
         class_names=list(class_names),
     )

@@ -1,4 +1,4 @@
-"""Downstream models around an encoder: linear probes, smp U-Net, a light ViT head, classifiers.
+"""Downstream models around any encoder: linear probes, a U-Net, a light head, classifiers.
 
 All models take grey images (B, 1, H, W) in [0, 1] and apply the shared input convention
 (`to_model_input`) themselves. Heads and decoders always start from scratch (Sec. 4.3).
@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
+from segmentation_models_pytorch.base import SegmentationHead
+from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
 from torch import nn
 
 from sonodistill.distill.run import load_encoder
@@ -40,8 +41,9 @@ def seg_channels(num_classes: int) -> int:
     return 1 if num_classes == 2 else num_classes
 
 
-class _Frozen(nn.Module):
-    """Keeps a frozen encoder in eval mode (BatchNorm statistics untouched) and grad-free."""
+class EncoderModel(nn.Module):
+    """A downstream model around an encoder; a frozen encoder stays in eval mode (BatchNorm
+    statistics untouched) and grad-free."""
 
     def __init__(self, encoder: Encoder, frozen: bool):
         super().__init__()
@@ -55,12 +57,15 @@ class _Frozen(nn.Module):
             self.encoder.eval()
         return self
 
+    def _grad(self):
+        return torch.set_grad_enabled(not self.frozen and torch.is_grad_enabled())
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.set_grad_enabled(not self.frozen and torch.is_grad_enabled()):
+        with self._grad():
             return self.encoder(to_model_input(x))
 
 
-class LinearSegProbe(_Frozen):
+class LinearSegProbe(EncoderModel):
     """Frozen encoder, a 1x1 conv on its last feature map, bilinear upsampling to the mask."""
 
     def __init__(self, encoder: Encoder, num_classes: int):
@@ -72,8 +77,8 @@ class LinearSegProbe(_Frozen):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-class ViTSegHead(nn.Module):
-    """A light progressive-upsampling head on the patch-token map (the paper's ViT reference)."""
+class LightSegHead(nn.Module):
+    """A light progressive-upsampling head on the last feature map (the paper's ViT reference)."""
 
     def __init__(self, in_ch: int, out_ch: int, width: int = 256):
         super().__init__()
@@ -94,83 +99,71 @@ def _conv_bn_relu(in_ch: int, out_ch: int) -> nn.Sequential:
     )
 
 
-class ViTSegModel(_Frozen):
-    """DINOv3 teacher fine-tuned end to end with `ViTSegHead` on its patch tokens."""
+class LightSegModel(EncoderModel):
+    """An encoder fine-tuned end to end with `LightSegHead` on its last map (plain ViTs)."""
+
+    seg_decoder = "light"
 
     def __init__(self, encoder: Encoder, num_classes: int):
         super().__init__(encoder, frozen=False)
-        self.head = ViTSegHead(encoder.out_channels, seg_channels(num_classes))
+        self.head = LightSegHead(encoder.out_channels, seg_channels(num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x), x.shape[-2:])
 
 
-class UNetSeg(nn.Module):
-    """smp U-Net (timm-universal encoder `tu-NAME`) carrying the encoder's weights."""
+class UNetSeg(EncoderModel):
+    """smp's U-Net decoder and segmentation head on the encoder's pyramid (strides 2-32), the
+    encoder fine-tuned with it: `smp.Unet` for any family, its weights the encoder's own."""
+
+    seg_decoder = "unet"
 
     def __init__(self, encoder: Encoder, num_classes: int):
-        super().__init__()
-        self.unet = smp.Unet(
-            f"tu-{encoder.spec.name}", encoder_weights=None, classes=seg_channels(num_classes)
-        )
-        load_into_smp_encoder(self.unet.encoder.model, encoder.backbone_state_dict())
+        super().__init__(encoder, frozen=False)
+        channels = (256, 128, 64, 32, 16)  # smp.Unet's defaults
+        self.unet_decoder = UnetDecoder([3, *encoder.pyramid_channels], channels, n_blocks=5)
+        self.segmentation_head = SegmentationHead(channels[-1], seg_channels(num_classes), 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.unet(to_model_input(x))
+        x = to_model_input(x)
+        return self.segmentation_head(self.unet_decoder([x, *self.encoder.pyramid(x)]))
 
 
-def load_into_smp_encoder(features_net: nn.Module, backbone_sd: dict[str, torch.Tensor]) -> int:
-    """Copy a timm backbone state dict into smp's timm `features_only` network.
-
-    The features network flattens top-level sequentials (`stem.0` -> `stem_0`) and drops what
-    follows the last stage (e.g. ConvNeXt's head norm), so keys are matched with '_' and '.'
-    treated alike; every target tensor must be found with the same shape. Returns the count.
-    """
-    norm = lambda k: k.replace("_", ".")  # noqa: E731
-    source = {norm(k): v for k, v in backbone_sd.items()}
-    if len(source) != len(backbone_sd):
-        raise ValueError("ambiguous backbone keys after '_' -> '.' normalisation")
-    target = features_net.state_dict()
-    mapped = {}
-    for key, value in target.items():
-        src = source.get(norm(key))
-        if src is None or src.shape != value.shape:
-            raise KeyError(f"U-Net encoder tensor {key} {tuple(value.shape)} not in the backbone")
-        mapped[key] = src
-    features_net.load_state_dict(mapped, strict=True)
-    return len(mapped)
-
-
-class Classifier(_Frozen):
-    """Global average pooling (ViT: CLS token and mean patch token) + a linear layer."""
+class Classifier(EncoderModel):
+    """The encoder's pooled vector (CNN: global average; ViT: CLS + mean patch token; DINOv3
+    ConvNeXt: its normed average) + a linear layer."""
 
     def __init__(self, encoder: Encoder, num_classes: int, frozen: bool):
         super().__init__(encoder, frozen)
-        dim = encoder.out_channels * (2 if encoder.is_vit else 1)
-        self.head = nn.Linear(dim, num_classes)
+        self.head = nn.Linear(encoder.pooled_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.set_grad_enabled(not self.frozen and torch.is_grad_enabled()):
-            if self.encoder.is_vit:
-                cls, patches = self.encoder.tokens(to_model_input(x))
-                pooled = torch.cat([cls, patches.mean(dim=(-2, -1))], dim=1)
-            else:
-                pooled = self.encoder.pooled(to_model_input(x))
+        with self._grad():
+            pooled = self.encoder.pooled(to_model_input(x))
         return self.head(pooled)
 
 
+SEG_DECODERS = {"unet": UNetSeg, "light": LightSegModel}
+
+
 def build_model(
-    spec: EncoderSpec | str, task: str, protocol: Protocol, num_classes: int
+    spec: EncoderSpec | str | Encoder,
+    task: str,
+    protocol: Protocol,
+    num_classes: int,
+    seg_decoder: str = "auto",
 ) -> nn.Module:
-    """The downstream model of one run: (task, protocol) x encoder."""
-    encoder = load_encoder(spec)
+    """The downstream model of one run: (task, protocol) x encoder. Fine-tuned segmentation
+    uses `seg_decoder`: unet, light, or auto (the encoder family's default)."""
+    encoder = spec if isinstance(spec, Encoder) else load_encoder(spec)
     if task == "cls":
         return Classifier(encoder, num_classes, frozen=protocol == "linear")
     if protocol == "linear":
         return LinearSegProbe(encoder, num_classes)
-    if encoder.is_vit:
-        return ViTSegModel(encoder, num_classes)
-    return UNetSeg(encoder, num_classes)
+    name = encoder.seg_head if seg_decoder == "auto" else seg_decoder
+    if name not in SEG_DECODERS:
+        raise ValueError(f"seg_decoder {seg_decoder!r}: use auto, {', '.join(SEG_DECODERS)}")
+    return SEG_DECODERS[name](encoder, num_classes)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sonodistill.config import save_config
+from sonodistill.distill.run import load_encoder
 from sonodistill.evaluate.datasets import (
     DatasetIndex,
     DatasetSpec,
@@ -30,7 +31,7 @@ from sonodistill.evaluate.splits import (
 from sonodistill.evaluate.tables import paper_tables
 from sonodistill.evaluate.train import TrainSettings, run_one, trivial_baselines
 from sonodistill.io import write_table
-from sonodistill.models.encoders import EncoderSpec, parse_spec
+from sonodistill.models.encoders import RANDOM, EncoderSpec, family_of, parse_spec
 from sonodistill.progress import progress_bar
 
 
@@ -85,16 +86,15 @@ def encoder_spec(item: str | dict) -> EncoderSpec:
 
 
 def encoder_label(spec: EncoderSpec) -> str:
-    """Display name: the spec's label, else a readable default per kind."""
+    """Display name: the spec's label, else the architecture and where its weights come from."""
     if spec.label:
         return spec.label
-    if spec.kind == "random":
-        return f"{spec.name or 'resnet50'}-rand"
-    if spec.kind == "student":
+    if spec.family == "student":
         return f"{Path(spec.weights or 'student').name}-distill"
-    if spec.kind == "timm":
-        return f"{spec.name}-{Path(spec.weights or '').stem}"
-    return spec.name or "dinov3-teacher"
+    name = spec.name or family_of(spec).default_name
+    if spec.weights in (None, RANDOM) and spec.family == "timm":
+        return f"{name}-rand"
+    return f"{name}-{Path(spec.weights or spec.family).stem}"
 
 
 def plan(cfg: SuiteConfig) -> list[Run]:
@@ -165,13 +165,32 @@ class _Data:
         return self._index[task], self._splits[task]
 
 
+def check_encoders(cfg: SuiteConfig, runs: list[Run], specs: dict[str, DatasetSpec]) -> None:
+    """Build each encoder once (its weights file must load) and check that it takes the image
+    sizes of the suite, so that a bad file or size stops the suite before anything is written."""
+    sizes = {
+        ("--train.seg_size", cfg.train.seg_size)
+        if specs[t].task == "seg"
+        else ("--train.cls_size", cfg.train.cls_size)
+        for t in cfg.tasks
+    }
+    for spec in {
+        json.dumps(dataclasses.asdict(r.encoder), sort_keys=True): r.encoder for r in runs
+    }.values():
+        encoder = load_encoder(spec)
+        for option, size in sorted(sizes):
+            encoder.check_input_size(size, size, option)
+
+
 def run_suite(cfg: SuiteConfig) -> list[Path]:
     """Run what is not done yet, then write the tables; returns the table files."""
     out = Path(cfg.out)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "suite.yaml")
     runs = plan(cfg)
     data = _Data(cfg, out)
+    if not cfg.tables_only:
+        check_encoders(cfg, runs, data.specs)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "suite.yaml")
     results = []
     with progress_bar() as bar:
         suite_task = bar.add_task("evaluate", total=len(runs), info="")
@@ -235,7 +254,6 @@ def _model_saver(run: Run, index: DatasetIndex, out: Path):
     def save(model) -> None:
         save_evaluate_head(
             model,
-            run.encoder,
             index.task,
             run.protocol,
             index.num_classes,

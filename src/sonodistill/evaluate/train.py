@@ -45,6 +45,10 @@ class TrainSettings:
     """Use at most this many images per split (evenly spaced, so classes stay mixed)."""
     hflip: bool = False
     """Random horizontal flips while training (the paper states no downstream augmentation)."""
+    seg_decoder: str = "auto"
+    """Fine-tuned segmentation decoder: unet (smp's U-Net on the encoder's pyramid), light (a
+    light head on the last map), or auto: the family's default (light for plain ViTs, as the
+    paper's DINOv3 reference; unet otherwise)."""
     device: str = "auto"
     num_workers: int = 0
 
@@ -145,7 +149,8 @@ def run_one(
     gen = seed_everything(seed)
     device = pick_device(settings.device)
     loaders = make_loaders(index, splits, fraction, settings, gen)
-    model = build_model(encoder, index.task, protocol, index.num_classes).to(device)
+    model = build_model(encoder, index.task, protocol, index.num_classes, settings.seg_decoder)
+    model = model.to(device)
     params = trainable_parameters(model)
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     steps = len(loaders["train"])

@@ -137,15 +137,16 @@ def read_file(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors, truncated zips, objects beyond tensors
-        reason = _first_line(err)
-        if "Weights only load failed" in reason or "Unsupported global" in str(err):
+        text = str(err)
+        if "Unsupported global" in text:
             raise WeightsMismatchError(
                 f"{path}: holds Python objects besides tensors, which are not loaded (no code "
                 "is executed from weights files); save its state dict alone with torch.save"
             ) from err
+        reason = text.split("WeightsUnpickler error:")[-1] if "WeightsUnpickler" in text else text
         raise WeightsMismatchError(
             f"{path}: not a readable weights file (truncated or not a torch/safetensors file: "
-            f"{reason})"
+            f"{_first_line(reason)})"
         ) from err
 
 

@@ -143,6 +143,11 @@ class Encoder(nn.Module):
     # --- what it gives ----------------------------------------------------------------------------
 
     @property
+    def name(self) -> str:
+        """Display name (the spec's label, else architecture-family)."""
+        return self.spec.display
+
+    @property
     def out_channels(self) -> int:
         return int(self.backbone.num_features)
 
@@ -173,7 +178,9 @@ class Encoder(nn.Module):
 
     def pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
         maps = self.backbone.forward_intermediates(x, intermediates_only=True)
-        by_stride = {round(x.shape[-1] / m.shape[-1]): m for m in maps}
+        by_stride = {
+            f["reduction"]: m for f, m in zip(self.backbone.feature_info, maps, strict=True)
+        }
         return [by_stride.get(s, empty_level(x, s)) for s in PYRAMID_STRIDES]
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
@@ -194,6 +201,10 @@ class Encoder(nn.Module):
                 f"{what} size {height}x{width} does not suit {self.spec.name}: height and width "
                 f"must be multiples of {m}"
             )
+
+    def portable_spec(self) -> EncoderSpec:
+        """This architecture without its weights file (saved models hold every weight)."""
+        return self.spec.replace(weights=RANDOM, options={})
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}

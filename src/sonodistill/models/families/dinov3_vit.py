@@ -28,7 +28,7 @@ import torch
 from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
 from torch import nn
 
-from sonodistill.models.families.base import EncoderSpec, refuse_size
+from sonodistill.models.families.base import RANDOM, EncoderSpec, refuse_size
 from sonodistill.models.families.timm_vit import TimmViT
 from sonodistill.models.weights import (
     LoadReport,
@@ -68,13 +68,28 @@ class DINOv3ViT(TimmViT):
     family = "dinov3"
     title = "DINOv3 ViT"
     default_name = "vit_base_patch16_dinov3_qkvb"
-    options = ("rope_periods",)
+    options = ("rope_periods", "periods")
 
     @classmethod
     def check_name(cls, name: str) -> None:
         if "_dinov3" not in name or not timm.is_model(name):
             known = ", ".join(r[1] for r in RELEASES if r[1])
             raise ValueError(f"{name!r} is not a DINOv3 ViT architecture; use one of {known}")
+
+    @classmethod
+    def create(cls, spec: EncoderSpec) -> nn.Module:
+        model = super().create(spec)
+        if "periods" in spec.options:  # RoPE periods recorded by `portable_spec`
+            use_file_periods(model.rope, torch.tensor(spec.options["periods"]))
+        return model
+
+    def portable_spec(self) -> EncoderSpec:
+        rope = self.backbone.rope
+        if isinstance(rope, FilePeriodsRope):  # periods copied from a file are architecture
+            return self.spec.replace(
+                weights=RANDOM, options={"periods": rope.file_periods.tolist()}
+            )
+        return super().portable_spec()
 
     @classmethod
     def default_weights(cls, spec: EncoderSpec) -> str | None:
@@ -317,6 +332,13 @@ class FilePeriodsRope(RotaryEmbeddingDinoV3):
         return self.file_periods.to(device=device, dtype=dtype)
 
 
+def use_file_periods(rope: nn.Module, periods: torch.Tensor) -> None:
+    """Make timm's DINOv3 RoPE use `periods` (fp32), also after later dtype casts."""
+    rope.__class__ = FilePeriodsRope
+    rope.file_periods = periods.detach().float().cpu().clone()
+    rope.init_non_persistent_buffers()
+
+
 def _set_periods(
     model: nn.Module, periods: torch.Tensor | None, source: str, report: LoadReport, mode: str
 ) -> None:
@@ -342,7 +364,5 @@ def _set_periods(
             f"{source}: {_PERIODS} differ from the periods the model computes (max relative "
             f"difference {diff:.2e}); use rope_periods 'file' to copy them in"
         )
-    rope.__class__ = FilePeriodsRope
-    rope.file_periods = periods.clone()
-    rope.init_non_persistent_buffers()
+    use_file_periods(rope, periods)
     report.note(f"RoPE periods: copied from the file (max rel. diff {diff:.2e} vs computed)")

@@ -50,10 +50,12 @@ def drop_classifier(model: nn.Module, state: dict, report: LoadReport) -> dict:
 
 
 def fit_timm_layout(model: nn.Module, state: dict[str, torch.Tensor], report: LoadReport) -> dict:
-    """The state dict as it is when its names are the model's, else converted by timm's own filter
-    for the architecture (Meta/FB ConvNeXt, BEiT, OpenCLIP ... layouts) when that fits better."""
-    own = set(model.state_dict())
-    if set(state) == own:
+    """The state dict as it is when it fits the model, else converted by timm's own filter for
+    the architecture when that fits better: other layouts (Meta/FB ConvNeXt, BEiT, OpenCLIP, ...)
+    and tables that depend on the input size (position embeddings, relative position biases),
+    which the filter resizes (noted in the report)."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if _misfits(own, state) == 0:
         return state
     module = sys.modules.get(type(model).__module__)
     filter_fn = getattr(module, "checkpoint_filter_fn", None)
@@ -63,7 +65,16 @@ def fit_timm_layout(model: nn.Module, state: dict[str, torch.Tensor], report: Lo
         converted = filter_fn(dict(state), model)
     except Exception:  # a layout the filter does not know: report the file's own names
         return state
-    if len(own & set(converted)) > len(own & set(state)):
-        report.format = f"converted by timm's {module.__name__.rsplit('.', 1)[-1]} filter"
-        return converted
-    return state
+    if _misfits(own, converted) >= _misfits(own, state):
+        return state
+    how = f"timm's {module.__name__.rsplit('.', 1)[-1]} filter"
+    report.format = f"converted by {how}" if report.format == "timm" else f"{report.format} + {how}"
+    resized = sorted(k for k in converted if k in state and converted[k].shape != state[k].shape)
+    if resized:
+        report.note(f"{how} resized {len(resized)} tensors to the model (e.g. {resized[0]})")
+    return converted
+
+
+def _misfits(own: dict[str, tuple], state: dict[str, torch.Tensor]) -> int:
+    shapes = sum(1 for k, s in own.items() if k in state and tuple(state[k].shape) != s)
+    return len(set(own) ^ set(state)) + shapes

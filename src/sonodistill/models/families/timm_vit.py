@@ -87,12 +87,12 @@ class TimmViT(Encoder):
 
     def check_input_size(self, height: int, width: int | None = None, what: str = "input") -> None:
         width = height if width is None else width
-        fixed = not getattr(self.backbone, "dynamic_img_size", True)
-        size = tuple(getattr(self.backbone.patch_embed, "img_size", None) or ())
-        if fixed and size and (height, width) != size:
+        embed = self.backbone.patch_embed
+        size = tuple(getattr(embed, "img_size", None) or ())
+        if getattr(embed, "strict_img_size", False) and size and (height, width) != size:
             raise InputSizeError(
                 f"{what} size {height}x{width} does not suit {self.spec.name}: it takes exactly "
-                f"{size[0]}x{size[1]} (set model_kwargs img_size for another size)"
+                f"{size[0]}x{size[1]} (model_kwargs img_size sets another)"
             )
         super().check_input_size(height, width, what)
 
@@ -135,17 +135,19 @@ class TimmViT(Encoder):
             x, indices=taps, norm=True, output_fmt="NCHW", intermediates_only=True
         )
         maps = [maps[0]] * (4 - len(maps)) + list(maps)  # fewer than 4 blocks: reuse the first
-        grid = maps[0].shape[-2:]
         out = [empty_level(x, PYRAMID_STRIDES[0])]
         for m, stride in zip(maps, PYRAMID_STRIDES[1:], strict=True):
-            size = (x.shape[-2] // stride, x.shape[-1] // stride)
-            out.append(m if tuple(size) == tuple(grid) else _resample(m, size))
+            out.append(_resample(m, stride, self.patch_size, x))
         return out
 
 
-def _resample(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    if size[0] < m.shape[-2]:
-        return F.adaptive_avg_pool2d(m, size)
+def _resample(m: torch.Tensor, stride: int, patch: int, x: torch.Tensor) -> torch.Tensor:
+    """A token map (stride `patch`) at `stride`: average pooling down, bilinear up."""
+    if stride == patch:
+        return m
+    if stride % patch == 0:
+        return F.avg_pool2d(m, stride // patch)
+    size = (x.shape[-2] // stride, x.shape[-1] // stride)
     return F.interpolate(m, size=size, mode="bilinear", align_corners=False)
 
 
@@ -162,7 +164,7 @@ def apply_key_map(state: dict, options: dict, report: LoadReport) -> dict:
             continue
         out[key] = value
     if key_map:
-        report.format = "timm, user key map"
+        report.format = "user key map"
     if dropped:
         report.dropped["drop patterns"] = dropped
         report.note(f"dropped {dropped} tensors matching {options['drop']}")
