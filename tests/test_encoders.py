@@ -19,12 +19,15 @@ from lightning_fabric import Fabric
 from PIL import Image
 from safetensors.torch import save_file
 
+from sonodistill.config import packaged_configs, parse_config
 from sonodistill.data.listing import collect_frames, frames_tensor
 from sonodistill.deploy.onnx_utils import export_onnx
 from sonodistill.distill.augment import build_augmentation
+from sonodistill.distill.loss import get_loss
 from sonodistill.distill.recipe import train_step
 from sonodistill.evaluate.embed import EmbedConfig, embed, load_embeddings
 from sonodistill.evaluate.heads import WithPreprocess, build_model, trainable_parameters
+from sonodistill.evaluate.suite import SuiteConfig, plan
 from sonodistill.evaluate.train import SegLoss
 from sonodistill.models import Student, StudentConfig, Teacher, TeacherConfig, to_model_input
 from sonodistill.models.encoders import (
@@ -313,9 +316,10 @@ def test_distill_one_step_with_each_teacher_family(files, ddti, family):
     images = (ddti[0] * 255).to(torch.uint8)
     before = student.head.weight.detach().clone()
     augment = build_augmentation("us", SIZE)
-    loss, cosine = train_step(fabric, teacher, student, augment, images, use_mixup=True)
+    objective = get_loss("token_mse").fn
+    loss, metrics = train_step(fabric, teacher, student, augment, objective, images, True)
     optimizer.step()
-    assert math.isfinite(loss.item()) and -1 <= cosine.item() <= 1
+    assert math.isfinite(loss.item()) and -1 <= metrics["cosine"].item() <= 1
     assert not torch.equal(student.head.weight, before)
     assert teacher(to_model_input(ddti[0])).shape[1] == teacher.out_channels
 
@@ -382,6 +386,29 @@ def test_onnx_export_of_every_family_matches_pytorch(files, shared_data, tmp_pat
                 expected = model(frames).numpy()
             assert got.shape == expected.shape, (family, output)
             assert np.abs(got - expected).max() < 1e-3, (family, output)
+
+
+# --- suites -------------------------------------------------------------------------------------
+
+
+def test_every_suite_has_a_dinov3_convnext_baseline_and_fm_compare_lays_out_table8():
+    families = {}
+    for name in [n for n in packaged_configs() if n.startswith("suites/")]:
+        cfg = parse_config(SuiteConfig, ["--config", name], "test")
+        families[name] = {r.encoder.family for r in plan(cfg)}
+        assert "dinov3-convnext" in families[name], name
+    table8 = parse_config(SuiteConfig, ["--config", "suites/paper_fm_compare"], "test")
+    assert families["suites/paper_fm_compare"] == {
+        "dinov3",
+        "sam2",
+        "vit",
+        "dinov3-convnext",
+        "student",
+    }
+    assert table8.tasks == ["ddti_seg"] and table8.protocols == ["finetune"]
+    assert (table8.train.seg_size, table8.train.epochs, table8.train.lr) == (256, 50, 1e-4)
+    usfm = next(e for e in table8.encoders if isinstance(e, dict))
+    assert usfm["name"] == "beit_base_patch16_224" and usfm["options"]["key_map"]
 
 
 # --- registering a family -------------------------------------------------------------------------

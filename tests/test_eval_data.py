@@ -188,6 +188,7 @@ def test_smoke_suite_on_real_data(splits_dir, tmp_path, shared_data, fake_studen
         "table3_finetune.md",
         "table4_label_fractions.md",
         "table7_architectures.md",
+        "table8_foundation_models.md",
     }
     base = json.loads((out / "tables" / "baselines.json").read_text())
     # every DDTI image has a nodule: all-background scores 0; BUSI's normal cases score 1
@@ -197,6 +198,8 @@ def test_smoke_suite_on_real_data(splits_dir, tmp_path, shared_data, fake_studen
     table3 = (out / "tables" / "table3_finetune.md").read_text()
     assert "32 px" in table3 and "1 epochs" in table3 and "seeds 0" in table3
     assert "| R18-Distill |" in table3 and "ddti_seg Dice" in table3
+    table8 = (out / "tables" / "table8_foundation_models.md").read_text()
+    assert "| R18-Distill | timm CNN | resnet18 | 11.2 |" in table8  # family, backbone, params
     one = json.loads(runs[0].read_text())
     assert one["n"] == {"train": 8, "val": 8, "test": 8} and one["best_epoch"] == 1
     assert yaml.safe_load((out / "suite.yaml").read_text())["seeds"] == [0]

@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from segmentation_models_pytorch.base import SegmentationHead
+from segmentation_models_pytorch.base import initialization as smp_init
 from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
 from torch import nn
 
@@ -123,6 +124,8 @@ class UNetSeg(EncoderModel):
         channels = (256, 128, 64, 32, 16)  # smp.Unet's defaults
         self.unet_decoder = UnetDecoder([3, *encoder.pyramid_channels], channels, n_blocks=5)
         self.segmentation_head = SegmentationHead(channels[-1], seg_channels(num_classes), 3)
+        smp_init.initialize_decoder(self.unet_decoder)  # as smp.Unet initialises its own
+        smp_init.initialize_head(self.segmentation_head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = to_model_input(x)

@@ -1,4 +1,4 @@
-"""Markdown + CSV tables laid out like the paper's Tables 2, 3, 4, 6 and 7 (mean +- std)."""
+"""Markdown + CSV tables laid out like the paper's Tables 2, 3, 4, 6, 7 and 8 (mean +- std)."""
 
 from __future__ import annotations
 
@@ -69,6 +69,24 @@ def metric_table(
     return pd.DataFrame(rows)
 
 
+def backbone_table(results: list[dict], encoders: list[str]) -> pd.DataFrame:
+    """Model, family, backbone architecture and its parameters (M), from the runs' records."""
+    info = {r["encoder"]: r.get("backbone") for r in results if r.get("backbone")}
+    rows = []
+    for enc in encoders:
+        b = info.get(enc) or {}
+        params = f"{b['params'] / 1e6:.1f}" if "params" in b else "–"
+        rows.append(
+            {
+                "Model": enc,
+                "Family": b.get("family", "–"),
+                "Backbone": b.get("name", "–"),
+                "Params (M)": params,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def paper_tables(
     results: list[dict],
     encoders: list[str],
@@ -121,6 +139,15 @@ def paper_tables(
         table = metric_table(agg, encoders, cols("finetune", paper))
         title = "Table 7: architectures, distilled vs random (full fine-tuning)"
         written.append(write_table(table, out / "table7_architectures", title, note))
+    seg = [t for t in tasks if tasks[t] == "seg"]
+    if seg and (df.protocol == "finetune").any():
+        table = backbone_table(results, encoders).join(
+            metric_table(agg, encoders, cols("finetune", seg, only={"seg": ("dice",)})).drop(
+                columns="Model"
+            )
+        )
+        title = "Table 8: foundation models and distilled students (full fine-tuning)"
+        written.append(write_table(table, out / "table8_foundation_models", title, note))
     if ablation:
         labels = [a["encoder"] for a in ablation]
         keys = {

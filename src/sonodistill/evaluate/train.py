@@ -25,7 +25,7 @@ from sonodistill.evaluate.metrics import (
     segmentation_scores,
 )
 from sonodistill.evaluate.splits import split_ids
-from sonodistill.models.encoders import EncoderSpec
+from sonodistill.models.encoders import Encoder, EncoderSpec
 
 
 @dataclass
@@ -192,9 +192,19 @@ def run_one(
         "history": history,
         "n": {k: len(v.dataset) for k, v in loaders.items()},
         "trainable_params": sum(p.numel() for p in params),
+        "backbone": backbone_info(model.encoder),
         "empty_rule": EMPTY_RULE if index.task == "seg" else None,
         "device": str(device),
         "wall_s": round(time.time() - start, 2),
+    }
+
+
+def backbone_info(encoder: Encoder) -> dict:
+    """Family (public name), architecture and parameter count of a run's encoder (Table 8)."""
+    return {
+        "family": type(encoder).title or encoder.spec.family,
+        "name": encoder.spec.name,
+        "params": sum(p.numel() for p in encoder.parameters()),
     }
 
 
