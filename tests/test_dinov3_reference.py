@@ -25,6 +25,7 @@ from conftest import (
     perturbed_official,
     standard_periods,
 )
+from test_eval_common import one_thread  # noqa: F401  (one intra-op thread, as the eval tests)
 
 from sonodistill.models import Teacher, TeacherConfig, WeightsMismatchError
 

@@ -18,6 +18,7 @@ from conftest import TINY, TINY_TEACHER_KWARGS, perturbed_official
 from lightning_fabric import Fabric
 from PIL import Image
 from safetensors.torch import save_file
+from test_eval_common import one_thread  # noqa: F401  (one intra-op thread, as the eval tests)
 
 from sonodistill.config import packaged_configs, parse_config
 from sonodistill.data.listing import collect_frames, frames_tensor
@@ -43,14 +44,6 @@ SIZE = 64
 CONVNEXT = {"depths": (1, 1, 2, 1), "dims": (16, 24, 32, 40)}
 HIERA = {"embed_dim": 16, "num_heads": 1, "stages": (1, 1, 2, 1), "global_att_blocks": (3,)}
 BEIT = {"embed_dim": 48, "depth": 2, "num_heads": 2, "img_size": SIZE}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --- files in each family's layouts, written from the architecture --------------------------------
@@ -419,6 +412,7 @@ class ToyEncoder(Encoder):
 
     title = "toy CNN"
     default_name = "toy"
+    names = ("toy",)
 
     @classmethod
     def create(cls, spec: EncoderSpec) -> torch.nn.Module:

@@ -11,6 +11,7 @@ import timm
 import torch
 from conftest import TINY, VITSP, official_shapes, perturbed_official
 from safetensors.torch import save_file
+from test_eval_common import one_thread  # noqa: F401  (one intra-op thread, as the eval tests)
 
 from sonodistill.cli import main
 

@@ -77,6 +77,8 @@ class Encoder(nn.Module):
     title: ClassVar[str] = ""
     """Public name of the family for messages, e.g. 'DINOv3 ViT'."""
     default_name: ClassVar[str] = ""
+    names: ClassVar[tuple[str, ...]] = ()
+    """The architectures the family covers (empty: any timm architecture)."""
     seg_head: ClassVar[str] = "unet"
     """Default fine-tuning decoder: 'unet' on `pyramid`, or 'light' on the last map (plain ViTs)."""
     options: ClassVar[tuple[str, ...]] = ()
@@ -111,8 +113,12 @@ class Encoder(nn.Module):
     @classmethod
     def check_name(cls, name: str) -> None:
         """Refuse an architecture the family does not cover (ValueError naming it)."""
-        if not name:
-            raise ValueError(f"{cls.family} encoder: give the architecture name")
+        if cls.names and name not in cls.names:
+            raise ValueError(
+                f"{name!r} is not a {cls.title} architecture; use one of {', '.join(cls.names)}"
+            )
+        if not cls.names and not timm.is_model(name):
+            raise ValueError(f"{cls.title} encoder: unknown timm architecture {name!r}")
 
     @classmethod
     def create(cls, spec: EncoderSpec) -> nn.Module:

@@ -43,14 +43,7 @@ class DINOv3ConvNeXt(TimmCNN):
     family = "dinov3-convnext"
     title = "DINOv3 ConvNeXt"
     default_name = "convnext_tiny"
-
-    @classmethod
-    def check_name(cls, name: str) -> None:
-        if name not in {s[0] for s in SIZES.values()}:
-            raise ValueError(
-                f"{name!r} is not a DINOv3 ConvNeXt; use one of "
-                f"{', '.join(s[0] for s in SIZES.values())}"
-            )
+    names = tuple(name for name, _, _ in SIZES.values())
 
     @classmethod
     def default_weights(cls, spec: EncoderSpec) -> str | None:

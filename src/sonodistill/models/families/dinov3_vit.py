@@ -69,12 +69,7 @@ class DINOv3ViT(TimmViT):
     title = "DINOv3 ViT"
     default_name = "vit_base_patch16_dinov3_qkvb"
     options = ("rope_periods", "periods")
-
-    @classmethod
-    def check_name(cls, name: str) -> None:
-        if "_dinov3" not in name or not timm.is_model(name):
-            known = ", ".join(r[1] for r in RELEASES if r[1])
-            raise ValueError(f"{name!r} is not a DINOv3 ViT architecture; use one of {known}")
+    names = tuple(timm.list_models("vit_*_dinov3*"))
 
     @classmethod
     def create(cls, spec: EncoderSpec) -> nn.Module:

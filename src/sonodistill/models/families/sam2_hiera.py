@@ -37,14 +37,7 @@ class SAM2Hiera(Encoder):
     family = "sam2"
     title = "SAM2 Hiera"
     default_name = "sam2_hiera_base_plus"
-
-    @classmethod
-    def check_name(cls, name: str) -> None:
-        if name not in {s[0] for s in SIZES.values()}:
-            raise ValueError(
-                f"{name!r} is not a SAM2 Hiera encoder; use one of "
-                f"{', '.join(s[0] for s in SIZES.values())}"
-            )
+    names = tuple(name for name, _, _ in SIZES.values())
 
     @classmethod
     def create(cls, spec: EncoderSpec) -> nn.Module:

@@ -43,14 +43,6 @@ class TimmViT(Encoder):
     options = ("key_map", "drop")
 
     @classmethod
-    def check_name(cls, name: str) -> None:
-        super().check_name(name)
-        import timm
-
-        if not timm.is_model(name):
-            raise ValueError(f"{cls.family} encoder: unknown timm architecture {name!r}")
-
-    @classmethod
     def load(cls, model: nn.Module, path: Path, spec: EncoderSpec) -> LoadReport:
         report = LoadReport(str(path), "timm")
         state = read_state_dict(path, report)
