@@ -122,6 +122,7 @@ def _result(encoder, seed, dice, acc):
         "seed": seed,
         "best_epoch": 1,
         "wall_s": 1.0,
+        "backbone": {"family": "timm CNN", "name": f"net_{encoder}", "params": 2_500_000},
     }
     return [
         {**base, "task": "ddti_seg", "task_type": "seg", "test": {"dice": dice, "iou": dice / 2}},
@@ -138,6 +139,7 @@ def test_tables_mean_and_std_over_seeds(tmp_path):
         "table3_finetune.md",
         "table7_architectures.md",
         "table6_ablation.md",
+        "table8_foundation_models.md",
     }
     table3 = (tmp_path / "table3_finetune.md").read_text()
     # A: Dice mean 0.6, sample std of (0.5, 0.7) = 0.1414; B has one seed: value alone
@@ -145,6 +147,8 @@ def test_tables_mean_and_std_over_seeds(tmp_path):
     assert "| B | 0.1000 | 0.0500 | 0.2000 | 0.2000 |" in table3
     assert "NOTE" in table3
     assert "| A | US-aware | ✓ |" in (tmp_path / "table6_ablation.md").read_text()
+    table8 = (tmp_path / "table8_foundation_models.md").read_text()  # segmentation Dice only
+    assert "| A | timm CNN | net_A | 2.5 | 0.6000 ± 0.1414 |" in table8
     summary = pd.read_csv(tmp_path / "summary.csv").to_dict(orient="records")
     assert {(r["encoder"], r["task"], r["n_seeds"]) for r in summary} == {
         ("A", "ddti_seg", 2),

@@ -92,7 +92,7 @@ def encoder_label(spec: EncoderSpec) -> str:
     if spec.family == "student":
         return f"{Path(spec.weights or 'student').name}-distill"
     name = spec.name or family_of(spec).default_name
-    if spec.weights in (None, RANDOM) and spec.family == "timm":
+    if spec.weights == RANDOM:
         return f"{name}-rand"
     return f"{name}-{Path(spec.weights or spec.family).stem}"
 

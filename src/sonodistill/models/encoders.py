@@ -64,7 +64,7 @@ def parse_spec(text: str) -> EncoderSpec:
         )
     spec = EncoderSpec(family=ALIASES.get(prefix, prefix), label=label or None)
     if prefix == "random":
-        spec.name, spec.weights = rest, None
+        spec.name, spec.weights = rest, RANDOM
     elif "=" in rest:
         spec.name, _, spec.weights = rest.partition("=")
     else:
