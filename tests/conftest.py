@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,55 @@ def perturbed_official(arch: dict, seed: int = 0) -> dict[str, torch.Tensor]:
             x = x / math.sqrt(math.prod(shape[1:]))
         sd[key] = x
     return sd
+
+@pytest.fixture(scope="session")
+def real_frames(shared_data, tmp_path_factory):
+    """Frames of the DICOM echo cine and of four lung-ultrasound clips, as PNG files."""
+    import av
+    import pydicom
+    from PIL import Image
+
+    out = tmp_path_factory.mktemp("frames")
+    cine = pydicom.dcmread(shared_data / "corpus/dicom/examples_ybr_color.dcm")
+    rgb = pydicom.pixels.convert_color_space(cine.pixel_array, "YBR_FULL_422", "RGB")
+    for i, frame in enumerate(rgb):
+        Image.fromarray(frame).convert("L").save(out / f"echo_{i:02d}.png")
+    clips = sorted((shared_data / "corpus/covid_blues/lus_videos").glob("*.mp4"))[:4]
+    for clip in clips:
+        with av.open(str(clip)) as video:
+            for i, frame in enumerate(video.decode(video=0)):
+                if i % 8 == 0:
+                    frame.to_image().convert("L").save(out / f"{clip.stem}_{i:03d}.png")
+                if i >= 96:
+                    break
+    return out
+
+
+@pytest.fixture(scope="session")
+def three_batches(real_frames, tmp_path_factory):
+    """24 of the real frames: three batches of 8 per epoch, so a short run crosses epochs."""
+    out = tmp_path_factory.mktemp("three_batches")
+    for png in sorted(real_frames.glob("*.png"))[::3][:24]:
+        shutil.copy(png, out / png.name)
+    return out
+
+
+def tiny_config(data, out, **overrides):
+    """A distillation small enough for CPU tests: tiny DINOv3-layout teacher, ResNet-18, 64 px."""
+    from sonodistill.distill import DistillConfig
+    from sonodistill.models import StudentConfig, TeacherConfig
+
+    cfg = DistillConfig(
+        data=str(data),
+        out=str(out),
+        teacher=TeacherConfig(random_init=True, model_kwargs=dict(TINY_TEACHER_KWARGS)),
+        student=StudentConfig(name="resnet18"),
+        img_size=64,
+        batch_size=8,
+        num_workers=0,
+        log_every=1,
+        seed=0,
+    )
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg

@@ -1,15 +1,12 @@
-"""End-to-end distillation on real ultrasound frames: learning, exact resume, two-process DDP."""
+"""End-to-end distillation on real ultrasound frames: learning, exact resume, objectives.
+Two-process DDP: tests/test_ddp.py."""
 
 from __future__ import annotations
 
 import json
-import shutil
 
-import av
-import pydicom
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from sonodistill.config import load_config
@@ -22,44 +19,7 @@ from sonodistill.distill import (
     register_loss,
 )
 from sonodistill.distill import recipe as recipe_module
-from sonodistill.models import StudentConfig, TeacherConfig
-from tests.conftest import TINY_TEACHER_KWARGS
-
-
-@pytest.fixture(scope="module")
-def real_frames(shared_data, tmp_path_factory):
-    """Frames of the DICOM echo cine and of four lung-ultrasound clips, as PNG files."""
-    out = tmp_path_factory.mktemp("frames")
-    cine = pydicom.dcmread(shared_data / "corpus/dicom/examples_ybr_color.dcm")
-    rgb = pydicom.pixels.convert_color_space(cine.pixel_array, "YBR_FULL_422", "RGB")
-    for i, frame in enumerate(rgb):
-        Image.fromarray(frame).convert("L").save(out / f"echo_{i:02d}.png")
-    clips = sorted((shared_data / "corpus/covid_blues/lus_videos").glob("*.mp4"))[:4]
-    for clip in clips:
-        with av.open(str(clip)) as video:
-            for i, frame in enumerate(video.decode(video=0)):
-                if i % 8 == 0:
-                    frame.to_image().convert("L").save(out / f"{clip.stem}_{i:03d}.png")
-                if i >= 96:
-                    break
-    return out
-
-
-def tiny_config(data, out, **overrides) -> DistillConfig:
-    cfg = DistillConfig(
-        data=str(data),
-        out=str(out),
-        teacher=TeacherConfig(random_init=True, model_kwargs=dict(TINY_TEACHER_KWARGS)),
-        student=StudentConfig(name="resnet18"),
-        img_size=64,
-        batch_size=8,
-        num_workers=0,
-        log_every=1,
-        seed=0,
-    )
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cfg
+from tests.conftest import TINY_TEACHER_KWARGS, tiny_config
 
 
 def test_tiny_run_on_real_frames_learns_the_teacher_on_held_out_frames(real_frames, tmp_path):
@@ -79,15 +39,6 @@ def test_tiny_run_on_real_frames_learns_the_teacher_on_held_out_frames(real_fram
     backbone = load_file(str(run / "student_backbone.safetensors"))
     assert "layer4.1.bn2.running_var" in backbone and not any(k.startswith("fc.") for k in backbone)
     assert any((run / "logs").glob("version_0/events.out.tfevents.*"))
-
-
-@pytest.fixture(scope="module")
-def three_batches(real_frames, tmp_path_factory):
-    """24 of the real frames: three batches of 8 per epoch, so a short run crosses epochs."""
-    out = tmp_path_factory.mktemp("three_batches")
-    for png in sorted(real_frames.glob("*.png"))[::3][:24]:
-        shutil.copy(png, out / png.name)
-    return out
 
 
 def test_resume_across_an_epoch_boundary_repeats_the_straight_run(
@@ -161,20 +112,3 @@ def test_an_unknown_loss_is_refused_before_anything_is_written(three_batches, tm
     with pytest.raises(ValueError, match="unknown loss 'nope'.*token_mse"):
         distill(tiny_config(three_batches, tmp_path / "run", loss="nope"))
     assert not (tmp_path / "run").exists()
-
-
-def test_two_process_ddp_on_cpu_completes(real_frames, tmp_path):
-    cfg = tiny_config(
-        real_frames,
-        tmp_path / "ddp",
-        max_steps=3,
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        precision="32-true",
-    )
-    run = distill(cfg)
-    assert json.loads((run / "run_info.json").read_text())["world_size"] == 2
-    log = read_metrics(run)
-    assert log["step"].max() == 3 and log["loss"].notna().all()
-    assert (run / "student_backbone.safetensors").is_file()

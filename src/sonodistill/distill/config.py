@@ -58,6 +58,15 @@ class DistillConfig:
     precision: str = "auto"
     """auto: bf16-mixed on GPU, 32-true on CPU; or set 32-true, bf16-mixed, 16-mixed."""
     num_workers: int = 4
+    """Decoding processes per device; they stay alive across epochs (persistent workers)."""
+    prefetch_factor: int = 4
+    """Batches each worker decodes ahead of the step (with num_workers > 0)."""
+    channels_last: bool = True
+    """The CNN student and its input in channels_last memory format (faster convolutions on
+    tensor-core GPUs and oneDNN CPUs; the same maths)."""
+    compile: bool = False
+    """torch.compile the teacher and the student (off until measured on your GPU:
+    benchmarks/distill_throughput.py --compile compares both)."""
     log_every: int = 10
     checkpoint_every: int = 500
     resume: bool = False

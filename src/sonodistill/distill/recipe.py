@@ -9,6 +9,12 @@
 
 The objective is the one `DistillConfig.loss` names (`sonodistill.distill.loss`, token MSE of
 Eq. 6 by default); the run folder's layout is `sonodistill.distill.run`'s.
+
+Shaped for GPUs without changing the maths: uint8 batches cross the wire (pinned, copied
+non-blocking, from persistent workers that prefetch), are normalised on the device, the student
+and its input are channels_last, bf16 autocast runs the models while objectives sum in fp32,
+AdamW is fused on CUDA, and the host waits for the device only at log steps (the progress bar
+shows the last logged loss). `--compile` and `--student.sync_bn` are opt-in.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ def distill(cfg: DistillConfig) -> Path:
         precision=resolve_precision(cfg.precision, cfg.accelerator),
         loggers=_loggers(cfg.out),
     )
+    _check_devices(fabric, cfg)
     fabric.launch(_run, cfg)
     return Path(cfg.out)
 
@@ -94,13 +101,15 @@ class Models:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     augment: nn.Module
+    memory_format: torch.memory_format
+    """The student's: channels_last (default) or contiguous; its inputs follow it."""
 
 
 def _run(fabric: Fabric, cfg: DistillConfig) -> None:
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank and every attempt
     teacher = Teacher(cfg.teacher)  # models first: a bad file or size stops before any write
     teacher.check_input_size(cfg.img_size)
-    student = Student(cfg.student, teacher.out_channels)
+    student = build_student(cfg, teacher.out_channels, fabric.world_size)
     if fabric.is_global_zero:
         _write_run_files(fabric, cfg, teacher)
     data = _data(fabric, cfg)
@@ -112,6 +121,14 @@ def _run(fabric: Fabric, cfg: DistillConfig) -> None:
     _finish(fabric, cfg, objective, data, models, step)
 
 
+def _check_devices(fabric: Fabric, cfg: DistillConfig) -> None:
+    if cfg.student.sync_bn and fabric.world_size > 1 and fabric.device.type == "cpu":
+        raise ValueError(
+            "--student.sync_bn true needs GPUs: torch's SyncBatchNorm has no CPU implementation "
+            "(on CPU each process keeps its own BatchNorm statistics)"
+        )
+
+
 def _write_run_files(fabric: Fabric, cfg: DistillConfig, teacher: Teacher) -> None:
     out = Path(cfg.out)
     save_config(cfg, out / CONFIG)
@@ -120,6 +137,7 @@ def _write_run_files(fabric: Fabric, cfg: DistillConfig, teacher: Teacher) -> No
         "world_size": fabric.world_size,
         "precision": resolve_precision(cfg.precision, cfg.accelerator),
         "device": str(fabric.device),
+        "fused_adamw": _fused_adamw(fabric),
         "torch": torch.__version__,
     }
     (out / RUN_INFO).write_text(json.dumps(info, indent=2))
@@ -134,20 +152,21 @@ def _data(fabric: Fabric, cfg: DistillConfig) -> Data:
     sampler = ResumableSampler(
         len(train_set), per_device, cfg.seed, fabric.global_rank, fabric.world_size
     )
+    # uint8 batches in pinned memory; Fabric copies them to the GPU with non_blocking=True.
+    wire = {"num_workers": cfg.num_workers, "pin_memory": fabric.device.type == "cuda"}
     loader = DataLoader(
         train_set,
         batch_size=per_device,
         sampler=sampler,
-        num_workers=cfg.num_workers,
-        pin_memory=fabric.device.type == "cuda",
         drop_last=True,
+        persistent_workers=cfg.num_workers > 0,
+        prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
+        **wire,
     )
     loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)
     val_loader = None
     if val_set is not None:
-        val_loader = fabric.setup_dataloaders(
-            DataLoader(val_set, batch_size=per_device, num_workers=cfg.num_workers)
-        )
+        val_loader = fabric.setup_dataloaders(DataLoader(val_set, batch_size=per_device, **wire))
     return Data(loader, val_loader, sampler)
 
 
@@ -162,11 +181,47 @@ def _models(
         lr=cfg.optim.lr,
         weight_decay=cfg.optim.weight_decay,
         betas=tuple(cfg.optim.betas),
+        fused=_fused_adamw(fabric),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, total_steps))
+    if cfg.compile:  # Fabric re-applies the compilation around its DDP wrapper
+        teacher, student = torch.compile(teacher), torch.compile(student)
     student, optimizer = fabric.setup(student, optimizer)
     augment = build_augmentation(cfg.augment, cfg.img_size).to(fabric.device)
-    return Models(teacher, student, optimizer, scheduler, augment)
+    return Models(teacher, student, optimizer, scheduler, augment, _memory_format(cfg))
+
+
+def build_student(cfg: DistillConfig, out_channels: int, world_size: int = 1) -> nn.Module:
+    """The student as the loop trains it: BatchNorm synchronised across processes with
+    --student.sync_bn (on more than one), in channels_last unless --channels_last false."""
+    student = Student(cfg.student, out_channels)
+    _freeze_unreached(student)
+    if cfg.student.sync_bn and world_size > 1:
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    return student.to(memory_format=_memory_format(cfg))
+
+
+def _freeze_unreached(student: Student) -> None:
+    """Freeze the parameters distillation never reaches (timm ConvNeXt's head norm acts after
+    pooling, outside the feature map): DDP would wait for their gradients and fail. Found by
+    one backward in eval mode (no BatchNorm update); they stay in the exported backbone."""
+    training = student.training
+    student.eval()
+    student(torch.zeros(1, 3, 64, 64), (1, 1)).sum().backward()
+    for param in student.parameters():
+        if param.grad is None:
+            param.requires_grad_(False)
+        param.grad = None
+    student.train(training)
+
+
+def _fused_adamw(fabric: Fabric) -> bool:
+    """AdamW's single fused kernel on CUDA; torch's default (foreach) elsewhere."""
+    return fabric.device.type == "cuda"
+
+
+def _memory_format(cfg: DistillConfig) -> torch.memory_format:
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
 
 
 def _resume(fabric: Fabric, cfg: DistillConfig, m: Models, total_steps: int) -> int:
@@ -199,7 +254,14 @@ def _loop(
                 # repeats the interrupted one exactly without storing generator states.
                 torch.manual_seed(hash((cfg.seed, step, fabric.global_rank)) % 2**63)
                 loss, metrics = train_step(
-                    fabric, m.teacher, m.student, m.augment, objective, images, cfg.mixup
+                    fabric,
+                    m.teacher,
+                    m.student,
+                    m.augment,
+                    objective,
+                    images,
+                    cfg.mixup,
+                    m.memory_format,
                 )
                 if cfg.optim.grad_clip:
                     fabric.clip_gradients(m.student, m.optimizer, max_norm=cfg.optim.grad_clip)
@@ -208,15 +270,17 @@ def _loop(
                 m.scheduler.step()
                 step += 1
                 images_seen += images.shape[0] * fabric.world_size
-                bar.update(task, completed=step, info=f"loss {loss.item():.4f}")
                 if step % cfg.log_every == 0 or step == total_steps:
-                    elapsed = time.perf_counter() - tick
+                    # The only point where the host waits for the device.
                     row = _mean_over_ranks(fabric, {"loss": loss, **metrics})
+                    elapsed = time.perf_counter() - tick
                     row["lr"] = m.scheduler.get_last_lr()[0]
                     row["images_per_s"] = images_seen / max(elapsed, 1e-9)
                     row["epoch"] = step / batches_per_epoch
                     fabric.log_dict(row, step=step)
+                    bar.update(task, info=f"loss {row['loss']:.4f}")
                     tick, images_seen = time.perf_counter(), 0
+                bar.update(task, completed=step)
                 if data.val_loader is not None and cfg.val_every and step % cfg.val_every == 0:
                     fabric.log_dict(_validate(fabric, m, objective, data.val_loader), step=step)
                 if step % cfg.checkpoint_every == 0 or step == total_steps:
@@ -256,15 +320,25 @@ def _mean_over_ranks(fabric: Fabric, values: dict[str, torch.Tensor]) -> dict[st
     return dict(zip(values, stacked.tolist(), strict=True))
 
 
-def train_step(fabric, teacher, student, augment, objective: Objective, images, use_mixup: bool):
-    """One forward/backward on a uint8 batch; returns the loss and the objective's metrics."""
+def train_step(
+    fabric,
+    teacher,
+    student,
+    augment,
+    objective: Objective,
+    images,
+    use_mixup: bool,
+    memory_format: torch.memory_format = torch.contiguous_format,
+):
+    """One forward/backward on a uint8 batch already on the device; returns the loss and the
+    objective's metrics, as device tensors (reading them waits for the device)."""
     x = augment(images.float().div_(255))
     if use_mixup:
         x, _, _ = mixup(x)
     x = to_model_input(x)  # the same mixed view goes to teacher and student (Sec. 3.3)
     with fabric.autocast():
         target = teacher(x)
-        pred = student(x, target.shape[-2:])
+        pred = student(x.contiguous(memory_format=memory_format), target.shape[-2:])
     loss, metrics = objective(pred, target)
     fabric.backward(loss)
     return loss, metrics
@@ -281,7 +355,7 @@ def _validate(fabric, m: Models, objective: Objective, loader) -> dict[str, floa
         x = to_model_input(images.float().div_(255))
         with fabric.autocast():
             target = m.teacher(x)
-            pred = m.student(x, target.shape[-2:])
+            pred = m.student(x.contiguous(memory_format=m.memory_format), target.shape[-2:])
         loss, metrics = objective(pred, target)
         for name, value in {"loss": loss, **metrics}.items():
             sums[name] = sums.get(name, 0) + value.float() * x.shape[0]

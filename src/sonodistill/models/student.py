@@ -26,6 +26,9 @@ class StudentConfig:
     """Projection head: a single linear layer (1x1 conv, Sec. 3.2) or a two-layer MLP (Sec. 3.5)."""
     mlp_hidden: int | None = None
     """Hidden width of the MLP head; default: the backbone's channel count."""
+    sync_bn: bool = False
+    """BatchNorm statistics over the global batch (SyncBatchNorm) when training on several
+    GPUs: with the paper's 512 images over 32 GPUs each BatchNorm otherwise sees 16."""
 
 
 def build_backbone(name: str, weights: str | Path | None = None) -> nn.Module:
