@@ -16,6 +16,7 @@ from sonodistill.distill import recipe as recipe_module
 from sonodistill.distill.augment import build_augmentation, mixup
 from sonodistill.distill.loss import get_loss
 from sonodistill.distill.recipe import build_student, lr_factor
+from sonodistill.errors import UserError
 from sonodistill.models import Student, Teacher, to_model_input
 from tests.conftest import tiny_config
 
@@ -157,6 +158,6 @@ def test_student_is_channels_last_and_sync_bn_spans_processes():
 def test_sync_bn_on_cpu_processes_is_refused_before_anything_is_written(tmp_path):
     cfg = tiny_config(tmp_path, tmp_path / "run", accelerator="cpu", devices=2)
     cfg.strategy, cfg.student.sync_bn = "ddp_fork", True
-    with pytest.raises(ValueError, match="sync_bn true needs GPUs"):
+    with pytest.raises(UserError, match="sync_bn true: needs GPUs"):
         distill(cfg)
     assert not (tmp_path / "run").exists()

@@ -46,6 +46,7 @@ from sonodistill.distill.run import (
     STUDENT_WEIGHTS,
     next_log_version,
 )
+from sonodistill.errors import check, check_positive
 from sonodistill.models import Student, Teacher, to_model_input
 from sonodistill.progress import progress_bar
 
@@ -122,11 +123,11 @@ def _run(fabric: Fabric, cfg: DistillConfig) -> None:
 
 
 def _check_devices(fabric: Fabric, cfg: DistillConfig) -> None:
-    if cfg.student.sync_bn and fabric.world_size > 1 and fabric.device.type == "cpu":
-        raise ValueError(
-            "--student.sync_bn true needs GPUs: torch's SyncBatchNorm has no CPU implementation "
-            "(on CPU each process keeps its own BatchNorm statistics)"
-        )
+    """Options that depend on the devices, checked before anything is written."""
+    check_positive({"--prefetch_factor": cfg.prefetch_factor})
+    cpu_processes = fabric.world_size > 1 and fabric.device.type == "cpu"
+    why = "needs GPUs: torch's SyncBatchNorm has no CPU implementation (use false on CPU)"
+    check(not (cfg.student.sync_bn and cpu_processes), "--student.sync_bn", "true", why)
 
 
 def _write_run_files(fabric: Fabric, cfg: DistillConfig, teacher: Teacher) -> None:
