@@ -7,6 +7,8 @@ which it does not know: without the formula below a ViT's attention would silent
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
@@ -26,8 +28,14 @@ CUSTOM_FLOPS = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_sdp
 def count_flops(model: nn.Module, *inputs: torch.Tensor) -> tuple[int, dict[str, int]]:
     """Total forward FLOPs (2 per MAC) and a per-operator breakdown."""
     model = model.eval()
+    return flops_of(lambda: model(*inputs))
+
+
+def flops_of(fn: Callable[[], object]) -> tuple[int, dict[str, int]]:
+    """FLOPs of everything `fn` runs, backward passes included (a training step), and the
+    per-operator breakdown."""
     with FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOPS) as counter:
-        model(*inputs)
+        fn()
     by_op = {str(k): int(v) for k, v in counter.get_flop_counts().get("Global", {}).items()}
     return int(counter.get_total_flops()), by_op
 

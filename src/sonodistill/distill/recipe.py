@@ -113,9 +113,9 @@ def _run(fabric: Fabric, cfg: DistillConfig) -> None:
     student = build_student(cfg, teacher.out_channels, fabric.world_size)
     if fabric.is_global_zero:
         _write_run_files(fabric, cfg, teacher)
-    data = _data(fabric, cfg)
+    data = build_data(fabric, cfg)
     total_steps = cfg.max_steps or cfg.epochs * data.sampler.batches_per_epoch
-    models = _models(fabric, cfg, teacher, student, total_steps)
+    models = build_models(fabric, cfg, teacher, student, total_steps)
     step = _resume(fabric, cfg, models, total_steps)
     objective = get_loss(cfg.loss).fn
     step = _loop(fabric, cfg, objective, data, models, step, total_steps)
@@ -144,7 +144,7 @@ def _write_run_files(fabric: Fabric, cfg: DistillConfig, teacher: Teacher) -> No
     (out / RUN_INFO).write_text(json.dumps(info, indent=2))
 
 
-def _data(fabric: Fabric, cfg: DistillConfig) -> Data:
+def build_data(fabric: Fabric, cfg: DistillConfig) -> Data:
     """Training images sharded by a resumable sampler; held-out images without augmentation."""
     train_set, val_set = _split(open_training_images(cfg.data, cfg.img_size), cfg)
     if cfg.batch_size % fabric.world_size:
@@ -171,7 +171,7 @@ def _data(fabric: Fabric, cfg: DistillConfig) -> Data:
     return Data(loader, val_loader, sampler)
 
 
-def _models(
+def build_models(
     fabric: Fabric, cfg: DistillConfig, teacher: Teacher, student: Student, total_steps: int
 ) -> Models:
     """Teacher on the device, the student (backbone + projection head to the teacher's width),
