@@ -100,6 +100,7 @@ def perturbed_official(arch: dict, seed: int = 0) -> dict[str, torch.Tensor]:
         sd[key] = x
     return sd
 
+
 @pytest.fixture(scope="session")
 def real_frames(shared_data, tmp_path_factory):
     """Frames of the DICOM echo cine and of four lung-ultrasound clips, as PNG files."""
