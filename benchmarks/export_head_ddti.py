@@ -45,7 +45,7 @@ def main() -> None:
     files = sorted((DDTI / "image").glob("*.PNG"))
     train, test = files[: args.n_train], files[-args.n_test :]
     x, y = load(train, args.size)
-    spec = HeadSpec(task="seg", encoder=args.encoder, protocol="finetune", num_classes=2)
+    spec = HeadSpec(task_type="seg", encoder=args.encoder, protocol="finetune", num_classes=2)
     model = build_head_model(spec).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
     for step in range(args.steps):

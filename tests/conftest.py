@@ -1,5 +1,9 @@
-"""Shared fixtures: the real ultrasound data beside the repository, tiny model configs, and
-random weights in Meta's DINOv3 checkpoint layout."""
+"""What the tests share, in one place: the real ultrasound data beside the repository, tiny
+model configs, fake distill runs, real lung frames, random weights in Meta's DINOv3 checkpoint
+layout, and the one-thread fixture of the heavier model tests.
+
+Test modules never import each other; they import the helpers below as `from conftest import
+...` (one name: pytest puts tests/ on the path) and get the fixtures by argument."""
 
 from __future__ import annotations
 
@@ -8,11 +12,19 @@ import re
 import shutil
 from pathlib import Path
 
+import av
 import pytest
+import timm
 import torch
+import yaml
+from safetensors.torch import save_file
+
+from sonodistill.models.encoders import EncoderSpec
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+BUSI = "busi/Dataset_BUSI_with_GT"  # below shared_data
+VIDEOS = "corpus/covid_blues/lus_videos"
 
 # Keep the suite within its CPU budget: two cores, no oversubscription.
 torch.set_num_threads(2)
@@ -28,6 +40,50 @@ def shared_data() -> Path:
 
 # A DINOv3 architecture small enough for CPU tests (real layout: registers, RoPE, q/v biases).
 TINY_TEACHER_KWARGS = {"embed_dim": 48, "depth": 2, "num_heads": 2}
+TINY_TEACHER = EncoderSpec(
+    family="dinov3", weights="random", label="ViT-tiny", model_kwargs=TINY_TEACHER_KWARGS
+)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread (modules opt in with `pytestmark = pytest.mark.usefixtures(
+    "one_thread")`): on two shared cores, two OpenMP threads run ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def fake_student_run(folder: Path, name: str = "resnet18", seed: int = 1) -> Path:
+    """What `sonodistill distill` leaves: config.yaml + student_backbone.safetensors."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    backbone = timm.create_model(name, pretrained=False, num_classes=0)
+    state = {k: v.contiguous() for k, v in backbone.state_dict().items()}
+    save_file(state, str(folder / "student_backbone.safetensors"))
+    (folder / "config.yaml").write_text(yaml.safe_dump({"student": {"name": name}}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def fake_student(tmp_path_factory) -> Path:
+    """One fake ResNet-18 distill run for the whole session."""
+    return fake_student_run(tmp_path_factory.mktemp("distill_run"), seed=123)
+
+
+def extract_lung_frames(shared: Path, out: Path, clips: int = 2, per_clip: int = 3) -> Path:
+    """A few frames of real lung clips as PNG, one subfolder per clip."""
+    for video in sorted((shared / VIDEOS).glob("*.mp4"))[:clips]:
+        (out / video.stem).mkdir(parents=True, exist_ok=True)
+        with av.open(str(video)) as container:
+            for i, frame in enumerate(container.decode(container.streams.video[0])):
+                if i % 10 == 0:
+                    frame.to_image().save(out / video.stem / f"{i:04d}.png")
+                if i >= 10 * (per_clip - 1):
+                    break
+    return out
+
 
 # DINOv3 ViT architectures: ViT-B/16, the SwiGLU ViT-S+/16, and the tiny one above.
 VITB = {"dim": 768, "depth": 12, "heads": 12, "hidden": 3072, "swiglu": False}

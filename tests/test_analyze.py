@@ -8,7 +8,7 @@ import importlib.util
 import numpy as np
 import pandas as pd
 import pytest
-from test_embed import BUSI, extract_lung_frames, fake_student_run
+from conftest import BUSI, extract_lung_frames, fake_student_run
 
 from sonodistill.cli import main
 from sonodistill.evaluate.analyze import (

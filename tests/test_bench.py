@@ -8,8 +8,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_TEACHER_KWARGS
-from test_embed import BUSI
+from conftest import BUSI, TINY_TEACHER_KWARGS
 from torch import nn
 
 from sonodistill.cli import main

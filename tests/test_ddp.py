@@ -12,12 +12,12 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from sonodistill.data.images import ResumableSampler
 from sonodistill.distill import distill, read_metrics
 from sonodistill.distill import recipe as recipe_module
 from sonodistill.models import StudentConfig
-from tests.conftest import tiny_config
 
 TWO_CPU_PROCESSES = {
     "accelerator": "cpu",

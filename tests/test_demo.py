@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import TINY_TEACHER_KWARGS
 
 from sonodistill.demo import DemoConfig, resolve_teacher, run_demo
 from sonodistill.models import TeacherConfig
-from tests.conftest import TINY_TEACHER_KWARGS
 
 STEPS = ["corpus", "labelled", "distill", "evaluate", "analysis", "bench"]
 

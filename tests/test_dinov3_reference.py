@@ -25,9 +25,10 @@ from conftest import (
     perturbed_official,
     standard_periods,
 )
-from test_eval_common import one_thread  # noqa: F401  (one intra-op thread, as the eval tests)
 
 from sonodistill.models import Teacher, TeacherConfig, WeightsMismatchError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 KEYS_TSV = REPO.parent / "shared" / "fixtures" / "dinov3_vitb16_official_keys.tsv"
 TOL = 1e-5

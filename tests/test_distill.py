@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_TEACHER_KWARGS, tiny_config
 from safetensors.torch import load_file
 
 from sonodistill.config import load_config
@@ -19,7 +20,6 @@ from sonodistill.distill import (
     register_loss,
 )
 from sonodistill.distill import recipe as recipe_module
-from tests.conftest import TINY_TEACHER_KWARGS, tiny_config
 
 
 def test_tiny_run_on_real_frames_learns_the_teacher_on_held_out_frames(real_frames, tmp_path):

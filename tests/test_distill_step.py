@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
@@ -18,7 +19,6 @@ from sonodistill.distill.loss import get_loss
 from sonodistill.distill.recipe import build_student, lr_factor
 from sonodistill.errors import UserError
 from sonodistill.models import Student, Teacher, to_model_input
-from tests.conftest import tiny_config
 
 
 def previous_step_trajectory(cfg, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:

@@ -9,12 +9,9 @@ import av
 import numpy as np
 import pandas as pd
 import pytest
-import timm
 import torch
-import yaml
-from conftest import TINY_TEACHER_KWARGS
+from conftest import BUSI, TINY_TEACHER_KWARGS, VIDEOS, extract_lung_frames, fake_student_run
 from PIL import Image
-from safetensors.torch import save_file
 
 from sonodistill.cli import main
 from sonodistill.data.listing import collect_frames, list_source, load_frames
@@ -22,32 +19,6 @@ from sonodistill.data.masks import is_mask
 from sonodistill.distill.run import load_encoder
 from sonodistill.evaluate.embed import EmbedConfig, embed, load_embeddings
 from sonodistill.models import to_model_input
-
-BUSI = "busi/Dataset_BUSI_with_GT"
-VIDEOS = "corpus/covid_blues/lus_videos"
-
-
-def fake_student_run(folder: Path, name: str = "resnet18", seed: int = 1) -> Path:
-    """What `sonodistill distill` leaves: config.yaml + student_backbone.safetensors."""
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    backbone = timm.create_model(name, pretrained=False, num_classes=0)
-    save_file(backbone.state_dict(), str(folder / "student_backbone.safetensors"))
-    (folder / "config.yaml").write_text(yaml.safe_dump({"student": {"name": name}}))
-    return folder
-
-
-def extract_lung_frames(shared: Path, out: Path, clips: int = 2, per_clip: int = 3) -> Path:
-    """A few frames of real lung clips as PNG, one subfolder per clip."""
-    for video in sorted((shared / VIDEOS).glob("*.mp4"))[:clips]:
-        (out / video.stem).mkdir(parents=True, exist_ok=True)
-        with av.open(str(video)) as container:
-            for i, frame in enumerate(container.decode(container.streams.video[0])):
-                if i % 10 == 0:
-                    frame.to_image().save(out / video.stem / f"{i:04d}.png")
-                if i >= 10 * (per_clip - 1):
-                    break
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from conftest import TINY, TINY_TEACHER_KWARGS, perturbed_official
 from lightning_fabric import Fabric
 from PIL import Image
 from safetensors.torch import save_file
-from test_eval_common import one_thread  # noqa: F401  (one intra-op thread, as the eval tests)
 
 from sonodistill.config import packaged_configs, parse_config
 from sonodistill.data.listing import collect_frames, frames_tensor
@@ -39,6 +38,8 @@ from sonodistill.models.encoders import (
     build_encoder,
     register_family,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZE = 64
 CONVNEXT = {"depths": (1, 1, 2, 1), "dims": (16, 24, 32, 40)}

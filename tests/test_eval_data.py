@@ -14,7 +14,6 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from test_eval_common import fake_student, one_thread  # noqa: F401
 
 from sonodistill.evaluate.datasets import SegDataset, load_busi, load_ddti, load_mask, read_grey
 from sonodistill.evaluate.head_checkpoint import load_head
@@ -27,6 +26,8 @@ from sonodistill.evaluate.splits import (
 )
 from sonodistill.evaluate.suite import SuiteConfig, run_suite
 from sonodistill.evaluate.train import TrainSettings
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +163,7 @@ def test_split_file_is_reused(splits_dir, ddti):
 
 
 @pytest.mark.slow
-def test_smoke_suite_on_real_data(splits_dir, tmp_path, shared_data, fake_student):  # noqa: F811
+def test_smoke_suite_on_real_data(splits_dir, tmp_path, shared_data, fake_student):
     out = tmp_path / "suite"
     (out / "splits").mkdir(parents=True)
     for f in splits_dir.glob("*.json"):
@@ -205,7 +206,7 @@ def test_smoke_suite_on_real_data(splits_dir, tmp_path, shared_data, fake_studen
     assert yaml.safe_load((out / "suite.yaml").read_text())["seeds"] == [0]
     # the selected models are kept in the format `sonodistill export --head` reads
     model, spec = load_head(out / "models" / runs[0].stem)
-    assert spec.task == one["task_type"] and spec.protocol == one["protocol"]
+    assert spec.task_type == one["task_type"] and spec.protocol == one["protocol"]
     assert sum(p.numel() for p in model.parameters()) > 0
     assert len(list((out / "models").iterdir())) == len(runs)
     # resumable: a second call trains nothing and rewrites no run file

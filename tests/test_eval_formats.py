@@ -77,7 +77,7 @@ def test_generic_multiclass_seg_and_class_folders(tmp_path):
         m[:10] = 1
         m[20:] = 2
         Image.fromarray(m).save(seg / "masks" / f"case{i}.png")
-    spec = DatasetSpec(kind="seg_folder", root=str(seg), classes=["bg", "a", "b"])
+    spec = DatasetSpec(format="seg_folder", root=str(seg), classes=["bg", "a", "b"])
     index = load_dataset(spec, "mine")
     assert index.name == "mine" and index.num_classes == 3 and len(index.records) == 6
     x, y = SegDataset(index.records, 32, binary=False)[0]
@@ -88,7 +88,7 @@ def test_generic_multiclass_seg_and_class_folders(tmp_path):
         (cls / c).mkdir(parents=True)
         for i in range(n):
             _grey(cls / c / f"{i}.png", value=20 * i + (c == "dog"))
-    index = load_dataset(DatasetSpec(kind="cls_folder", root=str(cls), task="cls"))
+    index = load_dataset(DatasetSpec(format="cls_folder", root=str(cls), task_type="cls"))
     assert index.classes == ("cat", "dog") and len(index.records) == 12
     assert int(ClsDataset(index.records, 16)[11][1]) == 1
 
@@ -106,7 +106,7 @@ def test_group_column_is_honoured(tmp_path):
     (tmp_path / "groups.csv").write_text(
         "id,group\n" + "".join(f"{i},patient{i // 4}\n" for i in range(40))
     )
-    spec = DatasetSpec(kind="seg_folder", root=str(root), groups_csv=str(tmp_path / "groups.csv"))
+    spec = DatasetSpec(format="seg_folder", root=str(root), groups_csv=str(tmp_path / "groups.csv"))
     splits = make_splits(load_dataset(spec))
     where = {i: s for s in SPLITS for i in splits["ids"][s]}
     for p in range(10):

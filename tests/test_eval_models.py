@@ -7,8 +7,8 @@ import pytest
 import segmentation_models_pytorch as smp
 import timm
 import torch
+from conftest import TINY_TEACHER
 from safetensors.torch import load_file
-from test_eval_common import TINY_TEACHER, fake_student, one_thread  # noqa: F401
 
 from sonodistill.evaluate.heads import (
     Classifier,
@@ -20,6 +20,8 @@ from sonodistill.evaluate.heads import (
 )
 from sonodistill.evaluate.train import SegLoss
 from sonodistill.models.encoders import build_encoder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", ["resnet18", "convnext_tiny"])
@@ -45,7 +47,7 @@ def test_unet_is_smps_decoder_on_the_encoders_own_weights(name):
     assert not torch.allclose(unet(x), y)
 
 
-def test_student_weights_reach_the_unet(fake_student):  # noqa: F811
+def test_student_weights_reach_the_unet(fake_student):
     model = build_model(f"student:{fake_student}", "seg", "finetune", num_classes=2)
     saved = load_file(fake_student / "student_backbone.safetensors")
     assert torch.equal(

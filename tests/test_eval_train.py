@@ -1,31 +1,46 @@
 """One downstream run selects the epoch with the best validation score and tests that epoch's
-weights: validation scores are scripted, so the rule itself is under test."""
+weights (validation scores are scripted, so the rule itself is under test); a suite's results
+are keyed by the encoder's weights file, not only its spec."""
 
 from __future__ import annotations
+
+import hashlib
+import json
 
 import numpy as np
 import pytest
 import torch
+from conftest import fake_student_run
 from PIL import Image
 
 from sonodistill.evaluate import train as train_module
 from sonodistill.evaluate.datasets import load_seg_folder
+from sonodistill.evaluate.suite import SuiteConfig, run_suite
 from sonodistill.evaluate.train import TrainSettings, run_one
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def tiny_seg(tmp_path):
+def tiny_seg_root(tmp_path):
+    """12 random 32 px images with rectangular masks, as images/ + masks/."""
+    root = tmp_path / "tiny_seg"
     rng = np.random.default_rng(0)
     for folder in ("images", "masks"):
-        (tmp_path / folder).mkdir()
+        (root / folder).mkdir(parents=True)
     for i in range(12):
         Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(
-            tmp_path / "images" / f"{i}.png"
+            root / "images" / f"{i}.png"
         )
         mask = np.zeros((32, 32), np.uint8)
         mask[8 : 16 + i, 8:20] = 255
-        Image.fromarray(mask).save(tmp_path / "masks" / f"{i}.png")
-    index = load_seg_folder(tmp_path)
+        Image.fromarray(mask).save(root / "masks" / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def tiny_seg(tiny_seg_root):
+    index = load_seg_folder(tiny_seg_root)
     ids = [r.id for r in index.records]
     splits = {"ids": {"train": ids[:8], "val": ids[8:10], "test": ids[10:]}, "fractions": {}}
     return index, splits
@@ -54,3 +69,39 @@ def test_the_best_validation_epoch_is_the_one_tested(tiny_seg, monkeypatch, scor
     *per_epoch, tested = weights_seen
     assert torch.equal(tested, per_epoch[best - 1])  # the selected epoch's weights were tested
     assert not torch.equal(per_epoch[0], per_epoch[-1])  # training did change them
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def test_redistilling_into_the_same_run_folder_reruns_its_evaluations(tiny_seg_root, tmp_path):
+    student = fake_student_run(tmp_path / "distill", seed=1)
+    cfg = SuiteConfig(
+        out=str(tmp_path / "suite"),
+        datasets={"tiny": {"format": "seg_folder", "root": str(tiny_seg_root)}},
+        tasks=["tiny"],
+        encoders=[f"student:{student}@R18-Distill", "random:resnet18@R18-Rand"],
+        protocols=["linear"],
+        seeds=[0],
+        train=TrainSettings(seg_size=32, epochs=1, seg_batch=4, device="cpu"),
+    )
+    run_suite(cfg)
+    distilled = tmp_path / "suite" / "runs" / "tiny__linear__R18-Distill__f1__s0.json"
+    rand = distilled.with_name("tiny__linear__R18-Rand__f1__s0.json")
+    first = json.loads(distilled.read_text())
+    weights = student / "student_backbone.safetensors"
+    assert first["encoder_weights"] == {"file": str(weights), "sha256": sha256(weights)}
+    assert json.loads(rand.read_text())["encoder_weights"]["sha256"] is None  # random init
+    stamps = {p: p.stat().st_mtime_ns for p in (distilled, rand)}
+    run_suite(cfg)
+    assert {p: p.stat().st_mtime_ns for p in (distilled, rand)} == stamps  # nothing changed
+
+    fake_student_run(tmp_path / "distill", seed=2)  # a new distillation into the same folder
+    run_suite(cfg)
+    second = json.loads(distilled.read_text())
+    assert distilled.stat().st_mtime_ns != stamps[distilled]  # evaluated again, not reused
+    assert second["encoder_weights"]["sha256"] == sha256(weights)
+    assert second["encoder_weights"]["sha256"] != first["encoder_weights"]["sha256"]
+    assert second["fingerprint"] != first["fingerprint"]
+    assert rand.stat().st_mtime_ns == stamps[rand]  # the other encoder's results still stand

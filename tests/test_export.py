@@ -9,8 +9,8 @@ import onnx
 import pytest
 import timm
 import torch
+from conftest import BUSI, fake_student_run
 from PIL import Image
-from test_embed import BUSI, fake_student_run
 
 from sonodistill.cli import main
 from sonodistill.data.listing import FrameRef, frames_tensor
@@ -67,8 +67,8 @@ def test_head_metric_and_masks(shared_data):
     logits = np.full((2, 1, 4, 4), -1.0)
     target = np.zeros((2, 4, 4), np.int64)
     logits[0, 0, :2], target[0, :1] = 1.0, 1  # |P|=8, |T|=4, overlap 4 -> 8/12
-    spec = HeadSpec(task="segmentation", encoder="random:resnet18")
-    assert spec.task == "seg"
+    spec = HeadSpec(task_type="segmentation", encoder="random:resnet18")
+    assert spec.task_type == "seg"
     name, value = head_metric(spec, logits, target)  # evaluate's rule: empty/empty counts 1
     assert name == "dice" and value == pytest.approx((8 / 12 + 1.0) / 2)
     busi = shared_data / BUSI / "benign" / "benign (100).png"
@@ -89,7 +89,7 @@ def test_head_metric_and_masks(shared_data):
 
 def test_segmentation_head_export_reports_dice_change(shared_data, tmp_path):
     # The format `sonodistill evaluate` saves: its U-Net around a resnet18 encoder.
-    spec = HeadSpec(task="seg", encoder="random:resnet18", protocol="finetune", num_classes=2)
+    spec = HeadSpec(task_type="seg", encoder="random:resnet18", protocol="finetune", num_classes=2)
     torch.manual_seed(0)
     save_head(build_head_model(spec), spec, tmp_path / "head")
     cfg = ExportConfig(
@@ -121,7 +121,7 @@ def test_segmentation_head_export_reports_dice_change(shared_data, tmp_path):
 
 def test_classification_head_plain_timm_format(shared_data, tmp_path):
     names = ["benign", "malignant", "normal"]
-    spec = HeadSpec(task="cls", arch="resnet18", num_classes=3, class_names=names)
+    spec = HeadSpec(task_type="cls", arch="resnet18", num_classes=3, class_names=names)
     torch.manual_seed(0)
     save_head(timm.create_model("resnet18", num_classes=3), spec, tmp_path / "head")
     model, loaded = load_head(tmp_path / "head")

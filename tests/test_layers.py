@@ -131,3 +131,17 @@ def test_the_checks_see_function_level_upward_imports_and_cycles():
     }
     assert cycles(loop) == [["sonodistill.data.a", "sonodistill.data.b"]]
     assert cycles({"sonodistill.data.a": {"sonodistill.models.b"}}) == []
+
+
+def test_test_modules_share_helpers_through_conftest_only():
+    tests = Path(__file__).resolve().parent
+    offenders = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            for name in names:  # `conftest` is the one name helpers are imported by
+                if name.startswith(("test_", "tests")):
+                    offenders.append(f"{path.name} imports {name}")
+    assert offenders == []

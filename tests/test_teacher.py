@@ -10,10 +10,11 @@ import pytest
 import torch
 from conftest import TINY, TINY_TEACHER_KWARGS, VITSP, official_shapes, perturbed_official
 from safetensors.torch import save_file
-from test_eval_common import one_thread  # noqa: F401  (one intra-op thread, as the eval tests)
 
 from sonodistill.models import Teacher, TeacherConfig, WeightsMismatchError, to_model_input
 from sonodistill.models.families.dinov3_vit import WEIGHTS_ENV, official_schema
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 X = to_model_input(torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0)))
 

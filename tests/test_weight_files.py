@@ -11,9 +11,10 @@ import timm
 import torch
 from conftest import TINY, VITSP, official_shapes, perturbed_official
 from safetensors.torch import save_file
-from test_eval_common import one_thread  # noqa: F401  (one intra-op thread, as the eval tests)
 
 from sonodistill.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 VITL = {"dim": 1024, "depth": 24, "heads": 16, "hidden": 4096, "swiglu": False}
 

@@ -42,7 +42,7 @@ from sonodistill.evaluate.heads import WithPreprocess
 from sonodistill.io import write_table
 from sonodistill.models import to_model_input
 from sonodistill.models.encoders import Encoder, EncoderSpec, parse_spec
-from sonodistill.models.student import projection_head
+from sonodistill.models.student import StudentConfig, projection_head
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class BenchConfig:
     teacher: str | dict = "teacher:random@ViT-B/16 (DINOv3)"
     """Encoder spec of any family (string or EncoderSpec mapping); weights do not change the
     cost, so a random init is the default."""
-    student: str = "random:resnet50@ResNet-50 student"
+    student: str = f"random:{StudentConfig.name}@{StudentConfig.name} student"
     teacher_kwargs: dict = field(default_factory=dict)
     """Architecture overrides for the teacher (tiny teachers in tests)."""
     teacher_n_blocks: int = 2

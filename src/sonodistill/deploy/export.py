@@ -76,9 +76,9 @@ def _split_frames(cfg: ExportConfig):
     return frames[: cfg.n_check], frames[cfg.n_check : total]
 
 
-def _test_frames(cfg: ExportConfig, task: str) -> list[FrameRef]:
+def _test_frames(cfg: ExportConfig, task_type: str) -> list[FrameRef]:
     frames = collect_frames([cfg.test_set], None, seed=cfg.seed)
-    if task == "seg":
+    if task_type == "seg":
         frames = [f for f in frames if mask_files(f.file)]
     if not frames:
         raise FileNotFoundError(f"test set {cfg.test_set}: no labelled images found")
@@ -90,7 +90,7 @@ def _test_frames(cfg: ExportConfig, task: str) -> list[FrameRef]:
 def test_set_targets(frames: list[FrameRef], spec: HeadSpec, size: int) -> np.ndarray:
     """Labels of test frames: class index (by the parent folder's name) or the union of the
     image's masks resized (nearest) to size x size."""
-    if spec.task == "seg":
+    if spec.task_type == "seg":
         return np.stack([image_mask(f.file, size) for f in frames])
     names = spec.class_names or sorted({Path(f.file).parent.name for f in frames})
     return np.array([names.index(Path(f.file).parent.name) for f in frames])
@@ -98,7 +98,7 @@ def test_set_targets(frames: list[FrameRef], spec: HeadSpec, size: int) -> np.nd
 
 def head_metric(spec: HeadSpec, outputs: np.ndarray, targets: np.ndarray) -> tuple[str, float]:
     """Dice (`sonodistill evaluate`'s per-image rule) for segmentation, accuracy otherwise."""
-    if spec.task == "seg":
+    if spec.task_type == "seg":
         dice, _ = dice_iou(
             predict_mask(outputs), targets.astype(np.int64), max(2, outputs.shape[1])
         )
@@ -119,10 +119,10 @@ def export(cfg: ExportConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     if cfg.head:  # heads take grey [0, 1] frames already
         model, spec = load_head(cfg.head)
-        source, output, task = cfg.head, "logits", f"{spec.task} head"
+        source, output, exported = cfg.head, "logits", f"{spec.task_type} head"
     elif cfg.encoder:
         model, spec = WithPreprocess(load_encoder(cfg.encoder)).eval(), None
-        source, output, task = cfg.encoder, "features", "backbone"
+        source, output, exported = cfg.encoder, "features", "backbone"
     else:
         raise ValueError("export: give --encoder SPEC or --head FOLDER")
     inner = model.model if isinstance(model, WithPreprocess) else model
@@ -138,7 +138,7 @@ def export(cfg: ExportConfig) -> dict:
     reference = _torch_outputs(model, x_check)
     report: dict = {
         "source": source,
-        "task": task,
+        "exported": exported,
         "image_size": cfg.image_size,
         "opset": cfg.opset,
         "exporter": cfg.exporter,
@@ -171,7 +171,7 @@ def export(cfg: ExportConfig) -> dict:
     report["fp32_ok"] = report["models"]["fp32"]["max_abs"] <= cfg.tolerance
 
     if spec is not None and cfg.test_set:
-        test = _test_frames(cfg, spec.task)
+        test = _test_frames(cfg, spec.task_type)
         x_test = frames_tensor(test, cfg.image_size)
         targets = test_set_targets(test, spec, cfg.image_size)
         name, base = head_metric(spec, _torch_outputs(model, x_test), targets)
@@ -191,7 +191,7 @@ def report_markdown(report: dict) -> str:
     lines = [
         f"# ONNX export of {report['source']}",
         "",
-        f"{report['task']}, input (B, 1, {report['image_size']}, {report['image_size']}) grey "
+        f"{report['exported']}, input (B, 1, {report['image_size']}, {report['image_size']}) grey "
         f"[0, 1], output {report['output']}, opset {report['opset']} ({report['exporter']}); "
         f"checked on {report['check_frames']} real frames ({', '.join(report['datasets'])}), "
         f"int8 calibrated on {report['calib_frames']} others.",

@@ -23,7 +23,9 @@ from sonodistill.data.masks import mask_owner, masks_by_image, merge_masks
 from sonodistill.data.readers import IMAGE_EXT
 
 BUSI_CLASSES = ("normal", "benign", "malignant")
-Task = Literal["seg", "cls"]
+TaskType = Literal["seg", "cls"]
+"""What a task predicts: a segmentation mask or a class label (a task's *name* is its key in a
+suite, e.g. busi_seg)."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class Record:
 @dataclass
 class DatasetIndex:
     name: str
-    task: Task
+    task_type: TaskType
     records: list[Record]
     classes: tuple[str, ...] = ("background", "foreground")
     """Class names: mask values (seg, index 0 = background) or labels (cls)."""
@@ -59,9 +61,12 @@ class DatasetIndex:
 class DatasetSpec:
     """A dataset in a suite file: built-in (busi, ddti) or a user's folder layout."""
 
-    kind: Literal["busi", "ddti", "seg_folder", "cls_folder"] = "seg_folder"
+    format: Literal["busi", "ddti", "seg_folder", "cls_folder"] = "seg_folder"
+    """The folder layout: busi, ddti (their published layouts), seg_folder (images/ + masks/),
+    cls_folder (one sub-folder per class)."""
     root: str = ""
-    task: Task = "seg"
+    task_type: TaskType = "seg"
+    """seg or cls (BUSI has both)."""
     classes: list[str] | None = None
     """seg_folder: class names by mask value (default binary: any non-zero is foreground)."""
     groups_csv: str | None = None
@@ -108,7 +113,7 @@ def _natural_key(text: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
-def load_busi(root: str | Path, task: Task = "seg") -> DatasetIndex:
+def load_busi(root: str | Path, task_type: TaskType = "seg") -> DatasetIndex:
     """BUSI's published layout: `{benign,malignant,normal}/NAME.png` + `NAME_mask[_k].png`."""
     root = Path(root)
     if (root / "Dataset_BUSI_with_GT").is_dir():
@@ -122,7 +127,7 @@ def load_busi(root: str | Path, task: Task = "seg") -> DatasetIndex:
         masks = masks_by_image(files)
         images = [p for p in files if mask_owner(p) is None]
         for p in sorted(images, key=lambda p: _natural_key(p.stem)):
-            if task == "seg" and p.stem not in masks:
+            if task_type == "seg" and p.stem not in masks:
                 raise FileNotFoundError(f"{p}: no mask file")
             records.append(
                 Record(
@@ -132,8 +137,8 @@ def load_busi(root: str | Path, task: Task = "seg") -> DatasetIndex:
                     label=label,
                 )
             )
-    classes = BUSI_CLASSES if task == "cls" else ("background", "lesion")
-    return DatasetIndex(f"busi_{task}", task, records, classes)
+    classes = BUSI_CLASSES if task_type == "cls" else ("background", "lesion")
+    return DatasetIndex(f"busi_{task_type}", task_type, records, classes)
 
 
 def load_ddti(root: str | Path) -> DatasetIndex:
@@ -234,16 +239,16 @@ def load_groups_csv(index: DatasetIndex, path: str | Path) -> DatasetIndex:
 
 
 def load_dataset(spec: DatasetSpec, name: str | None = None) -> DatasetIndex:
-    if spec.kind == "busi":
-        index = load_busi(spec.root, spec.task)
-    elif spec.kind == "ddti":
+    if spec.format == "busi":
+        index = load_busi(spec.root, spec.task_type)
+    elif spec.format == "ddti":
         index = load_ddti(spec.root)
-    elif spec.kind == "seg_folder":
+    elif spec.format == "seg_folder":
         index = load_seg_folder(spec.root, spec.images, spec.masks, spec.classes, name)
-    elif spec.kind == "cls_folder":
+    elif spec.format == "cls_folder":
         index = load_cls_folder(spec.root, name)
     else:
-        raise ValueError(f"unknown dataset kind {spec.kind!r}")
+        raise ValueError(f"unknown dataset format {spec.format!r}")
     if name:
         index.name = name
     return load_groups_csv(index, spec.groups_csv) if spec.groups_csv else index

@@ -32,6 +32,7 @@ from sonodistill.data.listing import collect_frames, frames_tensor
 from sonodistill.distill.run import load_encoder
 from sonodistill.models import to_model_input
 from sonodistill.models.encoders import Encoder, EncoderSpec, parse_spec
+from sonodistill.models.student import StudentConfig
 from sonodistill.progress import track
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class EmbedConfig:
 
     sources: list[str] = field(default_factory=list)
     """`NAME=PATH` or `PATH` (folder, image, video, or a .parquet corpus manifest)."""
-    encoders: list[str | dict] = field(default_factory=lambda: ["random:resnet50@R50-Rand"])
+    encoders: list[str | dict] = field(default_factory=lambda: [f"random:{StudentConfig.name}"])
     """Encoder specs: random:ARCH, student:RUN_DIR, timm:ARCH=FILE, dinov3:FILE, teacher:FILE,
     dinov3-convnext:ARCH=FILE, sam2:ARCH=FILE, vit:ARCH=FILE (`@LABEL`), or EncoderSpec fields
     as a mapping (options, model_kwargs)."""

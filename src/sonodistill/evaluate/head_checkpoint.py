@@ -4,12 +4,12 @@ writes (`--save_models`) and `export` (and any deployment code) reads.
 A head checkpoint is a folder with `model.safetensors` (the module's full state dict, loaded
 strictly) and `head.yaml` saying what to build, in one of two forms:
 - what `sonodistill evaluate` trains (`sonodistill.evaluate.heads.build_model`):
-  `{task: seg|cls, encoder: {family: timm, name: resnet50, weights: random, ...}, protocol:
+  `{task_type: seg|cls, encoder: {family: timm, name: resnet50, weights: random, ...}, protocol:
   finetune|linear, seg_decoder: unet|light, num_classes: 2, class_names: [...]}` (the encoder
   spec only names the architecture: every weight comes from model.safetensors, so a random
   initialisation is the portable choice; `random:resnet50` strings work too);
-- plain libraries: `{task: cls, arch: resnet50, num_classes: 3, class_names: [...]}` ->
-  `timm.create_model(arch, num_classes=...)`, or `{task: seg, smp: {arch: Unet,
+- plain libraries: `{task_type: cls, arch: resnet50, num_classes: 3, class_names: [...]}` ->
+  `timm.create_model(arch, num_classes=...)`, or `{task_type: seg, smp: {arch: Unet,
   encoder_name: tu-resnet50, classes: 1}}` -> `segmentation_models_pytorch.create_model`; these
   take ImageNet-normalised input and are wrapped so that every head takes grey [0, 1] frames.
 
@@ -32,12 +32,12 @@ from sonodistill.models.weights import load_strict, read_state_dict
 
 HEAD_YAML = "head.yaml"
 HEAD_WEIGHTS = "model.safetensors"
-_TASKS = {"cls": "cls", "classification": "cls", "seg": "seg", "segmentation": "seg"}
+_TASK_TYPES = {"cls": "cls", "classification": "cls", "seg": "seg", "segmentation": "seg"}
 
 
 @dataclass
 class HeadSpec:
-    task: str
+    task_type: str
     """seg | cls (segmentation | classification accepted and normalised)."""
     encoder: str | dict = ""
     """Encoder spec string, or EncoderSpec fields as a dict (see `portable_encoder`)."""
@@ -50,21 +50,23 @@ class HeadSpec:
     smp: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.task not in _TASKS:
-            raise ValueError(f"head task must be seg or cls, not {self.task!r}")
-        self.task = _TASKS[self.task]
+        if self.task_type not in _TASK_TYPES:
+            raise ValueError(f"head task_type must be seg or cls, not {self.task_type!r}")
+        self.task_type = _TASK_TYPES[self.task_type]
 
 
 def build_head_model(spec: HeadSpec) -> nn.Module:
     """The (untrained) module of a head spec, taking grey (B, 1, H, W) frames in [0, 1]."""
     if spec.encoder:
         encoder = EncoderSpec(**spec.encoder) if isinstance(spec.encoder, dict) else spec.encoder
-        return build_model(encoder, spec.task, spec.protocol, spec.num_classes, spec.seg_decoder)
-    if spec.task == "cls" and spec.arch:
+        return build_model(
+            encoder, spec.task_type, spec.protocol, spec.num_classes, spec.seg_decoder
+        )
+    if spec.task_type == "cls" and spec.arch:
         return WithPreprocess(
             timm.create_model(spec.arch, pretrained=False, num_classes=spec.num_classes)
         )
-    if spec.task == "seg" and spec.smp:
+    if spec.task_type == "seg" and spec.smp:
         import segmentation_models_pytorch as smp
 
         return WithPreprocess(smp.create_model(**{**spec.smp, "encoder_weights": None}))
@@ -107,16 +109,16 @@ def portable_encoder(encoder: Encoder) -> dict:
 
 def save_evaluate_head(
     model: nn.Module,
-    task: str,
+    task_type: str,
     protocol: str,
     num_classes: int,
     folder: str | Path,
     class_names: list[str] | tuple[str, ...] = (),
 ) -> Path:
     """Save a model built by `sonodistill.evaluate.heads.build_model`, e.g. from
-    `run_one(..., on_end=lambda m: save_evaluate_head(m, task, ...))`."""
+    `run_one(..., on_end=lambda m: save_evaluate_head(m, task_type, ...))`."""
     spec = HeadSpec(
-        task=task,
+        task_type=task_type,
         encoder=portable_encoder(model.encoder),
         protocol=protocol,
         seg_decoder=getattr(model, "seg_decoder", "auto"),

@@ -151,15 +151,15 @@ SEG_DECODERS = {"unet": UNetSeg, "light": LightSegModel}
 
 def build_model(
     spec: EncoderSpec | str | Encoder,
-    task: str,
+    task_type: str,
     protocol: Protocol,
     num_classes: int,
     seg_decoder: str = "auto",
 ) -> nn.Module:
-    """The downstream model of one run: (task, protocol) x encoder. Fine-tuned segmentation
+    """The downstream model of one run: (task type, protocol) x encoder. Fine-tuned segmentation
     uses `seg_decoder`: unet, light, or auto (the encoder family's default)."""
     encoder = spec if isinstance(spec, Encoder) else load_encoder(spec)
-    if task == "cls":
+    if task_type == "cls":
         return Classifier(encoder, num_classes, frozen=protocol == "linear")
     if protocol == "linear":
         return LinearSegProbe(encoder, num_classes)

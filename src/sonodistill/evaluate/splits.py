@@ -141,7 +141,7 @@ def make_splits(
     groups = duplicate_groups(index, hashes, cfg.phash_distance)
     # Classification is class-stratified; segmentation too when images carry a class (BUSI:
     # normal cases have empty masks and should not cluster in one split).
-    stratified = index.task == "cls"
+    stratified = index.task_type == "cls"
     strata = {r.id: (r.label if r.label is not None else 0) for r in index.records}
     if cfg.proportions:
         proportions = cfg.proportions
@@ -160,7 +160,7 @@ def make_splits(
     ids = {s: sorted(assigned[s], key=order.__getitem__) for s in SPLITS}
     return {
         "dataset": index.name,
-        "task": index.task,
+        "task_type": index.task_type,
         "config": dataclasses.asdict(cfg),
         "n_groups": len(groups),
         "multi_image_groups": sorted((sorted(g) for g in groups if len(g) > 1), key=len)[::-1],

@@ -1,7 +1,8 @@
 """A suite: encoders x tasks x protocols x label fractions x seeds -> one JSON per run -> tables.
 
-Resumable: a run whose JSON exists with the same fingerprint (task, protocol, encoder spec,
-fraction, seed, training settings, split) is skipped.
+Resumable: a run whose JSON exists with the same fingerprint (task, protocol, encoder spec and
+the SHA-256 of its weights file, fraction, seed, training settings, split) is skipped; a file
+replaced under the same name (a distill run redone into the same folder) invalidates its runs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sonodistill.config import save_config
-from sonodistill.distill.run import load_encoder
+from sonodistill.distill.run import load_encoder, resolve_encoder
 from sonodistill.evaluate.datasets import (
     DatasetIndex,
     DatasetSpec,
@@ -32,6 +33,7 @@ from sonodistill.evaluate.tables import paper_tables
 from sonodistill.evaluate.train import TrainSettings, run_one, trivial_baselines
 from sonodistill.io import write_table
 from sonodistill.models.encoders import RANDOM, EncoderSpec, family_of, parse_spec
+from sonodistill.models.student import StudentConfig
 from sonodistill.progress import progress_bar
 
 
@@ -42,7 +44,7 @@ class SuiteConfig:
     out: str = "runs/evaluate"
     data_root: str = "../shared/data"
     """Folder holding busi/ and ddti/ (the built-in tasks ddti_seg, busi_seg, busi_cls)."""
-    encoders: list[str | dict] = field(default_factory=lambda: ["random:resnet50"])
+    encoders: list[str | dict] = field(default_factory=lambda: [f"random:{StudentConfig.name}"])
     """Shorthand (`random:resnet18`, `student:RUN_DIR@R18-Distill`, `teacher:W.pth`) or
     EncoderSpec fields as a mapping."""
     tasks: list[str] = field(default_factory=lambda: ["ddti_seg", "busi_seg", "busi_cls"])
@@ -124,6 +126,39 @@ def task_specs(cfg: SuiteConfig) -> dict[str, DatasetSpec]:
     return specs
 
 
+def weights_file(spec: EncoderSpec) -> Path | None:
+    """The file (or folder) an encoder's weights are read from, `student:RUN_DIR` resolved;
+    None for a random initialisation."""
+    spec = resolve_encoder(spec)
+    weights = spec.weights if spec.weights is not None else family_of(spec).default_weights(spec)
+    return None if not weights or weights == RANDOM else Path(weights)
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def weights_digest(spec: EncoderSpec) -> str | None:
+    """SHA-256 (16 hex digits) of an encoder's weights file, or of every file of a weights
+    folder; None for a random initialisation, "missing" when the file is gone. Cached by path,
+    size and modification time, so that a suite hashes each file once."""
+    path = weights_file(spec)
+    if path is None:
+        return None
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        return "missing"
+    key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        for f in files:
+            digest.update(f.relative_to(path).as_posix().encode() if path.is_dir() else b"")
+            with f.open("rb") as fh:
+                for block in iter(lambda fh=fh: fh.read(2**20), b""):
+                    digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()[:16]
+    return _DIGESTS[key]
+
+
 def fingerprint(run: Run, cfg: SuiteConfig) -> str:
     train = {
         k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in ("device", "num_workers")
@@ -132,6 +167,7 @@ def fingerprint(run: Run, cfg: SuiteConfig) -> str:
         run.task,
         run.protocol,
         dataclasses.asdict(run.encoder),
+        weights_digest(run.encoder),
         run.fraction,
         run.seed,
         train,
@@ -170,7 +206,7 @@ def check_encoders(cfg: SuiteConfig, runs: list[Run], specs: dict[str, DatasetSp
     sizes of the suite, so that a bad file or size stops the suite before anything is written."""
     sizes = {
         ("--train.seg_size", cfg.train.seg_size)
-        if specs[t].task == "seg"
+        if specs[t].task_type == "seg"
         else ("--train.cls_size", cfg.train.cls_size)
         for t in cfg.tasks
     }
@@ -227,11 +263,15 @@ def run_suite(cfg: SuiteConfig) -> list[Path]:
                 done = {
                     "id": run.id,
                     "task": run.task,
-                    "task_type": index.task,
+                    "task_type": index.task_type,
                     "dataset": index.name,
                     "protocol": run.protocol,
                     "encoder": run.label,
                     "encoder_spec": dataclasses.asdict(run.encoder),
+                    "encoder_weights": {
+                        "file": str(weights_file(run.encoder) or "random"),
+                        "sha256": weights_digest(run.encoder),
+                    },
                     "fraction": run.fraction,
                     "seed": run.seed,
                     "settings": dataclasses.asdict(cfg.train),
@@ -242,7 +282,7 @@ def run_suite(cfg: SuiteConfig) -> list[Path]:
                 path.write_text(json.dumps(done, indent=1))
             results.append(done)
             bar.advance(suite_task)
-    types = {t: data.specs[t].task for t in cfg.tasks}
+    types = {t: data.specs[t].task_type for t in cfg.tasks}
     labels = list(dict.fromkeys(r.label for r in runs))
     tables = paper_tables(results, labels, types, out / "tables", table_note(cfg), cfg.ablation)
     if not cfg.tables_only and any(v == "seg" for v in types.values()):
@@ -254,7 +294,7 @@ def _model_saver(run: Run, index: DatasetIndex, out: Path):
     def save(model) -> None:
         save_evaluate_head(
             model,
-            index.task,
+            index.task_type,
             run.protocol,
             index.num_classes,
             out / "models" / run.id,

@@ -87,9 +87,11 @@ class SegLoss(nn.Module):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, task: str, num_classes: int, device) -> dict:
+def evaluate(
+    model: nn.Module, loader: DataLoader, task_type: str, num_classes: int, device
+) -> dict:
     model.eval()
-    if task == "seg":
+    if task_type == "seg":
         dices, ious = [], []
         for x, y in loader:
             d, i = dice_iou(predict_mask(model(x.to(device))).cpu(), y, num_classes)
@@ -109,7 +111,7 @@ def make_loaders(index: DatasetIndex, splits: dict, fraction: float, s: TrainSet
         name: index.subset(thin(split_ids(splits, name, fraction), s.subset))
         for name in ("train", "val", "test")
     }
-    if index.task == "seg":
+    if index.task_type == "seg":
         binary = index.num_classes == 2
 
         def make(name, flip):
@@ -149,7 +151,7 @@ def run_one(
     gen = seed_everything(seed)
     device = pick_device(settings.device)
     loaders = make_loaders(index, splits, fraction, settings, gen)
-    model = build_model(encoder, index.task, protocol, index.num_classes, settings.seg_decoder)
+    model = build_model(encoder, index.task_type, protocol, index.num_classes, settings.seg_decoder)
     model = model.to(device)
     params = trainable_parameters(model)
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -157,8 +159,8 @@ def run_one(
     sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
         opt, T_0=max(1, settings.restart_epochs * steps)
     )
-    loss_fn = SegLoss(index.num_classes) if index.task == "seg" else nn.CrossEntropyLoss()
-    select = "dice" if index.task == "seg" else "f1"
+    loss_fn = SegLoss(index.num_classes) if index.task_type == "seg" else nn.CrossEntropyLoss()
+    select = "dice" if index.task_type == "seg" else "f1"
     best, best_state, history = -1.0, None, []
     for epoch in range(settings.epochs):
         model.train()
@@ -172,7 +174,7 @@ def run_one(
             sched.step()
             total += loss.item() * len(x)
             seen += len(x)
-        val = evaluate(model, loaders["val"], index.task, index.num_classes, device)
+        val = evaluate(model, loaders["val"], index.task_type, index.num_classes, device)
         val.pop("per_image_dice", None)
         history.append({"epoch": epoch + 1, "train_loss": total / max(seen, 1), **val})
         if val[select] > best:  # strict: ties keep the earlier epoch
@@ -181,7 +183,7 @@ def run_one(
         if on_epoch:
             on_epoch(epoch + 1, history[-1])
     model.load_state_dict(best_state)
-    test = evaluate(model, loaders["test"], index.task, index.num_classes, device)
+    test = evaluate(model, loaders["test"], index.task_type, index.num_classes, device)
     if on_end:
         on_end(model)
     return {
@@ -193,7 +195,7 @@ def run_one(
         "n": {k: len(v.dataset) for k, v in loaders.items()},
         "trainable_params": sum(p.numel() for p in params),
         "backbone": backbone_info(model.encoder),
-        "empty_rule": EMPTY_RULE if index.task == "seg" else None,
+        "empty_rule": EMPTY_RULE if index.task_type == "seg" else None,
         "device": str(device),
         "wall_s": round(time.time() - start, 2),
     }

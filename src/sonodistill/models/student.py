@@ -11,13 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from sonodistill.models.encoders import EncoderSpec, build_encoder
+from sonodistill.models.families.timm_cnn import TimmCNN
 
 
 @dataclass
 class StudentConfig:
     """CNN student."""
 
-    name: str = "resnet50"
+    name: str = TimmCNN.default_name
     """Any timm CNN with a final feature map: resnet50, resnet18, convnext_tiny, ..."""
     weights: str | None = None
     """Optional backbone initialisation: a timm state dict (.safetensors/.pth) or a layout timm
@@ -38,17 +39,18 @@ def build_backbone(name: str, weights: str | Path | None = None) -> nn.Module:
     return build_encoder(spec).backbone
 
 
-def projection_head(in_ch: int, out_ch: int, kind: str, hidden: int | None = None) -> nn.Module:
-    if kind == "linear":
+def projection_head(in_ch: int, out_ch: int, head: str, hidden: int | None = None) -> nn.Module:
+    """The student's head g_phi: `linear` (1x1 conv) or `mlp` (two 1x1 convs, GELU between)."""
+    if head == "linear":
         return nn.Conv2d(in_ch, out_ch, kernel_size=1)
-    if kind == "mlp":
+    if head == "mlp":
         hidden = hidden or in_ch
         return nn.Sequential(
             nn.Conv2d(in_ch, hidden, kernel_size=1),
             nn.GELU(),
             nn.Conv2d(hidden, out_ch, kernel_size=1),
         )
-    raise ValueError(f"unknown head {kind!r}: use 'linear' or 'mlp'")
+    raise ValueError(f"unknown head {head!r}: use 'linear' or 'mlp'")
 
 
 class Student(nn.Module):

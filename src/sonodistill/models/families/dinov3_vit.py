@@ -288,7 +288,7 @@ def official_to_timm(
             raise WeightsMismatchError(
                 f"{source}: the file has non-zero q/v biases (blocks.{i}.attn.qkv.bias) that "
                 f"{_name(model)} has no place for; use a `_qkvb` model such as "
-                "vit_base_patch16_dinov3_qkvb"
+                f"{DINOv3ViT.default_name}"
             )
     if "blocks.0.attn.qkv.bias_mask" in state:
         report.note("bias_mask checked: k bias masked, mask folded into the q/v biases")
