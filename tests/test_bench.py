@@ -19,8 +19,8 @@ from sonodistill.deploy.bench import (
     time_fn,
     time_interleaved,
 )
-from sonodistill.deploy.flops import count_flops, count_params
 from sonodistill.models.encoders import EncoderSpec, build_encoder
+from sonodistill.models.flops import count_flops, count_params
 
 
 def test_flops_are_two_per_mac():

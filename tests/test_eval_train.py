@@ -54,7 +54,7 @@ def test_the_best_validation_epoch_is_the_one_tested(tiny_seg, monkeypatch, scor
     index, splits = tiny_seg
     weights_seen = []  # the head's weights at each validation, then at the test
 
-    def scripted(model, loader, task, num_classes, device):
+    def scripted(model, loader, task, num_classes, device, *forward_and_autocast):
         weights_seen.append(model.head.weight.detach().clone())
         if len(weights_seen) <= len(scores):  # validation after each epoch
             return {"dice": scores[len(weights_seen) - 1], "iou": 0.0, "per_image_dice": []}

@@ -1,7 +1,6 @@
 """Deployment: ONNX export (fp32, int8) checked against PyTorch, and the teacher-vs-student
 cost benchmark (paper Table 5). Head checkpoints: `sonodistill.evaluate.head_checkpoint`."""
 
-from sonodistill.deploy.flops import count_flops, count_params
 from sonodistill.deploy.onnx_utils import (
     compare,
     export_onnx,
@@ -9,6 +8,7 @@ from sonodistill.deploy.onnx_utils import (
     run_session,
     session,
 )
+from sonodistill.models.flops import count_flops, count_params
 
 __all__ = [
     "compare",

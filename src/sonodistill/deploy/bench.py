@@ -35,13 +35,13 @@ import torch
 from torch import nn
 
 from sonodistill.config import save_config
-from sonodistill.deploy.flops import count_flops, count_params
 from sonodistill.deploy.onnx_utils import export_onnx, quantize_int8, session
 from sonodistill.distill.run import load_encoder
 from sonodistill.evaluate.heads import WithPreprocess
 from sonodistill.io import write_table
 from sonodistill.models import to_model_input
 from sonodistill.models.encoders import Encoder, EncoderSpec, parse_spec
+from sonodistill.models.flops import count_flops, count_params
 from sonodistill.models.student import StudentConfig, projection_head
 
 log = logging.getLogger(__name__)

@@ -16,6 +16,11 @@ def evaluate_main(argv: list[str]) -> int:
     from sonodistill.evaluate.suite import SuiteConfig, run_suite
 
     cfg = parse_config(SuiteConfig, argv, "sonodistill evaluate", EVALUATE)
+    if cfg.dry_run:
+        from sonodistill.evaluate.estimate import dry_run
+
+        print(dry_run(cfg))
+        return 0
     for path in run_suite(cfg):
         print(path)
     return 0

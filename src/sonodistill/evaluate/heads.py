@@ -74,8 +74,15 @@ class LinearSegProbe(EncoderModel):
         self.head = nn.Conv2d(encoder.out_channels, seg_channels(num_classes), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.features(x))
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.decode(self.encode(x), x.shape[-2:])
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen part: what linear probes cache (evaluate.probe_cache)."""
+        return self.features(x)
+
+    def decode(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        logits = self.head(features)
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
 class LightSegHead(nn.Module):
@@ -141,9 +148,15 @@ class Classifier(EncoderModel):
         self.head = nn.Linear(encoder.pooled_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x), x.shape[-2:])
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's part (frozen for a linear probe: what probes cache)."""
         with self._grad():
-            pooled = self.encoder.pooled(to_model_input(x))
-        return self.head(pooled)
+            return self.encoder.pooled(to_model_input(x))
+
+    def decode(self, features: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        return self.head(features)
 
 
 SEG_DECODERS = {"unet": UNetSeg, "light": LightSegModel}

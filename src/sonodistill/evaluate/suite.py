@@ -23,6 +23,7 @@ from sonodistill.evaluate.datasets import (
     load_dataset,
 )
 from sonodistill.evaluate.head_checkpoint import save_evaluate_head
+from sonodistill.evaluate.probe_cache import FeatureCache
 from sonodistill.evaluate.splits import (
     FRACTIONS,
     SplitConfig,
@@ -64,6 +65,9 @@ class SuiteConfig:
     """Only rebuild the tables from the run JSONs already in `out`."""
     save_models: bool = False
     """Keep each run's selected model as OUT/models/RUN_ID (for `sonodistill export --head`)."""
+    dry_run: bool = False
+    """Only print how many runs the suite holds and an estimate of their time; nothing runs or
+    is written (sonodistill.evaluate.estimate.dry_run)."""
 
 
 @dataclass
@@ -159,10 +163,12 @@ def weights_digest(spec: EncoderSpec) -> str | None:
     return _DIGESTS[key]
 
 
+# Settings that change how fast a run goes, not its results.
+SPEED_ONLY = ("device", "num_workers", "feature_cache")
+
+
 def fingerprint(run: Run, cfg: SuiteConfig) -> str:
-    train = {
-        k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in ("device", "num_workers")
-    }
+    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in SPEED_ONLY}
     key = [
         run.task,
         run.protocol,
@@ -220,6 +226,8 @@ def check_encoders(cfg: SuiteConfig, runs: list[Run], specs: dict[str, DatasetSp
 
 def run_suite(cfg: SuiteConfig) -> list[Path]:
     """Run what is not done yet, then write the tables; returns the table files."""
+    if cfg.dry_run:
+        raise ValueError("dry_run: call sonodistill.evaluate.estimate.dry_run(cfg) instead")
     out = Path(cfg.out)
     runs = plan(cfg)
     data = _Data(cfg, out)
@@ -227,7 +235,7 @@ def run_suite(cfg: SuiteConfig) -> list[Path]:
         check_encoders(cfg, runs, data.specs)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "suite.yaml")
-    results = []
+    results, cache = [], FeatureCache()  # linear probes: features once per encoder and dataset
     with progress_bar() as bar:
         suite_task = bar.add_task("evaluate", total=len(runs), info="")
         epoch_task = bar.add_task("  epochs", total=cfg.train.epochs, info="")
@@ -259,6 +267,7 @@ def run_suite(cfg: SuiteConfig) -> list[Path]:
                     cfg.train,
                     on_epoch,
                     on_end=_model_saver(run, index, out) if cfg.save_models else None,
+                    cache=cache,
                 )
                 done = {
                     "id": run.id,

@@ -3,10 +3,14 @@ validation score, test that checkpoint (the same rule for every model, Sec. 4.3 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
+from typing import Literal
 
 import lightning_fabric
 import numpy as np
@@ -24,6 +28,7 @@ from sonodistill.evaluate.metrics import (
     predict_mask,
     segmentation_scores,
 )
+from sonodistill.evaluate.probe_cache import CachedFeatures, FeatureCache, cacheable
 from sonodistill.evaluate.splits import split_ids
 from sonodistill.models.encoders import Encoder, EncoderSpec
 
@@ -49,14 +54,33 @@ class TrainSettings:
     """Fine-tuned segmentation decoder: unet (smp's U-Net on the encoder's pyramid), light (a
     light head on the last map), or auto: the family's default (light for plain ViTs, as the
     paper's DINOv3 reference; unet otherwise)."""
+    feature_cache: bool = True
+    """Linear probes: encode each image once (per encoder, dataset and size) and train the head
+    on the cached features; the same results. false: recompute them every epoch."""
+    precision: Literal["auto", "32", "bf16"] = "auto"
+    """auto: bf16 autocast on a GPU (losses in fp32), fp32 on a CPU."""
     device: str = "auto"
-    num_workers: int = 0
+    num_workers: int | None = None
+    """DataLoader workers (persistent, pinned batches on a GPU); default: 4 on a GPU, 0 on a CPU,
+    where the cores are busy with the model."""
 
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def autocast_for(device: torch.device, precision: str) -> Callable[[], ContextManager]:
+    """A context factory: bf16 autocast for `bf16`, and for `auto` on a GPU; else nothing."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def loader_workers(settings: TrainSettings, device: torch.device) -> int:
+    if settings.num_workers is not None:
+        return settings.num_workers
+    return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
 
 
 def thin(ids: list[str], subset: int | None) -> list[str]:
@@ -88,25 +112,43 @@ class SegLoss(nn.Module):
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: DataLoader, task_type: str, num_classes: int, device
+    model: nn.Module,
+    loader: DataLoader,
+    task_type: str,
+    num_classes: int,
+    device,
+    forward: Callable | None = None,
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> dict:
+    """Scores of `model` on a loader's batches; `forward` replaces `model(x)` (cached features:
+    the probe's head alone)."""
     model.eval()
+    forward = forward or model
+    outputs, targets = [], []
+    for x, y in loader:
+        with autocast():
+            logits = forward(x.to(device, non_blocking=True)).float()
+        seg = task_type == "seg"
+        outputs.append(predict_mask(logits).cpu() if seg else logits.argmax(1).cpu())
+        targets.append(y)
     if task_type == "seg":
-        dices, ious = [], []
-        for x, y in loader:
-            d, i = dice_iou(predict_mask(model(x.to(device))).cpu(), y, num_classes)
-            dices.append(d)
-            ious.append(i)
+        dices, ious = zip(
+            *(dice_iou(o, t, num_classes) for o, t in zip(outputs, targets, strict=True)),
+            strict=True,
+        )
         dice, iou = np.concatenate(dices), np.concatenate(ious)
         return {**segmentation_scores(dice, iou), "per_image_dice": dice.round(5).tolist()}
-    preds, labels = [], []
-    for x, y in loader:
-        preds.append(model(x.to(device)).argmax(1).cpu())
-        labels.append(y)
-    return classification_scores(torch.cat(preds), torch.cat(labels), num_classes)
+    return classification_scores(torch.cat(outputs), torch.cat(targets), num_classes)
 
 
-def make_loaders(index: DatasetIndex, splits: dict, fraction: float, s: TrainSettings, gen):
+def make_loaders(
+    index: DatasetIndex,
+    splits: dict,
+    fraction: float,
+    s: TrainSettings,
+    gen,
+    device: torch.device | None = None,
+):
     records: dict[str, list[Record]] = {
         name: index.subset(thin(split_ids(splits, name, fraction), s.subset))
         for name in ("train", "val", "test")
@@ -124,7 +166,14 @@ def make_loaders(index: DatasetIndex, splits: dict, fraction: float, s: TrainSet
             return ClsDataset(records[name], s.cls_size, flip)
 
         batch = s.cls_batch
-    kw = {"num_workers": s.num_workers, "batch_size": batch}
+    device = device or pick_device(s.device)
+    workers = loader_workers(s, device)
+    kw = {
+        "num_workers": workers,
+        "batch_size": batch,
+        "persistent_workers": workers > 0,  # workers keep their decoded images across epochs
+        "pin_memory": device.type == "cuda",
+    }
     return {
         "train": DataLoader(make("train", s.hflip), shuffle=True, generator=gen, **kw),
         "val": DataLoader(make("val", False), **kw),
@@ -142,17 +191,26 @@ def run_one(
     settings: TrainSettings,
     on_epoch: Callable[[int, dict], None] | None = None,
     on_end: Callable[[nn.Module], None] | None = None,
+    cache: FeatureCache | None = None,
 ) -> dict:
     """Train, select by validation (seg: Dice; cls: macro-F1), test the selected checkpoint.
 
-    `on_epoch(epoch, row)` follows training; `on_end(model)` receives the selected model.
+    `on_epoch(epoch, row)` follows training; `on_end(model)` receives the selected model. A
+    linear probe trains on cached features (`cache`, shared by a suite's runs, or its own)
+    unless `settings.feature_cache` is false.
     """
     start = time.time()
     gen = seed_everything(seed)
     device = pick_device(settings.device)
-    loaders = make_loaders(index, splits, fraction, settings, gen)
+    loaders = make_loaders(index, splits, fraction, settings, gen, device)
     model = build_model(encoder, index.task_type, protocol, index.num_classes, settings.seg_decoder)
     model = model.to(device)
+    autocast = autocast_for(device, settings.precision)
+    forward = model
+    if settings.feature_cache and cacheable(model):
+        loaders, forward = _on_cached_features(
+            model, loaders, cache or FeatureCache(), index, settings, gen, device, autocast
+        )
     params = trainable_parameters(model)
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     steps = len(loaders["train"])
@@ -164,26 +222,33 @@ def run_one(
     best, best_state, history = -1.0, None, []
     for epoch in range(settings.epochs):
         model.train()
-        total, seen = 0.0, 0
+        total, seen = torch.zeros((), device=device), 0
         for x, y in loaders["train"]:
-            x, y = x.to(device), y.to(device)
-            loss = loss_fn(model(x), y)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast():
+                logits = forward(x)
+            loss = loss_fn(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            total += loss.item() * len(x)
+            total += loss.detach() * len(x)  # read once per epoch: no per-step device sync
             seen += len(x)
-        val = evaluate(model, loaders["val"], index.task_type, index.num_classes, device)
+        val = evaluate(
+            model, loaders["val"], index.task_type, index.num_classes, device, forward, autocast
+        )
         val.pop("per_image_dice", None)
-        history.append({"epoch": epoch + 1, "train_loss": total / max(seen, 1), **val})
+        train_loss = total.item() / max(seen, 1)
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, **val})
         if val[select] > best:  # strict: ties keep the earlier epoch
             best, best_state = val[select], copy.deepcopy(model.state_dict())
             best_epoch = epoch + 1
         if on_epoch:
             on_epoch(epoch + 1, history[-1])
     model.load_state_dict(best_state)
-    test = evaluate(model, loaders["test"], index.task_type, index.num_classes, device)
+    test = evaluate(
+        model, loaders["test"], index.task_type, index.num_classes, device, forward, autocast
+    )
     if on_end:
         on_end(model)
     return {
@@ -199,6 +264,25 @@ def run_one(
         "device": str(device),
         "wall_s": round(time.time() - start, 2),
     }
+
+
+def _on_cached_features(model, loaders, cache, index, settings, gen, device, autocast):
+    """The run's loaders and forward on cached features: the same batches (the same shuffle
+    generator), whose images are replaced by their frozen features, and the head alone."""
+    size = settings.seg_size if index.task_type == "seg" else settings.cls_size
+    sets = {name: loader.dataset for name, loader in loaders.items()}
+    batch = loaders["train"].batch_size
+    cache.prepare(model, list(sets.values()), index.name, size, batch, device, autocast)
+    cached = {
+        name: DataLoader(
+            CachedFeatures(ds, cache),
+            batch_size=batch,
+            shuffle=name == "train",
+            generator=gen if name == "train" else None,
+        )
+        for name, ds in sets.items()
+    }
+    return cached, lambda features: model.decode(features, (size, size))
 
 
 def backbone_info(encoder: Encoder) -> dict:
