@@ -27,7 +27,7 @@ def cacheable(model: nn.Module) -> bool:
     return bool(getattr(model, "frozen", False)) and hasattr(model, "decode")
 
 
-def weights_digest(module: nn.Module) -> str:
+def state_digest(module: nn.Module) -> str:
     h = hashlib.sha1()
     for name, tensor in module.state_dict().items():
         h.update(name.encode())
@@ -56,7 +56,7 @@ class FeatureCache:
     ) -> None:
         """Encode every image of `datasets` not cached yet (as is, and mirrored if a dataset
         flips); a new encoder, dataset or size replaces the cache."""
-        key = (weights_digest(model.encoder), type(model).__name__, dataset_name, size)
+        key = (state_digest(model.encoder), type(model).__name__, dataset_name, size)
         if key != self.key:
             self.key, self.features = key, {}
         todo: dict[tuple[str, bool], torch.Tensor] = {}
