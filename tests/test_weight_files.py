@@ -147,7 +147,7 @@ def test_a_file_of_another_family_names_the_family_that_reads_it(tmp_path, capsy
     assert not out.exists()
 
 
-@pytest.mark.parametrize("command", ["distill", "embed", "export"])
+@pytest.mark.parametrize("command", ["distill", "embed", "export", "evaluate", "bench"])
 def test_input_sizes_off_the_patch_grid_are_refused_before_writing(
     command, tmp_path, capsys, shared_data
 ):
@@ -157,13 +157,17 @@ def test_input_sizes_off_the_patch_grid_are_refused_before_writing(
         "distill": f"--data {shared_data / 'corpus'} --img_size 100 --teacher.random_init true",
         "embed": f"--sources+ ddti={shared_data / 'ddti'} --image_size 100",
         "export": f"--encoder dinov3:random --frames+ ddti={shared_data / 'ddti'} --image_size 100",
+        "evaluate": f"--data_root {shared_data} --tasks [ddti_seg] --train.seg_size 100",
+        "bench": "--student random:resnet18 --image_size 100",
     }[command].split()
     extra = {
         "distill": ["--teacher.model_kwargs", TINY_KWARGS],
         "embed": ["--encoders", f"[{tiny}]"],
         "export": [],
+        "evaluate": ["--encoders", f"[{tiny}]"],
+        "bench": ["--teacher", tiny],
     }[command]
     rc = main([command, "--out", str(out), *argv, *extra])
-    option = "--img_size" if command == "distill" else "--image_size"
+    option = {"distill": "--img_size", "evaluate": "--train.seg_size"}.get(command, "--image_size")
     one_line_error(capsys, rc, f"{option} size 100x100 .* multiples of 16", option)
     assert not out.exists()
