@@ -11,6 +11,7 @@ import torch
 from conftest import TINY, TINY_TEACHER_KWARGS, VITSP, official_shapes, perturbed_official
 from safetensors.torch import save_file
 
+from sonodistill.errors import UserError
 from sonodistill.models import Teacher, TeacherConfig, WeightsMismatchError, to_model_input
 from sonodistill.models.families.dinov3_vit import WEIGHTS_ENV, official_schema
 
@@ -240,5 +241,12 @@ def test_no_weights_stops_with_where_to_get_them(monkeypatch):
 
 
 def test_families_without_token_maps_cannot_teach():
-    with pytest.raises(ValueError, match="SAM2 Hiera encoders offer no token maps"):
+    with pytest.raises(UserError, match="SAM2 Hiera encoders offer no token maps"):
         Teacher(TeacherConfig(family="sam2", name="sam2_hiera_tiny", random_init=True))
+
+
+def test_unknown_names_are_user_errors_with_close_matches():
+    with pytest.raises(UserError, match="did you mean vit_base_patch16_dinov3_qkvb"):
+        Teacher(TeacherConfig(name="vit_base_patch16_dinov3_qkv", random_init=True))
+    with pytest.raises(UserError, match="unknown encoder family; did you mean dinov3"):
+        Teacher(TeacherConfig(family="dinov", random_init=True))

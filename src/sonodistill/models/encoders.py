@@ -18,6 +18,7 @@ docs/encoders.md for their formats and checks):
 
 from __future__ import annotations
 
+from sonodistill.errors import UserError, unknown_name
 from sonodistill.models.families import FAMILIES
 from sonodistill.models.families.base import RANDOM, Encoder, EncoderSpec, InputSizeError
 from sonodistill.models.weights import UnknownFormatError, WeightsMismatchError
@@ -49,7 +50,7 @@ def register_family(name: str, family: type[Encoder]) -> None:
 
 def family_of(spec: EncoderSpec) -> type[Encoder]:
     if spec.family not in FAMILIES:
-        raise ValueError(f"unknown encoder family {spec.family!r}; known: {', '.join(FAMILIES)}")
+        raise unknown_name("encoder family", spec.family, FAMILIES)
     return FAMILIES[spec.family]
 
 
@@ -59,7 +60,7 @@ def parse_spec(text: str) -> EncoderSpec:
     prefix, sep, rest = text.partition(":")
     known = [*FAMILIES, *ALIASES, "student"]
     if not sep or prefix not in known:
-        raise ValueError(
+        raise UserError(
             f"encoder spec {text!r}: start with one of {', '.join(k + ':' for k in known)}"
         )
     spec = EncoderSpec(family=ALIASES.get(prefix, prefix), label=label or None)
@@ -80,8 +81,8 @@ def build_encoder(spec: EncoderSpec | str) -> Encoder:
             f"encoder {spec.display}: a distill run dir is resolved by "
             "sonodistill.distill.run.load_encoder (models know no run folders)"
         )
-    if spec.family == "timm" and spec.weights is not None and not spec.weights:
-        raise ValueError(f"encoder {spec.display}: give a weights file (timm:NAME=FILE)")
+    if spec.weights == "":
+        raise UserError(f"encoder {spec.display}: give a weights file (FAMILY:NAME=FILE)")
     family = family_of(spec)
     try:
         return family.build(spec)

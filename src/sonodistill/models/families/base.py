@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sonodistill.errors import UserError
+from sonodistill.errors import UserError, unknown_name
 from sonodistill.models.weights import (
     LoadReport,
     WeightsMismatchError,
@@ -98,7 +98,7 @@ class Encoder(nn.Module):
         spec = spec.replace(name=spec.name or cls.default_name)
         unknown = sorted(set(spec.options) - set(cls.options))
         if unknown:
-            raise ValueError(
+            raise UserError(
                 f"{cls.family} encoder: unknown options {unknown} (known: "
                 f"{list(cls.options) or 'none'})"
             )
@@ -112,13 +112,11 @@ class Encoder(nn.Module):
 
     @classmethod
     def check_name(cls, name: str) -> None:
-        """Refuse an architecture the family does not cover (ValueError naming it)."""
+        """Refuse an architecture the family does not cover (naming the close ones)."""
         if cls.names and name not in cls.names:
-            raise ValueError(
-                f"{name!r} is not a {cls.title} architecture; use one of {', '.join(cls.names)}"
-            )
+            raise unknown_name(f"{cls.title} architecture", name, cls.names)
         if not cls.names and not timm.is_model(name):
-            raise ValueError(f"{cls.title} encoder: unknown timm architecture {name!r}")
+            raise unknown_name(f"timm architecture ({cls.title})", name, timm.list_models())
 
     @classmethod
     def create(cls, spec: EncoderSpec) -> nn.Module:
@@ -174,7 +172,7 @@ class Encoder(nn.Module):
 
     def token_channels(self, n: int) -> list[int]:
         """Channels of the last n token maps; families without token maps refuse."""
-        raise ValueError(
+        raise UserError(
             f"{self.title or self.family} encoders offer no token maps (distillation targets); "
             "teachers: dinov3, dinov3-convnext, vit"
         )

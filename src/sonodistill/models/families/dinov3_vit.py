@@ -28,6 +28,7 @@ import torch
 from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
 from torch import nn
 
+from sonodistill.errors import UserError
 from sonodistill.models.families.base import RANDOM, EncoderSpec, refuse_size
 from sonodistill.models.families.timm_vit import TimmViT
 from sonodistill.models.weights import (
@@ -101,7 +102,7 @@ class DINOv3ViT(TimmViT):
     def load(cls, model: nn.Module, path: Path, spec: EncoderSpec) -> LoadReport:
         mode = spec.options.get("rope_periods", "file")
         if mode not in ("file", "computed"):
-            raise ValueError(f"rope_periods must be 'file' or 'computed', not {mode!r}")
+            raise UserError(f"rope_periods must be 'file' or 'computed', not {mode!r}")
         report = LoadReport(str(path), "")
         state = _read(path, report)
         fmt = _format(state)
