@@ -67,8 +67,12 @@ def test_time_interleaved_alternates_order():
 
 def test_bench_tiny_teacher_vs_resnet18(shared_data, tmp_path):
     cfg = BenchConfig(
-        teacher="teacher:random@tiny-ViT",
-        teacher_kwargs=TINY_TEACHER_KWARGS,
+        teacher={
+            "family": "dinov3",
+            "weights": "random",
+            "label": "tiny-ViT",
+            "model_kwargs": TINY_TEACHER_KWARGS,
+        },
         student="random:resnet18@R18",
         image_size=32,
         warmup=1,
@@ -118,9 +122,10 @@ def test_bench_tiny_teacher_vs_resnet18(shared_data, tmp_path):
 
 
 def test_cli_subset_of_backends(tmp_path, capsys):
-    flags = f"--teacher teacher:random@tiny --student random:resnet18@r18 --out {tmp_path}"
+    flags = f"--student random:resnet18@r18 --out {tmp_path}"
     flags += " --image_size 32 --warmup 0 --runs 2 --threads 1 --backends [torch_fp32] --gpu off"
-    argv = [*flags.split(), "--teacher_kwargs", json.dumps(TINY_TEACHER_KWARGS)]
+    teacher = {"family": "dinov3", "weights": "random", "model_kwargs": TINY_TEACHER_KWARGS}
+    argv = [*flags.split(), "--teacher", json.dumps(teacher)]
     assert main(["bench", *argv]) == 0
     out = capsys.readouterr().out
     assert "PyTorch fp32" in out and "ONNX Runtime" not in out
@@ -129,8 +134,7 @@ def test_cli_subset_of_backends(tmp_path, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
 def test_gpu_on_without_cuda_is_a_clear_error(tmp_path):
     cfg = BenchConfig(
-        teacher="teacher:random",
-        teacher_kwargs=TINY_TEACHER_KWARGS,
+        teacher={"family": "dinov3", "weights": "random", "model_kwargs": TINY_TEACHER_KWARGS},
         student="random:resnet18",
         image_size=32,
         warmup=0,

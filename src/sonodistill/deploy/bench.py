@@ -58,8 +58,6 @@ class BenchConfig:
     """Encoder spec of any family (string or EncoderSpec mapping); weights do not change the
     cost, so a random init is the default."""
     student: str = f"random:{StudentConfig.name}@{StudentConfig.name} student"
-    teacher_kwargs: dict = field(default_factory=dict)
-    """Architecture overrides for the teacher (tiny teachers in tests)."""
     teacher_n_blocks: int = 2
     """Distillation target = this many teacher blocks: width of the student's projection."""
     student_head: Literal["linear", "mlp"] = "linear"
@@ -365,8 +363,6 @@ def _calibration(cfg: BenchConfig) -> tuple[np.ndarray, str]:
 def bench(cfg: BenchConfig) -> dict:
     """Run the benchmark; returns {'rows', 'teacher', 'student', 'env'} and writes the tables."""
     spec = parse_spec(cfg.teacher) if isinstance(cfg.teacher, str) else EncoderSpec(**cfg.teacher)
-    if cfg.teacher_kwargs:
-        spec.model_kwargs = dict(cfg.teacher_kwargs)
     teacher = load_encoder(spec).eval()
     student = load_encoder(cfg.student).eval()
     for encoder in (teacher, student):
