@@ -4,6 +4,7 @@ the table's structure and ratios; speed is never asserted."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pandas as pd
 import pytest
@@ -16,8 +17,8 @@ from sonodistill.deploy.bench import (
     BenchConfig,
     _ratio,
     bench,
+    time_blocks,
     time_fn,
-    time_interleaved,
 )
 from sonodistill.models.encoders import EncoderSpec, build_encoder
 from sonodistill.models.flops import count_flops, count_params
@@ -56,16 +57,22 @@ def test_time_fn_statistics():
     assert stats["throughput"] == pytest.approx(1000.0 / stats["latency_ms"])
 
 
-def test_time_interleaved_alternates_order():
+def test_time_blocks_runs_each_model_in_turns_of_consecutive_runs():
     order: list[str] = []
-    stats = time_interleaved(
-        {"t": lambda: order.append("t"), "s": lambda: order.append("s")}, warmup=1, runs=3
+    stats = time_blocks(
+        {"t": lambda: order.append("t"), "s": lambda: order.append("s")},
+        warmup=1,
+        runs=5,
+        block=2,
     )
-    assert order == ["t", "s", "t", "s", "s", "t", "t", "s"]  # warm-up, then flipped rounds
+    # Warm-up, then per block one untimed run and two timed ones; turns reversed every round;
+    # the last block is cut to the 5 runs asked for.
+    assert "".join(order) == "ts" + "ttt" + "sss" + "sss" + "ttt" + "tt" + "ss"
     assert set(stats) == {"t", "s"} and stats["t"]["latency_median_ms"] >= 0
 
 
-def test_bench_tiny_teacher_vs_resnet18(shared_data, tmp_path):
+def test_bench_tiny_teacher_vs_resnet18(shared_data, tmp_path, caplog):
+    caplog.set_level(logging.INFO)  # as the CLI logs: the quantiser's chatter must not show
     cfg = BenchConfig(
         teacher={
             "family": "dinov3",
@@ -111,6 +118,15 @@ def test_bench_tiny_teacher_vs_resnet18(shared_data, tmp_path):
         "FLOPs (GFLOPs, 1 MAC = 2 FLOPs)",
     ]
     assert "CPU latency, ONNX Runtime int8, 1 threads (ms, mean ± std)" in metrics
+    deployed = table.set_index("metric").loc[
+        "CPU latency, deployed student (ONNX Runtime int8) vs teacher (PyTorch fp32), "
+        "1 threads (ms, mean ± std)"
+    ]
+    ratio = t["torch_fp32"]["latency_median_ms"] / s["ort_int8"]["latency_median_ms"]
+    word = "faster" if ratio >= 1 else "slower"
+    assert deployed["student vs teacher"].startswith(f"{max(ratio, 1 / ratio):.2f}x {word}")
+    assert "Created a copy of bias input" not in caplog.text  # ONNX Runtime's quantiser
+    assert "Performing symbolic shape inference" not in caplog.text
     assert table.iloc[0]["student vs teacher"].endswith(
         "larger (+%.1f%%)"
         % ((s["params_backbone"] - t["params_backbone"]) / t["params_backbone"] * 100)

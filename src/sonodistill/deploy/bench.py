@@ -5,9 +5,14 @@ For each model: parameters (backbone; backbone + head), forward FLOPs at the inp
 `runs` timed batch-1 forwards after `warmup`, at a stated thread count) and throughput for
 PyTorch fp32, PyTorch bf16 (autocast, where the CPU has native bf16), ONNX Runtime fp32 and
 int8 (static QDQ); on a CUDA GPU also latency, throughput and peak memory. Timings cover the
-backbone (the deployed encoder: frames -> last feature map), not the heads. On CPU, teacher and
-student of one backend are timed in alternation, so that a shared machine's load drifts onto
-both alike and the ratios stay fair.
+backbone (the deployed encoder: frames -> last feature map), not the heads.
+
+CPU timing measures what a deployed model sees, a steady state: every model and backend runs in
+blocks of `block` consecutive runs, after one untimed run that brings its weights back into the
+caches; blocks take turns, in an order reversed every round, so that a shared machine's load
+drifts onto all of them alike and every ratio (the deployed int8 student against the eager fp32
+teacher included) is measured in one run. Timing teacher and student run by run instead would
+make each student run start with caches full of the teacher's 343 MB.
 
 "Head" in the parameter row: teacher = ViT + a linear classifier on the CLS token
 (`teacher_head_classes` outputs, a downstream head: the teacher needs no distillation head);
@@ -65,6 +70,8 @@ class BenchConfig:
     image_size: int = 224
     warmup: int = 5
     runs: int = 50
+    block: int = 5
+    """Timed runs in a row per model and backend (after an untimed one); blocks take turns."""
     threads: int | None = None
     """CPU threads for PyTorch and ONNX Runtime (default: torch's current count)."""
     backends: list[str] = field(default_factory=lambda: list(BACKENDS))
@@ -180,22 +187,25 @@ def cpu_runners(
     return runners, sizes
 
 
-def time_interleaved(
-    runners: dict[str, Callable[[], object]], warmup: int, runs: int
+def time_blocks(
+    runners: dict[str, Callable[[], object]], warmup: int, runs: int, block: int
 ) -> dict[str, dict[str, float]]:
-    """time_fn's statistics for several callables timed in alternation (order flipped every
-    round), so that load from other processes drifts onto all of them alike: the teacher and
-    the student of one backend are compared under the same conditions."""
+    """time_fn's statistics of each callable in its steady state: `runs` timed calls in blocks
+    of `block` consecutive calls, each block after one untimed call (the caches refill with
+    this model's weights); the blocks of all callables take turns, in an order reversed every
+    round, so that load from other processes drifts onto all of them alike."""
     for fn in runners.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in runners}
     keys = list(runners)
-    for i in range(runs):
-        for key in keys if i % 2 == 0 else keys[::-1]:
-            t0 = time.perf_counter()
+    for round_ in range(-(-runs // block)):
+        for key in keys if round_ % 2 == 0 else keys[::-1]:
             runners[key]()
-            times[key].append((time.perf_counter() - t0) * 1000.0)
+            for _ in range(min(block, runs - len(times[key]))):
+                t0 = time.perf_counter()
+                runners[key]()
+                times[key].append((time.perf_counter() - t0) * 1000.0)
     return {k: _stats(v) for k, v in times.items()}
 
 
@@ -256,7 +266,10 @@ def table_rows(t: dict, s: dict, threads: int) -> list[dict]:
                 "metric": metric,
                 "teacher": cell(tv, tstd, tmed),
                 "student": cell(sv, sstd, smed),
-                "student vs teacher": _ratio(tv, sv, higher, word),
+                # Latency rows compare medians (robust to a shared machine's outliers).
+                "student vs teacher": _ratio(
+                    tv if tmed is None else tmed, sv if smed is None else smed, higher, word
+                ),
             }
         )
 
@@ -303,6 +316,20 @@ def table_rows(t: dict, s: dict, threads: int) -> list[dict]:
                 "higher",
                 higher=True,
             )
+    if "torch_fp32" in t and "ort_int8" in s:
+        tt, ss = t["torch_fp32"], s["ort_int8"]
+        add(
+            f"CPU latency, deployed student (ONNX Runtime int8) vs teacher (PyTorch fp32), "
+            f"{threads} threads (ms, mean ± std)",
+            tt["latency_ms"],
+            ss["latency_ms"],
+            ".2f",
+            "faster",
+            tstd=tt["latency_std_ms"],
+            sstd=ss["latency_std_ms"],
+            tmed=tt["latency_median_ms"],
+            smed=ss["latency_median_ms"],
+        )
     if "gpu" in t and "gpu" in s:
         tg, sg = t["gpu"], s["gpu"]
         add(
@@ -380,12 +407,12 @@ def bench(cfg: BenchConfig) -> dict:
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         t_run, t_mb = cpu_runners("teacher", teacher, cfg, calib, Path(tmp))
         s_run, s_mb = cpu_runners("student", student, cfg, calib, Path(tmp))
-        for backend in t_run:  # teacher and student of a backend in alternation
-            log.info("timing %s", backend)
-            both = time_interleaved(
-                {"t": t_run[backend], "s": s_run[backend]}, cfg.warmup, cfg.runs
-            )
-            t[backend], s[backend] = both["t"], both["s"]
+        log.info("timing %s for teacher and student", ", ".join(t_run))
+        runners = {("t", b): fn for b, fn in t_run.items()}
+        runners |= {("s", b): fn for b, fn in s_run.items()}
+        timed = time_blocks(runners, cfg.warmup, cfg.runs, cfg.block)
+        for backend in t_run:
+            t[backend], s[backend] = timed[("t", backend)], timed[("s", backend)]
             if backend in t_mb:
                 t[backend]["file_mb"], s[backend]["file_mb"] = t_mb[backend], s_mb[backend]
     if _use_gpu(cfg):
@@ -420,7 +447,9 @@ def write_outputs(result: dict, cfg: BenchConfig, out: Path) -> None:
         f"Batch 1, {cfg.image_size}x{cfg.image_size} input, {env['warmup']} warm-up + "
         f"{env['runs']} timed runs, {env['threads']} CPU threads on {env['cpu']}; "
         f"torch {env['torch']}, onnxruntime {env['onnxruntime']}; int8 = static QDQ, "
-        f"per-channel, calibrated on {env['calibration']}. Teacher and student runs alternate. "
+        f"per-channel, calibrated on {env['calibration']}. Steady state: each model and backend "
+        f"runs in blocks of {cfg.block} (after an untimed run), blocks taking turns; latency "
+        "ratios compare medians. "
         + ("" if env["bf16_native"] else "No bf16 row: this CPU has no native bf16. ")
         + "Head: teacher = linear classifier on the CLS token "
         f"({cfg.teacher_head_classes} classes); student = distillation projection head "

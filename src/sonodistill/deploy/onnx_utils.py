@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import warnings
@@ -139,7 +140,7 @@ def quantize_int8(
     }
     reader = type("Reader", (FramesReader, CalibrationDataReader), {})(calib_frames)
     out_path = Path(out_path)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _quiet_quantizer():
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
         quantize_static(
@@ -153,6 +154,29 @@ def quantize_int8(
             calibrate_method=methods[method],
         )
     return out_path
+
+
+class _QuantizerChatter(logging.Filter):
+    """ONNX Runtime's quantiser logs progress on the root logger ("Created a copy of bias input
+    ...", once per shared bias initializer, dozens per model): not for the user's terminal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or "onnxruntime" not in record.pathname
+
+
+@contextlib.contextmanager
+def _quiet_quantizer():
+    """Quantiser messages below warnings dropped: those on the root logger by the filter, those
+    on onnxruntime's own loggers by their level."""
+    root, chatter, ort = logging.getLogger(), _QuantizerChatter(), logging.getLogger("onnxruntime")
+    level = ort.level
+    root.addFilter(chatter)
+    ort.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.removeFilter(chatter)
+        ort.setLevel(level)
 
 
 def compare(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
