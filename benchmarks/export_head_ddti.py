@@ -74,6 +74,7 @@ def main() -> None:
             n_test=args.n_test,
             image_size=args.size,
             out=args.out,
+            overwrite=True,  # a benchmark replaces its previous output
         )
         print(report_markdown(export(cfg)))
 

@@ -51,6 +51,7 @@ def main() -> None:
             image_size=args.image_size,
             n_calib=args.n_calib,
             n_check=args.n_check,
+            overwrite=True,  # a benchmark replaces its previous output
         )
         print(report_markdown(export(cfg)))
 

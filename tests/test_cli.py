@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from PIL import Image
 
 from sonodistill.cli import COMMANDS, main
 
@@ -33,7 +35,11 @@ def test_wrong_teacher_weights_are_refused_naming_the_file(tmp_path, capsys):
     torch.save({"conv1.weight": torch.zeros(1)}, bad)
     tiny = ["--teacher.model_kwargs", "{embed_dim: 48, depth: 2, num_heads: 2}"]
     out = ["--out", str(tmp_path / "run")]
-    rc = main(["distill", "--data", str(tmp_path), "--teacher.weights", str(bad), *tiny, *out])
+    data = tmp_path / "frames"
+    data.mkdir()
+    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(data / "frame.png")
+    small = ["--batch_size", "1", "--img_size", "64", "--data", str(data)]
+    rc = main(["distill", "--teacher.weights", str(bad), *small, *tiny, *out])
     assert rc == 2
     err = capsys.readouterr().err
     assert "not_dinov3.pth" in err and "not a DINOv3 ViT file" in err and "conv1.weight" in err

@@ -312,9 +312,12 @@ def test_build_skips_broken_files_and_resumes(corpus_data, tmp_path, capsys):
     assert summary["drop_reasons"]["unreadable"] == 3
     assert (out / "contact_sheet.png").is_file() and (out / "corpus.yaml").is_file()
 
-    # rerun: nothing is read again and the manifest is the same
+    # resumed: nothing is read again and the manifest is the same
     capsys.readouterr()
-    assert main(["corpus", "build", str(sources), "--out", str(out), "--quiet", "true"]) == 0
+    resume = ["--resume", "true"]
+    assert (
+        main(["corpus", "build", str(sources), "--out", str(out), "--quiet", "true", *resume]) == 0
+    )
     assert "0 read this run" in capsys.readouterr().out
     pd.testing.assert_frame_equal(pd.read_parquet(out / "manifest.parquet"), m)
 
@@ -463,10 +466,12 @@ def test_build_excludes_evaluation_sets(busi, shared_data, corpus_data, tmp_path
     assert kept_dirs == {"lung"}
     assert not list((out / "frames").glob("*leak*/**/*.png"))
 
-    # the same sources without `exclude:` into the same folder: the dropped images come back
-    # (their files are read again, since their frames were removed from the corpus folder)
+    # the same sources without `exclude:`: another corpus, refused by --resume, built by
+    # --overwrite, where the dropped images come back
     write_sources(tmp_path / "sources.yaml", yaml.safe_load(sources.read_text())["sources"])
-    assert main(["corpus", "build", str(sources), "--out", str(out), "--quiet", "true"]) == 0
+    argv = ["corpus", "build", str(sources), "--out", str(out), "--quiet", "true"]
+    assert main([*argv, "--resume", "true"]) == 2
+    assert main([*argv, "--overwrite", "true"]) == 0
     again = pd.read_parquet(out / "manifest.parquet")
     back = again[again.dataset.isin(["busi_leak", "ddti_leak"]) & again.kept]
     assert len(back) >= len(matched)

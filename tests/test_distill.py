@@ -20,6 +20,7 @@ from sonodistill.distill import (
     register_loss,
 )
 from sonodistill.distill import recipe as recipe_module
+from sonodistill.errors import UserError
 
 
 def test_tiny_run_on_real_frames_learns_the_teacher_on_held_out_frames(real_frames, tmp_path):
@@ -109,6 +110,6 @@ def test_a_loss_registered_in_one_function_drives_a_three_step_run(three_batches
 
 
 def test_an_unknown_loss_is_refused_before_anything_is_written(three_batches, tmp_path):
-    with pytest.raises(ValueError, match="unknown loss 'nope'.*token_mse"):
+    with pytest.raises(UserError, match="--loss nope: unknown objective.*token_mse"):
         distill(tiny_config(three_batches, tmp_path / "run", loss="nope"))
     assert not (tmp_path / "run").exists()

@@ -15,6 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
+from sonodistill.errors import UserError
 from sonodistill.evaluate.datasets import SegDataset, load_busi, load_ddti, load_mask, read_grey
 from sonodistill.evaluate.head_checkpoint import load_head
 from sonodistill.evaluate.splits import (
@@ -158,7 +159,7 @@ def test_split_file_is_reused(splits_dir, ddti):
     stored = json.loads(path.read_text())
     assert load_or_make_splits(ddti, path) == stored  # no hashing: read back as written
     assert load_or_make_splits(ddti, path, SplitConfig()) == stored
-    with pytest.raises(ValueError, match="made with"):
+    with pytest.raises(UserError, match="made with"):
         load_or_make_splits(ddti, path, SplitConfig(seed=5))
 
 
@@ -211,5 +212,6 @@ def test_smoke_suite_on_real_data(splits_dir, tmp_path, shared_data, fake_studen
     assert len(list((out / "models").iterdir())) == len(runs)
     # resumable: a second call trains nothing and rewrites no run file
     stamps = {p: p.stat().st_mtime_ns for p in runs}
+    cfg.resume = True
     run_suite(cfg)
     assert {p: p.stat().st_mtime_ns for p in runs} == stamps

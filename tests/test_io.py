@@ -68,7 +68,7 @@ def test_a_locked_run_folder_names_its_holder(tmp_path):
             sys.executable,
             "-c",
             "import sys, time; from sonodistill.io import lock_run_dir\n"
-            "with lock_run_dir(sys.argv[1], 'sonodistill distill'):\n"
+            "with lock_run_dir(sys.argv[1], 'distill'):\n"
             "    print('locked', flush=True); time.sleep(60)",
             str(tmp_path / "run"),
         ],
@@ -97,7 +97,9 @@ def test_claim_refuses_an_existing_run_without_resume_or_overwrite(tmp_path):
     out.mkdir()
     (out / "config.yaml").write_text("seed: 0\n")
     (out / "notes.txt").write_text("mine")
-    refused = pytest.raises(UserError, match=r"already holds a distill run \(config\.yaml\)")
+    refused = pytest.raises(
+        UserError, match=r"already holds a sonodistill distill run \(config\.yaml\)"
+    )
     with refused, io.claim_run_dir(out, "distill", ["config.yaml", "logs"]):
         pass
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "notes.txt"]  # untouched

@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import os
 
+import numpy as np
 import pytest
 import timm
 import torch
 from conftest import TINY, VITSP, official_shapes, perturbed_official
+from PIL import Image
 from safetensors.torch import save_file
 
 from sonodistill.cli import main
@@ -114,6 +116,15 @@ def one_line_error(capsys, rc: int, must: str, name: object) -> str:
 TINY_KWARGS = "{embed_dim: 48, depth: 2, num_heads: 2}"  # TINY_TEACHER_KWARGS as a flag
 
 
+def frames(tmp_path) -> str:
+    """One batch of grey frames: data that passes distill's checks, so the teacher is next."""
+    folder = tmp_path / "frames"
+    folder.mkdir(exist_ok=True)
+    for i in range(8):
+        Image.fromarray(np.full((64, 64), 16 * i, np.uint8)).save(folder / f"{i}.png")
+    return f"{folder} --batch_size 8"
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_distill_refuses_bad_teacher_files_in_one_line_writing_nothing(
     case, tmp_path, capsys, shared_data
@@ -121,7 +132,7 @@ def test_distill_refuses_bad_teacher_files_in_one_line_writing_nothing(
     path, must = make(case, tmp_path)
     out = tmp_path / "run"
     kwargs = "{depth: 1}" if case in ("wrong size", "swiglu") else TINY_KWARGS
-    flags = f"--data {shared_data / 'corpus'} --out {out} --teacher.weights {path}"
+    flags = f"--data {frames(tmp_path)} --out {out} --teacher.weights {path}"
     rc = main(["distill", *flags.split(), "--teacher.model_kwargs", kwargs])
     one_line_error(capsys, rc, must, path)
     assert not out.exists()
@@ -141,7 +152,7 @@ def test_a_file_of_another_family_names_the_family_that_reads_it(tmp_path, capsy
     convnext = timm.create_model("convnext_tiny", num_classes=0, depths=(1, 1, 1, 1))
     save_file(convnext.state_dict(), str(path))
     out = tmp_path / "run"
-    flags = f"--data {shared_data / 'corpus'} --out {out} --teacher.weights {path}"
+    flags = f"--data {frames(tmp_path)} --out {out} --teacher.weights {path}"
     rc = main(["distill", *flags.split(), "--teacher.model_kwargs", TINY_KWARGS])
     one_line_error(capsys, rc, r"holds a DINOv3 ConvNeXt \(family dinov3-convnext\) model", path)
     assert not out.exists()
@@ -154,7 +165,7 @@ def test_input_sizes_off_the_patch_grid_are_refused_before_writing(
     out = tmp_path / "out"
     tiny = f'{{"family": "dinov3", "weights": "random", "model_kwargs": {TINY_KWARGS}}}'
     argv = {
-        "distill": f"--data {shared_data / 'corpus'} --img_size 100 --teacher.random_init true",
+        "distill": f"--data {frames(tmp_path)} --img_size 100 --teacher.random_init true",
         "embed": f"--sources+ ddti={shared_data / 'ddti'} --image_size 100",
         "export": f"--encoder dinov3:random --frames+ ddti={shared_data / 'ddti'} --image_size 100",
         "evaluate": f"--data_root {shared_data} --tasks [ddti_seg] --train.seg_size 100",

@@ -18,6 +18,7 @@ from typing import TypeVar
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
+from sonodistill.errors import UserError
 from sonodistill.io import write_text
 
 # Field docstrings (the string under each dataclass field) become the flags' help text.
@@ -92,7 +93,7 @@ def from_dict(cls: type[C], values: dict) -> C:
     hints = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in values.items():
         if key not in hints:
-            raise ValueError(f"{cls.__name__}: unknown option {key!r}")
+            raise UserError(f"{cls.__name__}: unknown option {key!r}")
         field_type = _dataclass_type(cls, key)
         kwargs[key] = (
             from_dict(field_type, value) if field_type and isinstance(value, dict) else value
@@ -134,8 +135,11 @@ def config_changes(old: dict, new: dict) -> dict[str, tuple]:
 
 
 def describe_changes(changes: dict[str, tuple]) -> str:
-    """`--batch_size 8 -> 16, --seed 0 -> 1` (YAML-style values)."""
-    return ", ".join(f"--{k} {_show(a)} -> {_show(b)}" for k, (a, b) in changes.items())
+    """`--batch_size 8 -> 16, --seed 0 -> 1` (YAML-style values; keys with a space are not
+    options but values derived from them, and are shown as they are)."""
+    return ", ".join(
+        f"{k if ' ' in k else '--' + k} {_show(a)} -> {_show(b)}" for k, (a, b) in changes.items()
+    )
 
 
 def _show(value) -> str:

@@ -18,7 +18,6 @@ Run folder (default runs/demo):
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import platform
@@ -28,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sonodistill.io import atomic_path, claim_run_dir, remove_owned, write_json
 from sonodistill.models.teacher import WEIGHTS_ENV, TeacherConfig
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class DemoConfig:
     """The demo's knobs; defaults take about five minutes on two CPU cores."""
 
     out: str = "runs/demo"
-    """Run folder (overwritten step by step)."""
+    """Run folder (a demo already there needs --overwrite true)."""
     seed: int = 0
     corpus_frames: int = 400
     """Unlabeled simulated frames for distillation (and the t-SNE)."""
@@ -78,6 +78,23 @@ class DemoConfig:
     """torch CPU threads (0: torch's default)."""
     skip: list[str] = field(default_factory=list)
     """Steps to skip, e.g. [bench, analysis]."""
+    overwrite: bool = False
+    """Replace a demo already in `out`."""
+
+
+MARKERS = ("demo.yaml", "demo.json")
+OWNED = (
+    *MARKERS,
+    "corpus",
+    "labelled",
+    "distill",
+    "evaluate",
+    "analysis",
+    "bench",
+    "samples",
+    "report.html",
+)
+"""What a demo folder holds: `--overwrite` removes these and nothing else."""
 
 
 @dataclass
@@ -221,7 +238,7 @@ def step_evaluate(cfg: DemoConfig, run: Path, state: dict) -> str:
     runs_json = [
         {"protocol": p, "task": t, "encoder": encoders[e], **r} for (p, t, e), r in results.items()
     ]
-    (out / "runs.json").write_text(json.dumps(runs_json, indent=1, default=str))
+    write_json(out / "runs.json", runs_json, indent=1, default=str)
     _sample_figure(run, tasks["seg"], splits["seg"], seg_models, encoders, size)
     return f"{len(runs)} runs x {cfg.eval_epochs} epochs at {size} px"
 
@@ -320,7 +337,8 @@ def _sample_figure(run: Path, index, splits: dict, models: dict, encoders: dict,
     fig.tight_layout()
     out = run / "samples"
     out.mkdir(exist_ok=True)
-    fig.savefig(out / "segmentation_samples.png", dpi=100)
+    with atomic_path(out / "segmentation_samples.png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 
@@ -414,11 +432,20 @@ def run_demo(cfg: DemoConfig) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = Path(cfg.out)
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run / "demo.yaml")
     teacher, img_size, random_teacher = resolve_teacher(cfg)
     if teacher.weights and not Path(teacher.weights).is_file():  # fail before minutes of work
         raise FileNotFoundError(f"teacher weights not found: {teacher.weights}")
+    with claim_run_dir(run, "demo", MARKERS, overwrite=cfg.overwrite):
+        if cfg.overwrite:
+            remove_owned(run, OWNED)
+        save_config(cfg, run / "demo.yaml")
+        _run_steps(cfg, run, teacher, img_size, random_teacher)
+        report = build_report(run)
+    print(f"\nreport: {report}\nopen file://{report.resolve()} in a browser", flush=True)
+    return run
+
+
+def _run_steps(cfg: DemoConfig, run: Path, teacher, img_size: int, random_teacher: bool) -> None:
     state: dict = {"teacher": teacher, "img_size": img_size, "random_teacher": random_teacher}
     summary = _summary(cfg, teacher, img_size, random_teacher)
     _banner(random_teacher, teacher)
@@ -437,10 +464,7 @@ def run_demo(cfg: DemoConfig) -> Path:
             flush=True,
         )
         summary["steps"].append(record)
-        (run / "demo.json").write_text(json.dumps(summary, indent=2))
-    report = build_report(run)
-    print(f"\nreport: {report}\nopen file://{report.resolve()} in a browser", flush=True)
-    return run
+        write_json(run / "demo.json", summary)
 
 
 def _summary(cfg: DemoConfig, teacher: TeacherConfig, img_size: int, random_teacher: bool) -> dict:

@@ -13,7 +13,8 @@ temporary file is removed, and a full disk becomes one `UserError` naming the ta
 `lock_run_dir` makes a run folder exclusive: `fcntl.flock` on OUT/.lock, which the kernel
 releases when the holder dies (never stale; NFS clients emulate it with POSIX locks). The file
 names the holder's PID, host and command, for the message a second run gets. `claim_run_dir`
-adds the house rule on top: an existing run is refused unless resumed or overwritten.
+adds the house rule on top: an existing run is refused unless resumed or overwritten (the
+command then removes the old run's own files, `remove_owned`, and nothing else).
 
 Standard library only: `filelock` would replace the 20 lines of fcntl but cannot report the holder.
 
@@ -46,29 +47,49 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
     """A temporary path beside `path` (same suffix, so writers pick the same format) that
-    replaces `path` when the block succeeds and is removed when it fails."""
+    replaces `path` when the block succeeds and is removed when it fails.
+
+    `durable=False` leaves out the two fsyncs, for many small files made reachable by one
+    record written after them: the writer then calls `sync_files` on the batch before it
+    writes that record (the corpus build's frames and their part; measured by
+    benchmarks/atomic_writes.py: an fsync per frame costs several ms on a virtual disk)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(3)}.tmp{path.suffix}")
     try:
         yield tmp
-        _fsync(tmp)
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
+        if durable:
+            _fsync(path.parent)
     except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
         if _mentions_disk_full(err):
             raise disk_full(path, err) from err
         raise
-    _fsync(path.parent)
 
 
-def write_bytes(path: str | Path, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
+def write_bytes(path: str | Path, data: bytes, durable: bool = True) -> Path:
+    with atomic_path(path, durable) as tmp:
         tmp.write_bytes(data)
     return Path(path)
+
+
+def sync_files(paths: Iterable[str | Path]) -> None:
+    """fsync files written with `durable=False`, then their folders: one pass per batch is
+    far cheaper than one per file (the first fsync commits the others' data with it)."""
+    paths = [Path(p) for p in paths]
+    for path in [*paths, *dict.fromkeys(p.parent for p in paths)]:
+        try:
+            _fsync(path)
+        except OSError as err:
+            if _mentions_disk_full(err):
+                raise disk_full(path, err) from err
+            raise
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -154,6 +175,7 @@ def lock_run_dir(folder: str | Path, command: str) -> Iterator[Path]:
     """Hold an exclusive lock on `folder` (created) for the block; a second holder gets a
     UserError naming the first (PID, host, command, start time)."""
     folder = Path(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK
     while True:
@@ -186,12 +208,16 @@ def lock_run_dir(folder: str | Path, command: str) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             path.unlink()  # while still locked: the next run creates a fresh file
         os.close(fd)
+        if created:  # a run that wrote nothing leaves no folder behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def _holder(fd: int) -> str:
     try:
         info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        return f"{info['command']} (pid {info['pid']} on {info['host']}, since {info['since']})"
+        since = f"since {info['since']}"
+        return f"sonodistill {info['command']} (pid {info['pid']} on {info['host']}, {since})"
     except (OSError, ValueError, KeyError):
         return "another run (it is just starting)"
 
@@ -215,26 +241,25 @@ def remove_owned(folder: str | Path, owned: Iterable[str]) -> None:
 def claim_run_dir(
     folder: str | Path,
     command: str,
-    owned: Iterable[str],
+    markers: Iterable[str],
     resume: bool = False,
     overwrite: bool = False,
 ) -> Iterator[bool]:
     """Lock `folder` for one run of `command` and apply the house rule: a folder that holds a
-    run (any of `owned`) is refused unless `resume` (yields True: continue it) or `overwrite`
-    (its files are removed first). Call it after every option was checked: it is the first
-    thing that writes."""
+    run (any of the files or folders `markers` names) is refused unless `resume` (yields True:
+    continue it) or `overwrite` (yields False; the caller removes the old run's files with
+    `remove_owned` once everything it needs was checked, right before it writes). Call it after
+    every option was checked: the lock is the first thing a run writes."""
     if resume and overwrite:
         raise UserError("--resume and --overwrite: choose one")
-    owned = list(owned)
     with lock_run_dir(folder, command):
-        found = existing(folder, owned)
+        found = existing(folder, markers)
         if found and not (resume or overwrite):
             raise UserError(
-                f"{folder} already holds a {command} run ({', '.join(found)}); pass --resume "
-                "true to continue it, --overwrite true to replace it, or choose another --out"
+                f"{folder} already holds a sonodistill {command} run ({', '.join(found)}); "
+                "pass --resume true to continue it, --overwrite true to replace it, or choose "
+                "another --out"
             )
-        if found and overwrite:
-            remove_owned(folder, owned)
         yield bool(found) and resume
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sonodistill.distill.run import loss_title, read_config, read_metrics
+from sonodistill.io import write_text
 
 TITLE = "sonodistill report"
 
@@ -78,7 +79,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         "</body></html>"
     )
     out = Path(out) if out else run / "report.html"
-    out.write_text(page, encoding="utf-8")
+    write_text(out, page)
     return out
 
 

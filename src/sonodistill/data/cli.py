@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sonodistill.config import config_parser, from_dict, parse_config
+from sonodistill.errors import UserError
+from sonodistill.io import write_csv
 
 USAGE = """usage: sonodistill corpus COMMAND ...
 
@@ -40,6 +42,11 @@ class BuildCommand:
     """Corpus folder (created; a build into it resumes)."""
     quiet: bool = False
     """No progress bar, warnings only."""
+    resume: bool = False
+    """Continue the corpus in OUT: the same sources and settings (more workers, another
+    contact sheet, sources appended at the end are fine); only files without a part are read."""
+    overwrite: bool = False
+    """Replace the corpus in OUT by a new build."""
 
 
 @dataclass
@@ -68,6 +75,8 @@ class PackCommand:
     """Pack folder."""
     size: int = 256
     quiet: bool = False
+    overwrite: bool = False
+    """Replace a pack already in OUT."""
 
 
 @dataclass
@@ -98,32 +107,26 @@ def build_main(argv: list[str]) -> int:
     parser.add_class_arguments(BuildSettings, nested_key=None, fail_untyped=True)
     given = parser.parse_args(argv, defaults=False).as_dict()  # only what the user wrote
     given.pop("config", None)
-    own = {k: given.pop(k) for k in ("sources", "out", "quiet") if k in given}
+    names = [f.name for f in dataclasses.fields(BuildCommand)]
+    own = {k: given.pop(k) for k in names if k in given}
     command = from_dict(BuildCommand, own)
     if not command.out:
-        return _error("build", "give the corpus folder with --out DIR")
-    try:
-        from_file = read_sources_yaml(command.sources).get("settings") or {}
-    except ValueError as exc:
-        return _error("build", exc)
+        raise UserError("--out: give the corpus folder")
+    from_file = read_sources_yaml(command.sources).get("settings") or {}
     values = dataclasses.asdict(BuildSettings())
     for layer in (from_file, given):  # defaults < SOURCES.yaml settings < flags
         values = _merge(values, layer)
-    try:
-        settings = from_dict(BuildSettings, values)
-        spec = load_sources(command.sources, settings)
-    except ValueError as exc:
-        return _error("build", exc)
+    settings = from_dict(BuildSettings, values)
+    spec = load_sources(command.sources, settings)
     _log_level(command.quiet)
-    try:
-        result = build_corpus(spec, command.out, progress=not command.quiet)
-    except FileNotFoundError as exc:
-        return _error("build", exc)
+    result = build_corpus(
+        spec, command.out, not command.quiet, resume=command.resume, overwrite=command.overwrite
+    )
     s = result.summary
     fps = s["frames_seen"] / result.seconds if result.seconds else 0.0
     print(
         f"{s['frames_kept']} frames kept of {s['frames_seen']} seen from {s['files']} files "
-        f"({s['files_unreadable']} unreadable, {result.files_read} read this run) in "
+        f"({s['files_unreadable']} unreadable sources, {result.files_read} read this run) in "
         f"{result.seconds:.1f} s ({fps:.0f} frames/s) -> {result.out}"
     )
     print((Path(command.out) / "summary.md").read_text())
@@ -159,7 +162,7 @@ def leakage_main(argv: list[str]) -> int:
     _log_level(False)
     report = check_leakage(cmd.corpus, against, cmd.threshold, cmd.workers)
     if cmd.report:
-        report.to_csv(cmd.report, index=False)
+        write_csv(cmd.report, report)
     leaks = report[report.scope == "corpus"]
     for name in against:
         mine = report[report.set == name]
@@ -179,11 +182,8 @@ def pack_main(argv: list[str]) -> int:
 
     cmd = parse_config(PackCommand, argv, "sonodistill corpus pack", PackCommand.__doc__, CORPUS)
     if not cmd.out:
-        return _error("pack", "give the pack folder with --out DIR")
-    try:
-        out = pack_corpus(cmd.corpus, cmd.out, cmd.size, progress=not cmd.quiet)
-    except (FileNotFoundError, ValueError) as exc:
-        return _error("pack", exc)
+        raise UserError("--out: give the pack folder")
+    out = pack_corpus(cmd.corpus, cmd.out, cmd.size, not cmd.quiet, overwrite=cmd.overwrite)
     print(f"packed -> {out} ({(out / 'pack.json').read_text().strip()})")
     return 0
 

@@ -11,25 +11,35 @@ Output folder:
     summary.json, summary.md, contact_sheet.png, corpus.yaml (resolved sources and settings),
     build.log, parts/ (per-file results: what makes the build resumable)
 
-Resumable and idempotent: a source whose settings did not change and whose files all have a
-part is not read again; a killed build redoes only the files in flight.
+The folder belongs to one build (locked while it runs); building into a folder that holds a
+corpus needs --resume (the same sources and settings; more workers, a different contact sheet
+and sources appended at the end are fine) or --overwrite. A resumed build reads only the files
+without a part; a killed build redoes only the files in flight.
+
+Failures are the build's or the source's. A file that cannot be read is the source's: a row
+with the reason, and the build goes on. A frame or part that cannot be written (a full disk),
+or a file whose worker dies twice (killed, out of memory, a crash in a decoder; the first time
+the file is retried alone in a fresh worker), is the build's: it stops with a message and a
+non-zero exit, and `--resume` continues once the cause is fixed. A corpus that keeps no frame
+is an error too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 import time
-from concurrent.futures import as_completed
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 
-from sonodistill.config import save_config
+from sonodistill.config import config_changes, describe_changes, save_config, to_dict
 from sonodistill.data import frames as fr
 from sonodistill.data import hashing
 from sonodistill.data.files import list_files, worker_pool
@@ -43,15 +53,31 @@ from sonodistill.data.manifest import (
     unreadable_row,
 )
 from sonodistill.data.readers import ReadError, detect_kind, read_frames
-from sonodistill.data.sources import CorpusSpec, Source
+from sonodistill.data.sources import BuildSettings, CorpusSpec, Source
 from sonodistill.data.summary import contact_sheet, write_summary
+from sonodistill.errors import UserError, check, check_positive
+from sonodistill.io import claim_run_dir, remove_owned, sync_files, write_bytes, write_parquet
 from sonodistill.progress import progress_bar
 
 log = logging.getLogger("sonodistill.corpus")
 
+SPEC = "corpus.yaml"
+OWNED = (
+    "frames",
+    "parts",
+    MANIFEST,
+    "summary.json",
+    "summary.md",
+    "contact_sheet.png",
+    SPEC,
+    "build.log",
+)
+"""What a corpus folder's build consists of: `--overwrite` removes these and nothing else."""
+FREE_ON_RESUME = ("settings.workers", "settings.contact_sheet", "settings.force")
 
-class WriteError(RuntimeError):
-    """A kept frame could not be written into the corpus folder."""
+
+class WriteError(UserError):
+    """The corpus folder could not be written: the build's failure, never the source's."""
 
 
 @dataclass
@@ -67,19 +93,18 @@ class FileTask:
 
 def process_file(task: FileTask) -> pd.DataFrame:
     """Read one file, clean and select its frames, write kept PNGs and the file's manifest part.
-    Never raises for bad input: an unreadable file becomes a row with its reason."""
-    import cv2
-
+    Never raises for bad input (an unreadable file becomes a row with its reason); raises
+    UserError when the output cannot be written."""
     cv2.setNumThreads(1)
     s = fr.FrameSettings(**task.settings)
     path = Path(task.file)
     key = file_key(path)
     rel_dir = Path("frames") / safe_name(task.dataset) / key
-    out_dir = Path(task.out) / rel_dir
     kind = detect_kind(path) if task.kind == "auto" else task.kind
     rows: list[dict] = []
     base = {"dataset": task.dataset, "anatomy": task.anatomy, "source": str(path), "kind": kind}
     select = fr.FrameSelector(s)
+    written: list[Path] = []
     try:
         for index, frame in read_frames(path, kind, s.layout, s.volume_axis):
             d = select(index, frame)
@@ -95,14 +120,12 @@ def process_file(task: FileTask) -> pd.DataFrame:
                 "orig_width": d.orig_shape[1],
             }
             if d.keep:
-                out_dir.mkdir(parents=True, exist_ok=True)
                 rel = rel_dir / f"{index:06d}.png"
-                if not cv2.imwrite(str(Path(task.out) / rel), d.grey):
-                    raise WriteError(f"cannot write {Path(task.out) / rel}")
+                written.append(write_frame(Path(task.out) / rel, d.grey))
                 row.update(path=rel.as_posix(), height=d.grey.shape[0], width=d.grey.shape[1])
             rows.append(row)
-    except WriteError:
-        raise  # the output's problem, not the file's: no part, the file is retried
+    except UserError:
+        raise  # the output's problem, not the file's: no part, the build stops
     except (ReadError, OSError, ValueError, MemoryError) as exc:
         rows.append(unreadable_row(task.dataset, task.anatomy, str(path), str(exc), kind))
     except Exception as exc:  # a decoder or library failure on odd input: report, go on
@@ -110,11 +133,21 @@ def process_file(task: FileTask) -> pd.DataFrame:
         reason = f"unexpected {type(exc).__name__}: {exc}"
         rows.append(unreadable_row(task.dataset, task.anatomy, str(path), reason, kind))
     df = typed(pd.DataFrame(rows))
-    Path(task.part).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(task.part).with_suffix(".tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, task.part)
+    sync_files(written)  # the frames are on disk before the part that lists them
+    write_parquet(task.part, df)
     return df
+
+
+def write_frame(path: Path, grey: np.ndarray) -> Path:
+    """A kept frame as a PNG, renamed into place whole (synced with the file's other frames,
+    before its part); WriteError (a UserError) when it cannot be written."""
+    ok, png = cv2.imencode(".png", grey)
+    if not ok:
+        raise WriteError(f"cannot encode {path} as PNG")
+    try:
+        return write_bytes(path, png.tobytes(), durable=False)
+    except OSError as err:
+        raise WriteError(f"cannot write {path} ({err.strerror or err}): the corpus folder") from err
 
 
 # ---------------------------------------------------------------- the build
@@ -134,131 +167,237 @@ def _source_key(src: Source, frames: dict) -> str:
     return f"{safe_name(src.dataset)}-{digest}"
 
 
-def build_corpus(spec: CorpusSpec, out: str | Path, progress: bool = True) -> BuildResult:
-    """Build (or resume) a corpus into `out`; see the module docstring."""
+def check_settings(settings: BuildSettings) -> None:
+    """The build settings, before anything is written (UserError naming the first bad one)."""
+    f = settings.frames
+    check_positive({"--workers": settings.workers, "--frames.min_size": f.min_size})
+    check_positive(
+        {
+            "--contact_sheet": settings.contact_sheet,
+            "--frames.max_per_clip": f.max_per_clip,
+            "--frames.dup_threshold": f.dup_threshold,
+            "--frames.blank_std": f.blank_std,
+        },
+        allow_zero=True,
+    )
+    for option, value in (
+        ("--corpus_dup_threshold", settings.corpus_dup_threshold),
+        ("--exclude_threshold", settings.exclude_threshold),
+    ):
+        check(-1 <= value <= 64, option, value, "must be -1 (exact copies only) to 64 bits")
+
+
+def build_corpus(
+    spec: CorpusSpec,
+    out: str | Path,
+    progress: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> BuildResult:
+    """Build a corpus into `out` (or continue it with `resume`, or replace the one there with
+    `overwrite`); see the module docstring."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out / "build.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
+    check_settings(spec.settings)
+    files = {id(src): _source_files(src, spec) for src in spec.sources}  # none missing
+    with claim_run_dir(out, "corpus build", OWNED, resume, overwrite) as resuming:
+        if resuming:
+            _check_resume(spec, out)
+        if overwrite:
+            remove_owned(out, OWNED)
+        handler = logging.FileHandler(out / "build.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        try:
+            return _build(spec, out, files, progress)
+        finally:
+            log.removeHandler(handler)
+            handler.close()
+
+
+def _source_files(src: Source, spec: CorpusSpec) -> list[Path]:
+    frames = {**dataclasses.asdict(spec.settings.frames), **src.frames}
+    found = list_files(src.path, frames.get("skip_patterns", []))
+    if not found:
+        raise UserError(f"source {src.dataset!r}: no file matches {src.path}")
+    return found
+
+
+def _check_resume(spec: CorpusSpec, out: Path) -> None:
+    """Refuse to continue a corpus with other sources or settings (appending sources is fine)."""
+    import yaml
+
     try:
-        save_config(spec, out / "corpus.yaml")
-        t0 = time.perf_counter()
-        settings = spec.settings
-        tasks, parts, done_markers = _plan(spec, out)
-        if not tasks:
-            log.info("all %d sources already built in %s", len(spec.sources), out)
-        files_read, failed = _run_tasks(tasks, settings.workers, progress)
-        for marker, files in done_markers:
-            # a source is finished when every file has its part (a crashed worker leaves none:
-            # the file is reported now and retried by the next build)
-            if all((marker.parent / f"{file_key(Path(f))}.parquet").is_file() for f in files):
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.write_text(json.dumps({"files": files}))
-        manifest = _finish(spec, out, parts, failed)
-        missing = manifest[
-            manifest.kept & ~manifest.path.map(lambda p: bool(p) and (out / p).is_file())
-        ]
-        if len(missing):  # frames removed by an earlier build (e.g. excluded then): redo files
-            redo = set(missing.source)
-            log.info("re-reading %d files whose kept frames are missing on disk", len(redo))
-            redo_tasks = [t for t in _plan(spec, out, force_files=redo)[0] if t.file in redo]
-            n, more = _run_tasks(redo_tasks, settings.workers, progress)
-            files_read += n
-            manifest = _finish(spec, out, parts, failed + more)
-        seconds = time.perf_counter() - t0
-        summary = write_summary(manifest, out, seconds=seconds, files_read=files_read)
-        contact_sheet(manifest, out, settings.contact_sheet, settings.seed)
-        return BuildResult(out, manifest, summary, seconds, files_read)
-    finally:
-        log.removeHandler(handler)
-        handler.close()
+        old = yaml.safe_load((out / SPEC).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        old = {}
+    if not old:
+        return  # stopped before its spec was written
+    new = to_dict(spec)
+    changes = {
+        k: v
+        for k, v in config_changes(old.get("settings", {}), new["settings"]).items()
+        if f"settings.{k}" not in FREE_ON_RESUME
+    }
+    changes = {f"settings.{k}": v for k, v in changes.items()}
+    before, after = old.get("sources", []), new["sources"]
+    if after[: len(before)] != before:
+        changes["sources (appending is fine)"] = (len(before), len(after))
+    if old.get("exclude", []) != new["exclude"]:
+        changes["exclude"] = (old.get("exclude", []), new["exclude"])
+    if changes:
+        raise UserError(
+            f"{out}: --resume with other sources or settings than its corpus.yaml: "
+            f"{describe_changes(changes)}; keep them, or build anew (--overwrite true or "
+            "another --out)"
+        )
 
 
-def _plan(spec: CorpusSpec, out: Path, force_files: set[str] = frozenset()):
-    tasks, parts, markers = [], [], []
+def _build(spec: CorpusSpec, out: Path, files: dict, progress: bool) -> BuildResult:
+    save_config(spec, out / SPEC)
+    t0 = time.perf_counter()
+    settings = spec.settings
+    tasks, parts = _plan(spec, out, files)
+    done = len(parts) - len(tasks)
+    if done:
+        log.info(
+            "resuming: %d of %d files already built (skipped), %d to read",
+            done,
+            len(parts),
+            len(tasks),
+        )
+    files_read = _run_tasks(tasks, settings.workers, progress)
+    manifest = _finish(spec, out, parts)
+    missing = manifest[
+        manifest.kept & ~manifest.path.map(lambda p: bool(p) and (out / p).is_file())
+    ]
+    if len(missing):  # frames removed by an earlier build (e.g. excluded then): redo files
+        redo = set(missing.source)
+        log.info("re-reading %d files whose kept frames are missing on disk", len(redo))
+        redo_tasks = [t for t in _plan(spec, out, files, force=redo)[0] if t.file in redo]
+        files_read += _run_tasks(redo_tasks, settings.workers, progress)
+        manifest = _finish(spec, out, parts)
+    seconds = time.perf_counter() - t0
+    summary = write_summary(manifest, out, seconds=seconds, files_read=files_read)
+    contact_sheet(manifest, out, settings.contact_sheet, settings.seed)
+    if not summary["frames_kept"]:
+        reasons = ", ".join(f"{k}: {v}" for k, v in summary["drop_reasons"].items())
+        raise UserError(
+            f"{out}: no frame kept of {summary['frames_seen']} seen in {summary['files']} files "
+            f"({reasons or 'no frame read'}); see {out / 'summary.md'}, then check the sources "
+            "or loosen the frame settings"
+        )
+    return BuildResult(out, manifest, summary, seconds, files_read)
+
+
+def _plan(spec: CorpusSpec, out: Path, files: dict, force: set[str] = frozenset()):
+    """The tasks of the files without a readable part (all with settings.force), and every
+    part the manifest is made of."""
+    tasks, parts = [], []
     for src in spec.sources:
         frames = {**dataclasses.asdict(spec.settings.frames), **src.frames}
-        key = _source_key(src, frames)
-        part_dir = out / "parts" / key
-        marker = part_dir / "_done.json"
-        if marker.is_file() and not spec.settings.force and not force_files:
-            files = json.loads(marker.read_text())["files"]
-            parts += [part_dir / f"{file_key(Path(f))}.parquet" for f in files]
-            continue
-        files = list_files(src.path, frames.get("skip_patterns", []))
-        if not files:
-            raise FileNotFoundError(f"source {src.dataset!r}: no file matches {src.path}")
-        for f in files:
+        part_dir = out / "parts" / _source_key(src, frames)
+        for f in files[id(src)]:
             part = part_dir / f"{file_key(f)}.parquet"
             parts.append(part)
-            if part.is_file() and not spec.settings.force and str(f) not in force_files:
+            if not spec.settings.force and str(f) not in force and _part_ok(part):
                 continue
             tasks.append(
                 FileTask(src.dataset, src.anatomy, str(f), src.kind, frames, str(out), str(part))
             )
-        markers.append((marker, [str(f) for f in files]))
-    return tasks, parts, markers
+    return tasks, parts
 
 
-def _run_tasks(tasks: list[FileTask], workers: int, progress: bool) -> tuple[int, list[dict]]:
-    """Run the file tasks; returns how many ran and a row for each whose worker crashed."""
-    failed: list[dict] = []
+def _part_ok(part: Path) -> bool:
+    """Whether a part file is there and whole (an empty or cut file is redone, with a warning)."""
+    if not part.is_file():
+        return False
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_metadata(part)
+    except Exception as err:  # zero bytes, a cut file: pyarrow says so in its own types
+        log.warning("ignoring unreadable part %s (%s): its file is read again", part, err)
+        return False
+    return True
+
+
+def _run_tasks(tasks: list[FileTask], workers: int, progress: bool) -> int:
+    """Run the file tasks, in `workers` processes; returns how many ran.
+
+    A worker that dies takes the files it was reading with it: each of them is retried once,
+    alone in a fresh worker. A file that kills its worker again, or an output that cannot be
+    written, stops the build (UserError)."""
     if not tasks:
-        return 0, failed
+        return 0
     kept = 0
-    bar = progress_bar() if progress else None
+    bar = progress_bar(disable=not progress)
 
     def report(df: pd.DataFrame, task: FileTask) -> None:
         nonlocal kept
         kept += int(df.kept.sum())
-        bad = df[df.frame < 0]
-        for reason in bad.reason:
+        for reason in df[df.frame < 0].reason:
             log.warning("skipped %s: %s", task.file, reason)
-        if bar is not None:
-            bar.update(bar_task, advance=1, info=f"{kept} frames kept")
+        bar.update(bar_task, advance=1, info=f"{kept} frames kept")
 
-    if workers <= 1:
-        if bar is not None:
-            bar.start()
-            bar_task = bar.add_task("corpus build", total=len(tasks), info="")
-        try:
+    with bar:
+        bar_task = bar.add_task("corpus build", total=len(tasks), info="")
+        if workers <= 1:
             for task in tasks:
                 report(process_file(task), task)
-        finally:
-            if bar is not None:
-                bar.stop()
-        return len(tasks), failed
-    with worker_pool(min(workers, len(tasks))) as pool:
-        futures = {pool.submit(process_file, t): t for t in tasks}
-        if bar is not None:
-            bar.start()
-            bar_task = bar.add_task("corpus build", total=len(tasks), info="")
+            return len(tasks)
+        pending = deque(tasks)
+        while pending:
+            lost = _run_pool(pending, workers, report)
+            if lost:
+                names = ", ".join(Path(t.file).name for t in lost)
+                log.warning("a worker died while reading %s: each retried alone", names)
+            for task in lost:
+                _retry_alone(task, report)
+    return len(tasks)
+
+
+def _run_pool(pending: deque, workers: int, report) -> list[FileTask]:
+    """Run pending tasks, at most `workers` at a time, until done or a worker dies; returns
+    the tasks in flight when it died (empty when none did)."""
+    with worker_pool(min(workers, len(pending))) as pool:
+        running = {}
         try:
-            for future in as_completed(futures):
-                task = futures[future]
-                try:
-                    df = future.result()
-                except Exception as exc:  # a crash in a worker (e.g. a decoder segfault)
-                    reason = f"worker failed: {exc!r}"
-                    row = unreadable_row(task.dataset, task.anatomy, task.file, reason)
-                    failed.append(row)
-                    df = pd.DataFrame([row])
-                report(df, task)
-        finally:
-            if bar is not None:
-                bar.stop()
-    return len(tasks), failed
+            while pending or running:
+                while pending and len(running) < workers:
+                    task = pending.popleft()
+                    running[pool.submit(process_file, task)] = task
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                lost = []
+                for future in finished:
+                    task = running.pop(future)
+                    try:
+                        report(future.result(), task)
+                    except BrokenProcessPool:
+                        lost.append(task)
+                if lost:
+                    return lost + list(running.values())
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # files in flight finish their parts
+            raise
+    return []
 
 
-def _finish(
-    spec: CorpusSpec, out: Path, parts: list[Path], failed: list[dict] = ()
-) -> pd.DataFrame:
+def _retry_alone(task: FileTask, report) -> None:
+    with worker_pool(1) as pool:
+        try:
+            report(pool.submit(process_file, task).result(), task)
+        except BrokenProcessPool:
+            raise UserError(
+                f"{task.file}: its worker died twice (killed, out of memory, or a crash in a "
+                "decoder); skip the file (frames.skip_patterns) or give the build more memory "
+                "(fewer --workers), then --resume true"
+            ) from None
+
+
+def _finish(spec: CorpusSpec, out: Path, parts: list[Path]) -> pd.DataFrame:
     frames_list = [pd.read_parquet(p) for p in parts if p.is_file()]
-    if failed:
-        frames_list.append(pd.DataFrame(list(failed)))
     if not frames_list:
-        raise RuntimeError(f"no file could be processed into {out}")
+        raise UserError(f"no file could be processed into {out}")
     df = pd.concat(frames_list, ignore_index=True)
     # Parts hold per-file decisions only: corpus-level ones are recomputed on every build.
     df = typed(df)
@@ -273,9 +412,7 @@ def _finish(
     for png in frames_dir.rglob("*.png") if frames_dir.is_dir() else []:
         if png.relative_to(out).as_posix() not in keep_paths:
             png.unlink()  # excluded, duplicate or stale frames never stay in the corpus folder
-    tmp = out / f"{MANIFEST}.tmp"
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, out / MANIFEST)
+    write_parquet(out / MANIFEST, df)
     return df
 
 

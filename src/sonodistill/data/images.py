@@ -5,6 +5,7 @@ Workers only decode and resize to a fixed square; augmentation runs batched on t
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from sonodistill.data.frames import to_grey
 from sonodistill.data.manifest import is_corpus, list_corpus_images
 from sonodistill.data.pack import is_pack, open_pack
 from sonodistill.data.readers import IMAGE_EXT, ReadError, read_image
+from sonodistill.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +54,15 @@ class ImageFiles(Dataset):
                 continue
             grey = cv2.resize(to_grey(frame), (self.size, self.size), interpolation=cv2.INTER_AREA)
             return torch.from_numpy(grey)[None]
-        raise RuntimeError("no readable image in the dataset")
+        raise UserError(f"no readable image among the {len(self.files)} training images")
 
 
 class PackedFrames(Dataset):
     """Frames from `sonodistill corpus pack`: a memory-mapped (N, S, S) uint8 array."""
 
     def __init__(self, pack_dir: str | Path, size: int):
-        self.frames, _ = open_pack(pack_dir)
+        self.frames, index = open_pack(pack_dir)
+        self.names = index["id"].astype(str).tolist()
         self.size = size
 
     def __len__(self) -> int:
@@ -80,6 +83,17 @@ class PackedFrames(Dataset):
                 .to(torch.uint8)
             )
         return frame
+
+
+def fingerprint(dataset: Dataset) -> dict:
+    """{"images": N, "names": hash of the image names}: whether two runs see the same images,
+    wherever the folder was copied or mounted."""
+    if isinstance(dataset, ImageFiles):
+        names = ["/".join(p.parts[-3:]) for p in dataset.files]
+    else:
+        names = list(getattr(dataset, "names", []))
+    digest = hashlib.sha1("\n".join(names).encode()).hexdigest()[:16]
+    return {"images": len(dataset), "names": digest}
 
 
 def open_training_images(path: str | Path, size: int) -> Dataset:

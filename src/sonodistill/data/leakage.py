@@ -26,6 +26,8 @@ from sonodistill.data import hashing
 from sonodistill.data.files import list_files, worker_pool
 from sonodistill.data.manifest import is_corpus, load_manifest
 from sonodistill.data.readers import ReadError, read_frames
+from sonodistill.errors import UserError
+from sonodistill.io import write_parquet
 
 log = logging.getLogger("sonodistill.corpus")
 
@@ -84,10 +86,8 @@ def fingerprint_set(path: str | Path, workers: int = 2, use_cache: bool = True) 
     df = pd.DataFrame(rows, columns=HASH_COLUMNS)
     if use_cache:
         try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            df.to_parquet(cached.with_suffix(".tmp"), index=False)
-            os.replace(cached.with_suffix(".tmp"), cached)
-        except OSError as exc:
+            write_parquet(cached, df)
+        except (OSError, UserError) as exc:  # a cache: the check goes on without it
             log.warning("leakage: cannot cache fingerprints in %s: %s", cached.parent, exc)
     return df
 

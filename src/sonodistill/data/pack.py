@@ -11,7 +11,6 @@ view is kept, its aspect ratio is not), with area interpolation when shrinking.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import cv2
@@ -19,6 +18,8 @@ import numpy as np
 import pandas as pd
 
 from sonodistill.data.manifest import load_manifest
+from sonodistill.errors import UserError, check
+from sonodistill.io import atomic_path, claim_run_dir, remove_owned, write_json, write_parquet
 from sonodistill.progress import track
 
 INDEX_COLUMNS = ["id", "dataset", "anatomy", "source", "frame"]
@@ -30,30 +31,44 @@ def resize_frame(grey: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(grey, (size, size), interpolation=interp)
 
 
+OWNED = ("frames.u8", "index.parquet", "pack.json")
+"""What a pack folder holds: `--overwrite` removes these and nothing else."""
+
+
 def pack_corpus(
-    corpus: str | Path, out: str | Path, size: int = 256, progress: bool = True
+    corpus: str | Path,
+    out: str | Path,
+    size: int = 256,
+    progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
-    """Write the pack of a corpus folder (or manifest file); returns the pack folder."""
-    if size < 8:
-        raise ValueError(f"pack size must be at least 8, not {size}")
+    """Write the pack of a corpus folder (or manifest file); returns the pack folder. A pack
+    already in `out` needs `overwrite`."""
+    check(size >= 8, "--size", size, "must be at least 8")
     manifest, root = load_manifest(corpus)
     kept = manifest[manifest.kept].reset_index(drop=True)
     if kept.empty:
-        raise ValueError(f"{corpus}: the corpus has no kept frame to pack")
+        raise UserError(f"{corpus}: the corpus has no kept frame to pack")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "frames.u8.tmp"
-    array = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(len(kept), size, size))
-    rows = track(kept.path, "corpus pack") if progress else kept.path
-    for i, rel in enumerate(rows):
-        grey = cv2.imread(str(root / rel), cv2.IMREAD_GRAYSCALE)
-        if grey is None:
-            raise FileNotFoundError(f"{root / rel}: frame listed in the manifest cannot be read")
-        array[i] = resize_frame(grey, size)
-    array.flush()
-    del array
-    os.replace(tmp, out / "frames.u8")
-    kept[INDEX_COLUMNS].to_parquet(out / "index.parquet", index=False)
+    with claim_run_dir(out, "corpus pack", OWNED, overwrite=overwrite):
+        if overwrite:
+            remove_owned(out, OWNED)
+        _write_pack(corpus, out, root, kept, size, progress)
+    return out
+
+
+def _write_pack(corpus, out: Path, root: Path, kept: pd.DataFrame, size: int, progress: bool):
+    with atomic_path(out / "frames.u8") as tmp:
+        array = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(len(kept), size, size))
+        rows = track(kept.path, "corpus pack") if progress else kept.path
+        for i, rel in enumerate(rows):
+            grey = cv2.imread(str(root / rel), cv2.IMREAD_GRAYSCALE)
+            if grey is None:
+                raise UserError(f"{root / rel}: frame listed in the manifest cannot be read")
+            array[i] = resize_frame(grey, size)
+        array.flush()
+        del array
+    write_parquet(out / "index.parquet", kept[INDEX_COLUMNS])
     meta = {
         "count": len(kept),
         "size": size,
@@ -62,8 +77,7 @@ def pack_corpus(
         "resize": "plain",
         "corpus": str(Path(corpus).resolve()),
     }
-    (out / "pack.json").write_text(json.dumps(meta, indent=2))
-    return out
+    write_json(out / "pack.json", meta)  # last: a folder with pack.json holds a whole pack
 
 
 def is_pack(path: str | Path) -> bool:

@@ -32,6 +32,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from sonodistill.io import write_bytes, write_text
+
 LESIONS = ("none", "hypoechoic", "hyperechoic", "cyst")
 
 # Anatomical-like presets: one per "dataset" of the simulated corpus (the t-SNE colours).
@@ -289,10 +291,9 @@ def scan_convert(
 
 
 def write_png(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     if array.dtype != np.uint8:
         array = np.clip(array * 255 + 0.5, 0, 255).astype(np.uint8)
-    cv2.imwrite(str(path), array)
+    write_bytes(path, cv2.imencode(".png", array)[1].tobytes())
 
 
 def write_corpus(out: Path, n: int, size: int = 96, seed: int = 0, progress=None) -> Path:
@@ -327,5 +328,5 @@ def write_labelled(out: Path, n: int, size: int = 96, seed: int = 1, progress=No
         rows.append(f"{name},{frame.preset},{lesion},{frame.info.get('shadow', False)}")
         if progress:
             progress()
-    (out / "labels.csv").write_text("\n".join(rows) + "\n")
+    write_text(out / "labels.csv", "\n".join(rows) + "\n")
     return out

@@ -22,6 +22,7 @@ import yaml
 from sonodistill.config import from_dict
 from sonodistill.data.files import list_files
 from sonodistill.data.frames import FrameSettings
+from sonodistill.errors import UserError
 
 
 @dataclass
@@ -60,14 +61,14 @@ class CorpusSpec:
 
 
 def read_sources_yaml(path: str | Path) -> dict:
-    """The raw mapping of a SOURCES.yaml; ValueError naming the file when it cannot be read."""
+    """The raw mapping of a SOURCES.yaml; UserError naming the file when it cannot be read."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"{path}: cannot read sources file: {exc}") from exc
+        raise UserError(f"{path}: cannot read sources file: {exc}") from exc
     if not isinstance(raw, dict) or not raw.get("sources"):
-        raise ValueError(f"{path}: expected a mapping with a non-empty `sources:` list")
+        raise UserError(f"{path}: expected a mapping with a non-empty `sources:` list")
     return raw
 
 
@@ -81,10 +82,10 @@ def load_sources(path: str | Path, overrides: BuildSettings | None = None) -> Co
     sources = []
     for i, item in enumerate(raw["sources"]):
         if not isinstance(item, dict) or "path" not in item or "dataset" not in item:
-            raise ValueError(f"{path}: source #{i + 1} needs at least `dataset:` and `path:`")
+            raise UserError(f"{path}: source #{i + 1} needs at least `dataset:` and `path:`")
         unknown = set(item) - {f.name for f in dataclasses.fields(Source)}
         if unknown:
-            raise ValueError(f"{path}: source {item['dataset']!r}: unknown keys {sorted(unknown)}")
+            raise UserError(f"{path}: source {item['dataset']!r}: unknown keys {sorted(unknown)}")
         src = Source(**{"anatomy": "unknown", **item})
         src.path = _resolve(base, src.path)
         from_dict(FrameSettings, {**dataclasses.asdict(settings.frames), **src.frames})
@@ -97,14 +98,12 @@ def load_sources(path: str | Path, overrides: BuildSettings | None = None) -> Co
         if isinstance(item, str) and "=" in item:
             item = dict(zip(("name", "path"), item.split("=", 1), strict=True))
         if not isinstance(item, dict) or "path" not in item:
-            raise ValueError(
-                f"{path}: exclude entries are {{name: NAME, path: PATH}}, got {item!r}"
-            )
+            raise UserError(f"{path}: exclude entries are {{name: NAME, path: PATH}}, got {item!r}")
         eval_set = EvalSet(
             item.get("name") or Path(item["path"]).name, _resolve(base, item["path"])
         )
         if not list_files(eval_set.path):
-            raise ValueError(f"{path}: exclude {eval_set.name!r}: no file at {eval_set.path}")
+            raise UserError(f"{path}: exclude {eval_set.name!r}: no file at {eval_set.path}")
         exclude.append(eval_set)
     return CorpusSpec(settings, sources, exclude)
 

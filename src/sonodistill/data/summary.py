@@ -3,14 +3,13 @@ reason; skipped files) and contact_sheet.png (random kept frames)."""
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import pandas as pd
 
 from sonodistill.data import frames as fr
-from sonodistill.io import markdown_table
+from sonodistill.io import atomic_path, markdown_table, write_json, write_text
 
 
 def summarize(manifest: pd.DataFrame) -> dict:
@@ -57,7 +56,7 @@ def write_summary(
     summary = summarize(manifest)
     summary["seconds"] = round(seconds, 2)
     summary["files_read"] = files_read
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     per_dataset = pd.DataFrame(
         summary["per_dataset"], columns=["dataset", "anatomy", "files", "frames", "kept"]
     ).rename(columns={"frames": "frames seen"})
@@ -70,7 +69,8 @@ def write_summary(
         f"# Corpus summary: {out.name}",
         "",
         f"{summary['frames_kept']} frames kept of {summary['frames_seen']} seen, from "
-        f"{summary['files']} files ({summary['files_unreadable']} unreadable).",
+        f"{summary['files']} files; {summary['files_unreadable']} source files could not be "
+        "read (listed at the end; the build's own failures stop it instead).",
         "",
         markdown_table(per_dataset),
         "",
@@ -81,7 +81,7 @@ def write_summary(
     if summary["skipped_files"]:
         lines += ["", "Skipped files:", ""]
         lines += [f"- `{r['source']}`: {r['reason']}" for r in summary["skipped_files"]]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "summary.md", "\n".join(lines) + "\n")
     return summary
 
 
@@ -106,5 +106,6 @@ def contact_sheet(
         grid.paste(im, (x + (thumb - im.width) // 2, y + (thumb - im.height) // 2))
         draw.text((x + 2, y + thumb), f"{row.dataset}:{row.frame}"[:20], fill=255)
     path = out / "contact_sheet.png"
-    grid.save(path)
+    with atomic_path(path) as tmp:
+        grid.save(tmp)
     return path

@@ -24,7 +24,6 @@ environment (CPU, threads, versions).
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import statistics
@@ -43,7 +42,7 @@ from sonodistill.config import save_config
 from sonodistill.deploy.onnx_utils import export_onnx, quantize_int8, session
 from sonodistill.distill.run import load_encoder
 from sonodistill.evaluate.heads import WithPreprocess
-from sonodistill.io import write_table
+from sonodistill.io import write_json, write_table
 from sonodistill.models import to_model_input
 from sonodistill.models.encoders import Encoder, EncoderSpec, parse_spec
 from sonodistill.models.flops import count_flops, count_params
@@ -457,4 +456,4 @@ def write_outputs(result: dict, cfg: BenchConfig, out: Path) -> None:
         "backbone only."
     )
     write_table(table, out / "table5", note=note)
-    (out / "table5.json").write_text(json.dumps(result, indent=2, default=str))
+    write_json(out / "table5.json", result, default=str)

@@ -10,7 +10,6 @@ fp32 graph differs from PyTorch by more than `tolerance`.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -26,10 +25,11 @@ from sonodistill.data.listing import FrameRef, collect_frames, frames_tensor
 from sonodistill.data.masks import image_mask, mask_files
 from sonodistill.deploy.onnx_utils import compare, export_onnx, quantize_int8, run_session, session
 from sonodistill.distill.run import load_encoder
+from sonodistill.errors import UserError, check, check_positive
 from sonodistill.evaluate.head_checkpoint import HeadSpec, load_head
 from sonodistill.evaluate.heads import WithPreprocess
 from sonodistill.evaluate.metrics import dice_iou, predict_mask
-from sonodistill.io import markdown_table
+from sonodistill.io import claim_run_dir, markdown_table, remove_owned, write_json, write_text
 from sonodistill.models.encoders import Encoder
 
 log = logging.getLogger(__name__)
@@ -63,14 +63,42 @@ class ExportConfig:
     """Maximum abs difference allowed between fp32 ONNX and PyTorch."""
     threads: int | None = None
     seed: int = 0
+    overwrite: bool = False
+    """Replace an export already in OUT (its models, report and config)."""
+
+
+OWNED = ("config.yaml", "model_fp32.onnx", "model_int8.onnx", "report.json", "report.md")
+"""What an export folder's export consists of: `--overwrite` removes these and nothing else."""
+
+
+def check_config(cfg: ExportConfig) -> None:
+    """The options that need no file, before anything is read or written."""
+    if not (cfg.encoder or cfg.head):
+        raise UserError("give --encoder SPEC (a backbone) or --head FOLDER (a fine-tuned head)")
+    if not cfg.frames:
+        raise UserError("--frames: give real frames (--frames+ NAME=PATH) for the checks")
+    check_positive(
+        {
+            "--image_size": cfg.image_size,
+            "--n_check": cfg.n_check,
+            "--n_test": cfg.n_test,
+            "--tolerance": cfg.tolerance,
+            "--threads": cfg.threads,
+        }
+    )
+    if cfg.int8:
+        check_positive({"--n_calib": cfg.n_calib})
+    check(7 <= cfg.opset <= 23, "--opset", cfg.opset, "must be 7 to 23")
+    if cfg.test_set and not Path(cfg.test_set).exists():
+        raise UserError(f"--test_set {cfg.test_set}: no such folder")
 
 
 def _split_frames(cfg: ExportConfig):
-    if not cfg.frames:
-        raise ValueError("export: give real frames (--frames+ NAME=PATH) for the checks")
     total = cfg.n_check + (cfg.n_calib if cfg.int8 else 0)
     per_source = math.ceil(total / len(cfg.frames))
     frames = collect_frames(cfg.frames, per_source, seed=cfg.seed)
+    asked = f"--n_check {cfg.n_check}" + (f" + --n_calib {cfg.n_calib}" if cfg.int8 else "")
+    check(len(frames) >= total, "--frames", " ".join(cfg.frames), f"{len(frames)} frames, {asked}")
     order = np.random.default_rng(cfg.seed).permutation(len(frames))
     frames = [frames[i] for i in order]
     return frames[: cfg.n_check], frames[cfg.n_check : total]
@@ -81,7 +109,7 @@ def _test_frames(cfg: ExportConfig, task_type: str) -> list[FrameRef]:
     if task_type == "seg":
         frames = [f for f in frames if mask_files(f.file)]
     if not frames:
-        raise FileNotFoundError(f"test set {cfg.test_set}: no labelled images found")
+        raise UserError(f"--test_set {cfg.test_set}: no labelled images found")
     rng = np.random.default_rng(cfg.seed)
     keep = np.sort(rng.choice(len(frames), min(cfg.n_test, len(frames)), replace=False))
     return [frames[i] for i in keep]
@@ -114,27 +142,36 @@ def _torch_outputs(model: nn.Module, frames: torch.Tensor, batch_size: int = 8) 
 
 
 def export(cfg: ExportConfig) -> dict:
-    """Export, quantize and check; returns the report (also written to out/report.json)."""
+    """Export, quantize and check; returns the report (also written to out/report.json).
+
+    The model and every frame are read, and all options checked, before anything is written;
+    OUT is locked while the export runs, and an export already there needs --overwrite."""
+    out = Path(cfg.out)
+    check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.head:  # heads take grey [0, 1] frames already
         model, spec = load_head(cfg.head)
         source, output, exported = cfg.head, "logits", f"{spec.task_type} head"
-    elif cfg.encoder:
+    else:
         model, spec = WithPreprocess(load_encoder(cfg.encoder)).eval(), None
         source, output, exported = cfg.encoder, "features", "backbone"
-    else:
-        raise ValueError("export: give --encoder SPEC or --head FOLDER")
     inner = model.model if isinstance(model, WithPreprocess) else model
     encoder = getattr(inner, "encoder", inner)
     if isinstance(encoder, Encoder):  # a library head (timm, smp) has its own size rules
         encoder.check_input_size(cfg.image_size, cfg.image_size, "--image_size")
-    out = Path(cfg.out)  # the model and size are valid: now write
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    checked, calib = _split_frames(cfg)
+    test = _test_frames(cfg, spec.task_type) if spec is not None and cfg.test_set else []
+    with claim_run_dir(out, "export", OWNED, overwrite=cfg.overwrite):
+        if cfg.overwrite:
+            remove_owned(out, OWNED)
+        save_config(cfg, out / "config.yaml")
+        return _export(cfg, out, model, spec, (source, output, exported), checked, calib, test)
 
-    check, calib = _split_frames(cfg)
-    x_check = frames_tensor(check, cfg.image_size)
+
+def _export(cfg: ExportConfig, out: Path, model, spec, what, checked, calib, test) -> dict:
+    source, output, exported = what
+    x_check = frames_tensor(checked, cfg.image_size)
     reference = _torch_outputs(model, x_check)
     report: dict = {
         "source": source,
@@ -143,9 +180,9 @@ def export(cfg: ExportConfig) -> dict:
         "opset": cfg.opset,
         "exporter": cfg.exporter,
         "output": f"{output} {list(reference.shape[1:])}",
-        "check_frames": len(check),
+        "check_frames": len(checked),
         "calib_frames": len(calib),
-        "datasets": sorted({f.dataset for f in check + calib}),
+        "datasets": sorted({f.dataset for f in checked + calib}),
         "tolerance": cfg.tolerance,
         "models": {},
     }
@@ -162,7 +199,7 @@ def export(cfg: ExportConfig) -> dict:
         )
     sessions = {k: session(p, cfg.threads) for k, p in paths.items()}
     for kind, sess in sessions.items():
-        got = run_session(sess, x_check.numpy(), batch_size=len(check))  # batch != export's
+        got = run_session(sess, x_check.numpy(), batch_size=len(checked))  # batch != export's
         report["models"][kind] = {
             "file": paths[kind].name,
             "size_mb": round(paths[kind].stat().st_size / 2**20, 2),
@@ -170,8 +207,7 @@ def export(cfg: ExportConfig) -> dict:
         }
     report["fp32_ok"] = report["models"]["fp32"]["max_abs"] <= cfg.tolerance
 
-    if spec is not None and cfg.test_set:
-        test = _test_frames(cfg, spec.task_type)
+    if test:
         x_test = frames_tensor(test, cfg.image_size)
         targets = test_set_targets(test, spec, cfg.image_size)
         name, base = head_metric(spec, _torch_outputs(model, x_test), targets)
@@ -182,8 +218,8 @@ def export(cfg: ExportConfig) -> dict:
             report["test"][kind] = value
             report["test"][f"{kind}_delta"] = value - base
 
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(report_markdown(report))
+    write_json(out / "report.json", report)
+    write_text(out / "report.md", report_markdown(report))
     return report
 
 

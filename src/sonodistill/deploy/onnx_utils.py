@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from sonodistill.io import atomic_path
+
 log = logging.getLogger(__name__)
 
 INPUT = "frames"
@@ -32,10 +34,9 @@ def export_onnx(
     `dynamo` uses torch.export + onnxscript.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     dummy = torch.rand(2, 1, image_size, image_size)
-    with torch.no_grad(), warnings.catch_warnings():
+    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and deprecation chatter, not actionable
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1, max=1024)
@@ -49,13 +50,13 @@ def export_onnx(
                 dynamic_shapes=({0: batch},),
                 verbose=False,
             )
-            program.save(str(path))
+            program.save(str(tmp))
         elif exporter == "legacy":
             axes = {name: {0: "batch"} for name in (INPUT, *output_names)}
             torch.onnx.export(
                 model,
                 (dummy,),
-                str(path),
+                str(tmp),
                 dynamo=False,
                 opset_version=opset,
                 input_names=[INPUT],
@@ -65,9 +66,9 @@ def export_onnx(
             )
         else:
             raise ValueError(f"exporter must be 'legacy' or 'dynamo', not {exporter!r}")
-    import onnx
+        import onnx
 
-    onnx.checker.check_model(str(path))
+        onnx.checker.check_model(str(tmp))
     return path
 
 
@@ -140,12 +141,16 @@ def quantize_int8(
     }
     reader = type("Reader", (FramesReader, CalibrationDataReader), {})(calib_frames)
     out_path = Path(out_path)
-    with tempfile.TemporaryDirectory() as tmp, _quiet_quantizer():
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        _quiet_quantizer(),
+        atomic_path(out_path) as partial,
+    ):
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
         quantize_static(
             str(pre),
-            str(out_path),
+            str(partial),
             reader,
             quant_format=QuantFormat.QDQ,
             per_channel=per_channel,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
+from sonodistill.errors import UserError, check, check_positive, unknown_name
 from sonodistill.models import StudentConfig, TeacherConfig
 
 
@@ -44,7 +46,7 @@ class DistillConfig:
     """Global batch, split evenly across devices and nodes."""
     epochs: int = 1
     max_steps: int | None = None
-    """Stop after this many optimiser steps (overrides epochs when set)."""
+    """Stop after this many optimiser steps (replaces epochs when set)."""
     val_fraction: float = 0.0
     """Images held out (deterministically) to track loss and cosine without augmentation."""
     val_every: int = 0
@@ -70,4 +72,80 @@ class DistillConfig:
     log_every: int = 10
     checkpoint_every: int = 500
     resume: bool = False
-    """Continue from OUT/checkpoints/last.pt if it exists."""
+    """Continue the run in OUT (from checkpoints/last.pt, else previous.pt); a new run when OUT
+    holds none. Options that change the run's trajectory must stay as they were; longer
+    schedules (epochs, max_steps), logging, checkpoint and worker settings may change."""
+    overwrite: bool = False
+    """Replace the run in OUT (its config, logs, checkpoints and student) by a new one."""
+
+
+# Options a resumed run may change (recorded in run_info.json); any other change is refused.
+# Device options may change as long as the world size and the resolved precision do not; data
+# may move as long as it holds the same images; schedules may only get longer.
+FREE_ON_RESUME = (
+    "out",
+    "resume",
+    "overwrite",
+    "log_every",
+    "val_every",
+    "checkpoint_every",
+    "num_workers",
+    "accelerator",
+    "devices",
+    "num_nodes",
+    "strategy",
+    "precision",
+    "data",
+    "epochs",
+    "max_steps",
+)
+
+
+def check_config(cfg: DistillConfig) -> None:
+    """Every option that can be checked without reading the data or building a model: a
+    UserError naming the first bad one, before anything is written."""
+    import timm
+
+    from sonodistill.distill.loss import LOSSES
+
+    if not cfg.data:
+        raise UserError("--data: no training data; pass an image folder, corpus, manifest or pack")
+    if not Path(cfg.data).exists():
+        raise UserError(f"--data {cfg.data}: no such file or folder")
+    check_positive(
+        {
+            "--img_size": cfg.img_size,
+            "--batch_size": cfg.batch_size,
+            "--epochs": cfg.epochs,
+            "--max_steps": cfg.max_steps,
+            "--log_every": cfg.log_every,
+            "--checkpoint_every": cfg.checkpoint_every,
+            "--num_nodes": cfg.num_nodes,
+            "--optim.lr": cfg.optim.lr,
+            "--optim.grad_clip": cfg.optim.grad_clip,
+            "--teacher.n_blocks": cfg.teacher.n_blocks,
+        }
+    )
+    check_positive(
+        {
+            "--val_every": cfg.val_every,
+            "--num_workers": cfg.num_workers,
+            "--optim.weight_decay": cfg.optim.weight_decay,
+            "--optim.warmup_steps": cfg.optim.warmup_steps,
+            "--optim.min_lr": cfg.optim.min_lr,
+        },
+        allow_zero=True,
+    )
+    check(0 <= cfg.val_fraction < 1, "--val_fraction", cfg.val_fraction, "must be in [0, 1)")
+    betas = list(cfg.optim.betas)
+    check(all(0 <= b < 1 for b in betas), "--optim.betas", betas, "must be in [0, 1)")
+    if cfg.loss not in LOSSES:
+        raise unknown_name("objective", cfg.loss, LOSSES, "--loss")
+    if not timm.is_model(cfg.student.name):  # the teacher's family checks its own names
+        raise unknown_name("timm model", cfg.student.name, timm.list_models(), "--student.name")
+    for option, path in (
+        ("--student.weights", cfg.student.weights),
+        ("--teacher.weights", cfg.teacher.weights),
+    ):
+        if path and not Path(path).exists():
+            raise UserError(f"{option} {path}: no such file")

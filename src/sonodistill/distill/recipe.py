@@ -1,10 +1,16 @@
 """The distillation recipe (Sec. 3.2-3.5), in the order it runs:
 
+    check    every option, the data and the device setting, before anything is written; then
+             the run folder is locked and claimed (a run there needs --resume or --overwrite,
+             and a resumed run keeps the options that decide its trajectory)
     data     image folder, corpus or pack -> resumable shards -> uint8 batches on the device
     models   frozen DINOv3 teacher; CNN student with its projection head; AdamW + lr schedule
-    resume   OUT/checkpoints/last.pt, with --resume, when it exists
+    resume   OUT/checkpoints/last.pt (else previous.pt), with --resume, when it exists
     loop     augment -> mixup -> teacher tokens vs projected student map -> objective -> AdamW;
-             logs every log_every steps, validation every val_every steps, checkpoints
+             logs every log_every steps, validation every val_every steps, checkpoints; stops
+             at the step boundary after SIGUSR1/SIGTERM/SIGINT (checkpoint saved), and at the
+             next log or checkpoint step after a non-finite loss (nothing saved: the last
+             checkpoint stays the last good one)
     finish   a last validation, the exported student backbone, closed logs
 
 The objective is the one `DistillConfig.loss` names (`sonodistill.distill.loss`, token MSE of
@@ -13,40 +19,49 @@ Eq. 6 by default); the run folder's layout is `sonodistill.distill.run`'s.
 Shaped for GPUs without changing the maths: uint8 batches cross the wire (pinned, copied
 non-blocking, from persistent workers that prefetch), are normalised on the device, the student
 and its input are channels_last, bf16 autocast runs the models while objectives sum in fp32,
-AdamW is fused on CUDA, and the host waits for the device only at log steps (the progress bar
-shows the last logged loss). `--compile` and `--student.sync_bn` are opt-in.
+AdamW is fused on CUDA, and the host waits for the device only at log and checkpoint steps (the
+progress bar shows the last logged loss; a non-finite loss is noted on the device and read
+there). Ranks agree on a stop signal every step over a small CPU (gloo) group, which never waits
+for the GPU. `--compile` and `--student.sync_bn` are opt-in.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import math
+import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from lightning_fabric import Fabric
 from lightning_fabric.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from sonodistill.config import save_config, to_dict
-from sonodistill.data.images import ResumableSampler, open_training_images
+from sonodistill.config import config_changes, describe_changes, save_config, to_dict
+from sonodistill.data.images import ResumableSampler, fingerprint, open_training_images
 from sonodistill.distill.augment import build_augmentation, mixup
-from sonodistill.distill.checkpoint import atomic_save, load_checkpoint
-from sonodistill.distill.config import DistillConfig, OptimConfig
+from sonodistill.distill.checkpoint import load_latest, save_checkpoint, save_weights
+from sonodistill.distill.config import FREE_ON_RESUME, DistillConfig, OptimConfig, check_config
 from sonodistill.distill.loss import Objective, get_loss
 from sonodistill.distill.run import (
     CONFIG,
     LAST_CHECKPOINT,
     LOGS,
+    OWNED,
     RUN_INFO,
     STUDENT_WEIGHTS,
     next_log_version,
+    read_config,
 )
-from sonodistill.errors import check, check_positive
+from sonodistill.distill.signals import StopRequest, ignore_stop_signals
+from sonodistill.errors import Interrupted, UserError, check, check_positive
+from sonodistill.io import claim_run_dir, read_json, remove_owned, write_json
 from sonodistill.models import Student, Teacher, to_model_input
 from sonodistill.progress import progress_bar
 
@@ -54,21 +69,111 @@ log = logging.getLogger(__name__)
 
 
 def distill(cfg: DistillConfig) -> Path:
-    """Run (or resume) a distillation; returns the run directory."""
-    if not cfg.data:
-        raise ValueError("no training data: pass --data FOLDER|CORPUS|MANIFEST|PACK")
-    get_loss(cfg.loss)  # an unknown objective is refused before anything is written
-    fabric = Fabric(
-        accelerator=cfg.accelerator,
-        devices=cfg.devices,
-        num_nodes=cfg.num_nodes,
-        strategy=cfg.strategy,
-        precision=resolve_precision(cfg.precision, cfg.accelerator),
-        loggers=_loggers(cfg.out),
-    )
+    """Run (or resume) a distillation; returns the run directory.
+
+    Raises UserError for a bad option, input or run folder (nothing written), Interrupted when
+    a signal stopped the run (its checkpoint saved), UserError when the loss stopped being finite.
+    """
+    check_config(cfg)
+    fabric = _fabric(cfg)
     _check_devices(fabric, cfg)
-    fabric.launch(_run, cfg)
+    dataset = _check_data(cfg, fabric.world_size)
+    claim = contextlib.nullcontext()
+    if _launcher_is_rank_zero():  # the other ranks follow rank 0's claim
+        claim = _claim(cfg, fabric, dataset)
+    with claim:
+        outcome = fabric.launch(_run, cfg)
+    if outcome["stopped"]:
+        raise Interrupted(
+            f"stopped by {outcome['stopped']} at step {outcome['step']} of {outcome['total']}: "
+            f"checkpoint saved in {Path(cfg.out) / LAST_CHECKPOINT}; continue with --resume true",
+            outcome["exit_code"],
+        )
     return Path(cfg.out)
+
+
+def _fabric(cfg: DistillConfig) -> Fabric:
+    try:
+        return Fabric(
+            accelerator=cfg.accelerator,
+            devices=cfg.devices,
+            num_nodes=cfg.num_nodes,
+            strategy=cfg.strategy,
+            precision=resolve_precision(cfg.precision, cfg.accelerator),
+        )
+    except (ValueError, TypeError, RuntimeError) as err:  # Fabric's word on the device options
+        options = "--accelerator/--devices/--num_nodes/--strategy/--precision"
+        raise UserError(f"{options}: {str(err).splitlines()[0]}") from err
+
+
+def _check_data(cfg: DistillConfig, world_size: int) -> Dataset:
+    """The training images (listed, not read), checked against the batch size."""
+    check(
+        cfg.batch_size % world_size == 0,
+        "--batch_size",
+        cfg.batch_size,
+        f"must be divisible by the world size {world_size} (devices x nodes)",
+    )
+    dataset = open_training_images(cfg.data, cfg.img_size)
+    n_train = len(dataset) - _n_val(len(dataset), cfg)
+    check(
+        n_train >= cfg.batch_size,
+        "--batch_size",
+        cfg.batch_size,
+        f"{cfg.data} has {n_train} training images, fewer than one batch",
+    )
+    return dataset
+
+
+def _launcher_is_rank_zero() -> bool:
+    """Whether this process is global rank 0 (or the one that launches it), from the variables
+    torchrun, SLURM and Fabric's own launcher set in every rank's environment."""
+    return all(os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
+@contextlib.contextmanager
+def _claim(cfg: DistillConfig, fabric: Fabric, dataset: Dataset):
+    """Lock OUT for the run; refuse a run there without --resume/--overwrite, and a resume
+    that changes the run's trajectory (with the list of changes)."""
+    with claim_run_dir(cfg.out, "distill", OWNED, cfg.resume, cfg.overwrite) as resuming:
+        if resuming:
+            _check_resume(cfg, fabric, dataset)
+        yield
+
+
+def _check_resume(cfg: DistillConfig, fabric: Fabric, dataset: Dataset) -> None:
+    out = Path(cfg.out)
+    old = read_config(out)
+    if not old:
+        return  # stopped before its config was written: nothing to compare
+    info = read_json(out / RUN_INFO, "run info") or {}
+    changes = {
+        k: v
+        for k, v in config_changes(old, to_dict(cfg)).items()
+        if k.split(".")[0] not in FREE_ON_RESUME
+    }
+    derived = {  # run_info.json key: (how the message names it, its value now)
+        "world_size": ("world size (devices x nodes)", fabric.world_size),
+        "precision": ("precision (resolved)", resolve_precision(cfg.precision, cfg.accelerator)),
+        "data": ("training images (--data)", fingerprint(dataset)),
+    }
+    for key, (name, value) in derived.items():
+        if key in info and info[key] != value:
+            changes[name] = (info[key], value)
+    batches = (len(dataset) - _n_val(len(dataset), cfg)) // cfg.batch_size
+    before = _total_steps(old.get("max_steps"), old.get("epochs", 1), batches)
+    after = _total_steps(cfg.max_steps, cfg.epochs, batches)
+    if after < before:  # longer schedules are fine, shorter ones are another run
+        changes["total steps (--epochs/--max_steps)"] = (before, after)
+    if changes:
+        raise UserError(
+            f"{out}: --resume with options that change the run: {describe_changes(changes)}; "
+            "keep them, or start a new run (--overwrite true or another --out)"
+        )
+
+
+def _total_steps(max_steps: int | None, epochs: int, batches_per_epoch: int) -> int:
+    return max_steps if max_steps is not None else epochs * batches_per_epoch
 
 
 def _loggers(out: str) -> list:
@@ -93,6 +198,7 @@ class Data:
     loader: DataLoader
     val_loader: DataLoader | None
     sampler: ResumableSampler
+    dataset: Dataset  # all images, held-out ones included
 
 
 @dataclass
@@ -106,20 +212,41 @@ class Models:
     """The student's: channels_last (default) or contiguous; its inputs follow it."""
 
 
-def _run(fabric: Fabric, cfg: DistillConfig) -> None:
+def _run(fabric: Fabric, cfg: DistillConfig) -> dict:
+    """Every rank's work; returns how it ended: {"stopped": signal name or "", "step", ...}."""
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank and every attempt
     teacher = Teacher(cfg.teacher)  # models first: a bad file or size stops before any write
     teacher.check_input_size(cfg.img_size)
     student = build_student(cfg, teacher.out_channels, fabric.world_size)
-    if fabric.is_global_zero:
-        _write_run_files(fabric, cfg, teacher)
     data = build_data(fabric, cfg)
-    total_steps = cfg.max_steps or cfg.epochs * data.sampler.batches_per_epoch
+    total_steps = _total_steps(cfg.max_steps, cfg.epochs, data.sampler.batches_per_epoch)
     models = build_models(fabric, cfg, teacher, student, total_steps)
     step = _resume(fabric, cfg, models, total_steps)
+    # Models built and the checkpoint read: from here on the run writes.
+    if fabric.is_global_zero:
+        _write_run_files(fabric, cfg, teacher, data, step)
+    fabric.barrier()
+    fabric.loggers.extend(_loggers(cfg.out))
     objective = get_loss(cfg.loss).fn
-    step = _loop(fabric, cfg, objective, data, models, step, total_steps)
-    _finish(fabric, cfg, objective, data, models, step)
+    control = dist.new_group(backend="gloo") if fabric.world_size > 1 else None
+    status = "failed"
+    try:
+        with StopRequest() as stop:
+            step, stopped = _loop(
+                fabric, cfg, objective, data, models, step, total_steps, stop, control
+            )
+        if not stopped:
+            _finish(fabric, cfg, objective, data, models, step)
+        status = "interrupted" if stopped else "success"
+    finally:
+        for logger in fabric.loggers:
+            logger.finalize(status)
+    return {
+        "stopped": (stop.name or "a signal to another rank") if stopped else "",
+        "exit_code": stop.exit_code,
+        "step": step,
+        "total": total_steps,
+    }
 
 
 def _check_devices(fabric: Fabric, cfg: DistillConfig) -> None:
@@ -130,9 +257,23 @@ def _check_devices(fabric: Fabric, cfg: DistillConfig) -> None:
     check(not (cfg.student.sync_bn and cpu_processes), "--student.sync_bn", "true", why)
 
 
-def _write_run_files(fabric: Fabric, cfg: DistillConfig, teacher: Teacher) -> None:
+def _write_run_files(fabric: Fabric, cfg: DistillConfig, teacher: Teacher, data: Data, step: int):
+    """config.yaml, and run_info.json with one entry per start (what changed since the last)."""
     out = Path(cfg.out)
-    save_config(cfg, out / CONFIG)
+    if cfg.overwrite:
+        remove_owned(out, OWNED)
+    previous = read_config(out) if cfg.resume else {}
+    info = (read_json(out / RUN_INFO, "run info") or {}) if cfg.resume else {}
+    changes = config_changes(previous, to_dict(cfg)) if previous else {}
+    changes = {k: v for k, v in changes.items() if k not in ("resume", "overwrite")}
+    attempts = info.get("attempts", []) + [
+        {
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "host": socket.gethostname(),
+            "from_step": step,
+            "changes": describe_changes(changes),
+        }
+    ]
     info = {
         "teacher_weights": teacher.weights_info,
         "world_size": fabric.world_size,
@@ -140,21 +281,28 @@ def _write_run_files(fabric: Fabric, cfg: DistillConfig, teacher: Teacher) -> No
         "device": str(fabric.device),
         "fused_adamw": _fused_adamw(fabric),
         "torch": torch.__version__,
+        "data": fingerprint(data.dataset),
+        "attempts": attempts,
     }
-    (out / RUN_INFO).write_text(json.dumps(info, indent=2))
+    save_config(cfg, out / CONFIG)
+    write_json(out / RUN_INFO, info)
 
 
 def build_data(fabric: Fabric, cfg: DistillConfig) -> Data:
     """Training images sharded by a resumable sampler; held-out images without augmentation."""
-    train_set, val_set = _split(open_training_images(cfg.data, cfg.img_size), cfg)
-    if cfg.batch_size % fabric.world_size:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {fabric.world_size}")
+    dataset = open_training_images(cfg.data, cfg.img_size)
+    train_set, val_set = _split(dataset, cfg)
     per_device = cfg.batch_size // fabric.world_size
     sampler = ResumableSampler(
         len(train_set), per_device, cfg.seed, fabric.global_rank, fabric.world_size
     )
     # uint8 batches in pinned memory; Fabric copies them to the GPU with non_blocking=True.
-    wire = {"num_workers": cfg.num_workers, "pin_memory": fabric.device.type == "cuda"}
+    # Workers ignore stop signals: the main process saves and stops (distill.signals).
+    wire = {
+        "num_workers": cfg.num_workers,
+        "pin_memory": fabric.device.type == "cuda",
+        "worker_init_fn": ignore_stop_signals,
+    }
     loader = DataLoader(
         train_set,
         batch_size=per_device,
@@ -168,7 +316,7 @@ def build_data(fabric: Fabric, cfg: DistillConfig) -> Data:
     val_loader = None
     if val_set is not None:
         val_loader = fabric.setup_dataloaders(DataLoader(val_set, batch_size=per_device, **wire))
-    return Data(loader, val_loader, sampler)
+    return Data(loader, val_loader, sampler, dataset)
 
 
 def build_models(
@@ -226,29 +374,51 @@ def _memory_format(cfg: DistillConfig) -> torch.memory_format:
 
 
 def _resume(fabric: Fabric, cfg: DistillConfig, m: Models, total_steps: int) -> int:
-    """The step to start from: that of OUT/checkpoints/last.pt with --resume, else 0."""
-    checkpoint = Path(cfg.out) / LAST_CHECKPOINT
-    if not (cfg.resume and checkpoint.is_file()):
+    """The step to start from: that of the newest readable checkpoint with --resume, else 0."""
+    if not cfg.resume or cfg.overwrite:
         return 0
-    state = load_checkpoint(checkpoint)
+    found = load_latest(Path(cfg.out) / LAST_CHECKPOINT)
+    if found is None:
+        fabric.print(f"nothing to resume in {cfg.out}: starting at step 0")
+        return 0
+    state, path = found
+    step = int(state["step"])
+    if step > total_steps:
+        raise UserError(
+            f"{path} is at step {step}, past the {total_steps} steps asked for; "
+            "ask for at least as many (--epochs/--max_steps)"
+        )
     m.student.module.load_state_dict(state["student"])
     m.optimizer.load_state_dict(state["optimizer"])
     m.scheduler.load_state_dict(state["scheduler"])
-    fabric.print(f"resumed {checkpoint} at step {state['step']}/{total_steps}")
-    return state["step"]
+    left = "nothing left to train" if step == total_steps else f"{total_steps - step} to go"
+    fabric.print(f"resumed {path} at step {step} of {total_steps}: {step} steps skipped, {left}")
+    return step
 
 
 def _loop(
-    fabric, cfg: DistillConfig, objective, data: Data, m: Models, step: int, total_steps: int
+    fabric,
+    cfg: DistillConfig,
+    objective,
+    data: Data,
+    m: Models,
+    step: int,
+    total_steps: int,
+    stop: StopRequest,
+    control=None,
 ):
-    """Train from `step` to `total_steps`; returns the last step."""
+    """Train from `step` to `total_steps`, or to the step boundary after a stop signal;
+    returns the last step done and whether a signal stopped the run."""
     if data.val_loader is not None and step == 0:
         fabric.log_dict(_validate(fabric, m, objective, data.val_loader), step=0)
     batches_per_epoch = data.sampler.batches_per_epoch
+    # The first step whose loss was not finite, noted on the device (-1: none yet).
+    first_bad = torch.tensor(-1, device=fabric.device)
+    saved, stopping = step, False
     with progress_bar(disable=not fabric.is_global_zero) as bar:
         task = bar.add_task("distill", total=total_steps, completed=step, info="")
         tick, images_seen = time.perf_counter(), 0
-        while step < total_steps:
+        while step < total_steps and not stopping:
             data.sampler.set_position(*divmod(step, batches_per_epoch))
             for images in data.loader:
                 # Every random draw of a step is a function of (seed, step, rank): a resumed run
@@ -264,6 +434,8 @@ def _loop(
                     cfg.mixup,
                     m.memory_format,
                 )
+                bad = (first_bad < 0) & ~torch.isfinite(loss.detach())
+                first_bad = torch.where(bad, step + 1, first_bad)
                 if cfg.optim.grad_clip:
                     fabric.clip_gradients(m.student, m.optimizer, max_norm=cfg.optim.grad_clip)
                 m.optimizer.step()
@@ -271,8 +443,13 @@ def _loop(
                 m.scheduler.step()
                 step += 1
                 images_seen += images.shape[0] * fabric.world_size
+                stopping = _agree(control, stop.signum is not None)
+                checkpoint = step % cfg.checkpoint_every == 0 or step == total_steps or stopping
+                if checkpoint or step % cfg.log_every == 0:
+                    # Where the host waits for the device: a diverged run stops before it logs
+                    # or saves anything (the checkpoint before is its last good one).
+                    _check_finite(fabric, first_bad, step, saved, cfg)
                 if step % cfg.log_every == 0 or step == total_steps:
-                    # The only point where the host waits for the device.
                     row = _mean_over_ranks(fabric, {"loss": loss, **metrics})
                     elapsed = time.perf_counter() - tick
                     row["lr"] = m.scheduler.get_last_lr()[0]
@@ -284,21 +461,41 @@ def _loop(
                 bar.update(task, completed=step)
                 if data.val_loader is not None and cfg.val_every and step % cfg.val_every == 0:
                     fabric.log_dict(_validate(fabric, m, objective, data.val_loader), step=step)
-                if step % cfg.checkpoint_every == 0 or step == total_steps:
+                if checkpoint:
                     _save_checkpoint(fabric, cfg, m, step)
-                if step >= total_steps:
+                    saved = step
+                if step >= total_steps or stopping:
                     break
-    return step
+    return step, stopping
+
+
+def _agree(control, stopping: bool) -> bool:
+    """Whether any rank got a stop signal: all ranks stop after the same step. The flag goes
+    over a CPU (gloo) group, so this never waits for the GPU."""
+    if control is None:
+        return stopping
+    flag = torch.tensor([int(stopping)])
+    dist.all_reduce(flag, group=control)
+    return bool(flag.item())
+
+
+def _check_finite(fabric: Fabric, first_bad: torch.Tensor, step: int, saved: int, cfg) -> None:
+    """UserError naming the first step whose loss was not finite on any rank, if any."""
+    bad = fabric.all_reduce(first_bad.where(first_bad >= 0, step + 1).float(), reduce_op="min")
+    if int(bad.item()) <= step:
+        raise UserError(
+            f"the loss was not finite (nan or inf) at step {int(bad.item())}: run stopped; its "
+            f"last good checkpoint (step {saved}) is kept in {Path(cfg.out) / LAST_CHECKPOINT}; "
+            "lower --optim.lr or set --optim.grad_clip and start over (--overwrite true)"
+        )
 
 
 def _finish(fabric, cfg: DistillConfig, objective, data: Data, m: Models, step: int) -> None:
-    """A last validation (unless the loop just ran one), the student backbone, closed logs."""
+    """A last validation (unless the loop just ran one) and the student backbone."""
     if data.val_loader is not None and not (cfg.val_every and step % cfg.val_every == 0):
         fabric.log_dict(_validate(fabric, m, objective, data.val_loader), step=step)
     if fabric.is_global_zero:
-        atomic_save(m.student.module.backbone_state_dict(), Path(cfg.out) / STUDENT_WEIGHTS)
-    for logger in fabric.loggers:
-        logger.finalize("success")
+        save_weights(m.student.module.backbone_state_dict(), Path(cfg.out) / STUDENT_WEIGHTS)
     fabric.barrier()
 
 
@@ -311,7 +508,7 @@ def _save_checkpoint(fabric: Fabric, cfg: DistillConfig, m: Models, step: int) -
             "step": step,
             "config": to_dict(cfg),
         }
-        atomic_save(state, Path(cfg.out) / LAST_CHECKPOINT)
+        save_checkpoint(state, Path(cfg.out) / LAST_CHECKPOINT)
     fabric.barrier()
 
 
@@ -367,11 +564,15 @@ def _validate(fabric, m: Models, objective: Objective, loader) -> dict[str, floa
     return {f"val_{name}": (totals[i] / totals[-1]).item() for i, name in enumerate(sums)}
 
 
+def _n_val(n_images: int, cfg: DistillConfig) -> int:
+    return max(1, round(n_images * cfg.val_fraction)) if cfg.val_fraction > 0 else 0
+
+
 def _split(dataset, cfg: DistillConfig):
     if cfg.val_fraction <= 0:
         return dataset, None
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))
-    n_val = max(1, round(len(dataset) * cfg.val_fraction))
+    n_val = _n_val(len(dataset), cfg)
     return Subset(dataset, order[n_val:].tolist()), Subset(dataset, order[:n_val].tolist())
 
 

@@ -3,6 +3,7 @@
     OUT/config.yaml                    the resolved DistillConfig
     OUT/run_info.json                  teacher weights, world size, precision, device, torch
     OUT/checkpoints/last.pt            student, optimiser, scheduler and step (for --resume)
+    OUT/checkpoints/previous.pt        the checkpoint before it (read when last.pt is not)
     OUT/logs/version_N/metrics.csv     one CSV (and TensorBoard) log per start or resume
     OUT/student_backbone.safetensors   the distilled backbone: a timm state dict, no classifier
 
@@ -28,6 +29,8 @@ RUN_INFO = "run_info.json"
 LAST_CHECKPOINT = "checkpoints/last.pt"
 LOGS = "logs"
 STUDENT_WEIGHTS = "student_backbone.safetensors"
+OWNED = (CONFIG, RUN_INFO, "checkpoints", LOGS, STUDENT_WEIGHTS)
+"""What a run folder's run consists of: `--overwrite` removes these and nothing else."""
 
 
 def read_config(run_dir: str | Path) -> dict:

@@ -22,7 +22,7 @@ import pandas as pd
 
 from sonodistill.config import save_config
 from sonodistill.evaluate.embed import load_embeddings
-from sonodistill.io import write_table
+from sonodistill.io import atomic_path, lock_run_dir, write_parquet, write_table
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,8 @@ def plot_panels(proj: pd.DataFrame, models: list[str], cfg: AnalyzeConfig, path:
     title = {"tsne": "t-SNE", "umap": "UMAP"}[cfg.method]
     fig.suptitle(f"{title} of embeddings, coloured by {cfg.color_by}", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=150)
     plt.close(fig)
     return path
 
@@ -190,7 +191,11 @@ def analyze(cfg: AnalyzeConfig) -> Path:
 def _analyze(cfg: AnalyzeConfig) -> Path:
     meta, arrays = load_embeddings(cfg.embeddings)
     out = Path(cfg.out) if cfg.out else Path(cfg.embeddings) / "analysis"
-    out.mkdir(parents=True, exist_ok=True)
+    with lock_run_dir(out, "analyze"):  # one analysis at a time writes a folder
+        return _analyze_into(cfg, out, meta, arrays)
+
+
+def _analyze_into(cfg: AnalyzeConfig, out: Path, meta: pd.DataFrame, arrays: dict) -> Path:
     save_config(cfg, out / "config.yaml")
     models = cfg.models or [k for k in arrays if not k.endswith(".cls")]
     unknown = [m for m in models if m not in arrays]
@@ -226,7 +231,7 @@ def _analyze(cfg: AnalyzeConfig) -> Path:
                 "chance": float(pd.Series(labels).value_counts(normalize=True).iloc[0]),
             }
         )
-    proj.to_parquet(out / "projection.parquet", index=False)
+    write_parquet(out / "projection.parquet", proj)
     plot_panels(proj, models, cfg, out / f"{cfg.method}.png")
     write_table(rows, out / "metrics", with_json=True)
     return out

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from sonodistill.data.masks import mask_owner, masks_by_image, merge_masks
 from sonodistill.data.readers import IMAGE_EXT
+from sonodistill.errors import UserError
 
 BUSI_CLASSES = ("normal", "benign", "malignant")
 TaskType = Literal["seg", "cls"]
@@ -80,8 +81,11 @@ class DatasetSpec:
 
 def read_grey(path: Path) -> np.ndarray:
     """8-bit grey (H, W). Colour frames (burned-in marks) are converted with PIL's luma."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("L"))
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L"))
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UserError(f"{path}: unreadable image ({err}); replace or remove it") from err
 
 
 def rasterise(polygons, size: tuple[int, int]) -> np.ndarray:
@@ -219,7 +223,7 @@ def load_cls_folder(root: str | Path, name: str | None = None) -> DatasetIndex:
     root = Path(root)
     classes = tuple(sorted(d.name for d in root.iterdir() if d.is_dir()))
     if len(classes) < 2:
-        raise ValueError(f"{root}: need at least two class folders")
+        raise UserError(f"{root}: need at least two class folders (one per class name)")
     records = [
         Record(id=f"{cls}/{p.stem}", image=p, label=label)
         for label, cls in enumerate(classes)
@@ -248,10 +252,26 @@ def load_dataset(spec: DatasetSpec, name: str | None = None) -> DatasetIndex:
     elif spec.format == "cls_folder":
         index = load_cls_folder(spec.root, name)
     else:
-        raise ValueError(f"unknown dataset format {spec.format!r}")
+        raise UserError(f"dataset {name}: unknown format {spec.format!r}")
     if name:
         index.name = name
+    _check_found(index, spec)
     return load_groups_csv(index, spec.groups_csv) if spec.groups_csv else index
+
+
+def _check_found(index: DatasetIndex, spec: DatasetSpec) -> None:
+    """Every class has images (a dataset laid out in nested folders finds none)."""
+    counts = {c: 0 for c in index.classes} if index.task_type == "cls" else {}
+    for r in index.records:
+        if index.task_type == "cls":
+            counts[index.classes[r.label]] += 1
+    empty = [c for c, n in counts.items() if n == 0]
+    if not index.records or empty:
+        where = f" (class folders without images: {', '.join(empty)})" if empty else ""
+        raise UserError(
+            f"{spec.root}: no images found for dataset {index.name}{where}; images are read "
+            f"directly inside the {spec.format} layout's folders, not in folders nested below them"
+        )
 
 
 def builtin_datasets(data_root: str | Path) -> dict[str, DatasetSpec]:

@@ -30,6 +30,8 @@ import torch
 from sonodistill.config import save_config
 from sonodistill.data.listing import collect_frames, frames_tensor
 from sonodistill.distill.run import load_encoder
+from sonodistill.errors import UserError
+from sonodistill.io import atomic_path, lock_run_dir, write_json, write_parquet
 from sonodistill.models import to_model_input
 from sonodistill.models.encoders import Encoder, EncoderSpec, parse_spec
 from sonodistill.models.student import StudentConfig
@@ -91,12 +93,13 @@ def slug(text: str) -> str:
 def embed(cfg: EmbedConfig) -> Path:
     """Embed all frames of cfg.sources with every encoder; returns the output folder."""
     if not cfg.sources:
-        raise ValueError("embed: give at least one source (--sources NAME=PATH)")
+        raise UserError("--sources: give at least one source (--sources+ NAME=PATH)")
+    out = Path(cfg.out)
     torch.manual_seed(cfg.seed)  # random encoders: the same init for a given seed
     encoders = [e.eval().to(cfg.device) for e in build_encoders(cfg.encoders, cfg.image_size)]
     labels = [slug(e.name) for e in encoders]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"encoder labels must differ (add @LABEL): {labels}")
+        raise UserError(f"--encoders: labels must differ (add @LABEL): {labels}")
     frames = collect_frames(
         cfg.sources,
         cfg.max_per_source,
@@ -105,9 +108,6 @@ def embed(cfg: EmbedConfig) -> Path:
         cfg.anatomy,
         cfg.seed,
     )
-    out = Path(cfg.out)  # everything is valid: now write
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     meta = pd.DataFrame(
         {
             "dataset": [f.dataset for f in frames],
@@ -117,9 +117,14 @@ def embed(cfg: EmbedConfig) -> Path:
             "group": [f.group for f in frames],
         }
     )
-    meta.to_parquet(out / "metadata.parquet", index=False)
     log.info("embed: %d frames from %d datasets", len(frames), meta.dataset.nunique())
+    with lock_run_dir(out, "embed"):  # frames and encoders ready: one embed writes at a time
+        save_config(cfg, out / "config.yaml")
+        write_parquet(out / "metadata.parquet", meta)
+        return _embed_into(cfg, out, frames, encoders, labels)
 
+
+def _embed_into(cfg: EmbedConfig, out: Path, frames, encoders, labels) -> Path:
     vectors: list[dict[str, list[np.ndarray]]] = [{} for _ in encoders]
     starts = range(0, len(frames), cfg.batch_size)
     for start in track(starts, "embedding", total=len(starts)):
@@ -139,10 +144,15 @@ def embed(cfg: EmbedConfig) -> Path:
         }
         for name, parts in named.items():
             entry[name] = f"{label}.npy" if name == "pooled" else f"{label}.{name}.npy"
-            np.save(out / entry[name], np.concatenate(parts).astype(np.float32))
+            save_array(out / entry[name], np.concatenate(parts))
         index["models"].append(entry)
-    (out / "embeddings.json").write_text(json.dumps(index, indent=2, default=str))
+    write_json(out / "embeddings.json", index, default=str)  # last: it lists the arrays
     return out
+
+
+def save_array(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        np.save(tmp, array.astype(np.float32))
 
 
 def load_embeddings(folder: str | Path) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:

@@ -26,7 +26,9 @@ import timm
 import yaml
 from torch import nn
 
+from sonodistill.errors import UserError
 from sonodistill.evaluate.heads import WithPreprocess, build_model
+from sonodistill.io import write_bytes, write_text
 from sonodistill.models.encoders import Encoder, EncoderSpec
 from sonodistill.models.weights import load_strict, read_state_dict
 
@@ -77,7 +79,10 @@ def load_head(folder: str | Path) -> tuple[nn.Module, HeadSpec]:
     folder = Path(folder)
     if not (folder / HEAD_YAML).is_file():
         raise FileNotFoundError(f"{folder}: no {HEAD_YAML} (a head checkpoint folder)")
-    spec = HeadSpec(**yaml.safe_load((folder / HEAD_YAML).read_text()))
+    try:
+        spec = HeadSpec(**yaml.safe_load((folder / HEAD_YAML).read_text()))
+    except (yaml.YAMLError, TypeError) as err:
+        raise UserError(f"{folder / HEAD_YAML}: not a head description ({err})") from err
     model = build_head_model(spec)
     state = read_state_dict(folder / HEAD_WEIGHTS)
     # Plain library formats store the bare module, without the preprocessing wrapper.
@@ -87,14 +92,14 @@ def load_head(folder: str | Path) -> tuple[nn.Module, HeadSpec]:
 
 
 def save_head(model: nn.Module, spec: HeadSpec, folder: str | Path) -> Path:
-    from safetensors.torch import save_file
+    """The weights, then head.yaml: a folder with its head.yaml holds a whole head."""
+    from safetensors.torch import save
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / HEAD_YAML).write_text(yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
     module = model.model if isinstance(model, WithPreprocess) else model
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    save_file(state, str(folder / HEAD_WEIGHTS))
+    write_bytes(folder / HEAD_WEIGHTS, save(state))
+    write_text(folder / HEAD_YAML, yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
     return folder
 
 

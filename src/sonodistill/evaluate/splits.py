@@ -9,7 +9,6 @@ JSON and reused, so every encoder, protocol and seed of a suite sees the same im
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,9 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from sonodistill.data.hashing import hex_to_uint64, near_pairs, phash, pixel_sha1
+from sonodistill.errors import UserError
 from sonodistill.evaluate.datasets import DatasetIndex, read_grey
+from sonodistill.io import read_json, write_json
 
 DDTI_COUNTS = (445, 127, 65)
 """The paper's DDTI split (Sec. 4.1); other segmentation sets use the same proportions."""
@@ -173,21 +174,28 @@ def load_or_make_splits(
     index: DatasetIndex, path: str | Path, cfg: SplitConfig | None = None, **kwargs
 ) -> dict:
     """Reuse `path` when it exists (and covers exactly this dataset's ids), else write it."""
+    splits = read_splits(index, path, cfg)
+    if splits is None:
+        splits = make_splits(index, cfg, **kwargs)
+        write_json(path, splits, indent=1)
+    return splits
+
+
+def read_splits(index: DatasetIndex, path: str | Path, cfg: SplitConfig | None = None):
+    """The splits stored at `path` for this dataset and config; None when there are none (an
+    empty or cut file counts as none, after a warning); UserError when they do not match."""
     path = Path(path)
-    if path.is_file():
-        splits = json.loads(path.read_text())
-        stored = {i for s in SPLITS for i in splits["ids"][s]}
-        if stored != {r.id for r in index.records}:
-            raise ValueError(f"{path}: split file does not match dataset {index.name}")
-        if cfg is not None and splits.get("config") != dataclasses.asdict(cfg):
-            raise ValueError(
-                f"{path} was made with {splits.get('config')}, not {dataclasses.asdict(cfg)}: "
-                "use another output folder (or delete the file to re-split)"
-            )
-        return splits
-    splits = make_splits(index, cfg, **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(splits, indent=1))
+    splits = read_json(path, "split file")
+    if not (isinstance(splits, dict) and "ids" in splits):
+        return None
+    stored = {i for s in SPLITS for i in splits["ids"][s]}
+    if stored != {r.id for r in index.records}:
+        raise UserError(f"{path}: split file does not match dataset {index.name}")
+    if cfg is not None and splits.get("config") != dataclasses.asdict(cfg):
+        raise UserError(
+            f"{path} was made with {splits.get('config')}, not {dataclasses.asdict(cfg)}: "
+            "use another output folder (or delete the file to re-split)"
+        )
     return splits
 
 

@@ -1,8 +1,13 @@
 """A suite: encoders x tasks x protocols x label fractions x seeds -> one JSON per run -> tables.
 
-Resumable: a run whose JSON exists with the same fingerprint (task, protocol, encoder spec and
-the SHA-256 of its weights file, fraction, seed, training settings, split) is skipped; a file
-replaced under the same name (a distill run redone into the same folder) invalidates its runs.
+The output folder belongs to one suite (locked while it runs). Every option and dataset is
+checked before anything is written. A folder that holds a suite needs --resume (the training
+and split settings stay; encoders, tasks, protocols, fractions and seeds may be added) or
+--overwrite. Resumed, a run whose JSON exists with the same fingerprint (task, protocol,
+encoder spec and the SHA-256 of its weights file, fraction, seed, training settings, split) is
+skipped, and the progress says how many were; a file replaced under the same name (a distill
+run redone into the same folder) invalidates its runs; an empty or cut JSON (a full disk, a
+kill in an older version) is run again.
 """
 
 from __future__ import annotations
@@ -14,8 +19,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sonodistill.config import save_config
+import yaml
+
+from sonodistill.config import config_changes, describe_changes, save_config, to_dict
 from sonodistill.distill.run import load_encoder, resolve_encoder
+from sonodistill.errors import UserError, check, check_positive, unknown_name
 from sonodistill.evaluate.datasets import (
     DatasetIndex,
     DatasetSpec,
@@ -28,11 +36,12 @@ from sonodistill.evaluate.splits import (
     FRACTIONS,
     SplitConfig,
     image_hashes,
-    load_or_make_splits,
+    make_splits,
+    read_splits,
 )
 from sonodistill.evaluate.tables import paper_tables
 from sonodistill.evaluate.train import TrainSettings, run_one, trivial_baselines
-from sonodistill.io import write_table
+from sonodistill.io import claim_run_dir, read_json, remove_owned, write_json, write_table
 from sonodistill.models.encoders import RANDOM, EncoderSpec, family_of, parse_spec
 from sonodistill.models.student import StudentConfig
 from sonodistill.progress import progress_bar
@@ -68,6 +77,38 @@ class SuiteConfig:
     dry_run: bool = False
     """Only print how many runs the suite holds and an estimate of their time; nothing runs or
     is written (sonodistill.evaluate.estimate.dry_run)."""
+    resume: bool = False
+    """Continue the suite in OUT: its finished runs are kept and skipped. Training and split
+    settings must stay; encoders, tasks, protocols, fractions and seeds may change."""
+    overwrite: bool = False
+    """Replace the suite in OUT (its runs, splits, tables and models) by a new one."""
+
+
+MARKERS = ("suite.yaml", "runs")
+"""What shows a suite in a folder (splits alone may be copied there to be reused)."""
+OWNED = ("suite.yaml", "runs", "splits", "tables", "models")
+"""What `--overwrite` removes, and nothing else."""
+FREE_ON_RESUME = (
+    "out",
+    "data_root",  # the split files check that the same images are there
+    "encoders",
+    "tasks",
+    "protocols",
+    "fractions",
+    "fraction_protocols",
+    "seeds",
+    "ablation",
+    "tables_only",
+    "save_models",
+    "resume",
+    "overwrite",
+    "train.device",
+    "train.num_workers",
+    "train.feature_cache",
+)
+
+
+PROTOCOLS = ("linear", "finetune")
 
 
 @dataclass
@@ -107,12 +148,12 @@ def plan(cfg: SuiteConfig) -> list[Run]:
     specs = [encoder_spec(e) for e in cfg.encoders]
     labels = [encoder_label(s) for s in specs]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"encoder labels must be unique (add @LABEL): {labels}")
+        raise UserError(f"--encoders: labels must be unique (add @LABEL): {labels}")
     runs = []
     for task in cfg.tasks:
         for protocol in cfg.protocols:
-            if protocol not in ("linear", "finetune"):
-                raise ValueError(f"protocol {protocol!r}: use linear or finetune")
+            if protocol not in PROTOCOLS:
+                raise unknown_name("protocol", protocol, PROTOCOLS, "--protocols")
             fractions = cfg.fractions if protocol in cfg.fraction_protocols else [1.0]
             for fraction in sorted(set(fractions), reverse=True):
                 for spec, label in zip(specs, labels, strict=True):
@@ -124,9 +165,10 @@ def plan(cfg: SuiteConfig) -> list[Run]:
 def task_specs(cfg: SuiteConfig) -> dict[str, DatasetSpec]:
     specs = builtin_datasets(cfg.data_root)
     specs.update({name: DatasetSpec(**d) for name, d in cfg.datasets.items()})
-    unknown = [t for t in cfg.tasks if t not in specs]
-    if unknown:
-        raise ValueError(f"unknown tasks {unknown}: define them under `datasets`")
+    for task in cfg.tasks:
+        if task not in specs:
+            err = unknown_name("task", task, specs, "--tasks")
+            raise UserError(f"{err} (define your own under `datasets`)")
     return specs
 
 
@@ -167,6 +209,41 @@ def weights_digest(spec: EncoderSpec) -> str | None:
 SPEED_ONLY = ("device", "num_workers", "feature_cache")
 
 
+def check_suite(cfg: SuiteConfig) -> tuple[list[Run], _Data]:
+    """Every option, encoder and dataset, before anything is written: the runs to do and the
+    datasets (indexed, not read), or a UserError naming the first bad option or file."""
+    t = cfg.train
+    check_positive(
+        {
+            "--train.epochs": t.epochs,
+            "--train.seg_size": t.seg_size,
+            "--train.cls_size": t.cls_size,
+            "--train.seg_batch": t.seg_batch,
+            "--train.cls_batch": t.cls_batch,
+            "--train.lr": t.lr,
+            "--train.restart_epochs": t.restart_epochs,
+            "--train.subset": t.subset,
+        }
+    )
+    check_positive(
+        {"--train.weight_decay": t.weight_decay, "--train.num_workers": t.num_workers},
+        allow_zero=True,
+    )
+    for fraction in cfg.fractions:
+        check(0 < fraction <= 1, "--fractions", fraction, "must be in (0, 1]")
+    check(bool(cfg.seeds), "--seeds", cfg.seeds, "give at least one seed")
+    for protocol in cfg.fraction_protocols:
+        if protocol not in PROTOCOLS:
+            raise unknown_name("protocol", protocol, PROTOCOLS, "--fraction_protocols")
+    runs = plan(cfg)
+    data = _Data(cfg, Path(cfg.out))
+    if not cfg.tables_only:
+        check_encoders(cfg, runs, data.specs)
+        for task in cfg.tasks:  # every image read once (hashed for the splits) or listed
+            data.get(task)
+    return runs, data
+
+
 def fingerprint(run: Run, cfg: SuiteConfig) -> str:
     train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in SPEED_ONLY}
     key = [
@@ -183,28 +260,40 @@ def fingerprint(run: Run, cfg: SuiteConfig) -> str:
 
 
 class _Data:
-    """Datasets and their splits, loaded once per suite; images hashed once per dataset root."""
+    """Datasets and their splits, loaded once per suite; images hashed once per dataset root.
+    New splits are kept in memory until `writable` (the folder claimed), then saved."""
 
     def __init__(self, cfg: SuiteConfig, out: Path):
         self.cfg, self.out, self.specs = cfg, out, task_specs(cfg)
         self._index: dict[str, DatasetIndex] = {}
         self._splits: dict[str, dict] = {}
         self._hashes: dict[str, dict] = {}
+        self._unsaved: dict[Path, dict] = {}
+        self.writable = False
+
+    def index(self, task: str) -> DatasetIndex:
+        if task not in self._index:
+            self._index[task] = load_dataset(self.specs[task], task)
+        return self._index[task]
 
     def get(self, task: str) -> tuple[DatasetIndex, dict]:
-        if task not in self._index:
-            spec = self.specs[task]
-            index = load_dataset(spec, task)
+        if task not in self._splits:
+            spec, index = self.specs[task], self.index(task)
             path = self.out / "splits" / f"{task}.json"
-            hashes = None
-            if not path.is_file():
+            splits = read_splits(index, path, self.cfg.split)
+            if splits is None:
                 hashes = self._hashes.setdefault(spec.root, image_hashes(index))
-            fractions = sorted(set(FRACTIONS) | {f for f in self.cfg.fractions if f < 1})
-            self._splits[task] = load_or_make_splits(
-                index, path, self.cfg.split, hashes=hashes, fractions=fractions
-            )
-            self._index[task] = index
+                fractions = sorted(set(FRACTIONS) | {f for f in self.cfg.fractions if f < 1})
+                splits = make_splits(index, self.cfg.split, hashes=hashes, fractions=fractions)
+                self._unsaved[path] = splits
+            self._splits[task] = splits
+        self.save()
         return self._index[task], self._splits[task]
+
+    def save(self) -> None:
+        while self.writable and self._unsaved:
+            path, splits = self._unsaved.popitem()
+            write_json(path, splits, indent=1)
 
 
 def check_encoders(cfg: SuiteConfig, runs: list[Run], specs: dict[str, DatasetSpec]) -> None:
@@ -229,21 +318,52 @@ def run_suite(cfg: SuiteConfig) -> list[Path]:
     if cfg.dry_run:
         raise ValueError("dry_run: call sonodistill.evaluate.estimate.dry_run(cfg) instead")
     out = Path(cfg.out)
-    runs = plan(cfg)
-    data = _Data(cfg, out)
-    if not cfg.tables_only:
-        check_encoders(cfg, runs, data.specs)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "suite.yaml")
-    results, cache = [], FeatureCache()  # linear probes: features once per encoder and dataset
+    runs, data = check_suite(cfg)
+    with claim_run_dir(out, "evaluate", MARKERS, cfg.resume, cfg.overwrite) as resuming:
+        if resuming:
+            _check_resume(cfg, out)
+        if cfg.overwrite:
+            remove_owned(out, OWNED)
+        save_config(cfg, out / "suite.yaml")
+        data.writable = True
+        data.save()
+        return _run_suite(cfg, out, runs, data)
+
+
+def _check_resume(cfg: SuiteConfig, out: Path) -> None:
+    try:
+        old = yaml.safe_load((out / "suite.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return  # nothing to compare: every run's fingerprint still guards its results
+    changes = {
+        k: v
+        for k, v in config_changes(old, to_dict(cfg)).items()
+        if k not in FREE_ON_RESUME and k.split(".")[0] not in FREE_ON_RESUME
+    }
+    if changes:
+        raise UserError(
+            f"{out}: --resume with settings that change its runs: {describe_changes(changes)}; "
+            "keep them, or start a new suite (--overwrite true or another --out)"
+        )
+
+
+def _run_suite(cfg: SuiteConfig, out: Path, runs: list[Run], data: _Data) -> list[Path]:
+    done_runs = {r.id: d for r in runs if (d := _finished(out, r, cfg)) is not None}
+    if done_runs:
+        print(
+            f"resuming {out}: {len(done_runs)} of {len(runs)} runs already done (skipped), "
+            f"{len(runs) - len(done_runs)} to run"
+        )
+    results = []
+    cache = FeatureCache()  # linear probes: features once per encoder and dataset
     with progress_bar() as bar:
         suite_task = bar.add_task("evaluate", total=len(runs), info="")
         epoch_task = bar.add_task("  epochs", total=cfg.train.epochs, info="")
         for run in runs:
             path = out / "runs" / f"{run.id}.json"
             fp = fingerprint(run, cfg)
-            done = json.loads(path.read_text()) if path.is_file() else None
-            if done is None or done.get("fingerprint") != fp:
+            done = done_runs.get(run.id)
+            if done is None:
                 if cfg.tables_only:
                     bar.advance(suite_task)
                     continue
@@ -288,7 +408,7 @@ def run_suite(cfg: SuiteConfig) -> list[Path]:
                     "fingerprint": fp,
                     **result,
                 }
-                path.write_text(json.dumps(done, indent=1))
+                write_json(path, done, indent=1)
             results.append(done)
             bar.advance(suite_task)
     types = {t: data.specs[t].task_type for t in cfg.tasks}
@@ -297,6 +417,13 @@ def run_suite(cfg: SuiteConfig) -> list[Path]:
     if not cfg.tables_only and any(v == "seg" for v in types.values()):
         tables.append(write_baselines(cfg, data, types, out / "tables"))
     return tables
+
+
+def _finished(out: Path, run: Run, cfg: SuiteConfig) -> dict | None:
+    """The result of a finished run with this run's fingerprint, else None."""
+    done = read_json(out / "runs" / f"{run.id}.json", "run result")
+    ok = isinstance(done, dict) and done.get("fingerprint") == fingerprint(run, cfg)
+    return done if ok else None
 
 
 def _model_saver(run: Run, index: DatasetIndex, out: Path):
@@ -322,7 +449,7 @@ def write_baselines(cfg: SuiteConfig, data: _Data, types: dict[str, str], out: P
         for name, s in scores[task].items():
             rows.append({"Task": task, "Predictor": name, "Dice": s["dice"], "IoU": s["iou"]})
     out.mkdir(parents=True, exist_ok=True)
-    (out / "baselines.json").write_text(json.dumps(scores, indent=1))
+    write_json(out / "baselines.json", scores, indent=1)
     title = "Trivial predictors on the same test splits"
     note = f"Segmentation at {cfg.train.seg_size} px; per-image Dice/IoU, both empty = 1."
     return write_table(rows, out / "baselines", title, note)

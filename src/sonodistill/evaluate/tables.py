@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sonodistill.io import write_table
+from sonodistill.io import write_csv, write_table
 
 METRICS = {"seg": ("dice", "iou"), "cls": ("acc", "f1")}
 HEAD = {"dice": "Dice", "iou": "IoU", "acc": "Acc", "f1": "F1"}
@@ -100,9 +100,9 @@ def paper_tables(
         return []
     out.mkdir(parents=True, exist_ok=True)
     df = runs_frame(results)
-    df.to_csv(out / "runs.csv", index=False)
+    write_csv(out / "runs.csv", df)
     agg = aggregate(df)
-    agg.to_csv(out / "summary.csv", index=False)
+    write_csv(out / "summary.csv", agg)
     written = []
 
     def cols(protocol: str, names, fraction=1.0, only=None):
