@@ -389,7 +389,7 @@ def evaluate_argv(mini: Path, out: Path, *extra) -> list[str]:
         f"evaluate --out {out} --encoders [random:test_resnet] --tasks [mini] --seeds [0,1] "
         "--protocols [linear] --train.seg_size 32 --train.epochs 1 --train.seg_batch 4"
     )
-    datasets = f"{{mini: {{kind: seg_folder, root: {mini}}}}}"
+    datasets = f"{{mini: {{format: seg_folder, root: {mini}}}}}"
     return [*shlex.split(flags), "--datasets", datasets, *extra]
 
 

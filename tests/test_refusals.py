@@ -33,7 +33,7 @@ RESUME = DISTILL + " --resume true --max_steps 2"
 EVALUATE = (
     "evaluate --out {tmp}/suite --encoders [random:test_resnet] --tasks [mini] --seeds [0] "
     "--protocols [linear] --train.seg_size 32 --train.epochs 1 --train.seg_batch 4 "
-    "--datasets '{{mini: {{kind: seg_folder, root: {mini}}}}}'"
+    "--datasets '{{mini: {{format: seg_folder, root: {mini}}}}}'"
 )
 EXPORT = (
     "export --encoder random:test_resnet --frames+ ddti={data}/ddti/image --out {tmp}/export "
@@ -171,7 +171,9 @@ ROWS = [
     ),
     Row(
         "evaluate nested class folders",
-        EVALUATE.replace("seg_folder", "cls_folder").replace("{mini}", "{tmp}/nested"),
+        EVALUATE.replace(
+            "seg_folder, root: {mini}", "cls_folder, task_type: cls, root: {tmp}/nested"
+        ),
         ("nested", "no images found"),
         "nested",
     ),
