@@ -94,6 +94,7 @@ def test_redistilling_into_the_same_run_folder_reruns_its_evaluations(tiny_seg_r
     assert first["encoder_weights"] == {"file": str(weights), "sha256": sha256(weights)}
     assert json.loads(rand.read_text())["encoder_weights"]["sha256"] is None  # random init
     stamps = {p: p.stat().st_mtime_ns for p in (distilled, rand)}
+    cfg.resume = True  # the same suite, continued
     run_suite(cfg)
     assert {p: p.stat().st_mtime_ns for p in (distilled, rand)} == stamps  # nothing changed
 

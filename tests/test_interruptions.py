@@ -24,7 +24,9 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import TINY_TEACHER_KWARGS
 from safetensors.torch import load_file
+from worker_faults import VICTIM, die_always, die_once
 
 from sonodistill.cli import main
 from sonodistill.data import corpus as corpus_module
@@ -32,8 +34,6 @@ from sonodistill.distill import read_metrics
 from sonodistill.distill import recipe as recipe_module
 from sonodistill.errors import REQUEUE
 from sonodistill.evaluate import suite as suite_module
-from tests.conftest import TINY_TEACHER_KWARGS
-from tests.worker_faults import VICTIM, die_always, die_once
 
 TEACHER = "{" + ", ".join(f"{k}: {v}" for k, v in TINY_TEACHER_KWARGS.items()) + "}"
 

@@ -17,12 +17,12 @@ import av
 import numpy as np
 import pytest
 import yaml
+from conftest import TINY_TEACHER_KWARGS
 from PIL import Image
 
 from sonodistill.cli import main
 from sonodistill.config import parse_config, save_config
 from sonodistill.evaluate.suite import SuiteConfig
-from tests.conftest import TINY_TEACHER_KWARGS
 
 TEACHER = "{" + ", ".join(f"{k}: {v}" for k, v in TINY_TEACHER_KWARGS.items()) + "}"
 DISTILL = (
