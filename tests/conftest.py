@@ -13,10 +13,10 @@ import shutil
 from pathlib import Path
 
 import av
+import numpy as np
 import pytest
 import timm
 import torch
-import yaml
 from safetensors.torch import save_file
 
 from sonodistill.models.encoders import EncoderSpec
@@ -62,7 +62,11 @@ def fake_student_run(folder: Path, name: str = "resnet18", seed: int = 1) -> Pat
     backbone = timm.create_model(name, pretrained=False, num_classes=0)
     state = {k: v.contiguous() for k, v in backbone.state_dict().items()}
     save_file(state, str(folder / "student_backbone.safetensors"))
-    (folder / "config.yaml").write_text(yaml.safe_dump({"student": {"name": name}}))
+    from sonodistill.config import save_config
+    from sonodistill.distill.config import DistillConfig
+    from sonodistill.models import StudentConfig
+
+    save_config(DistillConfig(student=StudentConfig(name=name)), folder / "config.yaml")
     return folder
 
 
@@ -208,3 +212,54 @@ def tiny_config(data, out, **overrides):
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fingerprint_cache(tmp_path_factory):
+    """Image fingerprints (near duplicates, leakage) cached once per session, outside $HOME."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SONODISTILL_CACHE", str(tmp_path_factory.mktemp("fingerprint-cache")))
+    yield
+    mp.undo()
+
+
+def pixel_correlation(thumbs: np.ndarray) -> np.ndarray:
+    """Pearson correlation of every pair of flattened thumbnails: the tests' own similarity,
+    independent of the project's (data.neardup: aligned 32 px thumbnails, shifts, two views)."""
+    x = thumbs.reshape(len(thumbs), -1).astype(np.float64)
+    x = x - x.mean(axis=1, keepdims=True)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x @ x.T
+
+
+@pytest.fixture(scope="session")
+def eval_sets(shared_data):
+    """BUSI (segmentation and classification) and DDTI, each image decoded once: the project's
+    fingerprints, and the tests' independent 64 x 64 pixel correlation between all pairs."""
+    from PIL import Image
+
+    from sonodistill.data.neardup import cached_fingerprints, fingerprint_batch
+    from sonodistill.evaluate.datasets import load_busi, load_ddti, read_records
+
+    busi_seg = load_busi(shared_data / "busi", "seg")
+    sets = {
+        "ddti": {"index": load_ddti(shared_data / "ddti")},
+        "busi": {"index": busi_seg, "cls": load_busi(shared_data / "busi", "cls")},
+    }
+    for entry in sets.values():
+        thumbs = []
+
+        def tap(greys, thumbs=thumbs):
+            for grey in greys:
+                small = Image.fromarray(grey).resize((64, 64), Image.BILINEAR)
+                thumbs.append(np.asarray(small, np.float64))
+                yield grey
+
+        records = entry["index"].records
+        items = [(str(r.image), r.frame) for r in records]  # the key image_fingerprints uses
+        entry["fingerprints"] = cached_fingerprints(
+            items, lambda records=records: fingerprint_batch(tap(read_records(records)))
+        )
+        entry["correlation"] = pixel_correlation(np.stack(thumbs))
+        entry["ids"] = [r.id for r in entry["index"].records]
+    return sets

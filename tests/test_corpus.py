@@ -24,21 +24,13 @@ import yaml
 from sonodistill.cli import main
 from sonodistill.data import hashing
 from sonodistill.data.frames import FrameSelector, FrameSettings
+from sonodistill.data.greys import resize_square
 from sonodistill.data.listing import collect_frames
 from sonodistill.data.manifest import list_corpus_images
-from sonodistill.data.pack import open_pack, resize_frame
+from sonodistill.data.pack import open_pack
 from sonodistill.data.readers import ReadError, detect_kind, read_frames
 
 CLIPS = ["patient_10_L1.mp4", "patient_11_R3.mp4"]
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _hash_cache(tmp_path_factory):
-    """Evaluation-set fingerprints cached once for the session, outside the user's home."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SONODISTILL_CACHE", str(tmp_path_factory.mktemp("hash-cache")))
-    yield
-    mp.undo()
 
 
 @pytest.fixture(scope="session")
@@ -238,20 +230,43 @@ def _manifest(rows):
     return df
 
 
+def _field(seed: int) -> np.ndarray:
+    """A smooth random 34 x 34 field (a thumbnail's worth of content), z-normalised."""
+    x = np.random.default_rng(seed).standard_normal((34, 34))
+    return (x - x.mean()) / x.std()
+
+
+def _frame(field: np.ndarray) -> np.ndarray:
+    """A grey frame whose data.neardup thumbnails are `field` (blocks of 10 x 10 pixels)."""
+    grey = np.clip(128 + 30 * field, 20, 235).astype(np.uint8)
+    return np.kron(grey, np.ones((10, 10), np.uint8))
+
+
 def test_dedup_corpus_drops_later_copies_of_other_files_only():
     from sonodistill.data.corpus import dedup_corpus
+    from sonodistill.data.neardup import fingerprint_batch, similarity
 
-    rows = [  # phash bits: f0 ^ f1 = 1, f0 ^ f2 = 1, f1 ^ f2 = 2, f2 ^ f6 = 1, f0 ^ f6 = 2
-        ("a0", "A", "s1", "0000000000000000", True),
-        ("a1", "A", "s2", "00000000000000f0", True),
-        ("a2", "A", "s3", "00000000000000f1", True),  # near a1, same file: the clip decided
-        ("b0", "B", "s1", "ffff000000000000", True),  # exact copy of a0
-        ("b1", "B", "s4", "00000000000000f2", True),  # near a1 (1 bit)
-        ("c0", "C", "s5", "00000000000000f6", True),  # near b1 only, and b1 is dropped
-        ("d0", "D", "s1", "0000000000000000", False),  # already dropped: not a copy, not kept
-    ]
+    x, y, z = _field(1), _field(2), _field(3)
+    angle = np.arccos(0.95)  # b1 is 0.95 similar to a1; c0 0.95 to b1 but 0.80 to a1
+
+    def turn(k):
+        return np.cos(k * angle) * y + np.sin(k * angle) * z
+
+    frames = {  # id: (file, sha1, content)
+        "a0": ("A", "s1", x),
+        "a1": ("A", "s2", turn(0)),
+        "a2": ("A", "s3", turn(-1)),  # near a1, same file: the clip decided
+        "b0": ("B", "s1", x),  # exact copy of a0
+        "b1": ("B", "s4", turn(1)),  # near a1
+        "c0": ("C", "s5", turn(2)),  # near b1 only, and b1 is dropped
+        "d0": ("D", "s1", x),  # already dropped: not a copy, not kept
+    }
+    rows = [(k, f, s, "0" * 16, k != "d0") for k, (f, s, _) in frames.items()]
     df = _manifest(rows)
-    dedup_corpus(df, threshold=1)
+    fps = fingerprint_batch(_frame(c) for k, (_, _, c) in frames.items() if k != "d0")
+    sim = similarity(fps, fps, [1, 1, 4], [4, 5, 5])  # a1-b1, a1-c0, b1-c0
+    assert sim[0] > 0.92 and sim[1] < 0.9 and sim[2] > 0.92
+    dedup_corpus(df, threshold=0.92, fingerprints=fps)
     assert list(df.id[df.kept]) == ["a0", "a1", "a2", "c0"]
     dups = df.set_index("id")
     assert dups.loc["b0", "duplicate_of"] == "a0" and dups.loc["b1", "duplicate_of"] == "a1"
@@ -259,8 +274,11 @@ def test_dedup_corpus_drops_later_copies_of_other_files_only():
     assert dups.loc["d0", "reason"] == "blank" and dups.loc["d0", "duplicate_of"] is None
 
     exact_only = _manifest(rows)
-    dedup_corpus(exact_only, threshold=-1)
+    dedup_corpus(exact_only, threshold=2.0, fingerprints=fps)  # above 1: exact copies only
     assert list(exact_only.id[~exact_only.kept]) == ["b0", "d0"]
+    unfingerprinted = _manifest(rows)
+    dedup_corpus(unfingerprinted, threshold=0.92)
+    assert list(unfingerprinted.id[~unfingerprinted.kept]) == ["b0", "d0"]
 
 
 def test_build_skips_broken_files_and_resumes(corpus_data, tmp_path, capsys):
@@ -384,7 +402,7 @@ def test_build_real_corpus_pack_and_distill(corpus_data, tmp_path):
     assert list(index.id) == list(kept.id)
     k = len(kept) // 2
     png = cv2.imread(str(out / kept.path[k]), cv2.IMREAD_GRAYSCALE)
-    assert np.array_equal(frames[k], resize_frame(png, 64))
+    assert np.array_equal(frames[k], resize_square(png, 64))
 
     run = tmp_path / "run"
     flags = f"--data {out} --out {run} --teacher.random_init true --student.name resnet18"

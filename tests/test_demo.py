@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import TINY_TEACHER_KWARGS
 
@@ -52,9 +53,12 @@ def test_demo_runs_every_step(demo_run: Path) -> None:
     ):
         assert (demo_run / table).is_file(), table
     # Both encoders in both protocols, with metric values in [0, 1].
-    finetune = (demo_run / "evaluate" / "table3_finetune.csv").read_text().splitlines()
-    assert [r.split(",")[0] for r in finetune[1:]] == ["R18-Rand", "R18-Distill"]
-    assert all(0 <= float(v) <= 1 for r in finetune[1:] for v in r.split(",")[1:5])
+    finetune = pd.read_csv(demo_run / "evaluate" / "table3_finetune.csv", dtype=str)
+    models = [m for m in finetune.Model if not m.endswith("(trivial)")]
+    assert models == ["R18-Rand", "R18-Distill"]
+    assert {"All background (trivial)", "Majority class (trivial)"} <= set(finetune.Model)
+    cells = finetune[finetune.Model.isin(models)].iloc[:, 1:5].to_numpy().ravel()
+    assert all(0 <= float(c.split(" ")[0]) <= 1 and "(n=1)" in c for c in cells)
 
 
 @pytest.mark.slow

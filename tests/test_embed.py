@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -118,10 +119,12 @@ def test_embed_three_real_sources_three_encoders(shared_data, lung_png, tmp_path
     assert [m["label"] for m in index["models"]] == ["R18-Rand", "R18-Distill", "ViT-tiny"]
     assert (out / "config.yaml").is_file()
 
-    # Independent recomputation of one row: PIL -> resize -> encoder.pooled.
+    # Independent recomputation of one row: PIL grey -> OpenCV area resize (the documented
+    # image path, docs/protocol.md) -> encoder.pooled.
     row = meta.iloc[7]
-    img = Image.open(row.file).convert("L").resize((64, 64), Image.BILINEAR)
-    x = torch.from_numpy(np.array(img)).float().div(255)[None, None]
+    grey = np.array(Image.open(row.file).convert("L"))
+    img = cv2.resize(grey, (64, 64), interpolation=cv2.INTER_AREA)
+    x = torch.from_numpy(img).float().div(255)[None, None]
     enc = load_encoder(f"student:{student}").eval()
     with torch.no_grad():
         expected = enc.pooled(to_model_input(x))[0].numpy()

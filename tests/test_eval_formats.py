@@ -114,45 +114,104 @@ def test_group_column_is_honoured(tmp_path):
     assert len(splits["multi_image_groups"]) == 10
 
 
-def _result(encoder, seed, dice, acc):
+def _result(encoder, seed, dice, acc, recipe=None):
+    """Two finished runs (DDTI segmentation, BUSI classification) as run_suite writes them:
+    four test images each, per-image scores with ids, and the trivial predictors."""
     base = {
         "protocol": "finetune",
         "encoder": encoder,
+        "encoder_recipe": recipe or {},
         "fraction": 1.0,
         "seed": seed,
         "best_epoch": 1,
         "wall_s": 1.0,
         "backbone": {"family": "timm CNN", "name": f"net_{encoder}", "params": 2_500_000},
+        "n": {"train": 8, "val": 4, "test": 4},
     }
+    ids = ["a", "b", "c", "d"]
+    per_dice = [dice - 0.05, dice + 0.05, dice - 0.05, dice + 0.05]
+    labels = [0, 1, 2, 1]
+    correct = round(acc * 4)
+    preds = labels[:correct] + [(y + 1) % 3 for y in labels[correct:]]
     return [
-        {**base, "task": "ddti_seg", "task_type": "seg", "test": {"dice": dice, "iou": dice / 2}},
-        {**base, "task": "busi_cls", "task_type": "cls", "test": {"acc": acc, "f1": acc}},
+        {
+            **base,
+            "task": "ddti_seg",
+            "task_type": "seg",
+            "test": {"dice": dice, "iou": dice / 2},
+            "per_image": {"id": ids, "dice": per_dice, "iou": [d / 2 for d in per_dice]},
+            "baselines": {
+                "all_background": {"dice": 0.0, "iou": 0.0},
+                "all_foreground": {"dice": 0.2, "iou": 0.11},
+            },
+        },
+        {
+            **base,
+            "task": "busi_cls",
+            "task_type": "cls",
+            "test": {"acc": acc, "f1": acc},
+            "per_image": {"id": ids, "label": labels, "pred": preds},
+            "baselines": {"majority_class": {"acc": 0.5, "f1": 0.2222}},
+        },
     ]
 
 
-def test_tables_mean_and_std_over_seeds(tmp_path):
-    results = _result("A", 0, 0.5, 0.6) + _result("A", 1, 0.7, 0.8) + _result("B", 0, 0.1, 0.2)
+def test_tables_statistics_baselines_and_recipes(tmp_path):
+    us = {
+        "init": "distilled",
+        "augmentation": "US-aware",
+        "mixup": True,
+        "head": "linear",
+        "student": "resnet18",
+        "teacher": "vit_base_patch16_dinov3_qkvb",
+    }
+    results = _result("A", 0, 0.5, 0.75, us) + _result("A", 1, 0.7, 0.75, us)
+    results += _result("B", 0, 0.1, 0.25, {"init": "random", "student": "resnet18"})
     tasks = {"ddti_seg": "seg", "busi_cls": "cls"}
     ablation = [{"encoder": "A", "augmentation": "US-aware", "mixup": True}]
-    paths = paper_tables(results, ["A", "B"], tasks, tmp_path, "NOTE", ablation)
+    expected = {(t, "finetune", e, 1.0): 2 for t in tasks for e in "AB"}
+    paths = paper_tables(
+        results, ["A", "B"], tasks, tmp_path, "NOTE", ablation, expected, {"busi_cls": 3}
+    )
     assert {p.name for p in paths} == {
         "table3_finetune.md",
         "table7_architectures.md",
         "table6_ablation.md",
         "table8_foundation_models.md",
+        "comparisons.md",
     }
-    table3 = (tmp_path / "table3_finetune.md").read_text()
-    # A: Dice mean 0.6, sample std of (0.5, 0.7) = 0.1414; B has one seed: value alone
-    assert "| A | 0.6000 ± 0.1414 | 0.3000 ± 0.0707 | 0.7000 ± 0.1414 |" in table3
-    assert "| B | 0.1000 | 0.0500 | 0.2000 | 0.2000 |" in table3
-    assert "NOTE" in table3
-    assert "| A | US-aware | ✓ |" in (tmp_path / "table6_ablation.md").read_text()
     table8 = (tmp_path / "table8_foundation_models.md").read_text()  # segmentation Dice only
-    assert "| A | timm CNN | net_A | 2.5 | 0.6000 ± 0.1414 |" in table8
-    summary = pd.read_csv(tmp_path / "summary.csv").to_dict(orient="records")
-    assert {(r["encoder"], r["task"], r["n_seeds"]) for r in summary} == {
-        ("A", "ddti_seg", 2),
-        ("A", "busi_cls", 2),
-        ("B", "ddti_seg", 1),
-        ("B", "busi_cls", 1),
+    assert "| A | timm CNN | net_A | 2.5 | 0.6000 ± 0.1414 [" in table8
+    table3 = (tmp_path / "table3_finetune.md").read_text()
+    rows = {
+        line.split(" | ")[0][2:]: line.split(" | ")[1:]
+        for line in table3.splitlines()
+        if line.startswith("| ") and not line.startswith("| Model")
     }
+    # A: Dice mean 0.6, sample std of (0.5, 0.7) = 0.1414; the interval over the 4 images of
+    # the per-image means (0.55, 0.65, 0.55, 0.65) lies within [0.55, 0.65]
+    dice = rows["A"][0]
+    assert dice.startswith("0.6000 ± 0.1414 [") and dice.endswith("(n=2)")
+    low, high = (float(v) for v in dice.split("[")[1].split("]")[0].split(", "))
+    assert 0.55 <= low < 0.6 < high <= 0.65
+    # B: one of two seeds, and no better than predicting all foreground (0.2): flagged
+    assert rows["B"][0].startswith("0.1000 [") and rows["B"][0].endswith("(n=1 of 2) †")
+    assert rows["B"][2].endswith("(n=1 of 2) †")  # accuracy 0.25 <= majority class 0.5
+    assert not rows["A"][0].endswith("†")
+    assert rows["All background (trivial)"][:2] == ["0.0000", "0.0000"]
+    assert rows["All foreground (trivial)"][:2] == ["0.2000", "0.1100"]
+    assert rows["Majority class (trivial)"][2].startswith("0.5000")
+    assert "NOTE" in table3 and "bootstrap" in table3
+    table6 = (tmp_path / "table6_ablation.md").read_text()
+    assert (
+        "| A | distilled | US-aware | ✓ | linear | resnet18 | vit_base_patch16_dinov3_qkvb |"
+        in table6
+    )
+    table7 = (tmp_path / "table7_architectures.md").read_text()
+    assert "| B | random | – | – | – | resnet18 | – |" in table7
+    comparisons = (tmp_path / "comparisons.md").read_text()
+    line = next(x for x in comparisons.splitlines() if x.startswith("| ddti_seg") and "Dice" in x)
+    assert "| B | Dice | -0.5000 |" in line  # B's per-image Dice is A's mean minus 0.5
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    cell = summary[(summary.model == "B") & (summary.metric == "dice")].iloc[0]
+    assert (cell.n, cell.expected, bool(cell.flagged)) == (1, 2, True)

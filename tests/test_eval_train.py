@@ -54,11 +54,12 @@ def test_the_best_validation_epoch_is_the_one_tested(tiny_seg, monkeypatch, scor
     index, splits = tiny_seg
     weights_seen = []  # the head's weights at each validation, then at the test
 
-    def scripted(model, loader, task, num_classes, device, *forward_and_autocast):
+    def scripted(model, loader, task_type, num_classes, device, *forward_autocast_settings):
         weights_seen.append(model.head.weight.detach().clone())
+        per_image = {"id": [], "dice": [], "iou": []}
         if len(weights_seen) <= len(scores):  # validation after each epoch
-            return {"dice": scores[len(weights_seen) - 1], "iou": 0.0, "per_image_dice": []}
-        return {"dice": -1.0, "iou": -1.0}  # the test
+            return {"dice": scores[len(weights_seen) - 1], "iou": 0.0, "per_image": per_image}
+        return {"dice": -1.0, "iou": -1.0, "per_image": per_image}  # the test
 
     monkeypatch.setattr(train_module, "evaluate", scripted)
     settings = TrainSettings(seg_size=32, epochs=len(scores), seg_batch=4, lr=1e-2, device="cpu")

@@ -265,7 +265,7 @@ def _run_one(index, splits, spec, protocol, seed, settings, on_epoch, keep_model
 def _write_eval_tables(out: Path, results: dict, encoders: dict[str, str], seed: int) -> None:
     """Paper-style tables (those of `sonodistill evaluate`): one per protocol, a row per encoder,
     Dice/IoU and accuracy/macro-F1."""
-    from sonodistill.evaluate.tables import HEAD, METRICS, aggregate, metric_table, runs_frame
+    from sonodistill.evaluate.tables import HEAD, METRICS, STATS_NOTE, Results, metric_table
     from sonodistill.io import write_table
 
     labels = {enc: spec.split("@")[-1] for enc, spec in encoders.items()}
@@ -273,12 +273,12 @@ def _write_eval_tables(out: Path, results: dict, encoders: dict[str, str], seed:
         {"task": t, "task_type": t, "protocol": p, "encoder": labels[e], "fraction": 1.0, **r}
         for (p, t, e), r in results.items()
     ]
-    agg = aggregate(runs_frame([{**r, "seed": seed} for r in runs]))
+    res = Results([{**r, "seed": seed} for r in runs])
     n = results[("linear", "seg", "random")]["n"]
     note = (
         "Simulated lesions: segmentation (Dice/IoU per image, averaged) and 4-class lesion type "
         "(accuracy, macro-F1); test metrics of the best-validation epoch; splits "
-        f"train/val/test = {n['train']}/{n['val']}/{n['test']}."
+        f"train/val/test = {n['train']}/{n['val']}/{n['test']}. {STATS_NOTE}"
     )
     tables = {
         "linear": ("table2_linear_probe", "Linear probe, frozen encoder (cf. paper Table 2)"),
@@ -286,9 +286,11 @@ def _write_eval_tables(out: Path, results: dict, encoders: dict[str, str], seed:
     }
     for protocol, (stem, title) in tables.items():
         columns = [
-            (f"{task} {HEAD[m]}", task, m, 1.0, protocol) for task in METRICS for m in METRICS[task]
+            (f"{task} {HEAD[m]}", task, task, m, 1.0, protocol)
+            for task in METRICS
+            for m in METRICS[task]
         ]
-        table = metric_table(agg, list(labels.values()), columns)
+        table, _ = metric_table(res, list(labels.values()), columns)
         write_table(table, out / stem, title, note)
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sonodistill.config import config_parser, from_dict, parse_config
+from sonodistill.data.neardup import THRESHOLD
 from sonodistill.errors import UserError
 from sonodistill.io import write_csv
 
@@ -58,8 +59,9 @@ class LeakageCommand:
     corpus: str = ""
     against: list[str] = field(default_factory=list)
     """Evaluation sets as NAME=PATH (repeat --against+ NAME=PATH)."""
-    threshold: int = 4
-    """Perceptual-hash bits for a near match."""
+    similarity: float = THRESHOLD
+    """Similarity (data.neardup, 0-1) from which a pair is a near match: the project's one
+    near-duplicate notion (docs/near_duplicates.md)."""
     workers: int = 2
     report: str | None = None
     """Write the pairs as CSV here."""
@@ -160,7 +162,7 @@ def leakage_main(argv: list[str]) -> int:
     if not against:
         return _error("check-leakage", "give at least one evaluation set: --against+ NAME=PATH")
     _log_level(False)
-    report = check_leakage(cmd.corpus, against, cmd.threshold, cmd.workers)
+    report = check_leakage(cmd.corpus, against, cmd.similarity, cmd.workers)
     if cmd.report:
         write_csv(cmd.report, report)
     leaks = report[report.scope == "corpus"]
@@ -173,7 +175,7 @@ def leakage_main(argv: list[str]) -> int:
             f"{len(within)} pairs inside {name} ({n_within} exact)"
         )
     for r in report.itertuples():
-        print(f"  {r.set:<8} {r.scope:<6} {r.match:<5} d={r.distance:<2} {r.a}  <->  {r.b}")
+        print(f"  {r.set:<8} {r.scope:<6} {r.match:<5} s={r.similarity:.3f} {r.a}  <->  {r.b}")
     return 1 if len(leaks) else 0
 
 

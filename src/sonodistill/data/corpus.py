@@ -8,6 +8,7 @@ Output folder:
     frames/<dataset>/<file_key>/<frame:06d>.png    the kept frames (grey), and only those
     manifest.parquet                                one row per frame seen (kept or not) and one
                                                     row (frame -1) per unreadable file
+    neardup.parquet                                 the kept frames' near-duplicate fingerprints
     summary.json, summary.md, contact_sheet.png, corpus.yaml (resolved sources and settings),
     build.log, parts/ (per-file results: what makes the build resumable)
 
@@ -41,9 +42,10 @@ import pandas as pd
 
 from sonodistill.config import config_changes, describe_changes, save_config, to_dict
 from sonodistill.data import frames as fr
-from sonodistill.data import hashing
+from sonodistill.data import neardup as nd
 from sonodistill.data.files import list_files, worker_pool
-from sonodistill.data.leakage import exclude_matches
+from sonodistill.data.greys import read_grey
+from sonodistill.data.leakage import NEARDUP_FILE, exclude_matches
 from sonodistill.data.manifest import (
     MANIFEST,
     file_key,
@@ -102,6 +104,7 @@ def process_file(task: FileTask) -> pd.DataFrame:
     rel_dir = Path("frames") / safe_name(task.dataset) / key
     kind = detect_kind(path) if task.kind == "auto" else task.kind
     rows: list[dict] = []
+    kept_greys: list[np.ndarray] = []
     base = {"dataset": task.dataset, "anatomy": task.anatomy, "source": str(path), "kind": kind}
     select = fr.FrameSelector(s)
     written: list[Path] = []
@@ -123,6 +126,7 @@ def process_file(task: FileTask) -> pd.DataFrame:
                 rel = rel_dir / f"{index:06d}.png"
                 written.append(write_frame(Path(task.out) / rel, d.grey))
                 row.update(path=rel.as_posix(), height=d.grey.shape[0], width=d.grey.shape[1])
+                kept_greys.append(d.grey)
             rows.append(row)
     except UserError:
         raise  # the output's problem, not the file's: no part, the build stops
@@ -132,7 +136,7 @@ def process_file(task: FileTask) -> pd.DataFrame:
         log.exception("unexpected error on %s", path)
         reason = f"unexpected {type(exc).__name__}: {exc}"
         rows.append(unreadable_row(task.dataset, task.anatomy, str(path), reason, kind))
-    df = typed(pd.DataFrame(rows))
+    df = with_fingerprints(typed(pd.DataFrame(rows)), kept_greys)
     sync_files(written)  # the frames are on disk before the part that lists them
     write_parquet(task.part, df)
     return df
@@ -148,6 +152,35 @@ def write_frame(path: Path, grey: np.ndarray) -> Path:
         return write_bytes(path, png.tobytes(), durable=False)
     except OSError as err:
         raise WriteError(f"cannot write {path} ({err.strerror or err}): the corpus folder") from err
+
+
+FINGERPRINT_COLUMNS = ["nd_sha1", "nd_simhash0", "nd_simhash1", "nd_thumbs"]
+
+
+def with_fingerprints(df: pd.DataFrame, kept_greys: list[np.ndarray]) -> pd.DataFrame:
+    """A manifest part with the near-duplicate fingerprints of its kept frames (nd_* columns,
+    None for the others): the corpus-wide dedup and the exclusion need no PNG read back."""
+    table = nd.fingerprint_batch(kept_greys).to_frame().add_prefix("nd_")
+    for col in FINGERPRINT_COLUMNS:
+        df[col] = None
+    if len(table):
+        df.loc[df.kept.to_numpy(), FINGERPRINT_COLUMNS] = table[FINGERPRINT_COLUMNS].to_numpy()
+    return df
+
+
+def kept_fingerprints(df: pd.DataFrame, out: Path) -> nd.Fingerprints:
+    """Fingerprints of the kept rows, in order: from the parts, else (parts written before the
+    fingerprints existed) from the frames' PNGs."""
+    kept = df[df.kept]
+    if FINGERPRINT_COLUMNS[0] in df and kept[FINGERPRINT_COLUMNS[0]].notna().all():
+        table = kept[FINGERPRINT_COLUMNS].rename(columns=lambda c: c[3:])
+        return nd.Fingerprints.from_frame(table.reset_index(drop=True))
+    # a frame removed by an earlier build gets a blank stand-in (similar to nothing); its
+    # file is read again afterwards (`build_corpus`: kept frames missing on disk)
+    blank = np.zeros((8, 8), np.uint8)
+    return nd.fingerprint_batch(
+        read_grey(out / p) if (out / p).is_file() else blank for p in kept.path
+    )
 
 
 # ---------------------------------------------------------------- the build
@@ -400,12 +433,20 @@ def _finish(spec: CorpusSpec, out: Path, parts: list[Path]) -> pd.DataFrame:
         raise UserError(f"no file could be processed into {out}")
     df = pd.concat(frames_list, ignore_index=True)
     # Parts hold per-file decisions only: corpus-level ones are recomputed on every build.
+    fps = kept_fingerprints(df, out)
     df = typed(df)
-    dedup_corpus(df, spec.settings.corpus_dup_threshold)
+    kept_rows = df.index[df.kept].to_numpy()  # the rows of fps, in order
+    settings = spec.settings
+    dedup_corpus(df, settings.corpus_near_duplicate, fps)
     if spec.exclude:
+        alive = np.flatnonzero(df.kept.to_numpy()[kept_rows])
         exclude_matches(
-            df, spec.exclude, spec.settings.exclude_threshold, workers=spec.settings.workers
+            df, fps.take(alive), spec.exclude, settings.exclude_near_duplicate, settings.workers
         )
+    final = np.flatnonzero(df.kept.to_numpy()[kept_rows])
+    table = fps.take(final).to_frame()
+    table.insert(0, "id", df.id.to_numpy()[kept_rows[final]])
+    write_parquet(out / NEARDUP_FILE, table)
     df.loc[~df.kept, "path"] = None
     keep_paths = set(df.loc[df.kept, "path"])
     frames_dir = out / "frames"
@@ -416,9 +457,13 @@ def _finish(spec: CorpusSpec, out: Path, parts: list[Path]) -> pd.DataFrame:
     return df
 
 
-def dedup_corpus(df: pd.DataFrame, threshold: int) -> None:
-    """Across files: drop later exact copies (same pixels) and, if threshold >= 0, later frames
-    whose phash is within `threshold` bits of an earlier kept frame (in manifest order)."""
+def dedup_corpus(
+    df: pd.DataFrame, threshold: float, fingerprints: nd.Fingerprints | None = None
+) -> None:
+    """Across files: drop later exact copies (same pixels) and, given the kept frames'
+    fingerprints (in manifest order) and a threshold <= 1, later frames at least `threshold`
+    similar (data.neardup, the project's one near-duplicate notion) to an earlier kept frame of
+    another file (in manifest order)."""
     kept = df.index[df.kept].to_numpy()
     first: dict[str, str] = {}
     for i in kept:
@@ -429,23 +474,24 @@ def dedup_corpus(df: pd.DataFrame, threshold: int) -> None:
             df.at[i, "duplicate_of"] = first[sha]
         else:
             first[sha] = df.at[i, "id"]
-    if threshold < 0:
+    if fingerprints is None or threshold > 1:
         return
-    kept = df.index[df.kept].to_numpy()
-    if len(kept) < 2:
+    alive_pos = np.flatnonzero(df.kept.to_numpy()[kept])
+    if len(alive_pos) < 2:
         return
-    hashes = hashing.hex_to_uint64(df.loc[kept, "phash"])
-    sources = df.loc[kept, "source"].to_numpy()
+    rows = kept[alive_pos]
+    pairs = nd.near_duplicates(fingerprints.take(alive_pos), None, threshold)
+    sources = df.loc[rows, "source"].to_numpy()
     partners: dict[int, list[int]] = {}
-    for i, j, _ in hashing.near_pairs(hashes, hashes, threshold, same=True):
+    for i, j in zip(pairs.i.tolist(), pairs.j.tolist(), strict=True):
         if sources[i] != sources[j]:  # within a file the clip filter already decided
             partners.setdefault(j, []).append(i)
-    alive = np.ones(len(kept), dtype=bool)
+    alive = np.ones(len(rows), dtype=bool)
     for j in sorted(partners):
-        alive_partners = [i for i in partners[j] if alive[i]]
+        alive_partners = sorted(i for i in partners[j] if alive[i])
         if alive_partners:
             alive[j] = False
-            row = kept[j]
+            row = rows[j]
             df.at[row, "kept"] = False
             df.at[row, "reason"] = fr.CORPUS_DUP
-            df.at[row, "duplicate_of"] = df.at[kept[alive_partners[0]], "id"]
+            df.at[row, "duplicate_of"] = df.at[rows[alive_partners[0]], "id"]

@@ -1,6 +1,7 @@
 """Training images for distillation: an image folder, a corpus (folder or manifest) or a pack.
 
-Workers only decode and resize to a fixed square; augmentation runs batched on the device.
+Workers only decode and resize to a fixed square (`data.greys`, the image path evaluation,
+embedding and export share); augmentation runs batched on the device.
 """
 
 from __future__ import annotations
@@ -10,15 +11,14 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from sonodistill.data.frames import to_grey
+from sonodistill.data.greys import read_grey, resize_square
 from sonodistill.data.manifest import is_corpus, list_corpus_images
 from sonodistill.data.pack import is_pack, open_pack
-from sonodistill.data.readers import IMAGE_EXT, ReadError, read_image
+from sonodistill.data.readers import IMAGE_EXT, ReadError
 from sonodistill.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -48,12 +48,11 @@ class ImageFiles(Dataset):
             path = self.files[(index + offset) % len(self.files)]
             try:
                 # The corpus reader: 16-bit and colour images become 8-bit grey like corpus frames.
-                _, frame = next(read_image(path))
-            except (ReadError, StopIteration) as err:
+                grey = read_grey(path)
+            except ReadError as err:
                 log.warning("skipping unreadable image %s: %s", path, err)
                 continue
-            grey = cv2.resize(to_grey(frame), (self.size, self.size), interpolation=cv2.INTER_AREA)
-            return torch.from_numpy(grey)[None]
+            return torch.from_numpy(resize_square(grey, self.size))[None]
         raise UserError(f"no readable image among the {len(self.files)} training images")
 
 
@@ -69,20 +68,7 @@ class PackedFrames(Dataset):
         return self.frames.shape[0]
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        frame = torch.from_numpy(np.array(self.frames[index]))[None]
-        if frame.shape[-1] != self.size:
-            frame = (
-                torch.nn.functional.interpolate(
-                    frame[None].float(),
-                    size=(self.size, self.size),
-                    mode="bilinear",
-                    antialias=True,
-                )[0]
-                .round()
-                .clamp(0, 255)
-                .to(torch.uint8)
-            )
-        return frame
+        return torch.from_numpy(resize_square(np.array(self.frames[index]), self.size))[None]
 
 
 def fingerprint(dataset: Dataset) -> dict:

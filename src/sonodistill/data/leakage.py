@@ -1,10 +1,11 @@
 """Leakage guard: exact and near duplicates between a corpus and evaluation sets.
 
-Every image is fingerprinted twice, as read (grey) and as the corpus build cleans it (coloured
-marks removed, cropped to the field of view), so that a corpus frame matches an evaluation image
-whether or not it went through the same cleaning. Two images are an *exact* match when the grey
-pixels of either version are identical, a *near* match when the perceptual hashes are within a
-threshold of Hamming bits (resized or re-encoded copies).
+One near-duplicate notion for the whole project (`data.neardup`): evaluation splits, corpus
+deduplication and this guard call the same similarity with the same default threshold.
+Every evaluation image is fingerprinted twice, as read (grey) and as the corpus build cleans
+it (coloured marks removed, cropped to the field of view), so that a corpus frame matches an
+evaluation image whether or not it went through the same cleaning. A pair is an *exact* match
+when the grey pixels are identical, a *near* match when its similarity reaches the threshold.
 
 Fingerprints of evaluation sets are cached (keyed by the files' paths, sizes and times) under
 $SONODISTILL_CACHE or ~/.cache/sonodistill/hashes.
@@ -22,8 +23,9 @@ import numpy as np
 import pandas as pd
 
 from sonodistill.data import frames as fr
-from sonodistill.data import hashing
+from sonodistill.data import neardup as nd
 from sonodistill.data.files import list_files, worker_pool
+from sonodistill.data.greys import read_grey
 from sonodistill.data.manifest import is_corpus, load_manifest
 from sonodistill.data.readers import ReadError, read_frames
 from sonodistill.errors import UserError
@@ -31,38 +33,44 @@ from sonodistill.io import write_parquet
 
 log = logging.getLogger("sonodistill.corpus")
 
-HASH_COLUMNS = ["file", "frame", "sha1_raw", "phash_raw", "sha1_clean", "phash_clean"]
+VERSIONS = ("raw", "clean")
+NEARDUP_FILE = "neardup.parquet"
+"""Fingerprints of a corpus's kept frames (id + data.neardup columns), beside its manifest."""
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("SONODISTILL_CACHE", Path.home() / ".cache/sonodistill/hashes"))
+    return nd.cache_dir()
 
 
-def fingerprint_file(path: str) -> list[dict]:
-    """Raw and cleaned fingerprints of every frame of one file ([] if it cannot be read)."""
+def fingerprint_file(path: str) -> pd.DataFrame:
+    """Raw and cleaned fingerprints of every frame of one file (empty if it cannot be read)."""
     import cv2
 
     cv2.setNumThreads(1)
-    rows = []
+    meta, raw, clean = [], [], []
     try:
         for index, frame in read_frames(path):
-            raw = fr.to_grey(frame)
-            clean = fr.to_grey(frame, remove_marks=True)
-            top, bottom, left, right = fr.fov_box(clean)
-            clean = np.ascontiguousarray(clean[top:bottom, left:right])
-            rows.append(
-                {
-                    "file": path,
-                    "frame": index,
-                    "sha1_raw": hashing.pixel_sha1(raw),
-                    "phash_raw": hashing.phash(raw),
-                    "sha1_clean": hashing.pixel_sha1(clean),
-                    "phash_clean": hashing.phash(clean),
-                }
-            )
+            raw.append(fr.to_grey(frame))
+            grey = fr.to_grey(frame, remove_marks=True)
+            top, bottom, left, right = fr.fov_box(grey)
+            clean.append(np.ascontiguousarray(grey[top:bottom, left:right]))
+            meta.append({"file": path, "frame": index})
     except (ReadError, OSError, ValueError) as exc:
         log.warning("leakage: cannot read %s: %s", path, exc)
-    return rows
+    return _with_fingerprints(pd.DataFrame(meta, columns=["file", "frame"]), raw, clean)
+
+
+def _with_fingerprints(meta: pd.DataFrame, raw: list, clean: list) -> pd.DataFrame:
+    parts = [meta.reset_index(drop=True)]
+    for version, greys in (("raw", raw), ("clean", clean)):
+        parts.append(nd.fingerprint_batch(greys).to_frame().add_prefix(f"{version}_"))
+    return pd.concat(parts, axis=1)
+
+
+def fingerprints_of(df: pd.DataFrame, version: str) -> nd.Fingerprints:
+    """The `raw` or `clean` fingerprints of a fingerprint table."""
+    cols = [c for c in df.columns if c.startswith(f"{version}_")]
+    return nd.Fingerprints.from_frame(df[cols].rename(columns=lambda c: c.split("_", 1)[1]))
 
 
 def fingerprint_set(path: str | Path, workers: int = 2, use_cache: bool = True) -> pd.DataFrame:
@@ -71,19 +79,17 @@ def fingerprint_set(path: str | Path, workers: int = 2, use_cache: bool = True) 
     if not files:
         raise FileNotFoundError(f"{path}: no image found")
     stamp = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
-    key = hashlib.sha1(json.dumps(stamp).encode()).hexdigest()[:16]
-    cached = cache_dir() / f"{key}.parquet"
+    key = hashlib.sha1(json.dumps([nd.VERSION, stamp]).encode()).hexdigest()[:16]
+    cached = cache_dir() / f"leakage-{key}.parquet"
     if use_cache and cached.is_file():
         return pd.read_parquet(cached)
-    rows: list[dict] = []
+    parts: list[pd.DataFrame] = []
     if workers > 1 and len(files) > 8:
         with worker_pool(workers) as pool:
-            for part in pool.map(fingerprint_file, files, chunksize=16):
-                rows += part
+            parts = list(pool.map(fingerprint_file, files, chunksize=16))
     else:
-        for f in files:
-            rows += fingerprint_file(f)
-    df = pd.DataFrame(rows, columns=HASH_COLUMNS)
+        parts = [fingerprint_file(f) for f in files]
+    df = pd.concat(parts, ignore_index=True)
     if use_cache:
         try:
             write_parquet(cached, df)
@@ -92,64 +98,73 @@ def fingerprint_set(path: str | Path, workers: int = 2, use_cache: bool = True) 
     return df
 
 
+def corpus_fingerprints(root: Path, manifest: pd.DataFrame) -> nd.Fingerprints:
+    """Fingerprints of a built corpus's kept frames, in manifest order: from its
+    neardup.parquet, else computed from the frames' PNGs."""
+    kept = manifest[manifest.kept]
+    stored = root / NEARDUP_FILE
+    if stored.is_file():
+        table = pd.read_parquet(stored).set_index("id")
+        if set(kept.id) <= set(table.index):
+            return nd.Fingerprints.from_frame(table.loc[list(kept.id)].reset_index())
+    paths = [root / p for p in kept.path]
+    items = [(str(p), -1) for p in paths]
+    return nd.cached_fingerprints(items, lambda: nd.fingerprint_batch(map(read_grey, paths)))
+
+
 def _corpus_fingerprints(path: str | Path, workers: int) -> pd.DataFrame:
     """A built corpus (folder with manifest.parquet, or the manifest): its kept frames, as
-    stored. Anything else: a folder/glob of images, fingerprinted like an evaluation set."""
+    stored (cleaned). Anything else: a folder/glob of images, fingerprinted like an
+    evaluation set."""
     p = Path(path)
-    if is_corpus(p):
-        m, _ = load_manifest(p)
-        m = m[m.kept]
-        return pd.DataFrame(
-            {
-                "file": m.id.to_numpy(),
-                "frame": m.frame.to_numpy(),
-                "sha1_raw": m.sha1.to_numpy(),
-                "phash_raw": m.phash.to_numpy(),
-                "sha1_clean": m.sha1.to_numpy(),
-                "phash_clean": m.phash.to_numpy(),
-            }
-        )
-    return fingerprint_set(p, workers)
+    if not is_corpus(p):
+        return fingerprint_set(p, workers)
+    m, root = load_manifest(p)
+    fps = corpus_fingerprints(root, m).to_frame()
+    kept = m[m.kept].reset_index(drop=True)
+    meta = pd.DataFrame({"file": kept.id.to_numpy(), "frame": kept.frame.to_numpy()})
+    return pd.concat([meta, fps.add_prefix("raw_"), fps.add_prefix("clean_")], axis=1)
 
 
-def match(a: pd.DataFrame, b: pd.DataFrame, threshold: int, same: bool = False) -> pd.DataFrame:
-    """Pairs (ia, ib, distance, match) of fingerprints of a and b that are exact or within
-    `threshold` bits (the smaller distance of the raw and cleaned versions)."""
-    out: dict[tuple[int, int], tuple[int, str]] = {}
-    for ca in ("sha1_raw", "sha1_clean"):
-        for cb in ("sha1_raw", "sha1_clean"):
-            idx_b: dict[str, list[int]] = {}
-            for j, h in enumerate(b[cb]):
-                idx_b.setdefault(h, []).append(j)
-            for i, h in enumerate(a[ca]):
-                for j in idx_b.get(h, []):
-                    if not (same and j <= i):
-                        out[(i, j)] = (0, "exact")
-    for ca in ("phash_raw", "phash_clean"):
-        for cb in ("phash_raw", "phash_clean"):
-            ha, hb = hashing.hex_to_uint64(a[ca]), hashing.hex_to_uint64(b[cb])
-            for i, j, d in hashing.near_pairs(ha, hb, threshold, same=same):
-                if (i, j) not in out or (out[(i, j)][1] == "near" and d < out[(i, j)][0]):
-                    out[(i, j)] = (d, "near")
-    rows = [(i, j, d, m) for (i, j), (d, m) in sorted(out.items())]
-    return pd.DataFrame(rows, columns=["ia", "ib", "distance", "match"])
+def match(a: pd.DataFrame, b: pd.DataFrame, threshold: float, same: bool = False) -> pd.DataFrame:
+    """Pairs (ia, ib, similarity, match) of fingerprint tables a and b that are exact copies or
+    at least `threshold` similar, in any of their raw/cleaned versions (the best is kept)."""
+    best: dict[tuple[int, int], tuple[float, bool]] = {}
+    for va in VERSIONS:
+        fa = fingerprints_of(a, va)
+        for vb in VERSIONS:
+            fb = fingerprints_of(b, vb)
+            pairs = nd.near_duplicates(fa, None if same and va == vb else fb, threshold)
+            for i, j, sim, exact in pairs[["i", "j", "similarity", "exact"]].itertuples(
+                index=False
+            ):
+                if same and i >= j:
+                    i, j = j, i
+                    if i == j:
+                        continue
+                old = best.get((i, j))
+                if old is None or (exact, sim) > (old[1], old[0]):
+                    best[(i, j)] = (float(sim), bool(exact))
+    rows = [(i, j, s, "exact" if e else "near") for (i, j), (s, e) in sorted(best.items())]
+    return pd.DataFrame(rows, columns=["ia", "ib", "similarity", "match"])
 
 
 def check_leakage(
-    corpus: str | Path, against: dict[str, str], threshold: int = 4, workers: int = 2
+    corpus: str | Path, against: dict[str, str], threshold: float = nd.THRESHOLD, workers: int = 2
 ) -> pd.DataFrame:
     """Report of exact/near duplicates between a corpus and each evaluation set, and inside
-    each evaluation set (columns: set, scope, a, b, distance, match)."""
+    each evaluation set (columns: set, scope, a, b, similarity, match)."""
     c = _corpus_fingerprints(corpus, workers)
     rows = []
     for name, path in against.items():
         e = fingerprint_set(path, workers)
         for _, r in match(c, e, threshold).iterrows():
-            rows.append((name, "corpus", _label(c, r.ia), _label(e, r.ib), r.distance, r.match))
+            rows.append((name, "corpus", _label(c, r.ia), _label(e, r.ib), r.similarity, r.match))
         for _, r in match(e, e, threshold, same=True).iterrows():
             if e.file.iat[r.ia] != e.file.iat[r.ib]:
-                rows.append((name, "within", _label(e, r.ia), _label(e, r.ib), r.distance, r.match))
-    return pd.DataFrame(rows, columns=["set", "scope", "a", "b", "distance", "match"])
+                row = (name, "within", _label(e, r.ia), _label(e, r.ib), r.similarity, r.match)
+                rows.append(row)
+    return pd.DataFrame(rows, columns=["set", "scope", "a", "b", "similarity", "match"])
 
 
 def _label(df: pd.DataFrame, i: int) -> str:
@@ -157,25 +172,23 @@ def _label(df: pd.DataFrame, i: int) -> str:
     return f if frame == 0 and not str(f).count("/file") else f"{f}#{frame}"
 
 
-def exclude_matches(manifest: pd.DataFrame, sets, threshold: int, workers: int = 2) -> int:
+def exclude_matches(
+    manifest: pd.DataFrame, kept: nd.Fingerprints, sets, threshold: float, workers: int = 2
+) -> int:
     """Drop (in place) the kept frames of a manifest that match an evaluation set: reason
-    `excluded:NAME`, duplicate_of the matching evaluation file. Returns how many."""
-    kept = manifest.index[manifest.kept].to_numpy()
-    if not len(kept):
+    `excluded:NAME`, duplicate_of the matching evaluation file. `kept`: the fingerprints of the
+    kept frames, in manifest order. Returns how many."""
+    rows = manifest.index[manifest.kept].to_numpy()
+    if not len(rows):
         return 0
-    c = pd.DataFrame(
-        {
-            "sha1_raw": manifest.loc[kept, "sha1"].to_numpy(),
-            "phash_raw": manifest.loc[kept, "phash"].to_numpy(),
-        }
-    )
-    c["sha1_clean"], c["phash_clean"] = c.sha1_raw, c.phash_raw
+    fps = kept.to_frame()
+    c = pd.concat([fps.add_prefix("raw_"), fps.add_prefix("clean_")], axis=1)
     dropped = 0
     for s in sets:
         e = fingerprint_set(s.path, workers)
         pairs = match(c, e, threshold)
         for ia, group in pairs.groupby("ia"):
-            row = kept[ia]
+            row = rows[ia]
             if not manifest.at[row, "kept"]:
                 continue
             manifest.at[row, "kept"] = False

@@ -3,10 +3,10 @@
 
 Sources (`NAME=PATH` or `PATH`, mixed freely):
 - a folder (searched recursively), one image or one video. Images are png/jpg/bmp/tif; videos
-  (mp4, avi, ...) give `frames_per_video` evenly spaced frames. Masks (`*_mask.png`,
-  `*_mask_1.png`, files under a `mask/` or `masks/` folder) are skipped. The dataset label is
-  NAME (default: the folder's name); with `label_component K` the K-th path component under the
-  folder is appended (`busi/benign`).
+  (mp4, avi, ...) give `frames_per_video` evenly spaced frames. Masks (`data.masks`:
+  `*_mask.png`, `*_Annotation.png`, ..., files under a `mask/` or `masks/` folder) are skipped.
+  The dataset label is NAME (default: the folder's name); with `label_component K` the K-th path
+  component under the folder is appended (`busi/benign`).
 - a corpus from `sonodistill corpus build` (its folder or `manifest.parquet`): the kept frames,
   labelled by their dataset and anatomy, grouped by the clip/volume they come from.
 - any other `PATH.parquet`: a table with `dataset`, `file` and optionally `anatomy`, `frame`
@@ -22,12 +22,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
-from sonodistill.data.frames import to_grey
+from sonodistill.data.greys import read_greys, resize_square
 from sonodistill.data.manifest import is_corpus, load_manifest
 from sonodistill.data.masks import is_mask
-from sonodistill.data.readers import IMAGE_EXT, VIDEO_EXT, read_video, video_frame_count
+from sonodistill.data.readers import IMAGE_EXT, VIDEO_EXT, video_frame_count
 
 
 @dataclass
@@ -160,35 +159,10 @@ def collect_frames(
 # --- reading ------------------------------------------------------------------------------------
 
 
-def _resize(grey: np.ndarray, size: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(grey).resize((size, size), Image.BILINEAR))
-
-
 def load_frames(frames: Sequence[FrameRef], size: int) -> Iterator[np.ndarray]:
     """Grey uint8 (size, size) arrays, in order; each video is decoded once per run of frames."""
-    i = 0
-    while i < len(frames):
-        f = frames[i]
-        if f.frame < 0:
-            with Image.open(f.file) as img:
-                yield _resize(np.asarray(img.convert("L")), size)
-            i += 1
-            continue
-        j = i  # consecutive frames of the same video
-        while j < len(frames) and frames[j].file == f.file and frames[j].frame >= 0:
-            j += 1
-        wanted = {frames[k].frame: k for k in range(i, j)}
-        got: dict[int, np.ndarray] = {}
-        for index, rgb in read_video(Path(f.file)):
-            if index in wanted:
-                got[index] = _resize(to_grey(rgb), size)
-            if index >= max(wanted):
-                break
-        for k in range(i, j):
-            if frames[k].frame not in got:
-                raise ValueError(f"{f.file}: frame {frames[k].frame} could not be decoded")
-            yield got[frames[k].frame]
-        i = j
+    for grey in read_greys([(f.file, f.frame) for f in frames]):
+        yield resize_square(grey, size)
 
 
 def frames_tensor(frames: Sequence[FrameRef], size: int) -> torch.Tensor:

@@ -4,8 +4,8 @@
     PACK_DIR/index.parquet  one row per frame, in array order: id, dataset, anatomy, source, frame
     PACK_DIR/pack.json      {"count": N, "size": size, "dtype": "uint8", "layout": "N,H,W"}
 
-Each frame is resized to size x size by a plain resize (no crop, no letterbox: the whole field of
-view is kept, its aspect ratio is not), with area interpolation when shrinking.
+Each frame is resized to size x size by `data.greys.resize_square` (the project's one resize: a
+plain resize, no crop, no letterbox, area interpolation when shrinking).
 """
 
 from __future__ import annotations
@@ -17,18 +17,13 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from sonodistill.data.greys import resize_square
 from sonodistill.data.manifest import load_manifest
 from sonodistill.errors import UserError, check
 from sonodistill.io import atomic_path, claim_run_dir, remove_owned, write_json, write_parquet
 from sonodistill.progress import track
 
 INDEX_COLUMNS = ["id", "dataset", "anatomy", "source", "frame"]
-
-
-def resize_frame(grey: np.ndarray, size: int) -> np.ndarray:
-    h, w = grey.shape[:2]
-    interp = cv2.INTER_AREA if h > size or w > size else cv2.INTER_LINEAR
-    return cv2.resize(grey, (size, size), interpolation=interp)
 
 
 OWNED = ("frames.u8", "index.parquet", "pack.json")
@@ -65,7 +60,7 @@ def _write_pack(corpus, out: Path, root: Path, kept: pd.DataFrame, size: int, pr
             grey = cv2.imread(str(root / rel), cv2.IMREAD_GRAYSCALE)
             if grey is None:
                 raise UserError(f"{root / rel}: frame listed in the manifest cannot be read")
-            array[i] = resize_frame(grey, size)
+            array[i] = resize_square(grey, size)
         array.flush()
         del array
     write_parquet(out / "index.parquet", kept[INDEX_COLUMNS])

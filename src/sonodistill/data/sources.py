@@ -22,6 +22,7 @@ import yaml
 from sonodistill.config import from_dict
 from sonodistill.data.files import list_files
 from sonodistill.data.frames import FrameSettings
+from sonodistill.data.neardup import CORPUS_THRESHOLD, THRESHOLD
 from sonodistill.errors import UserError
 
 
@@ -31,8 +32,12 @@ class BuildSettings:
 
     workers: int = 2  # processes reading files in parallel (1: in this process)
     frames: FrameSettings = field(default_factory=FrameSettings)
-    corpus_dup_threshold: int = 0  # phash bits for a cross-file near duplicate (-1: exact only)
-    exclude_threshold: int = 4  # phash bits for a match with an evaluation set
+    corpus_near_duplicate: float = CORPUS_THRESHOLD
+    """Similarity (data.neardup, 0-1) from which a frame of another file is a duplicate
+    (above 1: exact copies only); higher than the evaluation splits' 0.92, where grouping too
+    much is safe and dropping frames of other patients is not (docs/near_duplicates.md)."""
+    exclude_near_duplicate: float = THRESHOLD
+    """Similarity from which a frame matches an evaluation image (`exclude:`)."""
     contact_sheet: int = 48  # random kept frames on the contact sheet
     seed: int = 0
     force: bool = False  # rebuild every source, ignoring finished parts

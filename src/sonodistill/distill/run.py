@@ -60,6 +60,26 @@ def loss_title(run_dir: str | Path) -> str:
     return LOSSES[name].title if name in LOSSES else f"{name} loss"
 
 
+AUGMENT_NAMES = {"us": "US-aware", "default": "Default", "none": "None"}
+
+
+def student_recipe(run_dir: str | Path) -> dict:
+    """What a distill run did, from its config.yaml (the ablation tables' columns):
+    augmentation, mixup, projection head, student and teacher architectures."""
+    config = Path(run_dir) / CONFIG
+    try:
+        cfg = yaml.safe_load(config.read_text())
+        return {
+            "augmentation": AUGMENT_NAMES.get(cfg["augment"], str(cfg["augment"])),
+            "mixup": bool(cfg["mixup"]),
+            "head": str(cfg["student"].get("head", "linear")),
+            "student": str(cfg["student"]["name"]),
+            "teacher": str(cfg["teacher"].get("name") or cfg["teacher"].get("family", "")),
+        }
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as err:
+        raise FileNotFoundError(f"{config}: not a distill run config ({err})") from err
+
+
 def student_backbone(path: str | Path, name: str | None = None) -> tuple[str, Path]:
     """(architecture, backbone weights file) of a distill run folder or a bare weights file
     (whose architecture must then be given)."""

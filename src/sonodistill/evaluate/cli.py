@@ -1,20 +1,50 @@
-"""`sonodistill evaluate`, `sonodistill embed` and `sonodistill analyze`: each a typed config
-(YAML via --config, flags override) handed to the library function of the same name."""
+"""`sonodistill evaluate` (and `sonodistill evaluate audit`), `sonodistill embed` and
+`sonodistill analyze`: each a typed config (YAML via --config, flags override) handed to the
+library function of the same name."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from sonodistill.config import parse_config
 
 EVALUATE = (
     "Downstream evaluation (paper Tables 2, 3, 4, 6, 7): encoders x tasks x protocols x label "
     "fractions x seeds. One JSON per run under OUT/runs (finished runs are skipped), tables "
-    "under OUT/tables. Example: sonodistill evaluate --config suites/smoke_cpu"
+    "under OUT/tables. Example: sonodistill evaluate --config suites/smoke_cpu. "
+    "`sonodistill evaluate audit --config SUITE` audits the suite's splits without training."
 )
+AUDIT = (
+    "Audit the splits of a suite's tasks (made if missing, as `sonodistill evaluate` would): "
+    "counts and class balance per split, groups, near-duplicate pairs within and across splits "
+    "at the chosen and a looser similarity, conflicting-label duplicates, non-binary masks and "
+    "a contact sheet of the closest cross-split pairs, written to OUT/splits/TASK.audit.md|json "
+    "and TASK.pairs.png. Exit code 1 when pairs or groups straddle splits."
+)
+
+
+def audit_main(argv: list[str]) -> int:
+    from sonodistill.evaluate.audit import LeakError
+    from sonodistill.evaluate.suite import SuiteConfig, SuiteData, audit_suite
+
+    cfg = parse_config(SuiteConfig, argv, "sonodistill evaluate audit", AUDIT)
+    data = SuiteData(cfg, Path(cfg.out))
+    data.writable = True  # the audit writes its reports (and new splits) into OUT/splits
+    try:
+        reports = audit_suite(cfg, data)
+    except LeakError as err:
+        print(f"sonodistill evaluate audit: {err}")
+        return 1
+    for r in reports:
+        print(Path(cfg.out) / "splits" / f"{r['task']}.audit.md")
+    return 0
 
 
 def evaluate_main(argv: list[str]) -> int:
     from sonodistill.evaluate.suite import SuiteConfig, run_suite
 
+    if argv and argv[0] == "audit":
+        return audit_main(argv[1:])
     cfg = parse_config(SuiteConfig, argv, "sonodistill evaluate", EVALUATE)
     if cfg.dry_run:
         from sonodistill.evaluate.estimate import dry_run

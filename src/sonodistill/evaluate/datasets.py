@@ -1,8 +1,18 @@
 """Downstream datasets: BUSI, DDTI (TN-SCUI and original XML layouts) and generic folders.
 
-A loader returns a `DatasetIndex` (records: image path, mask paths or polygons, label, group);
-`SegDataset` / `ClsDataset` turn records into tensors: a float grey image (1, H, W) in [0, 1]
-and a long mask (H, W) of class indices or a long label.
+A loader returns a `DatasetIndex` (records: image path or video frame, mask paths or polygons,
+label, group); `SegDataset` / `ClsDataset` turn records into tensors: a float grey image
+(1, S, S) in [0, 1] and a long mask (S, S) of class indices or a long label.
+
+Groups (images that must share a split) are set by the loaders where the files prove them:
+DDTI's dual-view halves (`10000+N` and `20000+N` are the two views of scan N, TN-SCUI
+layout), DDTI's original cases (`CASE_K.jpg`), the frames of one video; and by the dataset's
+`group_by` rule or `groups_csv` (see `DatasetSpec`). Near-duplicate images are grouped later,
+by the splits (`data.neardup`).
+
+Every image goes through `data.greys` (the project's one image path); masks through
+`data.masks` (pairing rules, the 8-bit threshold, outlines), and an image whose masks have
+another size is refused while indexing.
 """
 
 from __future__ import annotations
@@ -10,7 +20,8 @@ from __future__ import annotations
 import csv
 import re
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -19,11 +30,21 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from sonodistill.data.masks import mask_owner, masks_by_image, merge_masks
-from sonodistill.data.readers import IMAGE_EXT
+from sonodistill.data.greys import read_grey, read_greys, resize_mask, resize_square
+from sonodistill.data.masks import (
+    MASK_THRESHOLD,
+    Outline,
+    check_sizes,
+    images_and_masks,
+    mask_owner,
+    masks_by_image,
+    merge_masks,
+)
+from sonodistill.data.readers import IMAGE_EXT, VIDEO_EXT, ReadError, video_frame_count
 from sonodistill.errors import UserError
 
 BUSI_CLASSES = ("normal", "benign", "malignant")
+DDTI_CLASSES = ("background", "nodule")
 TaskType = Literal["seg", "cls"]
 """What a task predicts: a segmentation mask or a class label (a task's *name* is its key in a
 suite, e.g. busi_seg)."""
@@ -31,7 +52,8 @@ suite, e.g. busi_seg)."""
 
 @dataclass(frozen=True)
 class Record:
-    """One image and its annotation: mask files (merged), polygons (rasterised) or a label."""
+    """One image (or video frame) and its annotation: mask files (merged), polygons
+    (rasterised) or a label; `group`: images of one group always share a split."""
 
     id: str
     image: Path
@@ -39,6 +61,8 @@ class Record:
     polygons: tuple[tuple[tuple[float, float], ...], ...] = ()
     label: int | None = None
     group: str | None = None
+    frame: int = -1
+    """Frame index in a video file (-1: a still image)."""
 
 
 @dataclass
@@ -48,6 +72,10 @@ class DatasetIndex:
     records: list[Record]
     classes: tuple[str, ...] = ("background", "foreground")
     """Class names: mask values (seg, index 0 = background) or labels (cls)."""
+    mask_threshold: int = MASK_THRESHOLD
+    outline: Outline = "fill"
+    group_rules: tuple[str, ...] = ()
+    """How the records' groups were set (for the audit): loader rules, group_by, groups_csv."""
 
     @property
     def num_classes(self) -> int:
@@ -57,34 +85,50 @@ class DatasetIndex:
         by_id = {r.id: r for r in self.records}
         return [by_id[i] for i in ids]
 
+    def load_mask(self, record: Record, shape: tuple[int, int]) -> np.ndarray:
+        """The record's masks merged (binary sets: {0, 1}; multi-class: class indices)."""
+        return load_mask(record, shape, self.num_classes == 2, self.mask_threshold, self.outline)
+
 
 @dataclass
 class DatasetSpec:
     """A dataset in a suite file: built-in (busi, ddti) or a user's folder layout."""
 
     format: Literal["busi", "ddti", "seg_folder", "cls_folder"] = "seg_folder"
-    """The folder layout: busi, ddti (their published layouts), seg_folder (images/ + masks/),
-    cls_folder (one sub-folder per class)."""
+    """The folder layout: busi, ddti (their published layouts), seg_folder (images/ + masks/,
+    or masks beside their images), cls_folder (one sub-folder per class)."""
     root: str = ""
     task_type: TaskType = "seg"
     """seg or cls (BUSI has both)."""
     classes: list[str] | None = None
-    """seg_folder: class names by mask value (default binary: any non-zero is foreground)."""
+    """seg_folder: class names by mask value (default binary)."""
     groups_csv: str | None = None
-    """Optional CSV with columns `id,group` (e.g. patient): a group never spans two splits."""
+    """CSV with columns `id,group` (e.g. patient): a group never spans two splits."""
+    group_by: str | None = None
+    """Group rule for folders: `folder` (the image's folder, e.g. frames extracted one folder
+    per clip), `clip` (file names CLIP_0012.png: the name without its trailing frame number),
+    or `regex:PATTERN` (on the path under root; the named group `group`, else group 1, else
+    the match). Frames read from a video file always share the video's group."""
     images: str = "images"
     masks: str = "masks"
+    """seg_folder: the masks folder; the images folder itself (or "") for masks beside their
+    images with a suffix (`NAME_mask.png`, `NAME_Annotation.png`, ...; see data.masks)."""
+    mask_threshold: int = MASK_THRESHOLD
+    """Binary masks: foreground where the value exceeds this (index masks 0/1: where 1)."""
+    outline: Outline = "fill"
+    """Masks drawn as closed outlines: fill them, or refuse the dataset."""
+    frames_per_video: int = 8
+    """cls_folder with videos: evenly spaced frames taken from each clip."""
 
 
 # --------------------------------------------------------------------------- reading pixels
 
 
-def read_grey(path: Path) -> np.ndarray:
-    """8-bit grey (H, W). Colour frames (burned-in marks) are converted with PIL's luma."""
+def _grey(path: Path, frame: int = -1) -> np.ndarray:
+    """`data.greys.read_grey`, an unreadable evaluation image being the user's to fix."""
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("L"))
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        return read_grey(path, frame)
+    except ReadError as err:
         raise UserError(f"{path}: unreadable image ({err}); replace or remove it") from err
 
 
@@ -98,12 +142,26 @@ def rasterise(polygons, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(canvas)
 
 
-def load_mask(record: Record, shape: tuple[int, int], binary: bool = True) -> np.ndarray:
+def load_mask(
+    record: Record,
+    shape: tuple[int, int],
+    binary: bool = True,
+    threshold: int = MASK_THRESHOLD,
+    outline: Outline = "fill",
+) -> np.ndarray:
     """All masks of a record merged (union for binary, max for class indices)."""
-    mask = merge_masks(record.masks, shape, binary)
+    mask = merge_masks(record.masks, shape, binary, threshold, outline)
     if record.polygons:
         mask = np.maximum(mask, rasterise(record.polygons, (shape[1], shape[0])))
     return mask
+
+
+def read_records(records: list[Record]) -> Iterator[np.ndarray]:
+    """Grey frames of records, in order (`data.greys`; videos decoded once per clip run)."""
+    try:
+        yield from read_greys([(r.image, r.frame) for r in records])
+    except ReadError as err:
+        raise UserError(f"unreadable evaluation image: {err}; replace or remove it") from err
 
 
 # --------------------------------------------------------------------------- loaders
@@ -127,9 +185,7 @@ def load_busi(root: str | Path, task_type: TaskType = "seg") -> DatasetIndex:
         folder = root / cls
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: BUSI class folder missing")
-        files = _images(folder)
-        masks = masks_by_image(files)
-        images = [p for p in files if mask_owner(p) is None]
+        images, masks = images_and_masks(folder)
         for p in sorted(images, key=lambda p: _natural_key(p.stem)):
             if task_type == "seg" and p.stem not in masks:
                 raise FileNotFoundError(f"{p}: no mask file")
@@ -145,9 +201,18 @@ def load_busi(root: str | Path, task_type: TaskType = "seg") -> DatasetIndex:
     return DatasetIndex(f"busi_{task_type}", task_type, records, classes)
 
 
+def ddti_scan(image_id: str) -> str | None:
+    """TN-SCUI's DDTI numbering: `10000+N` and `20000+N` are the two halves of dual-view scan N
+    (one nodule, one patient; the renumbering removed N itself). None for single-view ids."""
+    if not image_id.isdigit() or int(image_id) < 10000:
+        return None
+    return f"scan{int(image_id) % 10000}"
+
+
 def load_ddti(root: str | Path) -> DatasetIndex:
-    """DDTI as `image/N.PNG` + `mask/N.PNG` (TN-SCUI 2020) or the original release
-    (`CASE_K.jpg` + `CASE.xml` with nodule polygons; the case number is the patient group)."""
+    """DDTI as `image/N.PNG` + `mask/N.PNG` (TN-SCUI 2020; the halves of a dual-view scan are
+    one group) or the original release (`CASE_K.jpg` + `CASE.xml` with nodule polygons; the
+    case number is the group)."""
     root = Path(root)
     if (root / "image").is_dir() and (root / "mask").is_dir():
         masks = masks_by_image((root / "mask").iterdir(), named_only=False)
@@ -155,8 +220,11 @@ def load_ddti(root: str | Path) -> DatasetIndex:
         for p in sorted(_images(root / "image"), key=lambda p: _natural_key(p.stem)):
             if p.stem not in masks:
                 raise FileNotFoundError(f"{p}: no mask in {root / 'mask'}")
-            records.append(Record(id=p.stem, image=p, masks=tuple(masks[p.stem])))
-        return DatasetIndex("ddti_seg", "seg", records, ("background", "nodule"))
+            records.append(
+                Record(id=p.stem, image=p, masks=tuple(masks[p.stem]), group=ddti_scan(p.stem))
+            )
+        rule = "ddti: ids 10000+N and 20000+N are the two views of scan N"
+        return DatasetIndex("ddti_seg", "seg", records, DDTI_CLASSES, group_rules=(rule,))
     xmls = sorted(root.glob("*.xml"), key=lambda p: _natural_key(p.stem))
     if not xmls:
         raise FileNotFoundError(f"{root}: neither image/+mask/ nor DDTI *.xml files")
@@ -168,7 +236,8 @@ def load_ddti(root: str | Path) -> DatasetIndex:
                 records.append(
                     Record(id=image.stem, image=image, polygons=polygons, group=xml_path.stem)
                 )
-    return DatasetIndex("ddti_seg", "seg", records, ("background", "nodule"))
+    rule = "ddti: the images of one case (CASE_K.jpg) are one group"
+    return DatasetIndex("ddti_seg", "seg", records, DDTI_CLASSES, group_rules=(rule,))
 
 
 _POINT = re.compile(r'"x"\s*:\s*(-?[\d.]+)\s*,\s*"y"\s*:\s*(-?[\d.]+)')
@@ -198,18 +267,33 @@ def parse_ddti_xml(path: Path) -> dict[str, tuple]:
 def load_seg_folder(
     root: str | Path,
     images: str = "images",
-    masks: str = "masks",
+    masks: str | None = "masks",
     classes: list[str] | None = None,
     name: str | None = None,
 ) -> DatasetIndex:
-    """`images/NAME.*` + `masks/NAME.*` (same stem). Binary unless `classes` (by mask value)."""
+    """`images/NAME.*` + `masks/NAME.*` (same stem), or masks beside their images with a
+    suffix (`masks` equal to `images`, or empty). Binary unless `classes` (by mask value)."""
     root = Path(root)
-    found = masks_by_image((root / masks).iterdir(), named_only=False)
+    image_dir = root / images
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"{image_dir}: images folder not found")
+    if not masks or masks == images:
+        files, found = images_and_masks(image_dir)
+        where = f"beside it in {image_dir} (NAME_mask.png, NAME_Annotation.png, ...)"
+    else:
+        mask_dir = root / masks
+        if not mask_dir.is_dir():
+            raise FileNotFoundError(f"{mask_dir}: masks folder not found")
+        files = [p for p in _images(image_dir) if mask_owner(p) is None]
+        found = masks_by_image(mask_dir.iterdir(), named_only=False)
+        where = f"named {{stem}}.* in {mask_dir}"
     records = []
-    for p in _images(root / images):
+    for p in files:
         if p.stem not in found:
-            raise FileNotFoundError(f"{p}: no mask named {p.stem}.* in {root / masks}")
+            raise FileNotFoundError(f"{p}: no mask {where.format(stem=p.stem)}")
         records.append(Record(id=p.stem, image=p, masks=tuple(found[p.stem])))
+    if not records:
+        raise FileNotFoundError(f"{image_dir}: no images")
     return DatasetIndex(
         name or root.name,
         "seg",
@@ -218,28 +302,87 @@ def load_seg_folder(
     )
 
 
-def load_cls_folder(root: str | Path, name: str | None = None) -> DatasetIndex:
-    """One sub-folder per class (sorted names = label order), images inside."""
+def _spread(count: int, k: int) -> list[int]:
+    """k evenly spaced indices in [0, count)."""
+    if count <= 0:
+        return []
+    return sorted({int(round(i)) for i in np.linspace(0, count - 1, min(k, count))})
+
+
+def load_cls_folder(
+    root: str | Path, name: str | None = None, frames_per_video: int = 8
+) -> DatasetIndex:
+    """One sub-folder per class (sorted names = label order), images or videos inside; a
+    video gives `frames_per_video` evenly spaced frames that share the video's group."""
     root = Path(root)
     classes = tuple(sorted(d.name for d in root.iterdir() if d.is_dir()))
     if len(classes) < 2:
         raise UserError(f"{root}: need at least two class folders (one per class name)")
-    records = [
-        Record(id=f"{cls}/{p.stem}", image=p, label=label)
-        for label, cls in enumerate(classes)
-        for p in _images(root / cls)
-    ]
-    return DatasetIndex(name or root.name, "cls", records, classes)
+    records = []
+    for label, cls in enumerate(classes):
+        for p in sorted((root / cls).iterdir()):
+            suffix = p.suffix.lower()
+            if suffix in IMAGE_EXT:
+                records.append(Record(id=f"{cls}/{p.stem}", image=p, label=label))
+            elif suffix in VIDEO_EXT:
+                clip = f"clip:{cls}/{p.stem}"
+                for k in _spread(video_frame_count(p), frames_per_video):
+                    rid = f"{cls}/{p.stem}#{k}"
+                    records.append(Record(id=rid, image=p, label=label, group=clip, frame=k))
+    videos = any(r.frame >= 0 for r in records)
+    rules = ("videos: the frames of one clip are one group",) if videos else ()
+    return DatasetIndex(name or root.name, "cls", records, classes, group_rules=rules)
 
 
 def load_groups_csv(index: DatasetIndex, path: str | Path) -> DatasetIndex:
     """Attach `group` (patient) ids from a CSV with columns id,group."""
     with open(path, newline="") as fh:
         groups = {row["id"]: row["group"] for row in csv.DictReader(fh)}
-    index.records = [
-        Record(**{**r.__dict__, "group": groups.get(r.id, r.group)}) for r in index.records
-    ]
+    index.records = [replace(r, group=groups.get(r.id, r.group)) for r in index.records]
+    index.group_rules += (f"groups_csv: {path}",)
     return index
+
+
+_FRAME_NUMBER = re.compile(r"^(?P<clip>.+?)[_\-. ]*(?:frame|frm|f)?[_\-. ]*\d+$", re.IGNORECASE)
+
+
+def group_of(record: Record, root: Path, rule: str) -> str:
+    """The group a `group_by` rule gives a record (see DatasetSpec.group_by)."""
+    try:
+        rel = record.image.relative_to(root)
+    except ValueError:
+        rel = Path(record.image.name)
+    if rule == "folder":
+        return rel.parent.as_posix()
+    if rule == "clip":
+        match = _FRAME_NUMBER.match(record.image.stem)
+        return (rel.parent / (match["clip"] if match else record.image.stem)).as_posix()
+    if rule.startswith("regex:"):
+        match = re.search(rule[len("regex:") :], rel.as_posix())
+        if match is None:
+            raise ValueError(f"group_by {rule!r} does not match {rel.as_posix()}")
+        if "group" in match.groupdict():
+            return match["group"]
+        return match.group(1) if match.groups() else match.group(0)
+    raise ValueError(f"group_by {rule!r}: use folder, clip or regex:PATTERN")
+
+
+def apply_group_by(index: DatasetIndex, root: str | Path, rule: str) -> DatasetIndex:
+    """Set every record's group by a `group_by` rule (video frames keep their clip's group)."""
+    root = Path(root)
+    index.records = [
+        r if r.frame >= 0 else replace(r, group=f"{rule}:{group_of(r, root, rule)}")
+        for r in index.records
+    ]
+    index.group_rules += (f"group_by: {rule}",)
+    return index
+
+
+def check_index_sizes(index: DatasetIndex) -> None:
+    """Every mask has its image's size (file headers only): refused before any training."""
+    for r in index.records:
+        if r.masks and r.frame < 0:
+            check_sizes(r.image, r.masks)
 
 
 def load_dataset(spec: DatasetSpec, name: str | None = None) -> DatasetIndex:
@@ -250,13 +393,19 @@ def load_dataset(spec: DatasetSpec, name: str | None = None) -> DatasetIndex:
     elif spec.format == "seg_folder":
         index = load_seg_folder(spec.root, spec.images, spec.masks, spec.classes, name)
     elif spec.format == "cls_folder":
-        index = load_cls_folder(spec.root, name)
+        index = load_cls_folder(spec.root, name, spec.frames_per_video)
     else:
         raise UserError(f"dataset {name}: unknown format {spec.format!r}")
     if name:
         index.name = name
+    index.mask_threshold, index.outline = spec.mask_threshold, spec.outline
+    if spec.group_by:
+        apply_group_by(index, spec.root, spec.group_by)
+    if spec.groups_csv:
+        load_groups_csv(index, spec.groups_csv)
     _check_found(index, spec)
-    return load_groups_csv(index, spec.groups_csv) if spec.groups_csv else index
+    check_index_sizes(index)
+    return index
 
 
 def _check_found(index: DatasetIndex, spec: DatasetSpec) -> None:
@@ -287,28 +436,47 @@ def builtin_datasets(data_root: str | Path) -> dict[str, DatasetSpec]:
 # --------------------------------------------------------------------------- torch datasets
 
 
-def _resize(arr: np.ndarray, size: int, nearest: bool) -> np.ndarray:
-    resample = Image.NEAREST if nearest else Image.BILINEAR
-    return np.asarray(Image.fromarray(arr).resize((size, size), resample))
-
-
 class SegDataset(Dataset):
     """(image float (1, S, S) in [0, 1], mask long (S, S)). Decoded once, kept in memory at
-    the target size: the sets are small and decoding PNGs every epoch dominates CPU runs."""
+    the target size: the sets are small and decoding PNGs every epoch dominates CPU runs.
+    `original_mask(i)` is the full-resolution mask (metrics at the original resolution)."""
 
-    def __init__(self, records: list[Record], size: int, binary: bool = True, hflip: bool = False):
+    def __init__(
+        self,
+        records: list[Record],
+        size: int,
+        binary: bool = True,
+        hflip: bool = False,
+        threshold: int = MASK_THRESHOLD,
+        outline: Outline = "fill",
+    ):
         self.records, self.size, self.binary, self.hflip = records, size, binary, hflip
+        self.threshold, self.outline = threshold, outline
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._full: dict[int, np.ndarray] = {}
+
+    @classmethod
+    def of(cls, index: DatasetIndex, records: list[Record], size: int, hflip: bool = False):
+        binary = index.num_classes == 2
+        return cls(records, size, binary, hflip, index.mask_threshold, index.outline)
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def original_mask(self, i: int) -> np.ndarray:
+        if i not in self._full:
+            r = self.records[i]
+            with Image.open(r.image) as im:
+                shape = (im.height, im.width)
+            self._full[i] = load_mask(r, shape, self.binary, self.threshold, self.outline)
+        return self._full[i]
+
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         if i not in self._cache:
             r = self.records[i]
-            image = read_grey(r.image)
-            mask = load_mask(r, image.shape, self.binary)
-            self._cache[i] = (_resize(image, self.size, False), _resize(mask, self.size, True))
+            image = _grey(r.image)
+            mask = load_mask(r, image.shape, self.binary, self.threshold, self.outline)
+            self._cache[i] = (resize_square(image, self.size), resize_mask(mask, self.size))
         return self._cache[i]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,7 +489,7 @@ class SegDataset(Dataset):
 
 
 class ClsDataset(Dataset):
-    """(image float (1, S, S) in [0, 1], label long)."""
+    """(image float (1, S, S) in [0, 1], label long); video frames are decoded once per clip."""
 
     def __init__(self, records: list[Record], size: int, hflip: bool = False):
         if any(r.label is None for r in records):
@@ -332,9 +500,19 @@ class ClsDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def _fill(self, i: int) -> None:
+        r = self.records[i]
+        if r.frame < 0:
+            self._cache[i] = resize_square(_grey(r.image), self.size)
+            return
+        same = [k for k, o in enumerate(self.records) if o.image == r.image and o.frame >= 0]
+        same.sort(key=lambda k: self.records[k].frame)
+        for k, grey in zip(same, read_records([self.records[k] for k in same]), strict=True):
+            self._cache[k] = resize_square(grey, self.size)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if i not in self._cache:
-            self._cache[i] = _resize(read_grey(self.records[i].image), self.size, False)
+            self._fill(i)
         x = torch.from_numpy(self._cache[i].astype(np.float32) / 255.0)[None]
         if self.hflip and torch.rand(()) < 0.5:
             x = x.flip(-1)

@@ -1,9 +1,17 @@
-"""Deterministic, leakage-free train/val/test splits and nested label fractions.
+"""Deterministic, leakage-free train/val/test splits, group k-fold cross-validation and nested
+label fractions.
 
-Exact duplicates (same grey pixels) and near-duplicates (perceptual hash within a Hamming
-distance) are grouped with a dataset's own group column (patient) as connected components of
-a "must share a split" graph, and a group always lands in one split. Splits are written to
-JSON and reused, so every encoder, protocol and seed of a suite sees the same images.
+Groups before splits: images that must share a split are the connected components of a graph
+whose edges are (1) the dataset's own groups (DDTI's dual-view scans, patients from a CSV, a
+`group_by` rule, the frames of a clip) and (2) exact and near-duplicate pairs, in the project's
+one near-duplicate notion (`data.neardup`). A group always lands in one split.
+
+Classification: a near-duplicate component whose images carry different labels (BUSI's
+`malignant (145)` = `benign (433)`) is a conflicting-label duplicate: its images are kept out
+of the task (`label_conflicts: drop`, the default) and listed in the split file.
+
+Splits are written to JSON and reused, so every encoder, protocol and seed of a suite sees the
+same images.
 """
 
 from __future__ import annotations
@@ -12,14 +20,19 @@ import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
-
-from sonodistill.data.hashing import hex_to_uint64, near_pairs, phash, pixel_sha1
+from sonodistill.data.neardup import (
+    CANDIDATE_BITS,
+    THRESHOLD,
+    Fingerprints,
+    cached_fingerprints,
+    components,
+    fingerprint_batch,
+    near_duplicates,
+)
 from sonodistill.errors import UserError
-from sonodistill.evaluate.datasets import DatasetIndex, read_grey
+from sonodistill.evaluate.datasets import DatasetIndex, read_records
 from sonodistill.io import read_json, write_json
 
 DDTI_COUNTS = (445, 127, 65)
@@ -33,8 +46,12 @@ FRACTIONS = (0.05, 0.1, 0.2, 0.5)
 @dataclass
 class SplitConfig:
     seed: int = 0
-    phash_distance: int = 4
-    """Near-duplicate threshold: Hamming distance between 64-bit perceptual hashes."""
+    near_duplicate: float = THRESHOLD
+    """Similarity (data.neardup, 0-1) from which two images are near duplicates and share a
+    split; above 1: exact copies only."""
+    label_conflicts: Literal["drop", "keep"] = "drop"
+    """Classification: images of a duplicate group with different labels are left out (drop)
+    or kept (keep: one image, two labels, possibly in train and test)."""
     seg_counts: list[int] | None = None
     """Segmentation (train, val, test) proportions as counts; default DDTI's 445/127/65, which
     a 637-image set gets exactly and other sets get scaled to their size."""
@@ -42,36 +59,64 @@ class SplitConfig:
     """(train, val, test) proportions; overrides the defaults above."""
 
 
-def image_hashes(index: DatasetIndex) -> dict[str, tuple[str, str]]:
-    """{id: (sha1 of the grey pixels, perceptual hash hex)}: the corpus builder's fingerprints."""
-    out = {}
-    for r in index.records:
-        grey = read_grey(r.image)
-        out[r.id] = (pixel_sha1(grey), phash(grey))
-    return out
+def image_fingerprints(index: DatasetIndex) -> Fingerprints:
+    """data.neardup fingerprints of the index's records, in record order (cached)."""
+    items = [(str(r.image), r.frame) for r in index.records]
+    return cached_fingerprints(items, lambda: fingerprint_batch(read_records(index.records)))
 
 
-def duplicate_groups(
-    index: DatasetIndex, hashes: dict[str, tuple[str, str]], phash_distance: int = 4
-) -> list[list[str]]:
-    """Groups of ids that must share a split: same pixels, near-identical phash, same group."""
+@dataclass
+class DuplicateStructure:
+    """What links the images of a dataset: groups (components), near-duplicate pairs (ids and
+    similarity) and conflicting-label duplicate groups."""
+
+    groups: list[list[str]]
+    pairs: list[tuple[str, str, float, bool]]
+    conflicts: list[dict]
+
+
+def duplicate_structure(
+    index: DatasetIndex, fps: Fingerprints, threshold: float = THRESHOLD
+) -> DuplicateStructure:
     ids = [r.id for r in index.records]
-    edges: list[tuple[int, int]] = []
-    first: dict[tuple[str, str], int] = {}
-    for i, r in enumerate(index.records):
-        keys = [("sha", hashes[r.id][0])] + ([("group", r.group)] if r.group else [])
-        for key in keys:
-            edges.append((i, first.setdefault(key, i)))
-    if phash_distance >= 0:
-        values = hex_to_uint64([hashes[i][1] for i in ids])
-        edges += [(i, j) for i, j, _ in near_pairs(values, values, phash_distance, same=True)]
-    rows, cols = zip(*edges, strict=True) if edges else ((), ())
-    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(ids), len(ids)))
-    _, labels = connected_components(graph, directed=False)
+    found = near_duplicates(fps, None, threshold, CANDIDATE_BITS)
+    pairs = [
+        (ids[i], ids[j], round(float(s), 4), bool(e))
+        for i, j, s, e in found[["i", "j", "similarity", "exact"]].itertuples(index=False)
+    ]
+    dup_edges = list(zip(found.i.tolist(), found.j.tolist(), strict=True))
+    edges = list(dup_edges)
+    first: dict[str, int] = {}
+    for k, r in enumerate(index.records):
+        if r.group:
+            edges.append((k, first.setdefault(r.group, k)))
+    labels = components(len(ids), edges)
     groups: dict[int, list[str]] = {}
     for id_, label in zip(ids, labels.tolist(), strict=True):
         groups.setdefault(label, []).append(id_)
-    return list(groups.values())
+    conflicts = []
+    if index.task_type == "cls":
+        label = {r.id: index.classes[r.label] for r in index.records}
+        dup_labels = components(len(ids), dup_edges)
+        members: dict[int, list[str]] = {}
+        for id_, c in zip(ids, dup_labels.tolist(), strict=True):
+            members.setdefault(c, []).append(id_)
+        for group in members.values():
+            if len({label[i] for i in group}) < 2:
+                continue
+            inside = set(group)
+            conflicts.append(
+                {
+                    "ids": group,
+                    "labels": [label[i] for i in group],
+                    "pairs": [
+                        [a, b, sim, exact]
+                        for a, b, sim, exact in pairs
+                        if a in inside and label[a] != label[b]
+                    ],
+                }
+            )
+    return DuplicateStructure(list(groups.values()), pairs, conflicts)
 
 
 def _targets(n: int, proportions) -> list[int]:
@@ -81,24 +126,27 @@ def _targets(n: int, proportions) -> list[int]:
 
 
 def assign_groups(groups: list[list[str]], strata: dict[str, int], targets: dict, seed: int):
-    """Greedy exact-count assignment: big groups first, each to the split with the largest
-    relative deficit for its stratum (its majority class), so the splits fill in proportion.
+    """Greedy exact-count assignment: big groups first, each to the bin (split or fold) with
+    the largest relative deficit for its stratum (its majority class), so bins fill in
+    proportion. `targets`: bin -> stratum -> count; ties go to the earlier bin.
 
     scikit-learn's GroupShuffleSplit / StratifiedGroupKFold cannot hit given counts such as
     DDTI's 445/127/65, hence this small deterministic rule.
     """
+    bins = list(targets)
     rng = random.Random(seed)
     order = sorted(groups, key=lambda g: (len(g), rng.random()), reverse=True)
-    filled = {s: {k: 0 for k in targets[s]} for s in SPLITS}
-    out: dict[str, list[str]] = {s: [] for s in SPLITS}
+    filled = {s: {k: 0 for k in targets[s]} for s in bins}
+    out: dict = {s: [] for s in bins}
     for group in order:
         labels = [strata[i] for i in group]
         stratum = max(set(labels), key=lambda k: (labels.count(k), -k))
         split = max(
-            SPLITS,
+            bins,
             key=lambda s: (
-                (targets[s][stratum] - filled[s][stratum]) / max(targets[s][stratum], 1),
-                -SPLITS.index(s),
+                (targets[s].get(stratum, 0) - filled[s].get(stratum, 0))
+                / max(targets[s].get(stratum, 0), 1),
+                -bins.index(s),
             ),
         )
         out[split].extend(group)
@@ -131,43 +179,134 @@ def fraction_key(f: float) -> str:
     return f"{f:g}"
 
 
-def make_splits(
-    index: DatasetIndex,
-    cfg: SplitConfig | None = None,
-    hashes: dict[str, tuple[str, str]] | None = None,
-    fractions=FRACTIONS,
-) -> dict:
-    cfg = cfg or SplitConfig()
-    hashes = hashes or image_hashes(index)
-    groups = duplicate_groups(index, hashes, cfg.phash_distance)
+def _proportions(index: DatasetIndex, cfg: SplitConfig) -> tuple[float, ...]:
+    if cfg.proportions:
+        return tuple(cfg.proportions)
+    if index.task_type == "cls":
+        return CLS_PROPORTIONS
+    counts = cfg.seg_counts or DDTI_COUNTS
+    return tuple(c / sum(counts) for c in counts)
+
+
+def _count_targets(strata: dict[str, int], ids, bins, proportions) -> dict:
+    targets: dict[str, dict[int, int]] = {b: {} for b in bins}
+    values = [strata[i] for i in ids]
+    for k in set(values):
+        for b, c in zip(bins, _targets(values.count(k), proportions), strict=True):
+            targets[b][k] = c
+    return targets
+
+
+def _prepare(index: DatasetIndex, cfg: SplitConfig, fingerprints: Fingerprints | None):
+    """(structure, kept groups, strata, excluded ids) shared by the fixed split and the folds."""
+    fps = fingerprints if fingerprints is not None else image_fingerprints(index)
+    if len(fps) != len(index.records):
+        raise ValueError(f"{len(fps)} fingerprints for {len(index.records)} images")
+    structure = duplicate_structure(index, fps, cfg.near_duplicate)
+    excluded: set[str] = set()
+    if index.task_type == "cls" and cfg.label_conflicts == "drop":
+        excluded = {i for c in structure.conflicts for i in c["ids"]}
+    groups = [[i for i in g if i not in excluded] for g in structure.groups]
+    groups = [g for g in groups if g]
     # Classification is class-stratified; segmentation too when images carry a class (BUSI:
     # normal cases have empty masks and should not cluster in one split).
-    stratified = index.task_type == "cls"
     strata = {r.id: (r.label if r.label is not None else 0) for r in index.records}
-    if cfg.proportions:
-        proportions = cfg.proportions
-    elif stratified:
-        proportions = CLS_PROPORTIONS
-    else:
-        counts = cfg.seg_counts or DDTI_COUNTS
-        proportions = tuple(c / sum(counts) for c in counts)
-    targets: dict[str, dict[int, int]] = {s: {} for s in SPLITS}
-    for k in set(strata.values()):
-        n_k = sum(1 for v in strata.values() if v == k)
-        for s, c in zip(SPLITS, _targets(n_k, proportions), strict=True):
-            targets[s][k] = c
-    assigned = assign_groups(groups, strata, targets, cfg.seed)
-    order = {r.id: i for i, r in enumerate(index.records)}
-    ids = {s: sorted(assigned[s], key=order.__getitem__) for s in SPLITS}
+    return structure, groups, strata, excluded
+
+
+def _describe(index, cfg, structure, groups, excluded) -> dict:
+    sizes = [len(g) for g in groups]
     return {
         "dataset": index.name,
         "task_type": index.task_type,
         "config": dataclasses.asdict(cfg),
+        "group_rules": list(index.group_rules),
         "n_groups": len(groups),
+        "largest_group": max(sizes, default=0),
         "multi_image_groups": sorted((sorted(g) for g in groups if len(g) > 1), key=len)[::-1],
+        "near_duplicates": [list(p) for p in structure.pairs],
+        "conflicting_labels": structure.conflicts,
+        "excluded": sorted(excluded),
+    }
+
+
+def _ordered(index: DatasetIndex, assigned: dict) -> dict[str, list[str]]:
+    order = {r.id: i for i, r in enumerate(index.records)}
+    return {s: sorted(assigned[s], key=order.__getitem__) for s in SPLITS}
+
+
+def make_splits(
+    index: DatasetIndex,
+    cfg: SplitConfig | None = None,
+    fingerprints: Fingerprints | None = None,
+    fractions=FRACTIONS,
+) -> dict:
+    """The fixed train/val/test split (the paper's protocol)."""
+    cfg = cfg or SplitConfig()
+    structure, groups, strata, excluded = _prepare(index, cfg, fingerprints)
+    kept = [i for g in groups for i in g]
+    targets = _count_targets(strata, kept, SPLITS, _proportions(index, cfg))
+    ids = _ordered(index, assign_groups(groups, strata, targets, cfg.seed))
+    return {
+        **_describe(index, cfg, structure, groups, excluded),
         "ids": ids,
         "fractions": nested_fractions(ids["train"], strata, fractions, cfg.seed),
     }
+
+
+def make_folds(
+    index: DatasetIndex,
+    k: int,
+    cfg: SplitConfig | None = None,
+    fingerprints: Fingerprints | None = None,
+    fractions=FRACTIONS,
+) -> list[dict]:
+    """Group k-fold cross-validation: the groups are dealt into k class-balanced folds; fold f
+    tests on fold f and splits the other folds' groups into train and val in the fixed split's
+    train:val proportion. Every image is tested exactly once."""
+    if k < 2:
+        raise ValueError(f"folds must be at least 2, not {k}")
+    cfg = cfg or SplitConfig()
+    structure, groups, strata, excluded = _prepare(index, cfg, fingerprints)
+    kept = [i for g in groups for i in g]
+    if len(groups) < k:
+        raise ValueError(f"{index.name}: {len(groups)} groups cannot fill {k} folds")
+    names = [f"fold{f}" for f in range(k)]
+    dealt = assign_groups(
+        groups, strata, _count_targets(strata, kept, names, [1 / k] * k), cfg.seed
+    )
+    train, val, _ = _proportions(index, cfg)
+    out = []
+    for f, name in enumerate(names):
+        rest = [g for g in groups if not set(g) & set(dealt[name])]
+        rest_ids = [i for g in rest for i in g]
+        targets = _count_targets(
+            strata, rest_ids, SPLITS[:2], (train / (train + val), val / (train + val))
+        )
+        inner = assign_groups(rest, strata, {**targets, "test": {}}, cfg.seed + f + 1)
+        inner["test"] = dealt[name]
+        ids = _ordered(index, inner)
+        out.append(
+            {
+                **_describe(index, cfg, structure, groups, excluded),
+                "fold": f,
+                "folds": k,
+                "ids": ids,
+                "fractions": nested_fractions(ids["train"], strata, fractions, cfg.seed),
+            }
+        )
+    return out
+
+
+def _check_stored(splits: dict, index: DatasetIndex, path: Path, cfg: SplitConfig | None):
+    stored = {i for s in SPLITS for i in splits["ids"][s]} | set(splits.get("excluded", []))
+    if stored != {r.id for r in index.records}:
+        raise UserError(f"{path}: split file does not match dataset {index.name}")
+    if cfg is not None and splits.get("config") != dataclasses.asdict(cfg):
+        raise UserError(
+            f"{path} was made with {splits.get('config')}, not {dataclasses.asdict(cfg)}: "
+            "use another output folder (or delete the file to re-split)"
+        )
 
 
 def load_or_make_splits(
@@ -188,15 +327,27 @@ def read_splits(index: DatasetIndex, path: str | Path, cfg: SplitConfig | None =
     splits = read_json(path, "split file")
     if not (isinstance(splits, dict) and "ids" in splits):
         return None
-    stored = {i for s in SPLITS for i in splits["ids"][s]}
-    if stored != {r.id for r in index.records}:
-        raise UserError(f"{path}: split file does not match dataset {index.name}")
-    if cfg is not None and splits.get("config") != dataclasses.asdict(cfg):
-        raise UserError(
-            f"{path} was made with {splits.get('config')}, not {dataclasses.asdict(cfg)}: "
-            "use another output folder (or delete the file to re-split)"
-        )
+    _check_stored(splits, index, path, cfg)
     return splits
+
+
+def fold_path(folder: Path, task: str, fold: int, folds: int) -> Path:
+    return folder / f"{task}.cv{folds}-{fold}.json"
+
+
+def load_or_make_folds(
+    index: DatasetIndex, folder: str | Path, task: str, k: int, cfg: SplitConfig | None = None, **kw
+) -> list[dict]:
+    """The k fold files of a task (`TASK.cvK-F.json`), reused when present."""
+    folder = Path(folder)
+    paths = [fold_path(folder, task, f, k) for f in range(k)]
+    folds = [read_splits(index, p, cfg) for p in paths]
+    if all(f is not None for f in folds):
+        return folds
+    folds = make_folds(index, k, cfg, **kw)
+    for p, s in zip(paths, folds, strict=True):
+        write_json(p, s, indent=1)
+    return folds
 
 
 def split_ids(splits: dict, split: str, fraction: float = 1.0) -> list[str]:

@@ -1,13 +1,20 @@
-"""A suite: encoders x tasks x protocols x label fractions x seeds -> one JSON per run -> tables.
+"""A suite: encoders x tasks x protocols x label fractions x seeds (x folds) -> one JSON per run
+-> tables.
+
+Before any training, every task's splits are made (or read) and audited (`evaluate.audit`,
+written beside the split files); the suite refuses to start while near-duplicate pairs or
+groups straddle splits, unless `accept_leaks` is set. Encoders named like `R18-Distill-US`,
+and the `ablation:` rows, are checked against each student run's config.yaml: a label that
+says something the run did not do is an error.
 
 The output folder belongs to one suite (locked while it runs). Every option and dataset is
 checked before anything is written. A folder that holds a suite needs --resume (the training
 and split settings stay; encoders, tasks, protocols, fractions and seeds may be added) or
 --overwrite. Resumed, a run whose JSON exists with the same fingerprint (task, protocol,
-encoder spec and the SHA-256 of its weights file, fraction, seed, training settings, split) is
-skipped, and the progress says how many were; a file replaced under the same name (a distill
-run redone into the same folder) invalidates its runs; an empty or cut JSON (a full disk, a
-kill in an older version) is run again.
+encoder spec and the SHA-256 of its weights file, fraction, seed, fold, training settings,
+split) is skipped, and the progress says how many were; a file replaced under the same name
+(a distill run redone into the same folder) invalidates its runs; an empty or cut JSON (a full
+disk, a kill in an older version) is run again.
 """
 
 from __future__ import annotations
@@ -22,8 +29,10 @@ from pathlib import Path
 import yaml
 
 from sonodistill.config import config_changes, describe_changes, save_config, to_dict
-from sonodistill.distill.run import load_encoder, resolve_encoder
+from sonodistill.data.neardup import LOOSE, Fingerprints
+from sonodistill.distill.run import AUGMENT_NAMES, load_encoder, resolve_encoder, student_recipe
 from sonodistill.errors import UserError, check, check_positive, unknown_name
+from sonodistill.evaluate.audit import LeakError, audit_task, summary_line
 from sonodistill.evaluate.datasets import (
     DatasetIndex,
     DatasetSpec,
@@ -31,17 +40,21 @@ from sonodistill.evaluate.datasets import (
     load_dataset,
 )
 from sonodistill.evaluate.head_checkpoint import save_evaluate_head
+from sonodistill.evaluate.metrics import EMPTY_RULES
 from sonodistill.evaluate.probe_cache import FeatureCache
 from sonodistill.evaluate.splits import (
+    DDTI_COUNTS,
     FRACTIONS,
     SplitConfig,
-    image_hashes,
+    fold_path,
+    image_fingerprints,
+    make_folds,
     make_splits,
     read_splits,
 )
 from sonodistill.evaluate.tables import paper_tables
-from sonodistill.evaluate.train import TrainSettings, run_one, trivial_baselines
-from sonodistill.io import claim_run_dir, read_json, remove_owned, write_json, write_table
+from sonodistill.evaluate.train import TrainSettings, run_one
+from sonodistill.io import claim_run_dir, read_json, remove_owned, write_json
 from sonodistill.models.encoders import RANDOM, EncoderSpec, family_of, parse_spec
 from sonodistill.models.student import StudentConfig
 from sonodistill.progress import progress_bar
@@ -66,10 +79,20 @@ class SuiteConfig:
     fraction_protocols: list[str] = field(default_factory=lambda: ["finetune"])
     """Protocols run at fractions below 1 (the paper's Table 4 is fine-tuning only)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    folds: int = 0
+    """0: the paper's fixed train/val/test split; K >= 2: group K-fold cross-validation (every
+    image tested once per seed; val carved from the training folds)."""
+    reference: str | None = None
+    """Encoder label the others are compared with in comparisons.md (default: the first)."""
     ablation: list[dict] = field(default_factory=list)
-    """Table 6 rows: {encoder: LABEL, augmentation: Default|US-aware, mixup: bool}."""
+    """Table 6 rows: {encoder: LABEL, augmentation: Default|US-aware, mixup: bool}; checked
+    against each run's config.yaml (the table's columns are read from the configs)."""
     split: SplitConfig = field(default_factory=SplitConfig)
     train: TrainSettings = field(default_factory=TrainSettings)
+    accept_leaks: bool = False
+    """Start even when the audit finds near-duplicate pairs or groups across splits."""
+    audit_loose: float = LOOSE
+    """The audit's looser similarity: pairs listed for a look, not grouped."""
     tables_only: bool = False
     """Only rebuild the tables from the run JSONs already in `out`."""
     save_models: bool = False
@@ -97,7 +120,10 @@ FREE_ON_RESUME = (
     "fractions",
     "fraction_protocols",
     "seeds",
+    "reference",
     "ablation",
+    "accept_leaks",
+    "audit_loose",
     "tables_only",
     "save_models",
     "resume",
@@ -119,11 +145,18 @@ class Run:
     label: str
     fraction: float
     seed: int
+    fold: int | None = None
+    folds: int = 0
 
     @property
     def id(self) -> str:
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.label)
-        return f"{self.task}__{self.protocol}__{slug}__f{self.fraction:g}__s{self.seed}"
+        cv = f"__cv{self.folds}-{self.fold}" if self.fold is not None else ""
+        return f"{self.task}__{self.protocol}__{slug}__f{self.fraction:g}__s{self.seed}{cv}"
+
+    @property
+    def cell(self) -> tuple:
+        return (self.task, self.protocol, self.label, round(float(self.fraction), 9))
 
 
 def encoder_spec(item: str | dict) -> EncoderSpec:
@@ -144,11 +177,75 @@ def encoder_label(spec: EncoderSpec) -> str:
     return f"{name}-{Path(spec.weights or spec.family).stem}"
 
 
+def encoder_recipe(spec: EncoderSpec) -> dict:
+    """How an encoder was made: a student's run config, or its initialisation and
+    architecture."""
+    if spec.family == "student":
+        return {"init": "distilled", **student_recipe(spec.weights or "")}
+    name = spec.name or family_of(spec).default_name
+    if spec.weights == RANDOM:
+        return {"init": "random", "student": name}
+    return {"init": "pretrained", "student": name}
+
+
+_ARCH = {"r18": "resnet18", "r34": "resnet34", "r50": "resnet50", "r101": "resnet101"}
+
+
+def label_claims(label: str) -> dict:
+    """What an encoder label like `R18-Distill-US-NoMixup` says about the run."""
+    tokens = [t for t in re.split(r"[-_ ]+", label.lower()) if t]
+    claims: dict = {}
+    for t in tokens:
+        if t in _ARCH:
+            claims["student"] = _ARCH[t]
+        elif t in ("rand", "random"):
+            claims["init"] = "random"
+        elif t == "distill":
+            claims["init"] = "distilled"
+        elif t == "us":
+            claims["augmentation"] = AUGMENT_NAMES["us"]
+        elif t == "default":
+            claims["augmentation"] = AUGMENT_NAMES["default"]
+        elif t == "nomixup":
+            claims["mixup"] = False
+        elif t == "mixup":
+            claims["mixup"] = True
+    if "convnext" in tokens and "tiny" in tokens:
+        claims["student"] = "convnext_tiny"
+    return claims
+
+
+def check_labels(specs: list[EncoderSpec], labels: list[str], ablation: list[dict]) -> dict:
+    """{label: recipe}; ValueError when a label or an ablation row contradicts the run."""
+    recipes = {label: encoder_recipe(s) for s, label in zip(specs, labels, strict=True)}
+    for spec, label in zip(specs, labels, strict=True):
+        where = f"{spec.weights}/config.yaml" if spec.family == "student" else "its spec"
+        for key, value in label_claims(label).items():
+            if key in recipes[label] and recipes[label][key] != value:
+                raise ValueError(
+                    f"encoder {label!r} says {key} {value!r} but {where} has "
+                    f"{recipes[label][key]!r}: fix the label or the run"
+                )
+    for row in ablation:
+        label = row.get("encoder")
+        if label not in recipes:
+            raise ValueError(f"ablation row {row}: no encoder labelled {label!r}")
+        for key in ("augmentation", "mixup"):
+            if key in row and recipes[label].get(key) != row[key]:
+                raise ValueError(
+                    f"ablation row {label!r} says {key} {row[key]!r} but the run's config.yaml "
+                    f"has {recipes[label].get(key)!r}"
+                )
+    return recipes
+
+
 def plan(cfg: SuiteConfig) -> list[Run]:
     specs = [encoder_spec(e) for e in cfg.encoders]
     labels = [encoder_label(s) for s in specs]
     if len(set(labels)) != len(labels):
         raise UserError(f"--encoders: labels must be unique (add @LABEL): {labels}")
+    check(cfg.folds == 0 or cfg.folds >= 2, "--folds", cfg.folds, "use 0 (fixed split) or >= 2")
+    folds = list(range(cfg.folds)) if cfg.folds else [None]
     runs = []
     for task in cfg.tasks:
         for protocol in cfg.protocols:
@@ -158,7 +255,9 @@ def plan(cfg: SuiteConfig) -> list[Run]:
             for fraction in sorted(set(fractions), reverse=True):
                 for spec, label in zip(specs, labels, strict=True):
                     for seed in cfg.seeds:
-                        runs.append(Run(task, protocol, spec, label, float(fraction), seed))
+                        for fold in folds:
+                            run = Run(task, protocol, spec, label, float(fraction), seed)
+                            runs.append(dataclasses.replace(run, fold=fold, folds=cfg.folds))
     return runs
 
 
@@ -209,7 +308,7 @@ def weights_digest(spec: EncoderSpec) -> str | None:
 SPEED_ONLY = ("device", "num_workers", "feature_cache")
 
 
-def check_suite(cfg: SuiteConfig) -> tuple[list[Run], _Data]:
+def check_suite(cfg: SuiteConfig) -> tuple[list[Run], SuiteData]:
     """Every option, encoder and dataset, before anything is written: the runs to do and the
     datasets (indexed, not read), or a UserError naming the first bad option or file."""
     t = cfg.train
@@ -236,11 +335,13 @@ def check_suite(cfg: SuiteConfig) -> tuple[list[Run], _Data]:
         if protocol not in PROTOCOLS:
             raise unknown_name("protocol", protocol, PROTOCOLS, "--fraction_protocols")
     runs = plan(cfg)
-    data = _Data(cfg, Path(cfg.out))
+    specs = {r.label: r.encoder for r in runs}
+    data = SuiteData(cfg, Path(cfg.out))
+    data.recipes = check_labels(list(specs.values()), list(specs), cfg.ablation)
     if not cfg.tables_only:
         check_encoders(cfg, runs, data.specs)
-        for task in cfg.tasks:  # every image read once (hashed for the splits) or listed
-            data.get(task)
+        for task in cfg.tasks:  # every image read once (fingerprinted for the splits)
+            data.splits(task)
     return runs, data
 
 
@@ -256,44 +357,72 @@ def fingerprint(run: Run, cfg: SuiteConfig) -> str:
         train,
         dataclasses.asdict(cfg.split),
     ]
+    if run.fold is not None:
+        key.append([run.fold, run.folds])
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class _Data:
-    """Datasets and their splits, loaded once per suite; images hashed once per dataset root.
-    New splits are kept in memory until `writable` (the folder claimed), then saved."""
+class SuiteData:
+    """Datasets, fingerprints, splits (or folds) and audits, made once per suite; images are
+    fingerprinted once per dataset root. New splits are kept in memory until `writable` (the
+    folder claimed), then saved."""
 
     def __init__(self, cfg: SuiteConfig, out: Path):
         self.cfg, self.out, self.specs = cfg, out, task_specs(cfg)
         self._index: dict[str, DatasetIndex] = {}
-        self._splits: dict[str, dict] = {}
-        self._hashes: dict[str, dict] = {}
+        self._splits: dict[str, list[dict]] = {}
+        self._fps: dict[str, Fingerprints] = {}
         self._unsaved: dict[Path, dict] = {}
         self.writable = False
+        self.recipes: dict[str, dict] = {}
 
     def index(self, task: str) -> DatasetIndex:
         if task not in self._index:
             self._index[task] = load_dataset(self.specs[task], task)
         return self._index[task]
 
-    def get(self, task: str) -> tuple[DatasetIndex, dict]:
+    def fingerprints(self, task: str) -> Fingerprints:
+        root = self.specs[task].root
+        if root not in self._fps:
+            self._fps[root] = image_fingerprints(self.index(task))
+        return self._fps[root]
+
+    def splits(self, task: str) -> list[dict]:
+        """[the fixed split] or the K folds of a task: read, else made (saved once writable)."""
         if task not in self._splits:
-            spec, index = self.specs[task], self.index(task)
-            path = self.out / "splits" / f"{task}.json"
-            splits = read_splits(index, path, self.cfg.split)
-            if splits is None:
-                hashes = self._hashes.setdefault(spec.root, image_hashes(index))
+            index, folder, k = self.index(task), self.out / "splits", self.cfg.folds
+            paths = [fold_path(folder, task, f, k) for f in range(k)] or [folder / f"{task}.json"]
+            stored = [read_splits(index, p, self.cfg.split) for p in paths]
+            if any(s is None for s in stored):
                 fractions = sorted(set(FRACTIONS) | {f for f in self.cfg.fractions if f < 1})
-                splits = make_splits(index, self.cfg.split, hashes=hashes, fractions=fractions)
-                self._unsaved[path] = splits
-            self._splits[task] = splits
+                kw = {"fingerprints": self.fingerprints(task), "fractions": fractions}
+                if k:
+                    stored = make_folds(index, k, self.cfg.split, **kw)
+                else:
+                    stored = [make_splits(index, self.cfg.split, **kw)]
+                self._unsaved.update(zip(paths, stored, strict=True))
+            self._splits[task] = stored
         self.save()
-        return self._index[task], self._splits[task]
+        return self._splits[task]
+
+    def get(self, task: str, fold: int | None = None) -> tuple[DatasetIndex, dict]:
+        return self.index(task), self.splits(task)[fold or 0]
 
     def save(self) -> None:
         while self.writable and self._unsaved:
             path, splits = self._unsaved.popitem()
             write_json(path, splits, indent=1)
+
+    def audit(self, task: str) -> dict:
+        return audit_task(
+            self.index(task),
+            self.splits(task),
+            self.fingerprints(task),
+            self.out / "splits",
+            task,
+            self.cfg.split.near_duplicate,
+            self.cfg.audit_loose,
+        )
 
 
 def check_encoders(cfg: SuiteConfig, runs: list[Run], specs: dict[str, DatasetSpec]) -> None:
@@ -313,6 +442,30 @@ def check_encoders(cfg: SuiteConfig, runs: list[Run], specs: dict[str, DatasetSp
             encoder.check_input_size(size, size, option)
 
 
+def audit_suite(cfg: SuiteConfig, data: SuiteData, echo=print) -> list[dict]:
+    """Audit every task; LeakError when pairs or groups straddle splits (unless accepted)."""
+    reports = []
+    for task in cfg.tasks:
+        report = data.audit(task)
+        echo(summary_line(report))
+        reports.append(report)
+    leaking = [r for r in reports if r["leaks"]]
+    if leaking and not cfg.accept_leaks:
+        names = ", ".join(f"{r['task']} ({r['leaks']})" for r in leaking)
+        raise LeakError(
+            f"near-duplicate pairs or groups straddle the splits of {names}: see "
+            f"{data.out / 'splits'}/TASK.audit.md (accept_leaks: true to run anyway)"
+        )
+    return reports
+
+
+def expected_runs(runs: list[Run]) -> dict[tuple, int]:
+    counts: dict[tuple, int] = {}
+    for r in runs:
+        counts[r.cell] = counts.get(r.cell, 0) + 1
+    return counts
+
+
 def run_suite(cfg: SuiteConfig) -> list[Path]:
     """Run what is not done yet, then write the tables; returns the table files."""
     if cfg.dry_run:
@@ -327,6 +480,8 @@ def run_suite(cfg: SuiteConfig) -> list[Path]:
         save_config(cfg, out / "suite.yaml")
         data.writable = True
         data.save()
+        if not cfg.tables_only:
+            audit_suite(cfg, data)
         return _run_suite(cfg, out, runs, data)
 
 
@@ -347,7 +502,7 @@ def _check_resume(cfg: SuiteConfig, out: Path) -> None:
         )
 
 
-def _run_suite(cfg: SuiteConfig, out: Path, runs: list[Run], data: _Data) -> list[Path]:
+def _run_suite(cfg: SuiteConfig, out: Path, runs: list[Run], data: SuiteData) -> list[Path]:
     done_runs = {r.id: d for r in runs if (d := _finished(out, r, cfg)) is not None}
     if done_runs:
         print(
@@ -369,7 +524,7 @@ def _run_suite(cfg: SuiteConfig, out: Path, runs: list[Run], data: _Data) -> lis
                     continue
                 bar.update(suite_task, info=run.id)
                 bar.reset(epoch_task, total=cfg.train.epochs)
-                index, splits = data.get(run.task)
+                index, splits = data.get(run.task, run.fold)
 
                 def on_epoch(epoch: int, row: dict, _task=epoch_task, _id=run.id) -> None:
                     shown = {k: round(v, 4) for k, v in row.items() if k != "epoch"}
@@ -401,10 +556,13 @@ def _run_suite(cfg: SuiteConfig, out: Path, runs: list[Run], data: _Data) -> lis
                         "file": str(weights_file(run.encoder) or "random"),
                         "sha256": weights_digest(run.encoder),
                     },
+                    "encoder_recipe": data.recipes[run.label],
                     "fraction": run.fraction,
                     "seed": run.seed,
+                    "fold": run.fold,
+                    "folds": run.folds,
                     "settings": dataclasses.asdict(cfg.train),
-                    "split_file": str(out / "splits" / f"{run.task}.json"),
+                    "split_file": str(split_path(out / "splits", run)),
                     "fingerprint": fp,
                     **result,
                 }
@@ -412,11 +570,19 @@ def _run_suite(cfg: SuiteConfig, out: Path, runs: list[Run], data: _Data) -> lis
             results.append(done)
             bar.advance(suite_task)
     types = {t: data.specs[t].task_type for t in cfg.tasks}
+    classes = {t: data.index(t).num_classes for t in cfg.tasks}
     labels = list(dict.fromkeys(r.label for r in runs))
-    tables = paper_tables(results, labels, types, out / "tables", table_note(cfg), cfg.ablation)
-    if not cfg.tables_only and any(v == "seg" for v in types.values()):
-        tables.append(write_baselines(cfg, data, types, out / "tables"))
-    return tables
+    return paper_tables(
+        results,
+        labels,
+        types,
+        out / "tables",
+        table_note(cfg),
+        cfg.ablation,
+        expected=expected_runs(runs),
+        num_classes=classes,
+        reference=cfg.reference,
+    )
 
 
 def _finished(out: Path, run: Run, cfg: SuiteConfig) -> dict | None:
@@ -440,29 +606,39 @@ def _model_saver(run: Run, index: DatasetIndex, out: Path):
     return save
 
 
-def write_baselines(cfg: SuiteConfig, data: _Data, types: dict[str, str], out: Path) -> Path:
-    """All-background / all-foreground test scores per segmentation task, beside the tables."""
-    scores, rows = {}, []
-    for task in (t for t, kind in types.items() if kind == "seg"):
-        index, splits = data.get(task)
-        scores[task] = trivial_baselines(index, splits, cfg.train)
-        for name, s in scores[task].items():
-            rows.append({"Task": task, "Predictor": name, "Dice": s["dice"], "IoU": s["iou"]})
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "baselines.json", scores, indent=1)
-    title = "Trivial predictors on the same test splits"
-    note = f"Segmentation at {cfg.train.seg_size} px; per-image Dice/IoU, both empty = 1."
-    return write_table(rows, out / "baselines", title, note)
+def split_path(folder: Path, run: Run) -> Path:
+    if run.fold is None:
+        return folder / f"{run.task}.json"
+    return fold_path(folder, run.task, run.fold, run.folds)
 
 
 def table_note(cfg: SuiteConfig) -> str:
     t = cfg.train
     seeds = ", ".join(map(str, cfg.seeds))
     subset = f"; at most {t.subset} images per split (smoke run)" if t.subset else ""
+    if cfg.folds:
+        split = (
+            f"group {cfg.folds}-fold cross-validation (every image tested once per seed; "
+            f"n = {cfg.folds} folds x {len(cfg.seeds)} seeds)"
+        )
+    else:
+        counts = cfg.split.seg_counts or DDTI_COUNTS
+        split = (
+            f"the fixed split (segmentation {'/'.join(map(str, counts))} proportions, "
+            f"classification 70/10/20; n = {len(cfg.seeds)} seeds)"
+        )
+    other = "ignore" if t.empty_mask == "one" else "one"
+    resolution = (
+        "at each image's original resolution (predictions resized back)"
+        if t.metric_resolution == "original"
+        else f"at the training size {t.seg_size} px"
+    )
     return (
         f"Image size: segmentation {t.seg_size} px, classification {t.cls_size} px; "
         f"{t.epochs} epochs; batch {t.seg_batch}/{t.cls_batch}; AdamW lr {t.lr:g}; "
-        f"seeds {seeds} (mean ± sample std over {len(cfg.seeds)}){subset}. "
-        "Dice/IoU: per image, foreground, averaged over the test split (both empty = 1). "
-        "Test scores of the best-validation epoch."
+        f"seeds {seeds}; {split}{subset}; groups and near duplicates (similarity >= "
+        f"{cfg.split.near_duplicate}) never straddle splits. Dice/IoU per image, foreground, "
+        f"{resolution}, averaged over the test images; empty masks: {EMPTY_RULES[t.empty_mask]} "
+        f"(--train.empty_mask {other}: {EMPTY_RULES[other]}). Test scores of the "
+        "best-validation epoch."
     )

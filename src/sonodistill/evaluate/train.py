@@ -15,6 +15,7 @@ from typing import Literal
 import lightning_fabric
 import numpy as np
 import torch
+import torch.nn.functional as F
 from segmentation_models_pytorch.losses import DiceLoss, FocalLoss
 from torch import nn
 from torch.utils.data import DataLoader
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader
 from sonodistill.evaluate.datasets import ClsDataset, DatasetIndex, Record, SegDataset
 from sonodistill.evaluate.heads import Protocol, build_model, trainable_parameters
 from sonodistill.evaluate.metrics import (
-    EMPTY_RULE,
+    EMPTY_RULES,
     classification_scores,
     dice_iou,
     predict_mask,
@@ -54,6 +55,12 @@ class TrainSettings:
     """Fine-tuned segmentation decoder: unet (smp's U-Net on the encoder's pyramid), light (a
     light head on the last map), or auto: the family's default (light for plain ViTs, as the
     paper's DINOv3 reference; unet otherwise)."""
+    metric_resolution: Literal["original", "train"] = "original"
+    """Segmentation metrics on the original image (predicted logits resized back, bilinear)
+    or at the training size (`seg_size` x `seg_size`, masks resized nearest)."""
+    empty_mask: Literal["one", "ignore"] = "one"
+    """Empty ground truth: `one` scores 1 when the prediction is empty too, 0 otherwise;
+    `ignore` leaves such images out of the mean (MONAI's ignore_empty)."""
     feature_cache: bool = True
     """Linear probes: encode each image once (per encoder, dataset and size) and train the head
     on the cached features; the same results. false: recompute them every epoch."""
@@ -119,26 +126,47 @@ def evaluate(
     device,
     forward: Callable | None = None,
     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    settings: TrainSettings | None = None,
 ) -> dict:
-    """Scores of `model` on a loader's batches; `forward` replaces `model(x)` (cached features:
-    the probe's head alone)."""
+    """Scores of `model` on a loader's batches (in dataset order); `forward` replaces
+    `model(x)` (cached features: the probe's head alone). `per_image`: every image's id and
+    score (seg: Dice, IoU; cls: label and prediction). Segmentation follows the settings'
+    `metric_resolution` and `empty_mask`."""
+    s = settings or TrainSettings()
     model.eval()
     forward = forward or model
-    outputs, targets = [], []
+    data = getattr(loader.dataset, "base", loader.dataset)  # cached features wrap the images
+    ids = [r.id for r in data.records]
+    seg = task_type == "seg"
+    preds, labels, dices, ious, k = [], [], [], [], 0
     for x, y in loader:
         with autocast():
-            logits = forward(x.to(device, non_blocking=True)).float()
-        seg = task_type == "seg"
-        outputs.append(predict_mask(logits).cpu() if seg else logits.argmax(1).cpu())
-        targets.append(y)
-    if task_type == "seg":
-        dices, ious = zip(
-            *(dice_iou(o, t, num_classes) for o, t in zip(outputs, targets, strict=True)),
-            strict=True,
-        )
-        dice, iou = np.concatenate(dices), np.concatenate(ious)
-        return {**segmentation_scores(dice, iou), "per_image_dice": dice.round(5).tolist()}
-    return classification_scores(torch.cat(outputs), torch.cat(targets), num_classes)
+            logits = forward(x.to(device, non_blocking=True)).float().cpu()
+        if not seg:
+            preds += logits.argmax(1).tolist()
+            labels += y.tolist()
+            continue
+        if s.metric_resolution == "train":
+            d, i = dice_iou(predict_mask(logits), y, num_classes, s.empty_mask)
+            dices += d.tolist()
+            ious += i.tolist()
+            k += len(x)
+            continue
+        for one in logits:
+            target = torch.from_numpy(data.original_mask(k).astype(np.int64))
+            up = F.interpolate(one[None], size=target.shape, mode="bilinear", align_corners=False)
+            d, i = dice_iou(predict_mask(up), target[None], num_classes, s.empty_mask)
+            dices.append(float(d[0]))
+            ious.append(float(i[0]))
+            k += 1
+    if not seg:
+        scores = classification_scores(preds, labels, num_classes)
+        return {**scores, "per_image": {"id": ids, "label": labels, "pred": preds}}
+    dice, iou = np.array(dices), np.array(ious)
+    return {
+        **segmentation_scores(dice, iou),
+        "per_image": {"id": ids, "dice": dice.round(5).tolist(), "iou": iou.round(5).tolist()},
+    }
 
 
 def make_loaders(
@@ -154,10 +182,9 @@ def make_loaders(
         for name in ("train", "val", "test")
     }
     if index.task_type == "seg":
-        binary = index.num_classes == 2
 
         def make(name, flip):
-            return SegDataset(records[name], s.seg_size, binary, flip)
+            return SegDataset.of(index, records[name], s.seg_size, flip)
 
         batch = s.seg_batch
     else:
@@ -203,6 +230,7 @@ def run_one(
     gen = seed_everything(seed)
     device = pick_device(settings.device)
     loaders = make_loaders(index, splits, fraction, settings, gen, device)
+    sets = {name: loader.dataset for name, loader in loaders.items()}  # the images, uncached
     model = build_model(encoder, index.task_type, protocol, index.num_classes, settings.seg_decoder)
     model = model.to(device)
     autocast = autocast_for(device, settings.precision)
@@ -235,20 +263,35 @@ def run_one(
             total += loss.detach() * len(x)  # read once per epoch: no per-step device sync
             seen += len(x)
         val = evaluate(
-            model, loaders["val"], index.task_type, index.num_classes, device, forward, autocast
+            model,
+            loaders["val"],
+            index.task_type,
+            index.num_classes,
+            device,
+            forward,
+            autocast,
+            settings,
         )
-        val.pop("per_image_dice", None)
+        val.pop("per_image")
         train_loss = total.item() / max(seen, 1)
         history.append({"epoch": epoch + 1, "train_loss": train_loss, **val})
-        if val[select] > best:  # strict: ties keep the earlier epoch
+        if best_state is None or val[select] > best:  # strict: ties keep the earlier epoch
             best, best_state = val[select], copy.deepcopy(model.state_dict())
             best_epoch = epoch + 1
         if on_epoch:
             on_epoch(epoch + 1, history[-1])
     model.load_state_dict(best_state)
     test = evaluate(
-        model, loaders["test"], index.task_type, index.num_classes, device, forward, autocast
+        model,
+        loaders["test"],
+        index.task_type,
+        index.num_classes,
+        device,
+        forward,
+        autocast,
+        settings,
     )
+    per_image = test.pop("per_image")
     if on_end:
         on_end(model)
     return {
@@ -257,10 +300,13 @@ def run_one(
         "select_metric": f"val_{select}",
         "best_epoch": best_epoch,
         "history": history,
-        "n": {k: len(v.dataset) for k, v in loaders.items()},
+        "per_image": per_image,
+        "baselines": trivial_scores(index, sets, settings),
+        "n": {k: len(v) for k, v in sets.items()},
         "trainable_params": sum(p.numel() for p in params),
         "backbone": backbone_info(model.encoder),
-        "empty_rule": EMPTY_RULE if index.task_type == "seg" else None,
+        "metric_resolution": settings.metric_resolution if index.task_type == "seg" else None,
+        "empty_rule": EMPTY_RULES[settings.empty_mask] if index.task_type == "seg" else None,
         "device": str(device),
         "wall_s": round(time.time() - start, 2),
     }
@@ -294,14 +340,25 @@ def backbone_info(encoder: Encoder) -> dict:
     }
 
 
-def trivial_baselines(index: DatasetIndex, splits: dict, settings: TrainSettings) -> dict:
-    """Test Dice/IoU of predicting all background and all foreground (class 1) everywhere,
-    on the same test images at the same size: the floor a trained model must clear."""
-    ids = thin(split_ids(splits, "test"), settings.subset)
-    ds = SegDataset(index.subset(ids), settings.seg_size, index.num_classes == 2)
-    masks = torch.stack([ds[i][1] for i in range(len(ds))])
+def trivial_scores(index: DatasetIndex, sets: dict, s: TrainSettings) -> dict:
+    """Test scores of the trivial predictors on the same images, resolution and rule: all
+    background and all foreground (segmentation), the training split's majority class
+    (classification). The floor a trained model must clear."""
+    test = sets["test"]
+    if index.task_type == "cls":
+        train_labels = [r.label for r in sets["train"].records]
+        majority = max(set(train_labels), key=train_labels.count)
+        labels = [r.label for r in test.records]
+        scores = classification_scores([majority] * len(labels), labels, index.num_classes)
+        return {"majority_class": scores}
     out = {}
     for name, value in (("all_background", 0), ("all_foreground", 1)):
-        dice, iou = dice_iou(torch.full_like(masks, value), masks, index.num_classes)
-        out[name] = segmentation_scores(dice, iou)
+        dices, ious = [], []
+        for k in range(len(test)):
+            target = test.original_mask(k) if s.metric_resolution == "original" else test.load(k)[1]
+            target = torch.from_numpy(target.astype(np.int64))[None]
+            d, i = dice_iou(torch.full_like(target, value), target, index.num_classes, s.empty_mask)
+            dices.append(float(d[0]))
+            ious.append(float(i[0]))
+        out[name] = segmentation_scores(np.array(dices), np.array(ious))
     return out
