@@ -28,7 +28,10 @@ INDEPENDENT = {"BUSI": 0.93, "DDTI": 0.95}
 
 def correlation(greys) -> np.ndarray:
     x = np.stack(
-        [np.asarray(Image.fromarray(g).resize((64, 64), Image.BILINEAR), float).ravel() for g in greys]
+        [
+            np.asarray(Image.fromarray(g).resize((64, 64), Image.BILINEAR), float).ravel()
+            for g in greys
+        ]
     )
     x -= x.mean(1, keepdims=True)
     x /= np.linalg.norm(x, axis=1, keepdims=True)

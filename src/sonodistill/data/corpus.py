@@ -214,10 +214,10 @@ def check_settings(settings: BuildSettings) -> None:
         allow_zero=True,
     )
     for option, value in (
-        ("--corpus_dup_threshold", settings.corpus_dup_threshold),
-        ("--exclude_threshold", settings.exclude_threshold),
+        ("--corpus_near_duplicate", settings.corpus_near_duplicate),
+        ("--exclude_near_duplicate", settings.exclude_near_duplicate),
     ):
-        check(-1 <= value <= 64, option, value, "must be -1 (exact copies only) to 64 bits")
+        check(value > 0, option, value, "must be a similarity > 0 (above 1: exact copies only)")
 
 
 def build_corpus(

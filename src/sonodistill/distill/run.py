@@ -65,8 +65,14 @@ AUGMENT_NAMES = {"us": "US-aware", "default": "Default", "none": "None"}
 
 def student_recipe(run_dir: str | Path) -> dict:
     """What a distill run did, from its config.yaml (the ablation tables' columns):
-    augmentation, mixup, projection head, student and teacher architectures."""
-    config = Path(run_dir) / CONFIG
+    augmentation, mixup, projection head, student and teacher architectures ({} for a bare
+    backbone weights file, whose recipe is not on record)."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise UserError(f"{run_dir}: no such distill run folder or backbone weights file")
+    if run_dir.is_file():
+        return {}
+    config = run_dir / CONFIG
     try:
         cfg = yaml.safe_load(config.read_text())
         return {
@@ -77,7 +83,7 @@ def student_recipe(run_dir: str | Path) -> dict:
             "teacher": str(cfg["teacher"].get("name") or cfg["teacher"].get("family", "")),
         }
     except (OSError, yaml.YAMLError, KeyError, TypeError) as err:
-        raise FileNotFoundError(f"{config}: not a distill run config ({err})") from err
+        raise UserError(f"{config}: not a distill run config ({err})") from err
 
 
 def student_backbone(path: str | Path, name: str | None = None) -> tuple[str, Path]:

@@ -161,7 +161,7 @@ def read_records(records: list[Record]) -> Iterator[np.ndarray]:
     try:
         yield from read_greys([(r.image, r.frame) for r in records])
     except ReadError as err:
-        raise UserError(f"unreadable evaluation image: {err}; replace or remove it") from err
+        raise UserError(f"unreadable image: {err}; replace or remove it") from err
 
 
 # --------------------------------------------------------------------------- loaders
