@@ -247,6 +247,11 @@ def run_one(
     )
     loss_fn = SegLoss(index.num_classes) if index.task_type == "seg" else nn.CrossEntropyLoss()
     select = "dice" if index.task_type == "seg" else "f1"
+    args = (index.task_type, index.num_classes, device, forward, autocast, settings)
+
+    def score(loader: DataLoader) -> dict:
+        return evaluate(model, loader, *args)
+
     best, best_state, history = -1.0, None, []
     for epoch in range(settings.epochs):
         model.train()
@@ -262,16 +267,7 @@ def run_one(
             sched.step()
             total += loss.detach() * len(x)  # read once per epoch: no per-step device sync
             seen += len(x)
-        val = evaluate(
-            model,
-            loaders["val"],
-            index.task_type,
-            index.num_classes,
-            device,
-            forward,
-            autocast,
-            settings,
-        )
+        val = score(loaders["val"])
         val.pop("per_image")
         train_loss = total.item() / max(seen, 1)
         history.append({"epoch": epoch + 1, "train_loss": train_loss, **val})
@@ -281,16 +277,7 @@ def run_one(
         if on_epoch:
             on_epoch(epoch + 1, history[-1])
     model.load_state_dict(best_state)
-    test = evaluate(
-        model,
-        loaders["test"],
-        index.task_type,
-        index.num_classes,
-        device,
-        forward,
-        autocast,
-        settings,
-    )
+    test = score(loaders["test"])
     per_image = test.pop("per_image")
     if on_end:
         on_end(model)
