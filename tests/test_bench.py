@@ -125,8 +125,8 @@ def test_bench_tiny_teacher_vs_resnet18(shared_data, tmp_path, caplog):
     ratio = t["torch_fp32"]["latency_median_ms"] / s["ort_int8"]["latency_median_ms"]
     word = "faster" if ratio >= 1 else "slower"
     assert deployed["student vs teacher"].startswith(f"{max(ratio, 1 / ratio):.2f}x {word}")
-    assert "Created a copy of bias input" not in caplog.text  # ONNX Runtime's quantiser
-    assert "Performing symbolic shape inference" not in caplog.text
+    for chatter in ("Created a copy of bias input", "Axis 1 is out-of-range", "Performing sym"):
+        assert chatter not in caplog.text  # ONNX Runtime's quantiser, once per tensor
     assert table.iloc[0]["student vs teacher"].endswith(
         "larger (+%.1f%%)"
         % ((s["params_backbone"] - t["params_backbone"]) / t["params_backbone"] * 100)
