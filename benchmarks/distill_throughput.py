@@ -1,0 +1,415 @@
+"""Where a distillation step's time goes, its model FLOP utilisation (MFU), and the projected
+wall time of the paper's recipe (162,000 frames x 1000 epochs) on N devices.
+
+    python benchmarks/distill_throughput.py                    # CPU-sized: tiny teacher, ResNet-18
+    python benchmarks/distill_throughput.py --paper --device cuda --gpus 32  # the paper's settings
+
+`--paper` is ViT-B/16 (DINOv3 layout, random weights: speed does not need them) -> ResNet-50 at
+224 px, 16 images per device (the global batch of 512 over 32 GPUs), bf16 autocast, on real
+lung-ultrasound frames (or `--data PACK` from `sonodistill corpus pack`). The models, data
+loader, augmentation and step are the recipe's own (`sonodistill.distill.recipe`).
+
+Measured in one process, the parts in turn, round after round (medians over rounds, so that a
+drifting machine load falls on every part alike):
+  data      one batch decoded by one core as a loader worker does it (the recipe's dataset:
+            pack, corpus or folder), pinned and copied to the device: workers x this = the feed
+  augment   augmentation, mixup and normalisation on the device
+  teacher   teacher forward (no gradients)
+  student   student forward + backward + AdamW (teacher targets ready); also in NCHW, to show
+            what channels_last buys on this device
+  step      the recipe's train_step + AdamW on a batch already on the device
+  loop      data + step, as the recipe runs them: its DataLoader with --workers persistent
+            workers, timed after the prefetched batches are used up
+MFU = the FLOPs of one step (torch's FlopCounterMode: teacher forward, student forward and
+backward; 1 MAC = 2 FLOPs) / its time / the device's peak (known GPUs below; CPUs estimated from
+cores x clock x FLOPs per cycle of their vector units; `--peak-tflops` overrides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from distill_step import extract_frames  # the same real lung frames as distill_step.py
+from lightning_fabric import Fabric
+from torch.utils.data import default_collate
+
+from sonodistill.data.images import open_training_images
+from sonodistill.distill import DistillConfig
+from sonodistill.distill.augment import mixup
+from sonodistill.distill.loss import get_loss
+from sonodistill.distill.recipe import (
+    build_data,
+    build_models,
+    build_student,
+    resolve_precision,
+    train_step,
+)
+from sonodistill.models import StudentConfig, Teacher, TeacherConfig, to_model_input
+from sonodistill.models.flops import flops_of
+
+PAPER_IMAGES = 162_000 * 1000  # Sec. 3.1 and 3.5: ~162k frames, 1000 epochs
+
+# Dense peak TFLOP/s per GPU from the vendors' data sheets: (bf16/fp16 tensor cores, fp32).
+# Matched in order against torch.cuda.get_device_name(); more specific names first.
+GPU_PEAKS = [
+    ("B200", 2250.0, 80.0),
+    ("H200", 989.0, 67.0),
+    ("H100 PCIe", 756.0, 51.0),
+    ("H100 NVL", 835.0, 60.0),
+    ("H100", 989.0, 67.0),
+    ("A100", 312.0, 19.5),
+    ("L40S", 362.0, 91.6),
+    ("L40", 181.0, 90.5),
+    ("L4", 121.0, 30.3),
+    ("A10", 125.0, 31.2),
+    ("RTX 4090", 165.0, 82.6),
+    ("V100", 125.0, 15.7),
+    ("T4", 65.0, 8.1),
+]
+
+
+def peak_tflops(device: torch.device, precision: str, threads: int) -> tuple[float, str]:
+    """The device's peak for this precision and where the figure comes from."""
+    low = precision.startswith(("bf16", "16"))
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tensor, fp32 in GPU_PEAKS:
+            if key in name:
+                return (tensor, f"{key} bf16 dense") if low else (fp32, f"{key} fp32")
+        raise SystemExit(f"no known peak for {name}: pass --peak-tflops")
+    flags = _cpu_flags()
+    if low and "amx_bf16" in flags:
+        per_cycle, unit = 1024, "AMX bf16"
+    elif low and "avx512_bf16" in flags:
+        per_cycle, unit = 128, "AVX-512 bf16"
+    elif "avx512f" in flags:
+        per_cycle, unit = 64, "AVX-512 fp32, 2 FMA units"
+    elif "avx2" in flags:
+        per_cycle, unit = 32, "AVX2 fp32, 2 FMA units"
+    else:
+        per_cycle, unit = 8, "SSE fp32"
+    ghz = _cpu_ghz()
+    note = f"estimated: {threads} cores x {ghz:.2f} GHz x {per_cycle} FLOPs/cycle ({unit})"
+    return threads * ghz * per_cycle / 1e3, note
+
+
+def _cpuinfo(field: str) -> list[str]:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+    return [line.split(":", 1)[1].strip() for line in lines if line.startswith(field)]
+
+
+def _cpu_flags() -> set[str]:
+    flags = _cpuinfo("flags")
+    return set(flags[0].split()) if flags else set()
+
+
+def _cpu_ghz() -> float:
+    mhz = [float(v) for v in _cpuinfo("cpu MHz")]
+    return max(mhz) / 1e3 if mhz else 2.0
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    names = _cpuinfo("model name")
+    return f"{names[0] if names else platform.processor()}, {torch.get_num_threads()} threads"
+
+
+class Parts:
+    """The recipe's models and data on one device, and one callable per part."""
+
+    def __init__(self, fabric: Fabric, cfg: DistillConfig):
+        self.fabric, self.cfg = fabric, cfg
+        torch.manual_seed(0)
+        self.teacher = Teacher(cfg.teacher)
+        student = build_student(cfg, self.teacher.out_channels)
+        self.data = build_data(fabric, cfg)
+        self.m = build_models(fabric, cfg, self.teacher, student, total_steps=10**9)
+        self.objective = get_loss(cfg.loss).fn
+        self.dataset = open_training_images(cfg.data, cfg.img_size)
+        self._batches = iter(self.data.loader)
+        self.images = self.next_batch()
+        self.x = self.augmented(self.images)
+        with fabric.autocast():
+            self.target = self.m.teacher(self.x)
+        self.grid = self.target.shape[-2:]
+
+    def next_batch(self) -> torch.Tensor:
+        try:
+            return next(self._batches)
+        except StopIteration:
+            self._batches = iter(self.data.loader)
+            return next(self._batches)
+
+    def decode_batch(self) -> torch.Tensor:
+        """What a worker, the pinning thread and the copy do for one batch, on one core."""
+        picks = torch.randint(len(self.dataset), (self.cfg.batch_size,)).tolist()
+        images = default_collate([self.dataset[i] for i in picks])
+        if self.fabric.device.type == "cuda":
+            images = images.pin_memory()
+        return images.to(self.fabric.device, non_blocking=True)
+
+    def drain(self) -> None:
+        """Use up the batches the workers prefetched, so that `loop` times the sustained feed."""
+        for _ in range(max(1, self.cfg.num_workers) * self.cfg.prefetch_factor):
+            self.step(self.next_batch())
+
+    def augmented(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.m.augment(images.float().div_(255))
+        if self.cfg.mixup:
+            x, _, _ = mixup(x)
+        return to_model_input(x)
+
+    def teacher_forward(self) -> None:
+        with self.fabric.autocast():
+            self.m.teacher(self.x)
+
+    def student_update(self, student=None, optimizer=None, memory_format=None) -> None:
+        student, optimizer = student or self.m.student, optimizer or self.m.optimizer
+        x = self.x.contiguous(memory_format=memory_format or self.m.memory_format)
+        with self.fabric.autocast():
+            pred = student(x, self.grid)
+        loss, _ = self.objective(pred, self.target)
+        self.fabric.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def step(self, images: torch.Tensor | None = None) -> None:
+        m = self.m
+        train_step(
+            self.fabric,
+            m.teacher,
+            m.student,
+            m.augment,
+            self.objective,
+            self.images if images is None else images,
+            self.cfg.mixup,
+            m.memory_format,
+        )
+        m.optimizer.step()
+        m.optimizer.zero_grad(set_to_none=True)
+
+    def step_flops(self) -> tuple[int, int]:
+        """FLOPs of one step (teacher forward + student forward and backward) and of the
+        teacher forward alone."""
+        total, _ = flops_of(
+            lambda: train_step(
+                self.fabric,
+                self.m.teacher,
+                self.m.student,
+                self.m.augment,
+                self.objective,
+                self.images,
+                self.cfg.mixup,
+                self.m.memory_format,
+            )
+        )
+        self.m.optimizer.zero_grad(set_to_none=True)
+        teacher, _ = flops_of(self.teacher_forward)
+        return total, teacher
+
+
+def nchw_student(parts: Parts):
+    """A second student in contiguous (NCHW) layout with its own AdamW, same weights."""
+    cfg = replace(parts.cfg, channels_last=False)
+    student = build_student(cfg, parts.teacher.out_channels)
+    m = build_models(parts.fabric, cfg, parts.teacher, student, total_steps=10**9)
+    m.student.module.load_state_dict(parts.m.student.module.state_dict())
+    return m.student, m.optimizer
+
+
+def time_rounds(
+    parts: dict, preludes: dict, sync, rounds: int, iters: int, warmup: int
+) -> dict[str, list]:
+    """ms per call of each part: `rounds` rounds, each part timed over `iters` calls in turn
+    (parts alternate within a round, so that load drifts onto all of them alike), after its
+    prelude (untimed) if it has one."""
+    for fn in parts.values():
+        for _ in range(warmup):
+            fn()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in parts}
+    for _ in range(rounds):
+        for name, fn in parts.items():
+            if name in preludes:
+                preludes[name]()
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            sync()
+            times[name].append((time.perf_counter() - t0) * 1e3 / iters)
+    return times
+
+
+def count_host_syncs(fn) -> int | None:
+    """Host-device synchronisations in one call on CUDA (torch's sync debug mode), else None."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def config(args, data: Path) -> DistillConfig:
+    if args.paper:
+        teacher = TeacherConfig(random_init=True)
+        student, size, batch = "resnet50", 224, 16
+    else:
+        teacher = TeacherConfig(
+            random_init=True, model_kwargs={"embed_dim": 192, "depth": 4, "num_heads": 3}
+        )
+        student, size, batch = "resnet18", 64, 16
+    return DistillConfig(
+        data=str(data),
+        out=str(data.parent / "unused-run"),
+        teacher=teacher,
+        student=StudentConfig(name=args.student or student),
+        img_size=args.img_size or size,
+        batch_size=args.batch or batch,
+        num_workers=args.workers,
+        accelerator=args.device,
+        precision=args.precision,
+        compile=args.compile,
+    )
+
+
+def hours(seconds: float) -> str:
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--paper", action="store_true", help="ViT-B/16 -> ResNet-50, 224 px")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--student", help="timm CNN (default resnet18; --paper: resnet50)")
+    parser.add_argument("--img-size", type=int, help="default 64 (--paper: 224)")
+    parser.add_argument("--batch", type=int, help="images per device (default 16)")
+    parser.add_argument("--data", help="pack, corpus or image folder (default: lung frames)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    parser.add_argument("--precision", default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=3, help="calls per part and round")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--gpus", type=int, default=32, help="devices for the projection")
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak, overriding")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        frames = Path(tmp) / "frames"
+        frames.mkdir()
+        data = Path(args.data) if args.data else extract_frames(frames, 8)
+        cfg = config(args, data)
+        precision = resolve_precision(cfg.precision, args.device)
+        fabric = Fabric(accelerator=args.device, devices=1, precision=precision)
+        parts = Parts(fabric, cfg)
+        cuda = fabric.device.type == "cuda"
+        sync = torch.cuda.synchronize if cuda else lambda: None
+        nchw, nchw_opt = nchw_student(parts)
+        flops_step, flops_teacher = parts.step_flops()
+        timed = {
+            "data": parts.decode_batch,
+            "augment": lambda: parts.augmented(parts.images),
+            "teacher": parts.teacher_forward,
+            "student": parts.student_update,
+            "student_nchw": lambda: parts.student_update(nchw, nchw_opt, torch.contiguous_format),
+            "step": parts.step,
+            "loop": lambda: parts.step(parts.next_batch()),
+        }
+        preludes = {"loop": parts.drain}
+        times = time_rounds(timed, preludes, sync, args.rounds, args.iters, args.warmup)
+        syncs = count_host_syncs(parts.step)
+
+    ms = {name: statistics.median(t) for name, t in times.items()}
+    batch = cfg.batch_size
+    peak, peak_note = (
+        (args.peak_tflops, "given")
+        if args.peak_tflops
+        else peak_tflops(fabric.device, precision, torch.get_num_threads())
+    )
+    flops_student = flops_step - flops_teacher
+    mfu = {
+        "teacher": flops_teacher / (ms["teacher"] / 1e3) / (peak * 1e12),
+        "student": flops_student / (ms["student"] / 1e3) / (peak * 1e12),
+        "step": flops_step / (ms["step"] / 1e3) / (peak * 1e12),
+        "loop": flops_step / (ms["loop"] / 1e3) / (peak * 1e12),
+    }
+    t_cfg = cfg.teacher.model_kwargs or {"embed_dim": 768, "depth": 12}
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(
+        f"\n{device_name(fabric.device)}; {precision}; torch {torch.__version__}; "
+        f"load average {load}\nteacher ViT (dim {t_cfg['embed_dim']}, depth {t_cfg['depth']}) "
+        f"-> student {cfg.student.name}, {cfg.img_size} px, batch {batch} per device, "
+        f"{cfg.num_workers} workers, channels_last {cfg.channels_last}, compile {cfg.compile}, "
+        f"data {'the given ' + str(args.data) if args.data else 'real lung frames (PNG)'}; "
+        f"medians of {args.rounds} rounds x {args.iters} calls\n"
+    )
+    rows = [
+        ("data", "decode + pin + copy, one core"),
+        ("augment", "augmentation + mixup + normalisation"),
+        ("teacher", "teacher forward"),
+        ("student", "student forward + backward + AdamW (channels_last)"),
+        ("student_nchw", "the same in NCHW"),
+        ("step", "train_step + AdamW, batch on the device"),
+        ("loop", "data + step, as the recipe runs"),
+    ]
+    print("| part | what | ms / batch | images/s | MFU |\n|---|---|---|---|---|")
+    for key, what in rows:
+        share = f"{mfu[key]:.1%}" if key in mfu else ""
+        print(f"| {key} | {what} | {ms[key]:.1f} | {batch / ms[key] * 1e3:.1f} | {share} |")
+    print(
+        f"\nFLOPs per image: teacher forward {flops_teacher / batch / 1e9:.3f} G, student "
+        f"forward + backward {flops_student / batch / 1e9:.3f} G (FlopCounterMode); peak "
+        f"{peak:.2f} TFLOP/s ({peak_note})."
+    )
+    print(
+        f"student update speed, channels_last / NCHW: {ms['student_nchw'] / ms['student']:.2f}x; "
+        f"one decoding core feeds {ms['step'] / ms['data']:.2f}x the step's images/s "
+        f"(cores for the step: {ms['data'] / ms['step']:.2f}); host syncs per step: "
+        f"{'not measured (no CUDA)' if syncs is None else syncs}."
+    )
+    per_device = batch / ms["loop"] * 1e3
+    total_flops = PAPER_IMAGES * flops_step / batch
+    print(
+        f"\nPaper recipe (162,000 frames x 1000 epochs = {PAPER_IMAGES:.3g} images, "
+        f"{total_flops:.2g} FLOPs with these models) at {per_device:.1f} images/s per device, "
+        "scaling linearly (gradient all-reduce not measured):"
+    )
+    for n in sorted({1, 8, args.gpus}):
+        print(f"  {n:>3} devices: {hours(PAPER_IMAGES / (per_device * n))}")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
