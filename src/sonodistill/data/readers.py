@@ -37,8 +37,9 @@ class ReadError(Exception):
     """A file that cannot be read as the kind it claims to be (the message says why)."""
 
 
-def detect_kind(path: str | Path) -> str | None:
-    """The kind of a file from its content (magic bytes), else its extension; None if neither."""
+def detect_kind(path: str | Path, by_extension: bool = True) -> str | None:
+    """The kind of a file from its content (magic bytes), else (`by_extension`) its extension;
+    None if neither."""
     path = Path(path)
     try:
         with open(path, "rb") as fh:
@@ -57,6 +58,8 @@ def detect_kind(path: str | Path) -> str | None:
         return "nifti"
     if head.startswith((b"NRRD", b"ObjectType")):
         return "itk"
+    if not by_extension:
+        return None
     name = path.name.lower()
     ext = path.suffix.lower()
     if name.endswith((".nii", ".nii.gz")):
@@ -351,3 +354,26 @@ def read_frames(
     if kind in ("nifti", "itk"):
         return read_volume(path, kind, mode, axis)
     raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+
+
+def frame_count(
+    path: str | Path, kind: str | None = None, mode: str = "auto", axis: int = 0
+) -> int:
+    """How many frames a file holds according to its header (0 when it does not say)."""
+    path = Path(path)
+    kind = kind or detect_kind(path)
+    if kind == "video":
+        return video_frame_count(path)
+    if kind == "dicom":
+        import pydicom
+
+        return int(pydicom.dcmread(path, stop_before_pixels=True).get("NumberOfFrames", 1) or 1)
+    if kind in ("nifti", "itk"):
+        info = volume_layout(path, kind, mode)
+        return info.shape[0 if info.sequence else axis]
+    if kind == "image":
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return int(getattr(im, "n_frames", 1))
+    return 0
