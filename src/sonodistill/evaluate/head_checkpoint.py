@@ -50,6 +50,8 @@ class HeadSpec:
     class_names: list[str] = field(default_factory=list)
     arch: str = ""
     smp: dict = field(default_factory=dict)
+    image_size: int | None = None
+    """Side of the square frames it was trained (or exported) at; `predict` resizes to it."""
 
     def __post_init__(self) -> None:
         if self.task_type not in _TASK_TYPES:
@@ -119,6 +121,7 @@ def save_evaluate_head(
     num_classes: int,
     folder: str | Path,
     class_names: list[str] | tuple[str, ...] = (),
+    image_size: int | None = None,
 ) -> Path:
     """Save a model built by `sonodistill.evaluate.heads.build_model`, e.g. from
     `run_one(..., on_end=lambda m: save_evaluate_head(m, task_type, ...))`."""
@@ -129,5 +132,6 @@ def save_evaluate_head(
         seg_decoder=getattr(model, "seg_decoder", "auto"),
         num_classes=num_classes,
         class_names=list(class_names),
+        image_size=image_size,
     )
     return save_head(model, spec, folder)

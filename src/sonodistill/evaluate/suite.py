@@ -541,7 +541,7 @@ def _run_suite(cfg: SuiteConfig, out: Path, runs: list[Run], data: SuiteData) ->
                     run.seed,
                     cfg.train,
                     on_epoch,
-                    on_end=_model_saver(run, index, out) if cfg.save_models else None,
+                    on_end=_model_saver(run, index, out, cfg.train) if cfg.save_models else None,
                     cache=cache,
                 )
                 done = {
@@ -592,7 +592,7 @@ def _finished(out: Path, run: Run, cfg: SuiteConfig) -> dict | None:
     return done if ok else None
 
 
-def _model_saver(run: Run, index: DatasetIndex, out: Path):
+def _model_saver(run: Run, index: DatasetIndex, out: Path, train: TrainSettings):
     def save(model) -> None:
         save_evaluate_head(
             model,
@@ -601,6 +601,7 @@ def _model_saver(run: Run, index: DatasetIndex, out: Path):
             index.num_classes,
             out / "models" / run.id,
             index.classes,
+            train.seg_size if index.task_type == "seg" else train.cls_size,
         )
 
     return save
