@@ -4,15 +4,19 @@ each checked against PyTorch on real frames.
 The exported graphs take grey frames (B, 1, S, S) in [0, 1] (normalisation is inside) with a
 dynamic batch axis, and return the last feature map `features` (backbone) or `logits` (head).
 Outputs in `out/`: `model_fp32.onnx`, `model_int8.onnx` (static QDQ, per-channel weights,
-calibrated on real frames), `report.{md,json}` and `config.yaml`. The exit code is 1 when the
-fp32 graph differs from PyTorch by more than `tolerance`.
+calibrated on real frames), with `--executorch '[int8]'` (or fp32) on-device ExecuTorch programs
+`model_int8.pte` (XNNPACK; see `deploy.ondevice`), for a head its checkpoint in `head/` (so that
+the folder alone serves `sonodistill predict` and `app` in every backend), `report.{md,json}`
+and `config.yaml`. The exit code is 1 when the fp32 graph differs from PyTorch by more than
+`tolerance`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -24,9 +28,10 @@ from sonodistill.config import save_config
 from sonodistill.data.listing import FrameRef, collect_frames, frames_tensor
 from sonodistill.data.masks import image_mask, mask_files
 from sonodistill.deploy.onnx_utils import compare, export_onnx, quantize_int8, run_session, session
+from sonodistill.deploy.runtimes import HEAD_DIR
 from sonodistill.distill.run import load_encoder
 from sonodistill.errors import UserError, check, check_positive
-from sonodistill.evaluate.head_checkpoint import HeadSpec, load_head
+from sonodistill.evaluate.head_checkpoint import HeadSpec, load_head, save_head
 from sonodistill.evaluate.heads import WithPreprocess
 from sonodistill.evaluate.metrics import dice_iou, predict_mask
 from sonodistill.io import claim_run_dir, markdown_table, remove_owned, write_json, write_text
@@ -50,6 +55,8 @@ class ExportConfig:
     opset: int = 18
     exporter: Literal["legacy", "dynamo"] = "legacy"
     int8: bool = True
+    executorch: list[Literal["fp32", "int8"]] = field(default_factory=list)
+    """On-device ExecuTorch programs (XNNPACK) to write beside the ONNX graphs: fp32, int8."""
     per_channel: bool = True
     calib_method: Literal["minmax", "percentile", "entropy"] = "minmax"
     n_calib: int = 32
@@ -67,7 +74,16 @@ class ExportConfig:
     """Replace an export already in OUT (its models, report and config)."""
 
 
-OWNED = ("config.yaml", "model_fp32.onnx", "model_int8.onnx", "report.json", "report.md")
+OWNED = (
+    "config.yaml",
+    "model_fp32.onnx",
+    "model_int8.onnx",
+    "model_fp32.pte",
+    "model_int8.pte",
+    HEAD_DIR,
+    "report.json",
+    "report.md",
+)
 """What an export folder's export consists of: `--overwrite` removes these and nothing else."""
 
 
@@ -86,18 +102,24 @@ def check_config(cfg: ExportConfig) -> None:
             "--threads": cfg.threads,
         }
     )
-    if cfg.int8:
+    if _calibrates(cfg):
         check_positive({"--n_calib": cfg.n_calib})
     check(7 <= cfg.opset <= 23, "--opset", cfg.opset, "must be 7 to 23")
     if cfg.test_set and not Path(cfg.test_set).exists():
         raise UserError(f"--test_set {cfg.test_set}: no such folder")
 
 
+def _calibrates(cfg: ExportConfig) -> bool:
+    """Whether an int8 model (ONNX or ExecuTorch) needs calibration frames."""
+    return cfg.int8 or "int8" in cfg.executorch
+
+
 def _split_frames(cfg: ExportConfig):
-    total = cfg.n_check + (cfg.n_calib if cfg.int8 else 0)
+    calibrates = _calibrates(cfg)
+    total = cfg.n_check + (cfg.n_calib if calibrates else 0)
     per_source = math.ceil(total / len(cfg.frames))
     frames = collect_frames(cfg.frames, per_source, seed=cfg.seed)
-    asked = f"--n_check {cfg.n_check}" + (f" + --n_calib {cfg.n_calib}" if cfg.int8 else "")
+    asked = f"--n_check {cfg.n_check}" + (f" + --n_calib {cfg.n_calib}" if calibrates else "")
     check(len(frames) >= total, "--frames", " ".join(cfg.frames), f"{len(frames)} frames, {asked}")
     order = np.random.default_rng(cfg.seed).permutation(len(frames))
     frames = [frames[i] for i in order]
@@ -166,6 +188,8 @@ def export(cfg: ExportConfig) -> dict:
         if cfg.overwrite:
             remove_owned(out, OWNED)
         save_config(cfg, out / "config.yaml")
+        if spec is not None:  # the head itself, so that the folder serves every backend
+            save_head(model, replace(spec, image_size=cfg.image_size), out / HEAD_DIR)
         return _export(cfg, out, model, spec, (source, output, exported), checked, calib, test)
 
 
@@ -192,14 +216,19 @@ def _export(cfg: ExportConfig, out: Path, model, spec, what, checked, calib, tes
             model, out / "model_fp32.onnx", cfg.image_size, cfg.opset, cfg.exporter, (output,)
         )
     }
+    x_calib = frames_tensor(calib, cfg.image_size).numpy() if calib else None
     if cfg.int8:
-        x_calib = frames_tensor(calib, cfg.image_size).numpy()
         paths["int8"] = quantize_int8(
             paths["fp32"], out / "model_int8.onnx", x_calib, cfg.per_channel, cfg.calib_method
         )
-    sessions = {k: session(p, cfg.threads) for k, p in paths.items()}
-    for kind, sess in sessions.items():
-        got = run_session(sess, x_check.numpy(), batch_size=len(checked))  # batch != export's
+    runners = {
+        k: partial(run_session, session(p, cfg.threads), batch_size=len(checked))  # != export's
+        for k, p in paths.items()
+    }
+    if cfg.executorch:
+        runners.update(_executorch(cfg, model, out, paths, x_calib))
+    for kind, runner in runners.items():
+        got = runner(x_check.numpy())
         report["models"][kind] = {
             "file": paths[kind].name,
             "size_mb": round(paths[kind].stat().st_size / 2**20, 2),
@@ -213,8 +242,8 @@ def _export(cfg: ExportConfig, out: Path, model, spec, what, checked, calib, tes
         name, base = head_metric(spec, _torch_outputs(model, x_test), targets)
         report["test"] = {"set": cfg.test_set, "n": len(test), "metric": name, "torch": base}
         report["test"]["files"] = [f.file for f in test]
-        for kind, sess in sessions.items():
-            _, value = head_metric(spec, run_session(sess, x_test.numpy()), targets)
+        for kind, runner in runners.items():
+            _, value = head_metric(spec, runner(x_test.numpy()), targets)
             report["test"][kind] = value
             report["test"][f"{kind}_delta"] = value - base
 
@@ -223,9 +252,25 @@ def _export(cfg: ExportConfig, out: Path, model, spec, what, checked, calib, tes
     return report
 
 
+def _executorch(cfg: ExportConfig, model: nn.Module, out: Path, paths: dict, x_calib) -> dict:
+    """ExecuTorch programs of `model`, run in ExecuTorch's runtime for the checks."""
+    from sonodistill.deploy.ondevice import PteRunner, export_pte
+
+    runners = {}
+    for kind in cfg.executorch:
+        path = out / f"model_{kind}.pte"
+        log.info("ExecuTorch %s: exporting %s", kind, path)
+        quantize = kind == "int8"
+        paths[f"executorch_{kind}"] = export_pte(
+            model, path, cfg.image_size, x_calib if quantize else None, quantize
+        )
+        runners[f"executorch_{kind}"] = PteRunner(path, cfg.threads)
+    return runners
+
+
 def report_markdown(report: dict) -> str:
     lines = [
-        f"# ONNX export of {report['source']}",
+        f"# Export of {report['source']}",
         "",
         f"{report['exported']}, input (B, 1, {report['image_size']}, {report['image_size']}) grey "
         f"[0, 1], output {report['output']}, opset {report['opset']} ({report['exporter']}); "
