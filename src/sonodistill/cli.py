@@ -2,10 +2,10 @@
 
 Every command is a function `NAME_main(argv) -> int` in the `cli.py` of the package whose code
 it drives (data/cli.py: corpus; distill/cli.py: distill; evaluate/cli.py: evaluate, embed,
-analyze; deploy/cli.py: export, bench), or here for the commands above the packages (demo,
-report); every one parses a typed config with jsonargparse (`--config`, `--print_config`,
-`--section.field value`). Modules are imported lazily so that `sonodistill --help` answers
-without importing torch.
+analyze; deploy/cli.py: export, bench, predict, app), or here for the commands above the
+packages (demo, report); every one parses a typed config with jsonargparse (`--config`,
+`--print_config`, `--section.field value`). Modules are imported lazily so that
+`sonodistill --help` answers without importing torch.
 
 One error policy for every command (`sonodistill.errors`): a user error (bad option, missing,
 corrupt or mismatched file, full disk, folder in use) is one line on stderr and exit code 2;
@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("sonodistill.evaluate.cli:analyze_main", "t-SNE/UMAP, silhouette and k-NN"),
     "export": ("sonodistill.deploy.cli:export_main", "ONNX (fp32, int8) checked against PyTorch"),
     "bench": ("sonodistill.deploy.cli:bench_main", "teacher vs student cost (paper Table 5)"),
+    "predict": ("sonodistill.deploy.cli:predict_main", "a fine-tuned head over images, cines"),
     "demo": ("sonodistill.cli:demo_main", "the whole method on an embedded simulated corpus"),
     "report": ("sonodistill.cli:report_main", "a self-contained HTML report of a run folder"),
 }

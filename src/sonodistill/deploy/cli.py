@@ -1,8 +1,9 @@
-"""`sonodistill export` and `sonodistill bench`: each a typed config (YAML via --config, flags
-override) handed to the library function of the same name."""
+"""`sonodistill export`, `bench`, `predict` and `app`: each a typed config (YAML via --config,
+flags override) handed to the library function of the same name."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from sonodistill.config import parse_config
@@ -26,4 +27,22 @@ def bench_main(argv: list[str]) -> int:
     module.bench(cfg)
     print((Path(cfg.out) / "table5.md").read_text())
     print(f"written to {cfg.out}")
+    return 0
+
+
+def predict_main(argv: list[str]) -> int:
+    """Exit code 1 when a source could not be read to its end (the others are written)."""
+    from sonodistill.deploy import predict as module
+
+    cfg = parse_config(module.PredictConfig, argv, "sonodistill predict", module.__doc__)
+    summary = module.predict(cfg)
+    print((Path(cfg.out) / "summary.md").read_text())
+    print(f"written to {cfg.out}")
+    if summary["failed"]:
+        print(
+            f"sonodistill predict: {len(summary['failed'])} sources failed: "
+            f"{', '.join(summary['failed'])}",
+            file=sys.stderr,
+        )
+        return 1
     return 0

@@ -1,0 +1,466 @@
+"""The per-frame point-of-care pipeline shared by `sonodistill predict` and `sonodistill app`.
+
+decode (the corpus readers) -> preprocess (grey, resize to the model's square input, [0, 1])
+-> model (any runtime of `deploy.runtimes`) -> probabilities (+ optional temporal smoothing)
+-> post-processing (upsampling to the frame, threshold, areas, overlay; the caller's sink).
+`stream` runs it over sources and times each stage per frame.
+
+Probabilities: a segmentation head with one logit (binary) gives sigmoid(logit); with C logits,
+softmax over classes. The *foreground* probability is 1 - p(background); a pixel is foreground
+when it reaches the threshold, and its class is the most probable foreground class. A
+classification head gives softmax over its classes. Temporal smoothing is an exponential moving
+average of these probabilities along a clip, restarted for each source:
+p'_t = (1 - s) p_t + s p'_{t-1}. Frame-to-frame stability is the Dice between consecutive masks
+(at the model's resolution; both empty = 1, the project's rule).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from sonodistill.data.frames import to_grey
+from sonodistill.data.geometry import Geometry
+from sonodistill.evaluate.head_checkpoint import HeadSpec
+
+STAGES = ("decode", "preprocess", "model", "postprocess")
+# Overlay colours per foreground class (RGB), chosen to stand out on grey B-mode images.
+PALETTE = np.array(
+    [[0, 0, 0], [255, 196, 0], [0, 200, 255], [255, 64, 160], [120, 255, 80], [180, 120, 255]],
+    dtype=np.uint8,
+)
+
+
+def class_names(spec: HeadSpec, n_outputs: int) -> list[str]:
+    """Names of the model's classes (background first for segmentation)."""
+    if spec.task_type == "seg":
+        n = max(2, n_outputs)
+        default = ["background", "foreground"] if n == 2 else [f"class{i}" for i in range(n)]
+    else:
+        n, default = n_outputs, [f"class{i}" for i in range(n_outputs)]
+    names = list(spec.class_names) if len(spec.class_names) == n else default
+    return [str(c) for c in names]
+
+
+@dataclass
+class Prediction:
+    """What the model says about one frame, at the model's resolution."""
+
+    probs: np.ndarray
+    """Segmentation: (C, S, S) class probabilities (C = 1 for a binary head: foreground);
+    classification: (K,). Smoothed when smoothing is on."""
+    raw: np.ndarray
+    """The same before temporal smoothing."""
+
+    @property
+    def foreground(self) -> np.ndarray:
+        return self.probs[0] if len(self.probs) == 1 else 1.0 - self.probs[0]
+
+
+class FramePredictor:
+    """Preprocessing, the model and the probabilities for one source at a time (`reset`)."""
+
+    def __init__(
+        self,
+        runner: Callable[[np.ndarray], np.ndarray],
+        spec: HeadSpec,
+        image_size: int,
+        smoothing: float = 0.0,
+    ):
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing must be in [0, 1), not {smoothing}")
+        self.runner, self.spec, self.size, self.smoothing = runner, spec, image_size, smoothing
+        self.state: np.ndarray | None = None
+
+    def reset(self) -> None:
+        self.state = None
+
+    def preprocess(self, frame: np.ndarray) -> np.ndarray:
+        """(1, 1, S, S) float32 in [0, 1]: grey as the corpus converts it, resized like the
+        evaluation datasets (PIL bilinear) so that the model sees what it was trained on."""
+        grey = to_grey(frame)
+        if grey.shape != (self.size, self.size):
+            grey = np.asarray(Image.fromarray(grey).resize((self.size, self.size), Image.BILINEAR))
+        return (grey.astype(np.float32) * (1.0 / 255.0))[None, None]
+
+    def probabilities(self, outputs: np.ndarray) -> np.ndarray:
+        out = np.ascontiguousarray(outputs[0], dtype=np.float32)
+        if self.spec.task_type == "seg" and out.shape[0] == 1:
+            return 1.0 / (1.0 + cv2.exp(-out))  # cv2.exp: SIMD, several times numpy's speed
+        shifted = np.exp(out - out.max(axis=0, keepdims=True))
+        return shifted / shifted.sum(axis=0, keepdims=True)
+
+    def smooth(self, probs: np.ndarray) -> np.ndarray:
+        if self.smoothing and self.state is not None:
+            probs = (1.0 - self.smoothing) * probs + self.smoothing * self.state
+        self.state = probs
+        return probs
+
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, Prediction]:
+        """Model outputs and prediction of a preprocessed frame."""
+        outputs = self.runner(x)
+        raw = self.probabilities(outputs)
+        return outputs, Prediction(self.smooth(raw), raw)
+
+
+# --- post-processing -----------------------------------------------------------------------------
+
+
+def upsample(probs: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(C, S, S) probabilities -> (C, H, W) (bilinear)."""
+    if probs.shape[-2:] == (height, width):
+        return probs
+    stacked = np.ascontiguousarray(np.moveaxis(probs, 0, -1))
+    up = cv2.resize(stacked, (width, height), interpolation=cv2.INTER_LINEAR)
+    return up[None] if up.ndim == 2 else np.moveaxis(up, -1, 0)
+
+
+def label_map(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """(C, H, W) probabilities -> uint8 labels: 0 background, k the k-th foreground class."""
+    if len(probs) == 1:
+        return (probs[0] >= threshold).astype(np.uint8)
+    fg = 1.0 - probs[0]
+    labels = (probs[1:].argmax(axis=0) + 1).astype(np.uint8)
+    labels[fg < threshold] = 0
+    return labels
+
+
+def dice_pair(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of the foreground of two label maps (both empty = 1)."""
+    fa, fb = a > 0, b > 0
+    total = int(np.count_nonzero(fa)) + int(np.count_nonzero(fb))
+    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(fa & fb)) / total
+
+
+def overlay(
+    frame: np.ndarray, labels: np.ndarray | None, opacity: float, text: str = ""
+) -> np.ndarray:
+    """RGB frame with the mask tinted in (per-class colour, `opacity`) and outlined; `text`
+    (classification) written in the top-left corner."""
+    base = frame if frame.ndim == 3 else cv2.cvtColor(frame, cv2.COLOR_GRAY2RGB)
+    out = base.copy()
+    if labels is not None and labels.any():
+        classes = (1,) if labels.max() == 1 else [int(k) for k in np.unique(labels) if k]
+        for k in classes:
+            mask = labels if len(classes) == 1 and k == 1 else (labels == k).view(np.uint8)
+            colour = tuple(int(c) for c in PALETTE[min(k, len(PALETTE) - 1)])
+            x, y, w, h = cv2.boundingRect(mask)  # blend only where the mask is
+            roi = (slice(y, y + h), slice(x, x + w))
+            tint = np.empty((h, w, 3), np.uint8)
+            tint[:] = colour
+            blended = cv2.addWeighted(base[roi], 1.0 - opacity, tint, opacity, 0.0)
+            out[roi] = cv2.copyTo(blended, mask[roi], out[roi])
+            contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(out, contours, -1, colour, 1, cv2.LINE_AA)
+    if text:
+        scale = max(0.4, min(out.shape[:2]) / 500)
+        cv2.putText(
+            out,
+            text,
+            (6, int(22 * scale) + 4),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            scale,
+            (255, 196, 0),
+            max(1, int(2 * scale)),
+            cv2.LINE_AA,
+        )
+    return out
+
+
+def area_fields(names: list[str], labels: np.ndarray, geometry: Geometry) -> dict:
+    """Mask area in pixels and mm^2 (None without a pixel spacing), per class when there are
+    several foreground classes."""
+    pixel_mm2 = geometry.pixel_area_mm2
+    area = int(cv2.countNonZero(labels))
+    row = {"area_px": area, "area_mm2": round(area * pixel_mm2, 3) if pixel_mm2 else None}
+    if len(names) > 2:
+        for k, name in enumerate(names[1:], start=1):
+            n = int(np.count_nonzero(labels == k))
+            row[f"area_px_{name}"] = n
+            row[f"area_mm2_{name}"] = round(n * pixel_mm2, 3) if pixel_mm2 else None
+    return row
+
+
+def prob_fields(spec: HeadSpec, names: list[str], probs: np.ndarray) -> dict:
+    """Class probabilities of a frame. Segmentation: each foreground class's peak pixel
+    probability (`p_CLASS`: how sure the model is that it is in the frame); classification:
+    the predicted class and every class's probability."""
+    if spec.task_type != "seg":
+        row = {"predicted": names[int(probs.argmax())]}
+        row.update({f"p_{n}": round(float(p), 5) for n, p in zip(names, probs, strict=True)})
+        return row
+    peaks = probs.reshape(len(probs), -1).max(axis=1)
+    peaks = peaks if len(probs) == 1 else peaks[1:]
+    return {f"p_{n}": round(float(p), 5) for n, p in zip(names[1:], peaks, strict=True)}
+
+
+# --- video output --------------------------------------------------------------------------------
+
+
+class VideoWriter:
+    """H.264 MP4 (PyAV/libx264, yuv420p, plays in browsers); odd sizes are padded by a pixel."""
+
+    def __init__(self, target, fps: float, width: int, height: int):
+        import av
+
+        self.container = av.open(target, mode="w", format="mp4")
+        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+        rate = max(1, round(fps * 1000))
+        from fractions import Fraction
+
+        self.stream = self.container.add_stream(codec, rate=Fraction(rate, 1000))
+        self.width, self.height = width + width % 2, height + height % 2
+        self.stream.width, self.stream.height = self.width, self.height
+        self.stream.pix_fmt = "yuv420p"
+        # ultrafast, one thread: ~1 ms a 350 x 350 frame here, not competing with the model.
+        self.stream.codec_context.thread_count = 1
+        if codec == "libx264":
+            self.stream.options = {"preset": "ultrafast", "crf": "20"}
+
+    def write(self, rgb: np.ndarray) -> None:
+        import av
+
+        h, w = rgb.shape[:2]
+        if (h, w) != (self.height, self.width):
+            rgb = cv2.copyMakeBorder(
+                rgb, 0, self.height - h, 0, self.width - w, cv2.BORDER_REPLICATE
+            )
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        for packet in self.stream.encode(frame):
+            self.container.mux(packet)
+
+    def close(self) -> None:
+        for packet in self.stream.encode():
+            self.container.mux(packet)
+        self.container.close()
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+
+@dataclass
+class FrameResult:
+    """One processed frame handed to a sink (its post-processing is timed as `postprocess`)."""
+
+    index: int
+    time_s: float | None
+    frame: np.ndarray
+    prediction: Prediction
+    x: np.ndarray
+    """The preprocessed model input (reference runs, e.g. PyTorch beside int8)."""
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class StreamStats:
+    """Seconds per stage summed over frames, frame count and the pipeline's wall time.
+    Decoding and writing run in their own threads, overlapping the model: their seconds are
+    those threads' CPU time; preprocess, model and the main thread's post-processing are wall
+    time."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    frames: int = 0
+    wall_s: float = 0.0
+    excluded_s: float = 0.0
+    """Time spent on work that is not part of the pipeline (reference checks, progress)."""
+
+    def summary(self) -> dict:
+        n = max(1, self.frames)
+        wall = max(1e-9, self.wall_s - self.excluded_s)
+        model = self.seconds["model"]
+        return {
+            "frames": self.frames,
+            "ms_per_frame": {k: round(v / n * 1000, 3) for k, v in self.seconds.items()},
+            "wall_ms_per_frame": round(wall / n * 1000, 3),
+            "wall_s": round(wall, 3),
+            "fps_end_to_end": round(self.frames / wall, 2),
+            "fps_model_only": round(self.frames / model, 2) if model else None,
+            "outside_model_vs_model": round((wall - model) / model, 4) if model else None,
+        }
+
+
+_END = object()
+
+
+class _Failed:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class Prefetch:
+    """Iterates `frames` in a thread, `depth` frames ahead, so that decoding overlaps the
+    model; yields (index, frame, decode seconds). Errors surface in the consumer."""
+
+    def __init__(self, frames: Iterator[tuple[int, np.ndarray]], depth: int = 4):
+        self.queue: queue.Queue = queue.Queue(depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(frames,), daemon=True)
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, frames) -> None:
+        iterator = iter(frames)
+        try:
+            while True:
+                t0 = time.thread_time()  # CPU time: what decoding costs, waits excluded
+                try:
+                    index, frame = next(iterator)
+                except StopIteration:
+                    break
+                if not self._put((index, frame, time.thread_time() - t0)):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put(_Failed(exc))
+            return
+        finally:
+            close = getattr(iterator, "close", None)
+            if close:
+                close()
+        self._put(_END)
+
+    def __iter__(self):
+        while True:
+            item = self.queue.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failed):
+                raise item.exc
+            yield item
+
+    def close(self) -> None:
+        self.stop.set()
+        while self.thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self.queue.get(timeout=0.05)
+        self.thread.join()
+
+
+class Worker:
+    """One background thread running submitted jobs in order (writing files, encoding video);
+    `busy_s` is its CPU time; a job's error is raised at the next submit or `drain`."""
+
+    def __init__(self, depth: int = 8):
+        self.queue: queue.Queue = queue.Queue(depth)
+        self.busy_s = 0.0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self.queue.get()
+            if job is _END:
+                return
+            t0 = time.thread_time()  # CPU time: what the job costs, waits excluded
+            try:
+                if self.error is None:
+                    job()
+            except BaseException as exc:
+                self.error = exc
+            finally:
+                self.busy_s += time.thread_time() - t0
+                self.queue.task_done()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def submit(self, job: Callable[[], object]) -> None:
+        self._raise()
+        self.queue.put(job)
+
+    def drain(self) -> None:
+        self.queue.join()
+        self._raise()
+
+    def close(self) -> None:
+        self.queue.put(_END)
+        self.thread.join()
+
+
+def stream(
+    frames: Iterator[tuple[int, np.ndarray]],
+    predictor: FramePredictor,
+    geometry: Geometry,
+    sink: Callable[[FrameResult], float | None],
+    stats: StreamStats,
+    on_frame: Callable[[FrameResult], None] | None = None,
+) -> int:
+    """Run one source through the pipeline: decoding in a `Prefetch` thread, preprocessing and
+    the model here, then `sink(result)` (which may return seconds spent on work to exclude
+    from the timings, and may hand work to a background thread: its `drain()` is waited for
+    and its `background_s` counted as post-processing). Returns the frames processed."""
+    predictor.reset()
+    clock = time.perf_counter
+    count = 0
+    start = clock()
+    background = getattr(sink, "background_s", 0.0)
+    reader = Prefetch(frames)
+    try:
+        for index, frame, decode_s in reader:
+            t1 = clock()
+            x = predictor.preprocess(frame)
+            t2 = clock()
+            _, prediction = predictor(x)
+            t3 = clock()
+            result = FrameResult(index, geometry.time_of(index), frame, prediction, x)
+            result.timings_ms = {
+                "decode": decode_s * 1000,
+                "preprocess": (t2 - t1) * 1000,
+                "model": (t3 - t2) * 1000,
+            }
+            excluded = sink(result) or 0.0
+            t4 = clock()
+            result.timings_ms["postprocess"] = (t4 - t3 - excluded) * 1000
+            for stage in STAGES:
+                stats.seconds[stage] += result.timings_ms[stage] / 1000
+            stats.excluded_s += excluded
+            stats.frames += 1
+            count += 1
+            if on_frame:
+                on_frame(result)
+            stats.excluded_s += clock() - t4  # progress display is not part of the pipeline
+        if hasattr(sink, "drain"):
+            sink.drain()
+    finally:
+        reader.close()
+        stats.wall_s += clock() - start
+        stats.seconds["postprocess"] += getattr(sink, "background_s", 0.0) - background
+    return count
+
+
+def warm_up(predictor: FramePredictor, runs: int = 3) -> None:
+    """First calls allocate (ONNX Runtime, ExecuTorch, oneDNN): keep them out of the timings."""
+    x = np.zeros((1, 1, predictor.size, predictor.size), np.float32)
+    for _ in range(runs):
+        predictor.runner(x)
+
+
+def save_png(path: Path, image: np.ndarray, binary: bool = False) -> None:
+    """A grey or RGB image as PNG, fast (frames are written as they stream); `binary`: a
+    1-bit PNG of image > 0 (reads back as 0/255 grey, 4x faster to write than 8-bit)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    params = [cv2.IMWRITE_PNG_BILEVEL, 1] if binary else []
+    ok = cv2.imwrite(str(path), image, [*params, cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise OSError(f"could not write {path}")

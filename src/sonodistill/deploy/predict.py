@@ -1,0 +1,564 @@
+"""`sonodistill predict`: a fine-tuned head over images, folders, cine loops, DICOM and 2D+t
+volumes, frame by frame as a point-of-care scanner runs it.
+
+The model is a head checkpoint (`sonodistill evaluate --save_models true`) or an export folder
+(`sonodistill export --head`); `--backend` picks its runtime: torch, ort_fp32, ort_int8,
+executorch_fp32, executorch_int8. Inputs are read by the corpus readers (images, mp4/avi/mov,
+DICOM single-frame or cine incl. YBR/JPEG, NIfTI/MetaImage sequences and volumes).
+
+Outputs in `out/` (written to a staging folder and moved into place when complete):
+- `predictions.csv`: one row per frame: source, frame, time_s, frame size, mask area in pixels
+  and in mm^2 (when the file has a pixel spacing), class probabilities, model milliseconds,
+  Dice with the previous frame's mask (and, `--check_torch true`, PyTorch's mask area and the
+  Dice between its mask and the backend's);
+- `masks/NAME.png` (stills) or `masks/NAME/FRAME.png` (clips): 0/255 binary masks, class
+  indices for multi-class heads;
+- `overlays/NAME.png` or `overlays/NAME.mp4` (H.264): the frames with the mask drawn in;
+- `summary.{json,md}`: per-stage time (decode, preprocess, model, postprocess incl. writing),
+  end-to-end and model-only frames per second, frame-to-frame stability with and without
+  temporal smoothing, agreement with PyTorch, per-source spacing and frame rate;
+- `config.yaml`.
+The folder is locked while the run writes; masks and overlays are written to `OUT/.partial/`
+and moved into place, then the CSV, config and summary (each atomically; `summary.json` last).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sonodistill.config import save_config
+from sonodistill.data.geometry import Geometry, read_geometry
+from sonodistill.data.masks import is_mask
+from sonodistill.data.readers import ReadError, detect_kind, frame_count, read_frames
+from sonodistill.deploy.pipeline import (
+    STAGES,
+    FramePredictor,
+    FrameResult,
+    StreamStats,
+    VideoWriter,
+    Worker,
+    area_fields,
+    class_names,
+    dice_pair,
+    label_map,
+    overlay,
+    prob_fields,
+    save_png,
+    stream,
+    upsample,
+    warm_up,
+)
+from sonodistill.deploy.runtimes import BACKENDS, ModelFolder, open_model_folder, open_runner
+from sonodistill.errors import UserError
+from sonodistill.io import (
+    claim_run_dir,
+    existing,
+    markdown_table,
+    write_csv,
+    write_json,
+    write_text,
+)
+from sonodistill.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FPS = 10.0  # overlay videos of files without a frame rate (volumes, image stacks)
+OWNED = ("predictions.csv", "summary.json", "summary.md", "config.yaml", "masks", "overlays")
+PARTIAL = ".partial"
+
+
+@dataclass
+class PredictConfig:
+    """Run a fine-tuned head over images, videos, DICOM cines and 2D+t volumes."""
+
+    inputs: list[str] = field(default_factory=list)
+    """Files or folders (searched recursively; masks such as `*_mask.png` are skipped)."""
+    model: str = ""
+    """A head checkpoint (evaluate --save_models) or an export folder (export --head)."""
+    backend: str = "torch"
+    """torch | ort_fp32 | ort_int8 | executorch_fp32 | executorch_int8."""
+    out: str = "runs/predict"
+    image_size: int | None = None
+    """Model input side; default: the model's own (head.yaml, or the exported graph)."""
+    threshold: float = 0.5
+    """Foreground probability at which a pixel belongs to the mask."""
+    opacity: float = 0.45
+    """Of the mask colour in overlays."""
+    smoothing: float = 0.0
+    """Temporal EMA along a clip, p'_t = (1 - s) p_t + s p'_{t-1}; 0 = off (e.g. 0.5)."""
+    check_torch: bool = False
+    """Also run the PyTorch head on every frame and report the Dice between its masks and the
+    backend's (before smoothing); the extra time is kept out of the timings."""
+    masks: bool = True
+    overlays: bool = True
+    max_frames: int | None = None
+    """At most this many frames of each source (the first ones)."""
+    layout: Literal["auto", "sequence", "volume"] = "auto"
+    """3D files: 2D+t sequence (frames along z) or volume (slices along `axis`)."""
+    axis: int = 0
+    pixel_spacing_mm: list[float] = field(default_factory=list)
+    """[row, column] or [both] mm per pixel, replacing what the files say."""
+    fps: float | None = None
+    """Frame rate for the time column and overlay videos, replacing what the files say."""
+    threads: int | None = None
+    """CPU threads of the runtime (default: PyTorch's current count)."""
+    overwrite: bool = False
+    """Replace an existing output folder."""
+    progress: bool = True
+
+
+@dataclass
+class Source:
+    path: Path
+    name: str
+    """Output name: the path under the input folder (or the file stem), without suffix."""
+    kind: str
+    count: int
+    """Frames in the file's header (0 when the header does not say)."""
+    geometry: Geometry
+
+    @property
+    def still(self) -> bool:
+        return self.count == 1
+
+
+# --- validation and listing (nothing is written before both pass) ------------------------------
+
+
+def _spacing(cfg: PredictConfig) -> tuple[float, float] | None:
+    values = cfg.pixel_spacing_mm
+    if not values:
+        return None
+    if len(values) not in (1, 2) or min(values) <= 0:
+        raise UserError(f"--pixel_spacing_mm takes one or two positive numbers, not {values}")
+    return (float(values[0]), float(values[-1]))
+
+
+def check_options(cfg: PredictConfig) -> None:
+    if not cfg.inputs:
+        raise UserError("give --inputs (files or folders)")
+    if not cfg.model:
+        raise UserError("give --model (a head checkpoint or an export folder)")
+    if cfg.backend not in BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, not {cfg.backend!r}")
+    if not 0.0 < cfg.threshold < 1.0:
+        raise UserError(f"--threshold must be in (0, 1), not {cfg.threshold}")
+    if not 0.0 <= cfg.opacity <= 1.0:
+        raise UserError(f"--opacity must be in [0, 1], not {cfg.opacity}")
+    if not 0.0 <= cfg.smoothing < 1.0:
+        raise UserError(f"--smoothing must be in [0, 1), not {cfg.smoothing}")
+    if cfg.max_frames is not None and cfg.max_frames < 1:
+        raise UserError("--max_frames must be >= 1")
+    if cfg.fps is not None and cfg.fps <= 0:
+        raise UserError("--fps must be > 0")
+    if cfg.axis not in (0, 1, 2):
+        raise UserError(f"--axis must be 0, 1 or 2, not {cfg.axis}")
+    if cfg.image_size is not None and cfg.image_size < 16:
+        raise UserError("--image_size must be >= 16")
+    _spacing(cfg)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file")
+    found = existing(out, OWNED)
+    if found and not cfg.overwrite:  # checked again under the folder's lock
+        raise UserError(
+            f"--out {out} already holds predictions ({', '.join(found)}): choose another "
+            "--out or pass --overwrite true"
+        )
+
+
+def list_sources(cfg: PredictConfig) -> tuple[list[Source], list[dict]]:
+    """Sources in input order (folders sorted), and the files of folders that cannot be read.
+
+    A file named on the command line must be readable; inside a folder, files that are no
+    image, video, DICOM or volume are ignored, and unreadable ones are listed and skipped."""
+    sources: list[Source] = []
+    skipped: list[dict] = []
+    spacing = _spacing(cfg)
+    taken: set[str] = set()
+    for text in cfg.inputs:
+        root = Path(text)
+        if not root.exists():
+            raise FileNotFoundError(f"input {root} does not exist")
+        if root.is_dir():
+            files = [p for p in sorted(root.rglob("*")) if p.is_file() and not is_mask(p)]
+            files = [p for p in files if detect_kind(p)]
+            if not files:
+                raise FileNotFoundError(f"input folder {root}: no images, videos, DICOM or volumes")
+            names = [str(Path(root.name) / p.relative_to(root).with_suffix("")) for p in files]
+        else:
+            if detect_kind(root) is None:
+                raise UserError(f"input {root}: not an image, video, DICOM or volume file")
+            files, names = [root], [_stem(root)]
+        for path, name in zip(files, names, strict=True):
+            kind = detect_kind(path)
+            try:
+                count = frame_count(path, kind, cfg.layout, cfg.axis)
+                geometry = read_geometry(path, kind, cfg.layout, cfg.axis)
+            except Exception as exc:  # a header the readers refuse
+                if not root.is_dir():
+                    raise UserError(f"input {path}: cannot be read ({exc})") from exc
+                skipped.append({"file": str(path), "reason": str(exc)})
+                continue
+            unique, k = name, 2
+            while unique in taken:
+                unique, k = f"{name}-{k}", k + 1
+            taken.add(unique)
+            geometry = geometry.with_overrides(spacing, cfg.fps)
+            sources.append(Source(path, unique, kind, count, geometry))
+    return sources, skipped
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else path.stem
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+
+class FileSink:
+    """Post-processing of `predict`: masks, overlays, CSV rows, stability and agreement."""
+
+    def __init__(self, folder: Path, cfg: PredictConfig, spec, names: list[str], reference=None):
+        self.folder, self.cfg, self.spec, self.names = folder, cfg, spec, names
+        self.reference = reference  # a FramePredictor on the PyTorch head, or None
+        self.rows: list[dict] = []
+        self.video: VideoWriter | None = None
+        self.source: Source | None = None
+        self.worker = Worker()  # writes masks, overlays and the video off the main thread
+        self.overlap = [0, 0]  # agreement with PyTorch: 2|A & B|, |A| + |B| over all frames
+
+    @property
+    def background_s(self) -> float:
+        return self.worker.busy_s
+
+    def drain(self) -> None:
+        """Finish this source's files (the video is closed in the worker, after its frames)."""
+        if self.video is not None:
+            self.worker.submit(self.video.close)
+            self.video = None
+        self.worker.drain()
+
+    def close(self) -> None:
+        self.worker.close()
+
+    def begin(self, source: Source) -> None:
+        self.source = source
+        self.prev_raw = self.prev_smooth = None
+        self.stability = {"raw": [], "smoothed": []}
+        self.agreement: list[float] = []
+        self.video = None
+
+    def _video(self, frame: np.ndarray) -> VideoWriter:
+        if self.video is None:
+            path = self.folder / "overlays" / f"{self.source.name}.mp4"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            g = self.source.geometry
+            interval = g.frame_interval_s
+            if interval is None and g.timestamps_s and len(g.timestamps_s) > 1:
+                interval = float(np.median(np.diff(g.timestamps_s)))
+            fps = 1.0 / interval if interval else DEFAULT_FPS
+            self.video = VideoWriter(str(path), fps, frame.shape[1], frame.shape[0])
+        return self.video
+
+    def __call__(self, result: FrameResult) -> float:
+        source, cfg, spec = self.source, self.cfg, self.spec
+        pred, frame = result.prediction, result.frame
+        h, w = frame.shape[:2]
+        row = {
+            "source": source.name,
+            "frame": result.index,
+            "time_s": None if result.time_s is None else round(result.time_s, 4),
+            "height": h,
+            "width": w,
+        }
+        labels = None
+        if spec.task_type == "seg":
+            labels = label_map(upsample(pred.probs, h, w), cfg.threshold)
+            row.update(area_fields(self.names, labels, source.geometry))
+        row.update(prob_fields(spec, self.names, pred.probs))
+        row["model_ms"] = round(result.timings_ms["model"], 3)
+        if spec.task_type == "seg":
+            row["dice_prev"] = self._stability(pred)
+        if cfg.masks and labels is not None:
+            name = f"{source.name}.png" if source.still else f"{source.name}/{result.index:05d}.png"
+            binary = len(pred.probs) == 1
+            self.worker.submit(partial(save_png, self.folder / "masks" / name, labels, binary))
+        if cfg.overlays:
+            text = "" if labels is not None else f"{row['predicted']} {pred.probs.max():.2f}"
+            if source.still:
+                path = self.folder / "overlays" / f"{source.name}.png"
+                self.worker.submit(
+                    lambda: save_png(path, overlay(frame, labels, cfg.opacity, text))
+                )
+            else:
+                video = self._video(frame)
+                self.worker.submit(lambda: video.write(overlay(frame, labels, cfg.opacity, text)))
+        self.rows.append(row)
+        return self._check(result, labels is not None)
+
+    def _stability(self, pred) -> float | None:
+        """Dice of this frame's mask with the previous one (model resolution), with and
+        without smoothing; returns the one of the masks written."""
+        raw = label_map(pred.raw, self.cfg.threshold)
+        smooth = label_map(pred.probs, self.cfg.threshold) if self.cfg.smoothing else raw
+        value = None
+        if self.prev_raw is not None:
+            self.stability["raw"].append(dice_pair(self.prev_raw, raw))
+            self.stability["smoothed"].append(dice_pair(self.prev_smooth, smooth))
+            value = round(self.stability["smoothed"][-1], 5)
+        self.prev_raw, self.prev_smooth = raw, smooth
+        return value
+
+    def _check(self, result: FrameResult, seg: bool) -> float:
+        """Agreement with PyTorch on this frame; returns the seconds it took (not pipeline)."""
+        if self.reference is None:
+            return 0.0
+        t0 = time.perf_counter()
+        _, ref = self.reference(result.x)
+        h, w = result.frame.shape[:2]
+        if seg:
+            mine = label_map(upsample(result.prediction.raw, h, w), self.cfg.threshold) > 0
+            theirs = label_map(upsample(ref.raw, h, w), self.cfg.threshold) > 0
+            value = dice_pair(mine, theirs)
+            self.overlap[0] += 2 * int(np.count_nonzero(mine & theirs))
+            self.overlap[1] += int(np.count_nonzero(mine)) + int(np.count_nonzero(theirs))
+            self.rows[-1]["area_px_torch"] = int(np.count_nonzero(theirs))
+        else:
+            value = float(result.prediction.raw.argmax() == ref.raw.argmax())
+        self.agreement.append(value)
+        self.rows[-1]["agree_torch"] = round(value, 5)
+        return time.perf_counter() - t0
+
+    def end(self, status: str) -> dict:
+        if self.video is not None:  # a source that failed midway: keep what was decoded
+            self.drain()
+        s, g = self.source, self.source.geometry
+        frames = [r for r in self.rows if r["source"] == s.name]
+        entry = {
+            "name": s.name,
+            "file": str(s.path),
+            "kind": s.kind,
+            "frames": len(frames),
+            "status": status,
+            "spacing_mm": list(g.spacing_mm) if g.spacing_mm else None,
+            "spacing_from": g.spacing_from,
+            "frame_interval_s": g.frame_interval_s,
+        }
+        if self.stability["raw"]:
+            entry["stability_raw"] = float(np.mean(self.stability["raw"]))
+            entry["stability_smoothed"] = float(np.mean(self.stability["smoothed"]))
+        if self.agreement:
+            entry["agree_torch_mean"] = float(np.mean(self.agreement))
+            entry["agree_torch_min"] = float(np.min(self.agreement))
+        return entry
+
+
+def _frames(source: Source, cfg: PredictConfig):
+    frames = read_frames(source.path, source.kind, cfg.layout, cfg.axis)
+    for index, frame in frames:
+        if cfg.max_frames is not None and index >= cfg.max_frames:
+            frames.close()
+            return
+        yield index, frame
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """fsync the staged masks and overlays, then move them into `out`."""
+    for path in stage.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for part in stage.iterdir():
+        os.replace(part, out / part.name)
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+
+def predict(cfg: PredictConfig) -> dict:
+    """Run the model over every source; returns the summary (also in out/summary.json)."""
+    check_options(cfg)
+    folder: ModelFolder = open_model_folder(cfg.model)
+    size = cfg.image_size or folder.image_size
+    if not size:
+        raise UserError(f"{cfg.model}: the model does not say its input size: give --image_size")
+    if cfg.check_torch and "torch" not in folder.files:
+        raise UserError(f"--check_torch: {cfg.model} has no PyTorch head to compare with")
+    sources, skipped = list_sources(cfg)
+    if not sources:
+        raise UserError("no readable input")
+    from sonodistill.deploy.bench import environment
+
+    threads = cfg.threads or torch.get_num_threads()  # one count for every runtime
+    runner = open_runner(folder, cfg.backend, threads)
+    predictor = FramePredictor(runner, folder.spec, size, cfg.smoothing)
+    probe = runner(np.zeros((1, 1, size, size), np.float32))
+    names = class_names(folder.spec, probe.shape[1])
+    reference = None
+    if cfg.check_torch:
+        reference = FramePredictor(open_runner(folder, "torch", threads), folder.spec, size)
+    warm_up(predictor)
+
+    out = Path(cfg.out)
+    with claim_run_dir(out, "predict", [*OWNED, PARTIAL], overwrite=cfg.overwrite):
+        stage = out / PARTIAL
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir()
+        try:
+            summary = _run(cfg, folder, size, names, predictor, reference, sources, skipped, stage)
+            summary["environment"] = environment(threads)
+            t0 = time.perf_counter()
+            _publish(stage, out)
+            save_config(cfg, out / "config.yaml")
+            write_csv(out / "predictions.csv", pd.DataFrame(summary.pop("_rows")))
+            write_text(out / "summary.md", summary_markdown(summary))
+            summary["finalize_s"] = round(time.perf_counter() - t0, 3)
+            write_json(out / "summary.json", summary, default=str)  # last: the run is complete
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    return summary
+
+
+def _run(cfg, folder, size, names, predictor, reference, sources, skipped, stage) -> dict:
+    sink = FileSink(stage, cfg, folder.spec, names, reference)
+    try:
+        stats, entries = _stream_sources(cfg, sources, predictor, sink)
+    finally:
+        sink.close()
+    summary = {
+        "model": str(folder.path),
+        "backend": cfg.backend,
+        "backend_label": BACKENDS[cfg.backend].label,
+        "task_type": folder.spec.task_type,
+        "classes": names,
+        "image_size": size,
+        "threshold": cfg.threshold,
+        "smoothing": cfg.smoothing,
+        "timing": stats.summary() | {"warmup_runs": 3},
+        "sources": entries,
+        "skipped": skipped,
+        "failed": [e["name"] for e in entries if e["status"] != "ok"],
+    }
+    raw = [v for e in entries for v in [e.get("stability_raw")] if v is not None]
+    if raw:
+        weights = [e["frames"] - 1 for e in entries if "stability_raw" in e]
+        summary["stability"] = {
+            "frame_pairs": int(sum(weights)),
+            "raw": float(np.average(raw, weights=weights)),
+            "smoothed": float(
+                np.average(
+                    [e["stability_smoothed"] for e in entries if "stability_raw" in e],
+                    weights=weights,
+                )
+            )
+            if cfg.smoothing
+            else None,
+        }
+    if reference is not None:
+        values = [r["agree_torch"] for r in sink.rows if "agree_torch" in r]
+        summary["agreement_with_torch"] = {
+            "metric": "mask Dice" if folder.spec.task_type == "seg" else "same class",
+            "frames": len(values),
+            "mean": float(np.mean(values)) if values else None,
+            "min": float(np.min(values)) if values else None,
+        }
+        if folder.spec.task_type == "seg":  # one Dice over all pixels: tiny masks weigh little
+            both = sink.overlap
+            summary["agreement_with_torch"]["pooled"] = both[0] / both[1] if both[1] else 1.0
+    summary["_rows"] = sink.rows
+    return summary
+
+
+def _stream_sources(cfg: PredictConfig, sources: list[Source], predictor, sink: FileSink):
+    """Every source through the pipeline, with a progress bar; a source that stops decoding
+    keeps its frames so far and is marked failed."""
+    stats = StreamStats()
+    entries = []
+    limit = cfg.max_frames or 10**9
+    total = sum(min(s.count, limit) for s in sources) or None
+    with progress_bar(disable=not cfg.progress) as bar:
+        task = bar.add_task("predict", total=total, info="")
+        start = time.perf_counter()
+
+        def shown(result: FrameResult) -> None:
+            fps = stats.frames / max(1e-9, time.perf_counter() - start - stats.excluded_s)
+            bar.update(task, advance=1, info=f"{fps:.1f} frames/s")
+
+        for source in sources:
+            bar.update(task, description=f"predict {source.name}"[:60])
+            sink.begin(source)
+            status = "ok"
+            try:
+                stream(_frames(source, cfg), predictor, source.geometry, sink, stats, shown)
+            except ReadError as exc:
+                status = f"failed: {exc}"
+                log.warning("%s: %s", source.path, exc)
+            entries.append(sink.end(status))
+    return stats, entries
+
+
+def summary_markdown(s: dict) -> str:
+    t = s["timing"]
+    stages = [{"stage": k, "ms / frame": t["ms_per_frame"][k]} for k in STAGES]
+    stages.append({"stage": "end to end (wall)", "ms / frame": t["wall_ms_per_frame"]})
+    lines = [
+        f"# Predictions of {s['model']}",
+        "",
+        f"{s['backend_label']} ({s['backend']}), {s['task_type']} head, "
+        f"input {s['image_size']} px, "
+        f"{s['environment']['threads']} threads on {s['environment']['cpu']}; "
+        f"{t['frames']} frames from {len(s['sources'])} sources; threshold {s['threshold']}, "
+        f"smoothing {s['smoothing']}.",
+        "",
+        markdown_table(stages, floatfmt=".2f"),
+        "",
+        f"End to end: **{t['fps_end_to_end']:.1f} frames/s** (the model's own time alone would "
+        f"give {t['fps_model_only']:.1f}); the wall time outside the model is "
+        f"{t['outside_model_vs_model']:.1%} of the model's time. Decoding and writing run in "
+        "their own threads, overlapping the model: their times are those threads' CPU time.",
+    ]
+    if "stability" in s:
+        st = s["stability"]
+        text = f"Frame-to-frame stability (Dice of consecutive masks, {st['frame_pairs']} pairs): "
+        text += f"{st['raw']:.4f} without smoothing"
+        if st["smoothed"] is not None:
+            text += f", {st['smoothed']:.4f} with smoothing {s['smoothing']}"
+        lines += ["", text + "."]
+    if "agreement_with_torch" in s:
+        a = s["agreement_with_torch"]
+        pooled = f", pooled over all pixels {a['pooled']:.4f}" if "pooled" in a else ""
+        text = f"Agreement with PyTorch ({a['metric']} per frame, {a['frames']} frames, before "
+        text += f"smoothing): mean {a['mean']:.4f}, min {a['min']:.4f}{pooled}."
+        lines += ["", text]
+    sources = [
+        {
+            "source": e["name"],
+            "kind": e["kind"],
+            "frames": e["frames"],
+            "pixel spacing (mm)": " x ".join(f"{v:.4g}" for v in e["spacing_mm"])
+            if e["spacing_mm"]
+            else f"none ({e['spacing_from']})",
+            "frame interval (s)": f"{e['frame_interval_s']:.4g}" if e["frame_interval_s"] else "",
+            "status": e["status"],
+        }
+        for e in s["sources"]
+    ]
+    lines += ["", markdown_table(sources)]
+    lines += [f"\nSkipped {item['file']}: {item['reason']}" for item in s["skipped"]]
+    return "\n".join(lines) + "\n"
