@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("sonodistill.deploy.cli:export_main", "ONNX (fp32, int8) checked against PyTorch"),
     "bench": ("sonodistill.deploy.cli:bench_main", "teacher vs student cost (paper Table 5)"),
     "predict": ("sonodistill.deploy.cli:predict_main", "a fine-tuned head over images, cines"),
+    "app": ("sonodistill.deploy.cli:app_main", "a local web viewer: your model on a file"),
     "demo": ("sonodistill.cli:demo_main", "the whole method on an embedded simulated corpus"),
     "report": ("sonodistill.cli:report_main", "a self-contained HTML report of a run folder"),
 }

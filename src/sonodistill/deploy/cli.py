@@ -46,3 +46,12 @@ def predict_main(argv: list[str]) -> int:
         )
         return 1
     return 0
+
+
+def app_main(argv: list[str]) -> int:
+    """Serves until interrupted (Ctrl-C); every session is dropped on the way out."""
+    from sonodistill.deploy.app import server as module
+
+    cfg = parse_config(module.AppConfig, argv, "sonodistill app", module.__doc__)
+    module.serve(cfg)
+    return 0

@@ -1,0 +1,435 @@
+"""`sonodistill app`: a local web page to run one of your models on a file and watch it.
+
+FastAPI + uvicorn serve a page (HTML/JS/CSS shipped inside the package: no CDN, works offline)
+and a small JSON API. Pick a model (head checkpoints and export folders found under `--models`)
+and a backend, drop an image, a cine loop, a DICOM or a 2D+t volume; the frames play with the
+mask drawn in at the speed the pipeline was measured to run, with per-frame latency, threshold
+and opacity controls, and downloads of the CSV and the overlay video at the chosen threshold.
+
+Safety: the server binds 127.0.0.1 unless told otherwise and then only answers requests whose
+Host is this machine (no DNS rebinding); requests that change state must carry the
+`X-Sonodistill` header, which a page from another site cannot send without a CORS preflight
+(never granted). Uploads are limited in size, checked by their content (not their name) and
+stored under names the server picks; see `sessions` for what is kept and for how long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+from sonodistill.deploy.app.sessions import (
+    Session,
+    UploadRejected,
+    display_name,
+    keep_session,
+    new_id,
+    run_session,
+    session_csv,
+    session_video,
+    upload_kind,
+)
+from sonodistill.deploy.pipeline import FramePredictor, class_names, warm_up
+from sonodistill.deploy.runtimes import BACKENDS, ModelFolder, open_model_folder, open_runner
+from sonodistill.errors import UserError
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+HEADER = "x-sonodistill"
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+@dataclass
+class AppConfig:
+    """A local web viewer: pick a model, drop a file, watch the overlay at the measured speed."""
+
+    models: list[str] = field(default_factory=list)
+    """Model folders (head checkpoints, export folders) or folders holding them (searched two
+    levels deep, e.g. `sonodistill evaluate`'s OUT/models)."""
+    host: str = "127.0.0.1"
+    """Address to bind; anything but this machine exposes the page to the network."""
+    port: int = 8765
+    max_upload_mb: float = 200.0
+    max_frames: int = 2000
+    """Frames decoded per upload (the first ones); frames are kept in memory."""
+    max_sessions: int = 8
+    """Open sessions kept in memory; the least recently used is closed beyond this."""
+    session_ttl_s: float = 1800.0
+    """A session untouched this long is closed."""
+    threads: int | None = None
+    work_dir: str | None = None
+    """Where uploads sit while they are decoded (default: a private temporary folder)."""
+    keep: str | None = None
+    """Save every finished session (upload, CSV, overlay video, summary) here; default: nothing
+    uploaded stays on disk."""
+    smoothing: float = 0.5
+    """Temporal smoothing used when the page's smoothing box is ticked."""
+
+
+@dataclass
+class ModelEntry:
+    id: str
+    label: str
+    folder: ModelFolder
+
+    def public(self) -> dict:
+        spec = self.folder.spec
+        return {
+            "id": self.id,
+            "label": self.label,
+            "task_type": spec.task_type,
+            "classes": list(spec.class_names),
+            "image_size": self.folder.image_size,
+            "backends": [{"id": b, "label": BACKENDS[b].label} for b in self.folder.backends],
+        }
+
+
+def discover_models(paths: list[str]) -> list[ModelEntry]:
+    """Model folders among `paths` and their sub-folders (two levels), each once."""
+    found: list[tuple[str, ModelFolder]] = []
+    seen: set[Path] = set()
+    for text in paths:
+        root = Path(text)
+        if not root.is_dir():
+            raise FileNotFoundError(f"model folder {root} does not exist")
+        candidates = [root, *sorted(p for p in root.glob("*") if p.is_dir())]
+        candidates += sorted(p for p in root.glob("*/*") if p.is_dir())
+        for path in candidates:
+            if path.resolve() in seen or path.name == "head" and path.parent.resolve() in seen:
+                continue
+            try:
+                folder = open_model_folder(path)
+            except (FileNotFoundError, ValueError, TypeError):
+                continue
+            if not folder.image_size or not folder.backends:
+                continue
+            seen.add(path.resolve())
+            label = root.name if path == root else f"{root.name}/{path.relative_to(root)}"
+            found.append((label, folder))
+    if not found:
+        raise FileNotFoundError(
+            f"no model under {', '.join(paths)}: give head checkpoints (evaluate "
+            "--save_models true) or export folders (export --head)"
+        )
+    return [ModelEntry(f"m{i}", label, folder) for i, (label, folder) in enumerate(found)]
+
+
+class AppState:
+    """Models, sessions and the one worker thread that runs the models."""
+
+    def __init__(self, cfg: AppConfig):
+        self.cfg = cfg
+        self.models = {m.id: m for m in discover_models(cfg.models)}
+        self.sessions: dict[str, Session] = {}
+        self.lock = threading.Lock()
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sonodistill-model")
+        self.runners: dict[tuple[str, str], tuple] = {}
+        self.own_work_dir = cfg.work_dir is None
+        self.work = Path(cfg.work_dir or tempfile.mkdtemp(prefix="sonodistill-app-"))
+        self.work.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.limit = int(cfg.max_upload_mb * 2**20)
+
+    # --- models ---------------------------------------------------------------------------
+
+    def runner(self, entry: ModelEntry, backend: str):
+        """(runner, class names), opened and warmed up once per model and backend."""
+        key = (entry.id, backend)
+        if key not in self.runners:
+            folder = entry.folder
+            runner = open_runner(folder, backend, self.cfg.threads)
+            size = folder.image_size
+            probe = runner(np.zeros((1, 1, size, size), np.float32))
+            warm_up(FramePredictor(runner, folder.spec, size))
+            self.runners[key] = (runner, class_names(folder.spec, probe.shape[1]))
+        return self.runners[key]
+
+    # --- sessions -------------------------------------------------------------------------
+
+    def get(self, sid: str) -> Session | None:
+        with self.lock:
+            session = self.sessions.get(sid)
+        if session is not None:
+            session.seen = time.time()
+        return session
+
+    def add(self, session: Session) -> None:
+        self.sweep()
+        with self.lock:
+            self.sessions[session.id] = session
+            extra = len(self.sessions) - self.cfg.max_sessions
+            oldest = sorted(self.sessions.values(), key=lambda s: s.seen)[: max(0, extra)]
+        for old in oldest:
+            self.close(old.id)
+
+    def sweep(self) -> None:
+        now = time.time()
+        with self.lock:
+            stale = [s.id for s in self.sessions.values() if now - s.seen > self.cfg.session_ttl_s]
+        for sid in stale:
+            self.close(sid)
+
+    def close(self, sid: str) -> bool:
+        with self.lock:
+            session = self.sessions.pop(sid, None)
+        if session is None:
+            return False
+        session.closed = True  # a running job stops at its next frame
+        session.jpegs.clear(), session.probs.clear(), session.labels.clear()
+        if session.status not in ("queued", "running"):  # else the job removes its folder
+            shutil.rmtree(session.folder, ignore_errors=True)
+        return True
+
+    def start(self, session: Session, entry: ModelEntry, upload: Path, smoothing: float):
+        def job() -> None:
+            status = "failed"
+            try:
+                if session.closed:
+                    return
+                runner, names = self.runner(entry, session.backend)
+                session.classes = names
+                size = entry.folder.image_size
+                predictor = FramePredictor(runner, entry.folder.spec, size, smoothing)
+                spec, limit = entry.folder.spec, self.cfg.max_frames
+                status = run_session(session, upload, predictor, spec, limit)
+                if self.cfg.keep and status == "done" and not session.closed:
+                    keep_session(session, upload, Path(self.cfg.keep))
+            except Exception as exc:
+                session.error = str(exc)[:300] or type(exc).__name__
+                log.exception("session %s failed", session.id)
+            finally:
+                shutil.rmtree(session.folder, ignore_errors=True)  # the upload: gone now
+                session.status = status  # published after the upload is gone
+
+        session.status = "queued"
+        self.worker.submit(job)
+
+    def shutdown(self) -> None:
+        with self.lock:
+            ids = list(self.sessions)
+        for sid in ids:
+            self.close(sid)
+        self.worker.shutdown(wait=True, cancel_futures=True)
+        if self.own_work_dir:
+            shutil.rmtree(self.work, ignore_errors=True)
+        else:
+            for path in self.work.glob("s-*"):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def create_app(cfg: AppConfig):
+    """The FastAPI application (its `state.sonodistill` is the AppState)."""
+    state = AppState(cfg)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        state.shutdown()
+
+    app = FastAPI(title="sonodistill", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.sonodistill = state
+    if cfg.host in LOOPBACK:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "[::1]"])
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if request.method not in ("GET", "HEAD") and request.headers.get(HEADER) != "1":
+            return JSONResponse({"detail": f"missing {HEADER} header"}, status_code=403)
+        response = await call_next(request)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Content-Security-Policy"] = (
+            "default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob:; "
+            "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+        )
+        if request.url.path.startswith("/api/"):
+            response.headers["Cache-Control"] = "no-store"
+        return response
+
+    def session_or_404(sid: str) -> Session:
+        session = state.get(sid)
+        if session is None:
+            raise HTTPException(404, "no such session (closed or expired)")
+        return session
+
+    @app.get("/")
+    def index():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/api/models")
+    def models():
+        return {
+            "models": [m.public() for m in state.models.values()],
+            "max_upload_mb": cfg.max_upload_mb,
+            "max_frames": cfg.max_frames,
+            "smoothing": cfg.smoothing,
+        }
+
+    @app.post("/api/sessions", status_code=201)
+    async def upload(
+        request: Request, model: str, backend: str = "", name: str = "", smooth: bool = False
+    ):
+        state.sweep()
+        entry = state.models.get(model)
+        if entry is None:
+            raise HTTPException(400, f"unknown model {model!r}")
+        backend = backend or entry.folder.backends[0]
+        if backend not in entry.folder.backends:
+            raise HTTPException(400, f"model {entry.label} has no backend {backend!r}")
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > state.limit:
+            raise HTTPException(413, f"file larger than {cfg.max_upload_mb:g} MB")
+        sid = new_id()
+        folder = state.work / f"s-{sid}"
+        folder.mkdir(mode=0o700)
+        try:
+            upload = await _receive(request, folder / "upload.part", state.limit)
+            kind, suffix = await asyncio.to_thread(upload_kind, upload)
+            upload = upload.rename(folder / f"upload{suffix}")
+        except UploadRejected as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise HTTPException(exc.status, str(exc)) from None
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        session = Session(
+            sid,
+            model,
+            backend,
+            display_name(name),
+            folder,
+            kind=kind,
+            task_type=entry.folder.spec.task_type,
+        )
+        state.add(session)
+        state.start(session, entry, upload, cfg.smoothing if smooth else 0.0)
+        return session.info()
+
+    @app.get("/api/sessions/{sid}")
+    def status(sid: str, since: int = 0):
+        return session_or_404(sid).info(max(0, since))
+
+    def frame_bytes(sid: str, i: int, attr: str, media: str):
+        data = getattr(session_or_404(sid), attr)
+        if not 0 <= i < len(data):
+            raise HTTPException(404, f"frame {i} is not ready")
+        return Response(data[i], media_type=media)
+
+    @app.get("/api/sessions/{sid}/frames/{i}.jpg")
+    def frame(sid: str, i: int):
+        return frame_bytes(sid, i, "jpegs", "image/jpeg")
+
+    @app.get("/api/sessions/{sid}/probs/{i}.png")
+    def probs(sid: str, i: int):
+        return frame_bytes(sid, i, "probs", "image/png")
+
+    @app.get("/api/sessions/{sid}/labels/{i}.png")
+    def labels(sid: str, i: int):
+        return frame_bytes(sid, i, "labels", "image/png")
+
+    def finished(sid: str) -> Session:
+        session = session_or_404(sid)
+        if session.status != "done":
+            raise HTTPException(409, f"session is {session.status}, not done")
+        return session
+
+    def _check(threshold: float, opacity: float = 0.5) -> None:
+        if not (0.0 < threshold < 1.0 and 0.0 <= opacity <= 1.0):
+            raise HTTPException(400, "threshold must be in (0, 1) and opacity in [0, 1]")
+
+    @app.get("/api/sessions/{sid}/predictions.csv")
+    def csv(sid: str, threshold: float = 0.5):
+        _check(threshold)
+        text = session_csv(finished(sid), threshold)
+        disposition = 'attachment; filename="sonodistill-predictions.csv"'
+        return Response(text, media_type="text/csv", headers={"Content-Disposition": disposition})
+
+    @app.get("/api/sessions/{sid}/overlay.mp4")
+    async def video(sid: str, threshold: float = 0.5, opacity: float = 0.45):
+        _check(threshold, opacity)
+        data = await asyncio.to_thread(session_video, finished(sid), threshold, opacity)
+        disposition = 'attachment; filename="sonodistill-overlay.mp4"'
+        return Response(data, media_type="video/mp4", headers={"Content-Disposition": disposition})
+
+    @app.delete("/api/sessions/{sid}")
+    def close(sid: str):
+        if not state.close(sid):
+            raise HTTPException(404, "no such session")
+        return {"closed": sid}
+
+    return app
+
+
+async def _receive(request, path: Path, limit: int) -> Path:
+    """Stream the request body to `path`, refusing more than `limit` bytes (413)."""
+    size = 0
+    with open(path, "wb") as fh:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise UploadRejected(f"file larger than {limit / 2**20:g} MB", 413)
+            fh.write(chunk)
+    if size == 0:
+        raise UploadRejected("empty upload", 400)
+    return path
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: any free port); OSError says why not."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(64)
+    return sock
+
+
+def server(cfg: AppConfig):
+    """A uvicorn Server for the app (run it with `.run(sockets=[bind(...)])`)."""
+    import uvicorn
+
+    app = create_app(cfg)
+    return uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+
+
+def serve(cfg: AppConfig) -> None:
+    """Bind, say where, serve until interrupted; on exit every session is dropped."""
+    if not cfg.models:
+        raise UserError("give --models+ FOLDER (head checkpoints or export folders)")
+    try:
+        sock = bind(cfg.host, cfg.port)
+    except OSError as exc:
+        raise UserError(
+            f"--host {cfg.host} --port {cfg.port}: cannot listen ({exc.strerror})"
+        ) from None
+    instance = server(cfg)
+    if cfg.host not in LOOPBACK:
+        log.warning("binding %s: the page is reachable from the network", cfg.host)
+    port = sock.getsockname()[1]
+    models = instance.config.app.state.sonodistill.models
+    print(f"sonodistill app: {len(models)} models; open http://{_url_host(cfg.host)}:{port}/")
+    instance.run(sockets=[sock])
+
+
+def _url_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host

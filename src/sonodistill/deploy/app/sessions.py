@@ -1,0 +1,329 @@
+"""Sessions of `sonodistill app`: one uploaded file run through one model, kept in memory.
+
+An upload is written to a private folder (`work_dir/<random id>/upload<suffix>`; the client's
+file name is never used as a path, only shown back to it), checked by its content, decoded and
+run through the shared pipeline (`deploy.pipeline`); as soon as decoding ends the upload is
+deleted. Frames (JPEG) and foreground probabilities (8-bit PNG) stay in memory for the viewer
+and for the CSV and overlay video made on request at the user's threshold; closing the session
+(or its idle timeout, or the server's exit) drops them. With `keep`, each finished session's
+upload and outputs are saved there instead, under the session id.
+
+Only pixel data, pixel spacing and frame timing are read from a DICOM file: no header value
+that could identify a patient reaches the viewer, the CSV or the video.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import secrets
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from sonodistill.data.geometry import Geometry, read_geometry
+from sonodistill.data.readers import ReadError, detect_kind, frame_count, read_frames
+from sonodistill.deploy.pipeline import (
+    FramePredictor,
+    FrameResult,
+    StreamStats,
+    VideoWriter,
+    area_fields,
+    overlay,
+    prob_fields,
+    stream,
+    upsample,
+)
+from sonodistill.evaluate.head_checkpoint import HeadSpec
+from sonodistill.io import write_bytes, write_json, write_text
+
+
+class SessionClosed(Exception):
+    """Raised inside a running job whose session was closed."""
+
+
+class UploadRejected(ValueError):
+    """An upload that is not a supported file (HTTP 415) or too large (413)."""
+
+    def __init__(self, message: str, status: int = 415):
+        super().__init__(message)
+        self.status = status
+
+
+# Suffix the stored upload gets, by kind (readers pick decoders from the content, except
+# NIfTI and MetaImage/NRRD, whose libraries go by the name).
+_SUFFIX = {"image": ".img", "video": ".video", "dicom": ".dcm"}
+
+
+def upload_kind(path: Path) -> tuple[str, str]:
+    """(kind, suffix to store it under) from the file's content alone; UploadRejected when it
+    is none of the supported kinds, or a header that points at other files (MetaImage
+    `ElementDataFile` other than LOCAL, NRRD `data file`): they could read the server's files."""
+    kind = detect_kind(path, by_extension=False)
+    if kind in _SUFFIX:
+        return kind, _SUFFIX[kind]
+    if kind == "nifti":
+        return kind, ".nii"
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    if head.startswith(b"\x1f\x8b"):
+        try:
+            with gzip.open(path, "rb") as fh:
+                inner = fh.read(352)
+        except OSError as exc:
+            raise UploadRejected(f"corrupt gzip data ({exc})") from exc
+        if inner[344:348] in (b"n+1\x00", b"ni1\x00"):
+            return "nifti", ".nii.gz"
+    if kind == "itk":
+        text = head.decode("latin-1")
+        if head.startswith(b"NRRD"):
+            fields = [line.split(":", 1)[0].strip().lower() for line in text.splitlines()]
+            if "data file" in fields or "datafile" in fields:
+                raise UploadRejected("NRRD with a detached data file: upload a single .nrrd")
+            return kind, ".nrrd"
+        for line in text.splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "ElementDataFile":
+                if value.strip() != "LOCAL":
+                    raise UploadRejected("MetaImage whose data lies in another file: use .mha")
+                return kind, ".mha"
+        raise UploadRejected("MetaImage header without its data (no ElementDataFile = LOCAL)")
+    raise UploadRejected("not an image, video, DICOM, NIfTI or MetaImage/NRRD file")
+
+
+def display_name(name: str) -> str:
+    """The client's file name for display only: its last component, printable, short."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    clean = "".join(c for c in base if c.isprintable()).strip() or "upload"
+    return clean[:120]
+
+
+@dataclass
+class Session:
+    id: str
+    model_id: str
+    backend: str
+    name: str
+    folder: Path
+    created: float = field(default_factory=time.time)
+    seen: float = field(default_factory=time.time)
+    status: str = "receiving"
+    """receiving | queued | running | done | failed"""
+    error: str = ""
+    kind: str = ""
+    total: int = 0
+    height: int = 0
+    width: int = 0
+    geometry: Geometry = field(default_factory=Geometry)
+    classes: list[str] = field(default_factory=list)
+    task_type: str = "seg"
+    jpegs: list[bytes] = field(default_factory=list)
+    probs: list[bytes] = field(default_factory=list)
+    """Foreground probability per frame, 8-bit PNG at the frame's size (segmentation)."""
+    labels: list[bytes] = field(default_factory=list)
+    """Most probable foreground class per pixel, PNG (multi-class segmentation only)."""
+    rows: list[dict] = field(default_factory=list)
+    """Per frame: index, time, size, class probabilities, latency (no areas: they depend on
+    the threshold the user picks)."""
+    timing: dict = field(default_factory=dict)
+    closed: bool = False
+    """Set when the user (or the idle timeout) closes it: a running job stops."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def info(self, since: int = 0) -> dict:
+        g = self.geometry
+        return {
+            "id": self.id,
+            "name": self.name,
+            "status": self.status,
+            "error": self.error,
+            "kind": self.kind,
+            "task_type": self.task_type,
+            "classes": self.classes,
+            "model": self.model_id,
+            "backend": self.backend,
+            "total": self.total,
+            "done": len(self.rows),
+            "width": self.width,
+            "height": self.height,
+            "spacing_mm": list(g.spacing_mm) if g.spacing_mm else None,
+            "spacing_from": g.spacing_from,
+            "source_fps": 1.0 / g.frame_interval_s if g.frame_interval_s else None,
+            "timing": self.timing,
+            "frames": self.rows[since:],
+        }
+
+
+class MemorySink:
+    """Keeps each frame (JPEG) and its foreground probabilities (PNG) for the viewer; their
+    encoding is transport, not pipeline: its time is excluded from the latency figures."""
+
+    def __init__(self, session: Session, spec: HeadSpec):
+        self.session, self.spec = session, spec
+
+    def __call__(self, result: FrameResult) -> float:
+        s, pred, frame = self.session, result.prediction, result.frame
+        if s.closed:
+            raise SessionClosed("session closed")
+        h, w = frame.shape[:2]
+        fields = prob_fields(self.spec, s.classes, pred.probs)
+        excluded = 0.0
+        if self.spec.task_type == "seg":
+            up = upsample(pred.probs, h, w)  # what a live viewer needs before drawing
+            t0 = time.perf_counter()
+            fg = up[0] if len(up) == 1 else 1.0 - up[0]
+            s.probs.append(_png(np.clip(fg * 255.0 + 0.5, 0, 255).astype(np.uint8)))
+            if len(up) > 1:
+                s.labels.append(_png((up[1:].argmax(axis=0) + 1).astype(np.uint8)))
+            excluded = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rgb = frame if frame.ndim == 3 else cv2.cvtColor(frame, cv2.COLOR_GRAY2RGB)
+        s.jpegs.append(_jpeg(rgb))
+        excluded += time.perf_counter() - t0
+        t = result.timings_ms
+        latency = t["preprocess"] + t["model"]  # + this sink's upsampling, added by the caller
+        row = {"frame": result.index, "time_s": _round(result.time_s), "height": h, "width": w}
+        row.update(fields)
+        row["model_ms"] = round(t["model"], 3)
+        row["_latency_ms"] = latency
+        s.height, s.width = h, w
+        with s.lock:
+            s.rows.append(row)
+        return excluded
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def _png(image: np.ndarray) -> bytes:
+    ok, data = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return data.tobytes()
+
+
+def _jpeg(rgb: np.ndarray) -> bytes:
+    ok, data = cv2.imencode(
+        ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92]
+    )
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return data.tobytes()
+
+
+def run_session(
+    session: Session, upload: Path, predictor: FramePredictor, spec: HeadSpec, max_frames: int
+) -> str:
+    """Decode the upload and run the model over it (in the app's worker thread); returns the
+    final status, done or failed (with `session.error`), for the caller to publish once the
+    upload is deleted."""
+    session.status = "running"
+    try:
+        session.geometry = read_geometry(upload, session.kind)
+        session.total = min(frame_count(upload, session.kind), max_frames)
+        sink = MemorySink(session, spec)
+        stats = StreamStats()
+
+        def frames():
+            for index, frame in read_frames(upload, session.kind):
+                if index >= max_frames:
+                    return
+                yield index, frame
+
+        def finish(result: FrameResult) -> None:
+            with session.lock:
+                row = session.rows[-1]
+                row["latency_ms"] = round(
+                    row.pop("_latency_ms") + result.timings_ms["postprocess"], 3
+                )
+
+        stream(frames(), predictor, session.geometry, sink, stats, finish)
+        if not session.rows:
+            raise ReadError("no frame could be decoded")
+        session.timing = stats.summary()
+        session.total = len(session.rows)
+        return "done"
+    except Exception as exc:  # shown to the user in the page; the server keeps running
+        session.error = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        return "failed"
+
+
+def threshold_labels(session: Session, i: int, threshold: float) -> np.ndarray:
+    prob = cv2.imdecode(np.frombuffer(session.probs[i], np.uint8), cv2.IMREAD_UNCHANGED)
+    fg = prob >= int(round(threshold * 255))
+    if session.labels:
+        labels = cv2.imdecode(np.frombuffer(session.labels[i], np.uint8), cv2.IMREAD_UNCHANGED)
+        return np.where(fg, labels, 0).astype(np.uint8)
+    return fg.astype(np.uint8)
+
+
+def session_rows(session: Session, threshold: float) -> list[dict]:
+    """The CSV rows at a threshold (areas from the stored probabilities)."""
+    rows = []
+    for i, row in enumerate(list(session.rows)):
+        out = {k: v for k, v in row.items() if not k.startswith("_")}
+        if session.task_type == "seg" and i < len(session.probs):
+            labels = threshold_labels(session, i, threshold)
+            fields = area_fields(session.classes, labels, session.geometry)
+            out = {**{k: out[k] for k in ("frame", "time_s", "height", "width")}, **fields, **out}
+        rows.append(out)
+    return rows
+
+
+def session_csv(session: Session, threshold: float) -> str:
+    rows = session_rows(session, threshold)
+    buffer = io.StringIO()
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    writer = csv.DictWriter(buffer, columns, restval="")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def session_video(session: Session, threshold: float, opacity: float) -> bytes:
+    """The overlay video (H.264 MP4) at the user's threshold and opacity."""
+    buffer = io.BytesIO()
+    interval = session.geometry.frame_interval_s
+    fps = 1.0 / interval if interval else 10.0
+    writer = VideoWriter(buffer, fps, session.width, session.height)
+    for i in range(len(session.jpegs)):
+        bgr = cv2.imdecode(np.frombuffer(session.jpegs[i], np.uint8), cv2.IMREAD_COLOR)
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        if session.task_type == "seg":
+            image = overlay(rgb, threshold_labels(session, i, threshold), opacity)
+        else:
+            row = session.rows[i]
+            text = f"{row['predicted']} {row['p_' + row['predicted']]:.2f}"
+            image = overlay(rgb, None, opacity, text)
+        writer.write(image)
+    writer.close()
+    return buffer.getvalue()
+
+
+def keep_session(session: Session, upload: Path, keep: Path, threshold: float = 0.5) -> Path:
+    """Save a finished session (upload, CSV, overlay video, summary) to keep/<id>/, written
+    to a staging folder first so that a kept session is always complete."""
+    stage = keep / f".{session.id}.partial"
+    stage.mkdir(parents=True, exist_ok=True)
+    shutil.move(upload, stage / f"input{upload.suffix}")
+    write_text(stage / "predictions.csv", session_csv(session, threshold))
+    if session.jpegs:
+        write_bytes(stage / "overlay.mp4", session_video(session, threshold, 0.45))
+    summary = {k: v for k, v in session.info().items() if k not in ("frames", "name")}
+    summary["status"] = "done"
+    write_json(stage / "summary.json", summary)
+    folder = keep / session.id
+    stage.rename(folder)
+    return folder
+
+
+def new_id() -> str:
+    return secrets.token_hex(12)
