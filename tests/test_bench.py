@@ -161,3 +161,34 @@ def test_gpu_on_without_cuda_is_a_clear_error(tmp_path):
     )
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         bench(cfg)
+
+
+def test_bench_times_the_on_device_runtime_beside_onnx_int8(shared_data, tmp_path):
+    # ExecuTorch int8 (XNNPACK) beside ONNX Runtime int8, for the student (the on-device
+    # model); the teacher's cell says n/a and the table says why.
+    cfg = BenchConfig(
+        teacher="teacher:random@tiny-ViT",
+        teacher_kwargs=TINY_TEACHER_KWARGS,
+        student="random:resnet18@R18",
+        image_size=32,
+        warmup=1,
+        runs=2,
+        threads=1,
+        backends=["ort_int8", "executorch_int8"],
+        calib_frames=[f"busi={shared_data / BUSI}"],
+        n_calib=2,
+        gpu="off",
+        out=str(tmp_path / "bench"),
+    )
+    result = bench(cfg)
+    student = result["student"]["executorch_int8"]
+    assert student["latency_ms"] > 0 and student["file_mb"] > 0
+    assert result["student"]["ort_int8"]["latency_ms"] > 0
+    rows = {
+        r["metric"].split(",")[1].strip(): r for r in result["rows"] if "latency" in r["metric"]
+    }
+    assert set(rows) == {"ONNX Runtime int8", "ExecuTorch XNNPACK int8"}
+    assert "executorch_int8" not in result["teacher"]
+    assert rows["ExecuTorch XNNPACK int8"]["teacher"] == "n/a"
+    assert rows["ExecuTorch XNNPACK int8"]["student vs teacher"] == ""
+    assert "No ExecuTorch row for the teacher" in (tmp_path / "bench" / "table5.md").read_text()

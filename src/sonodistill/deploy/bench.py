@@ -51,6 +51,13 @@ from sonodistill.models.student import StudentConfig, projection_head
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch_fp32", "torch_bf16", "ort_fp32", "ort_int8")
+LABELS = {
+    "torch_fp32": "PyTorch fp32",
+    "torch_bf16": "PyTorch bf16",
+    "ort_fp32": "ONNX Runtime fp32",
+    "ort_int8": "ONNX Runtime int8",
+    "executorch_int8": "ExecuTorch XNNPACK int8",
+}
 OPPOSITE = {"smaller": "larger", "less": "more", "faster": "slower", "higher": "lower"}
 
 
@@ -74,6 +81,11 @@ class BenchConfig:
     threads: int | None = None
     """CPU threads for PyTorch and ONNX Runtime (default: torch's current count)."""
     backends: list[str] = field(default_factory=lambda: list(BACKENDS))
+    """Any of torch_fp32, torch_bf16, ort_fp32, ort_int8 and executorch_int8 (on-device)."""
+    ondevice_teacher: bool = False
+    """executorch_int8 for the teacher too: DINOv3's int8 graph does not lower to XNNPACK
+    (ExecuTorch 1.5 leaves per-channel dequantisation outside the delegate and has no portable
+    kernel for it), and finding out costs a minute; the on-device model is the student."""
     calib_frames: list[str] = field(default_factory=list)
     """Real frames for int8 calibration (`NAME=PATH` as in `embed`); none: random noise."""
     n_calib: int = 8
@@ -183,6 +195,20 @@ def cpu_runners(
             sess = session(paths[backend], cfg.threads)
             runners[backend] = lambda s=sess: s.run(None, feed)
             sizes[backend] = paths[backend].stat().st_size / 2**20
+    if "executorch_int8" in cfg.backends and (name == "student" or cfg.ondevice_teacher):
+        from sonodistill.deploy.ondevice import PteRunner, export_pte
+
+        path = tmp / f"{name}_int8.pte"
+        try:
+            export_pte(WithPreprocess(encoder), path, cfg.image_size, calib, quantize=True)
+        except Exception as exc:  # an architecture XNNPACK cannot take: say so in the table
+            log.warning("%s: no ExecuTorch int8 program (%s)", name, str(exc).splitlines()[0])
+            sizes["executorch_int8_error"] = str(exc).splitlines()[0][:200]
+        else:
+            pte = PteRunner(path, cfg.threads)
+            x_np = frames.numpy()
+            runners["executorch_int8"] = lambda: pte(x_np)
+            sizes["executorch_int8"] = path.stat().st_size / 2**20
     return runners, sizes
 
 
@@ -257,6 +283,8 @@ def table_rows(t: dict, s: dict, threads: int) -> list[dict]:
         smed=None,
     ):
         def cell(v, std, median=None):
+            if v is None:  # a backend this model could not be exported to
+                return "n/a"
             text = format(v, fmt) + (f" ± {std:{fmt}}" if std is not None else "")
             return text + (f" (median {median:{fmt}})" if median is not None else "")
 
@@ -287,15 +315,10 @@ def table_rows(t: dict, s: dict, threads: int) -> list[dict]:
         "smaller",
     )
     add("FLOPs (GFLOPs, 1 MAC = 2 FLOPs)", t["flops"] / 1e9, s["flops"] / 1e9, ".2f", "less")
-    labels = {
-        "torch_fp32": "PyTorch fp32",
-        "torch_bf16": "PyTorch bf16",
-        "ort_fp32": "ONNX Runtime fp32",
-        "ort_int8": "ONNX Runtime int8",
-    }
-    for key, label in labels.items():
-        if key in t and key in s:
-            tt, ss = t[key], s[key]
+    missing = dict.fromkeys(("latency_ms", "latency_std_ms", "latency_median_ms", "throughput"))
+    for key, label in LABELS.items():
+        if key in t or key in s:
+            tt, ss = t.get(key, missing), s.get(key, missing)
             add(
                 f"CPU latency, {label}, {threads} threads (ms, mean ± std)",
                 tt["latency_ms"],
@@ -406,14 +429,17 @@ def bench(cfg: BenchConfig) -> dict:
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         t_run, t_mb = cpu_runners("teacher", teacher, cfg, calib, Path(tmp))
         s_run, s_mb = cpu_runners("student", student, cfg, calib, Path(tmp))
-        log.info("timing %s for teacher and student", ", ".join(t_run))
+        log.info("timing %s for teacher and student", ", ".join(dict.fromkeys([*t_run, *s_run])))
         runners = {("t", b): fn for b, fn in t_run.items()}
         runners |= {("s", b): fn for b, fn in s_run.items()}
         timed = time_blocks(runners, cfg.warmup, cfg.runs, cfg.block)
-        for backend in t_run:
-            t[backend], s[backend] = timed[("t", backend)], timed[("s", backend)]
-            if backend in t_mb:
-                t[backend]["file_mb"], s[backend]["file_mb"] = t_mb[backend], s_mb[backend]
+        for key, result, run, sizes in (("t", t, t_run, t_mb), ("s", s, s_run, s_mb)):
+            for backend in run:
+                result[backend] = timed[(key, backend)]
+                if backend in sizes:
+                    result[backend]["file_mb"] = sizes[backend]
+            if "executorch_int8_error" in sizes:  # a model XNNPACK could not take
+                result["executorch_int8_error"] = sizes["executorch_int8_error"]
     if _use_gpu(cfg):
         t["gpu"] = measure_gpu(teacher, x, cfg)
         s["gpu"] = measure_gpu(student, x, cfg)
@@ -455,5 +481,15 @@ def write_outputs(result: dict, cfg: BenchConfig, out: Path) -> None:
         f"({cfg.student_head}, to {cfg.teacher_n_blocks} x teacher width). Timings cover the "
         "backbone only."
     )
+    if "executorch_int8" in cfg.backends:
+        note += (
+            " ExecuTorch int8: PyTorch export quantisation (XNNPACK quantizer, per-channel, the "
+            "same calibration frames), run in ExecuTorch's runtime."
+        )
+        if not cfg.ondevice_teacher:
+            note += " No ExecuTorch row for the teacher: the on-device model is the student."
+        for who, m in (("teacher", t), ("student", s)):
+            if "executorch_int8_error" in m:
+                note += f" No ExecuTorch int8 program for the {who}: {m['executorch_int8_error']}."
     write_table(table, out / "table5", note=note)
     write_json(out / "table5.json", result, default=str)
