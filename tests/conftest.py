@@ -263,3 +263,45 @@ def eval_sets(shared_data):
         entry["correlation"] = pixel_correlation(np.stack(thumbs))
         entry["ids"] = [r.id for r in entry["index"].records]
     return sets
+
+
+@pytest.fixture(scope="session")
+def busi_seg_head(shared_data, tmp_path_factory) -> Path:
+    """A ResNet-18 U-Net head (the format `sonodistill evaluate --save_models` writes) briefly
+    fine-tuned on BUSI lesions at 64 px: its masks are real masks, not noise."""
+    import numpy as np
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from sonodistill.data.masks import image_mask
+    from sonodistill.evaluate.head_checkpoint import HeadSpec, build_head_model, save_head
+
+    size = 64
+    files = sorted((shared_data / BUSI / "benign").glob("benign (*).png"))
+    files = [f for f in files if "_mask" not in f.name][:24]
+    x = np.stack([np.asarray(Image.open(f).convert("L").resize((size, size))) for f in files])
+    x = torch.from_numpy(x).float().div(255).unsqueeze(1)
+    y = torch.from_numpy(np.stack([image_mask(f, size) for f in files])).float().unsqueeze(1)
+    spec = HeadSpec(
+        task_type="seg",
+        encoder="random:resnet18",
+        num_classes=2,
+        class_names=["background", "lesion"],
+        image_size=size,
+    )
+    torch.manual_seed(0)
+    model = build_head_model(spec).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see `one_thread`
+    for _ in range(30):
+        idx = torch.randint(0, len(x), (8,))
+        logits = model(x[idx])
+        p = torch.sigmoid(logits)
+        soft_dice = 1 - (2 * (p * y[idx]).sum() + 1) / (p.sum() + y[idx].sum() + 1)
+        loss = F.binary_cross_entropy_with_logits(logits, y[idx]) + soft_dice
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.set_num_threads(threads)
+    return save_head(model.eval(), spec, tmp_path_factory.mktemp("busi_head") / "head")

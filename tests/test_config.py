@@ -47,6 +47,8 @@ def test_a_built_wheel_runs_a_packaged_config_by_name(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("sonodistill-*.whl")
     shipped = set(zipfile.ZipFile(wheel).namelist())
     assert {f"sonodistill/configs/{name}.yaml" for name in packaged_configs()} <= shipped
+    page = {f"sonodistill/deploy/app/static/{name}" for name in ("index.html", "app.js", "app.css")}
+    assert page <= shipped  # `sonodistill app` serves its page from the installed package
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)  # what pip install puts in site-packages
     code = "import sonodistill, sonodistill.cli as c; print(sonodistill.__file__); c.main()"
