@@ -294,6 +294,7 @@ def test_geometry_from_real_headers(shared_data):
     sequence = read_geometry(shared_data / SEQUENCE)
     assert sequence.spacing_mm is None and "default" in sequence.spacing_from  # 1 x 1 mm
     assert sequence.timestamps_s[:3] == pytest.approx((0.0, 0.01, 0.02), abs=1e-6)
+    assert sequence.interval_s == pytest.approx(0.01, abs=1e-6)  # median of the steps
     nifti = read_geometry(
         shared_data / "corpus/plus/nifti_derived/vtkVolumeReconstructorTestIMLiFvolumeRef.nii.gz"
     )

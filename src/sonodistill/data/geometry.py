@@ -45,6 +45,17 @@ class Geometry:
         return None
 
     @property
+    def interval_s(self) -> float | None:
+        """Time between frames: the stated interval, else the median of the timestamps'."""
+        if self.frame_interval_s is not None:
+            return self.frame_interval_s
+        if self.timestamps_s and len(self.timestamps_s) > 1:
+            t = self.timestamps_s
+            steps = sorted(t[i + 1] - t[i] for i in range(len(t) - 1))
+            return steps[len(steps) // 2] or None
+        return None
+
+    @property
     def pixel_area_mm2(self) -> float | None:
         return None if self.spacing_mm is None else self.spacing_mm[0] * self.spacing_mm[1]
 

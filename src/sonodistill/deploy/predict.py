@@ -265,10 +265,7 @@ class FileSink:
         if self.video is None:
             path = self.folder / "overlays" / f"{self.source.name}.mp4"
             path.parent.mkdir(parents=True, exist_ok=True)
-            g = self.source.geometry
-            interval = g.frame_interval_s
-            if interval is None and g.timestamps_s and len(g.timestamps_s) > 1:
-                interval = float(np.median(np.diff(g.timestamps_s)))
+            interval = self.source.geometry.interval_s
             fps = 1.0 / interval if interval else DEFAULT_FPS
             self.video = VideoWriter(str(path), fps, frame.shape[1], frame.shape[0])
         return self.video
@@ -355,7 +352,7 @@ class FileSink:
             "status": status,
             "spacing_mm": list(g.spacing_mm) if g.spacing_mm else None,
             "spacing_from": g.spacing_from,
-            "frame_interval_s": g.frame_interval_s,
+            "frame_interval_s": g.interval_s,
         }
         if self.stability["raw"]:
             entry["stability_raw"] = float(np.mean(self.stability["raw"]))

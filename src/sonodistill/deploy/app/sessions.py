@@ -154,7 +154,7 @@ class Session:
             "height": self.height,
             "spacing_mm": list(g.spacing_mm) if g.spacing_mm else None,
             "spacing_from": g.spacing_from,
-            "source_fps": 1.0 / g.frame_interval_s if g.frame_interval_s else None,
+            "source_fps": 1.0 / g.interval_s if g.interval_s else None,
             "timing": self.timing,
             "frames": self.rows[since:],
         }
@@ -291,7 +291,7 @@ def session_csv(session: Session, threshold: float) -> str:
 def session_video(session: Session, threshold: float, opacity: float) -> bytes:
     """The overlay video (H.264 MP4) at the user's threshold and opacity."""
     buffer = io.BytesIO()
-    interval = session.geometry.frame_interval_s
+    interval = session.geometry.interval_s
     fps = 1.0 / interval if interval else 10.0
     writer = VideoWriter(buffer, fps, session.width, session.height)
     for i in range(len(session.jpegs)):
