@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import cv2
@@ -61,10 +62,6 @@ class Prediction:
     raw: np.ndarray
     """The same before temporal smoothing."""
 
-    @property
-    def foreground(self) -> np.ndarray:
-        return self.probs[0] if len(self.probs) == 1 else 1.0 - self.probs[0]
-
 
 class FramePredictor:
     """Preprocessing, the model and the probabilities for one source at a time (`reset`)."""
@@ -95,7 +92,7 @@ class FramePredictor:
     def probabilities(self, outputs: np.ndarray) -> np.ndarray:
         out = np.ascontiguousarray(outputs[0], dtype=np.float32)
         if self.spec.task_type == "seg" and out.shape[0] == 1:
-            return 1.0 / (1.0 + cv2.exp(-out))  # cv2.exp: SIMD, several times numpy's speed
+            return (1.0 / (1.0 + cv2.exp(-out[0])))[None]  # cv2.exp: SIMD, ~5x numpy's
         shifted = np.exp(out - out.max(axis=0, keepdims=True))
         return shifted / shifted.sum(axis=0, keepdims=True)
 
@@ -215,8 +212,6 @@ class VideoWriter:
         self.container = av.open(target, mode="w", format="mp4")
         codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
         rate = max(1, round(fps * 1000))
-        from fractions import Fraction
-
         self.stream = self.container.add_stream(codec, rate=Fraction(rate, 1000))
         self.width, self.height = width + width % 2, height + height % 2
         self.stream.width, self.stream.height = self.width, self.height
