@@ -191,8 +191,7 @@ def test_executorch_backend_runs_the_on_device_program(busi_export, shared_data,
     summary = predict(
         PredictConfig(
             inputs=[str(shared_data / CINE)],
-            model=str(busi_export),
-            backend="executorch_int8",
+            model=str(busi_export / "model_int8.pte"),  # a file: its backend by default
             out=str(tmp_path / "pred"),
             max_frames=6,
             threshold=0.2,

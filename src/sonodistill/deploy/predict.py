@@ -1,18 +1,20 @@
 """`sonodistill predict`: a fine-tuned head over images, folders, cine loops, DICOM and 2D+t
 volumes, frame by frame as a point-of-care scanner runs it.
 
-The model is a head checkpoint (`sonodistill evaluate --save_models true`) or an export folder
-(`sonodistill export --head`); `--backend` picks its runtime: torch, ort_fp32, ort_int8,
-executorch_fp32, executorch_int8. Inputs are read by the corpus readers (images, mp4/avi/mov,
-DICOM single-frame or cine incl. YBR/JPEG, NIfTI/MetaImage sequences and volumes).
+The model is a head checkpoint (`sonodistill evaluate --save_models true`), an export folder
+(`sonodistill export --head`) or one of its files (`model_int8.onnx`); `--backend` picks the
+runtime: torch, ort_fp32, ort_int8, executorch_fp32, executorch_int8 (default: that of the file
+named, else PyTorch when the folder has the head). Inputs are read by the corpus readers
+(images, mp4/avi/mov, DICOM single-frame or cine incl. YBR/JPEG, NIfTI/MetaImage sequences and
+volumes).
 
 Outputs in `out/` (written to a staging folder and moved into place when complete):
 - `predictions.csv`: one row per frame: source, frame, time_s, frame size, mask area in pixels
   and in mm^2 (when the file has a pixel spacing), class probabilities, model milliseconds,
   Dice with the previous frame's mask (and, `--check_torch true`, PyTorch's mask area and the
   Dice between its mask and the backend's);
-- `masks/NAME.png` (stills) or `masks/NAME/FRAME.png` (clips): 0/255 binary masks, class
-  indices for multi-class heads;
+- `masks/NAME.png` (stills) or `masks/NAME/FRAME.png` (clips): 1-bit masks (read as 0/255
+  grey), class indices for multi-class heads;
 - `overlays/NAME.png` or `overlays/NAME.mp4` (H.264): the frames with the mask drawn in;
 - `summary.{json,md}`: per-stage time (decode, preprocess, model, postprocess incl. writing),
   end-to-end and model-only frames per second, frame-to-frame stability with and without
@@ -59,7 +61,14 @@ from sonodistill.deploy.pipeline import (
     upsample,
     warm_up,
 )
-from sonodistill.deploy.runtimes import BACKENDS, ModelFolder, open_model_folder, open_runner
+from sonodistill.deploy.runtimes import (
+    BACKENDS,
+    ModelFolder,
+    backend_of_file,
+    default_backend,
+    open_model_folder,
+    open_runner,
+)
 from sonodistill.errors import UserError
 from sonodistill.io import (
     claim_run_dir,
@@ -86,8 +95,8 @@ class PredictConfig:
     """Files or folders (searched recursively; masks such as `*_mask.png` are skipped)."""
     model: str = ""
     """A head checkpoint (evaluate --save_models) or an export folder (export --head)."""
-    backend: str = "torch"
-    """torch | ort_fp32 | ort_int8 | executorch_fp32 | executorch_int8."""
+    backend: str | None = None
+    """torch | ort_fp32 | ort_int8 | executorch_fp32 | executorch_int8 (default: see above)."""
     out: str = "runs/predict"
     image_size: int | None = None
     """Model input side; default: the model's own (head.yaml, or the exported graph)."""
@@ -150,8 +159,11 @@ def check_options(cfg: PredictConfig) -> None:
         raise UserError("give --inputs (files or folders)")
     if not cfg.model:
         raise UserError("give --model (a head checkpoint or an export folder)")
-    if cfg.backend not in BACKENDS:
+    if cfg.backend is not None and cfg.backend not in BACKENDS:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, not {cfg.backend!r}")
+    named = backend_of_file(cfg.model) if Path(cfg.model).is_file() else None
+    if named and cfg.backend and cfg.backend != named:
+        raise UserError(f"--model {cfg.model} is the {named} file, not {cfg.backend}'s")
     if not 0.0 < cfg.threshold < 1.0:
         raise UserError(f"--threshold must be in (0, 1), not {cfg.threshold}")
     if not 0.0 <= cfg.opacity <= 1.0:
@@ -196,7 +208,7 @@ def list_sources(cfg: PredictConfig) -> tuple[list[Source], list[dict]]:
             files = [p for p in files if detect_kind(p)]
             if not files:
                 raise FileNotFoundError(f"input folder {root}: no images, videos, DICOM or volumes")
-            names = [str(Path(root.name) / p.relative_to(root).with_suffix("")) for p in files]
+            names = [str(Path(root.name) / p.relative_to(root).parent / _stem(p)) for p in files]
         else:
             if detect_kind(root) is None:
                 raise UserError(f"input {root}: not an image, video, DICOM or volume file")
@@ -392,6 +404,8 @@ def predict(cfg: PredictConfig) -> dict:
     """Run the model over every source; returns the summary (also in out/summary.json)."""
     check_options(cfg)
     folder: ModelFolder = open_model_folder(cfg.model)
+    named = backend_of_file(cfg.model) if Path(cfg.model).is_file() else None
+    cfg.backend = cfg.backend or named or default_backend(folder)  # resolved: config.yaml says
     size = cfg.image_size or folder.image_size
     if not size:
         raise UserError(f"{cfg.model}: the model does not say its input size: give --image_size")

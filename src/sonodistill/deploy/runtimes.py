@@ -60,9 +60,23 @@ def _is_head(path: Path) -> bool:
     return (path / HEAD_YAML).is_file() and (path / HEAD_WEIGHTS).is_file()
 
 
+def backend_of_file(path: str | Path) -> str | None:
+    """The backend whose file this is (`.../model_int8.onnx` -> ort_int8), else None."""
+    name = Path(path).name
+    return next((b for b, spec in BACKENDS.items() if spec.file == name), None)
+
+
+def default_backend(folder: ModelFolder) -> str:
+    """PyTorch when the folder has the head, else its first runtime file."""
+    return "torch" if "torch" in folder.files else folder.backends[0]
+
+
 def open_model_folder(path: str | Path) -> ModelFolder:
-    """Read a model folder's spec and list its backends; FileNotFoundError names what is off."""
+    """Read a model folder's spec and list its backends; FileNotFoundError names what is off.
+    A model file of an export folder (`model_int8.onnx`) stands for its folder."""
     path = Path(path)
+    if path.is_file() and backend_of_file(path):
+        path = path.parent
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {path} does not exist")
     if _is_head(path):
