@@ -167,8 +167,7 @@ def test_bench_times_the_on_device_runtime_beside_onnx_int8(shared_data, tmp_pat
     # ExecuTorch int8 (XNNPACK) beside ONNX Runtime int8, for the student (the on-device
     # model); the teacher's cell says n/a and the table says why.
     cfg = BenchConfig(
-        teacher="teacher:random@tiny-ViT",
-        teacher_kwargs=TINY_TEACHER_KWARGS,
+        teacher={"family": "dinov3", "weights": "random", "model_kwargs": TINY_TEACHER_KWARGS},
         student="random:resnet18@R18",
         image_size=32,
         warmup=1,
