@@ -329,3 +329,9 @@ def test_bad_options_are_one_line_errors_before_anything_is_written(
     assert (out / "predictions.csv").read_text() == "earlier results"
     assert cli([*base, "--max_frames", "2", "--overwrite", "true"]) == 0
     assert len(_rows(out)) == 2 and (out / "notes.md").read_text() == "mine"
+    # Overwriting a whole run (masks and overlays folders too) replaces them; every file was
+    # written atomically: no temporary file and no staging folder is left.
+    assert cli([*base, "--max_frames", "3", "--overwrite", "true"]) == 0
+    assert len(_rows(out)) == 3 and len(list((out / "masks").rglob("*.png"))) == 3
+    assert (out / "overlays" / "examples_ybr_color.mp4").stat().st_size > 0
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name or p.name == ".partial"]

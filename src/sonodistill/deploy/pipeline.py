@@ -32,6 +32,7 @@ from PIL import Image
 from sonodistill.data.frames import to_grey
 from sonodistill.data.geometry import Geometry
 from sonodistill.evaluate.head_checkpoint import HeadSpec
+from sonodistill.io import atomic_path, write_bytes
 
 STAGES = ("decode", "preprocess", "model", "postprocess")
 # Overlay colours per foreground class (RGB), chosen to stand out on grey B-mode images.
@@ -204,11 +205,16 @@ def prob_fields(spec: HeadSpec, names: list[str], probs: np.ndarray) -> dict:
 
 
 class VideoWriter:
-    """H.264 MP4 (PyAV/libx264, yuv420p, plays in browsers); odd sizes are padded by a pixel."""
+    """H.264 MP4 (PyAV/libx264, yuv420p, plays in browsers); odd sizes are padded by a pixel.
+    `target`: a file object, or a path written atomically (a temporary file beside it, renamed
+    over it by `close`; `abort` removes it). `durable=False`: no fsync (the caller syncs)."""
 
-    def __init__(self, target, fps: float, width: int, height: int):
+    def __init__(self, target, fps: float, width: int, height: int, durable: bool = True):
         import av
 
+        self.files = contextlib.ExitStack()
+        if isinstance(target, str | Path):
+            target = str(self.files.enter_context(atomic_path(target, durable)))
         self.container = av.open(target, mode="w", format="mp4")
         codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
         rate = max(1, round(fps * 1000))
@@ -234,9 +240,20 @@ class VideoWriter:
             self.container.mux(packet)
 
     def close(self) -> None:
-        for packet in self.stream.encode():
-            self.container.mux(packet)
-        self.container.close()
+        try:
+            for packet in self.stream.encode():
+                self.container.mux(packet)
+            self.container.close()
+        except BaseException:
+            self.abort()
+            raise
+        self.files.close()  # the temporary file becomes the target
+
+    def abort(self) -> None:
+        """Drop the video (an error midway): nothing is left behind at the target."""
+        with contextlib.suppress(Exception):
+            self.container.close()
+        self.files.__exit__(RuntimeError, RuntimeError("video aborted"), None)
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -449,13 +466,14 @@ def warm_up(predictor: FramePredictor, runs: int = 3) -> None:
         predictor.runner(x)
 
 
-def save_png(path: Path, image: np.ndarray, binary: bool = False) -> None:
-    """A grey or RGB image as PNG, fast (frames are written as they stream); `binary`: a
-    1-bit PNG of image > 0 (reads back as 0/255 grey, 4x faster to write than 8-bit)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_png(path: Path, image: np.ndarray, binary: bool = False, durable: bool = True) -> Path:
+    """A grey or RGB image as PNG, fast (frames are written as they stream), atomically
+    (`durable=False`: without fsync, for batches the caller syncs with `io.sync_files`);
+    `binary`: a 1-bit PNG of image > 0 (reads back as 0/255 grey, 4x faster than 8-bit)."""
     if image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
     params = [cv2.IMWRITE_PNG_BILEVEL, 1] if binary else []
-    ok = cv2.imwrite(str(path), image, [*params, cv2.IMWRITE_PNG_COMPRESSION, 1])
+    ok, data = cv2.imencode(".png", image, [*params, cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:
-        raise OSError(f"could not write {path}")
+        raise ValueError(f"could not encode {path} as PNG")
+    return write_bytes(path, data.tobytes(), durable)

@@ -74,6 +74,8 @@ from sonodistill.io import (
     claim_run_dir,
     existing,
     markdown_table,
+    remove_owned,
+    sync_files,
     write_csv,
     write_json,
     write_text,
@@ -276,10 +278,9 @@ class FileSink:
     def _video(self, frame: np.ndarray) -> VideoWriter:
         if self.video is None:
             path = self.folder / "overlays" / f"{self.source.name}.mp4"
-            path.parent.mkdir(parents=True, exist_ok=True)
             interval = self.source.geometry.interval_s
             fps = 1.0 / interval if interval else DEFAULT_FPS
-            self.video = VideoWriter(str(path), fps, frame.shape[1], frame.shape[0])
+            self.video = VideoWriter(path, fps, frame.shape[1], frame.shape[0], durable=False)
         return self.video
 
     def __call__(self, result: FrameResult) -> float:
@@ -304,13 +305,14 @@ class FileSink:
         if cfg.masks and labels is not None:
             name = f"{source.name}.png" if source.still else f"{source.name}/{result.index:05d}.png"
             binary = len(pred.probs) == 1
-            self.worker.submit(partial(save_png, self.folder / "masks" / name, labels, binary))
+            path = self.folder / "masks" / name
+            self.worker.submit(partial(save_png, path, labels, binary, durable=False))
         if cfg.overlays:
             text = "" if labels is not None else f"{row['predicted']} {pred.probs.max():.2f}"
             if source.still:
                 path = self.folder / "overlays" / f"{source.name}.png"
                 self.worker.submit(
-                    lambda: save_png(path, overlay(frame, labels, cfg.opacity, text))
+                    lambda: save_png(path, overlay(frame, labels, cfg.opacity, text), durable=False)
                 )
             else:
                 video = self._video(frame)
@@ -384,15 +386,12 @@ def _frames(source: Source, cfg: PredictConfig):
         yield index, frame
 
 
-def _publish(stage: Path, out: Path) -> None:
-    """fsync the staged masks and overlays, then move them into `out`."""
-    for path in stage.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+def _publish(stage: Path, out: Path, overwrite: bool) -> None:
+    """fsync the staged masks and overlays (written without, `durable=False`), then move them
+    into `out`, after removing an earlier run's files (`--overwrite`) and nothing else."""
+    sync_files(p for p in stage.rglob("*") if p.is_file())
+    if overwrite:
+        remove_owned(out, OWNED)
     for part in stage.iterdir():
         os.replace(part, out / part.name)
 
@@ -435,7 +434,7 @@ def predict(cfg: PredictConfig) -> dict:
             summary = _run(cfg, folder, size, names, predictor, reference, sources, skipped, stage)
             summary["environment"] = environment(threads)
             t0 = time.perf_counter()
-            _publish(stage, out)
+            _publish(stage, out, cfg.overwrite)
             save_config(cfg, out / "config.yaml")
             write_csv(out / "predictions.csv", pd.DataFrame(summary.pop("_rows")))
             write_text(out / "summary.md", summary_markdown(summary))

@@ -47,6 +47,7 @@ from sonodistill.deploy.app.sessions import (
 from sonodistill.deploy.pipeline import FramePredictor, class_names, warm_up
 from sonodistill.deploy.runtimes import BACKENDS, ModelFolder, open_model_folder, open_runner
 from sonodistill.errors import UserError
+from sonodistill.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +300,7 @@ def create_app(cfg: AppConfig):
         folder = state.work / f"s-{sid}"
         folder.mkdir(mode=0o700)
         try:
-            upload = await _receive(request, folder / "upload.part", state.limit)
+            upload = await _receive(request, folder / "upload", state.limit)
             kind, suffix = await asyncio.to_thread(upload_kind, upload)
             upload = upload.rename(folder / f"upload{suffix}")
         except UploadRejected as exc:
@@ -377,9 +378,10 @@ def create_app(cfg: AppConfig):
 
 
 async def _receive(request, path: Path, limit: int) -> Path:
-    """Stream the request body to `path`, refusing more than `limit` bytes (413)."""
+    """Stream the request body to `path` (atomically: a temporary file renamed when complete;
+    no fsync, it is deleted once decoded), refusing more than `limit` bytes (413)."""
     size = 0
-    with open(path, "wb") as fh:
+    with atomic_path(path, durable=False) as tmp, open(tmp, "wb") as fh:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
