@@ -8,7 +8,9 @@ BUSI and lung frames), then for every backend, in alternation over `--rounds` ro
   overlay MP4 and CSV), and
 - the model alone on the same preprocessed frames,
 so that "outside the model / model" compares the pipeline's wall time with the model's own
-time measured under the same load. Usage:
+time measured under the same load. Then, untimed, each backend once more with `--check_torch
+true --smoothing 0.5`: the Dice of its masks with PyTorch's, and frame-to-frame stability
+with and without the smoothing. Usage:
     python benchmarks/predict_video.py [--clip FILE] [--threads 2] [--rounds 3]
 """
 
@@ -101,7 +103,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory()
     work = args.work or Path(tmp.name)
-    rows = []
+    rows, checks = [], []
     for arch in args.archs:
         head = work / f"{arch}_head"
         if not (head / "head.yaml").is_file():
@@ -150,6 +152,35 @@ def main() -> None:
                 results[backend]["model"].append(
                     model_only(folder, backend, args.size, args.clip, args.threads, n)
                 )
+        for backend in args.backends:  # untimed: agreement with PyTorch, stability
+            summary = predict(
+                PredictConfig(
+                    inputs=[str(args.clip)],
+                    model=str(exp),
+                    backend=backend,
+                    out=str(work / f"check_{arch}_{backend}"),
+                    threads=args.threads,
+                    max_frames=args.max_frames,
+                    smoothing=0.5,
+                    check_torch=backend != "torch",
+                    overwrite=True,
+                    progress=False,
+                )
+            )
+            agree = summary.get("agreement_with_torch", {})
+            stability = summary.get("stability", {})
+            checks.append(
+                f"- {arch} U-Net, {BACKENDS[backend].label}: "
+                + (
+                    f"mask Dice with PyTorch {agree['pooled']:.4f} pooled over "
+                    f"{agree['frames']} frames (per frame: mean {agree['mean']:.4f}, "
+                    f"min {agree['min']:.4f}); "
+                    if agree
+                    else ""
+                )
+                + f"stability (Dice of consecutive masks) {stability.get('raw', float('nan')):.4f}"
+                f" raw, {stability.get('smoothed') or float('nan'):.4f} with smoothing 0.5"
+            )
         for backend, res in results.items():
             t = res["summary"]["timing"]
             pipe, alone = statistics.median(res["pipe"]), statistics.median(res["model"])
@@ -183,6 +214,7 @@ def main() -> None:
             f"{r['decode']:.2f} | {r['preprocess']:.2f} | {r['model']:.2f} | "
             f"{r['postprocess']:.2f} | {r['outside']:+.1%} |"
         )
+    print("\n" + "\n".join(checks))
 
 
 if __name__ == "__main__":
