@@ -80,7 +80,7 @@ async function poll() {
     setStatus(`Failed after ${info.done} frames: ${info.error}`, true);
   } else if (info.status === "done") {
     const t = info.timing;
-    setStatus(`Done: ${info.done} frames of ${info.name} (${info.kind}).`);
+    setStatus(`Done: ${info.done} frame${info.done === 1 ? "" : "s"} of ${info.name} (${info.kind}).`);
     $("fps").textContent = `${t.fps_end_to_end.toFixed(1)} frames/s end to end ` +
       `(model alone ${t.fps_model_only.toFixed(1)})`;
     updateDownloads();
