@@ -527,13 +527,15 @@ def summary_markdown(s: dict) -> str:
     t = s["timing"]
     stages = [{"stage": k, "ms / frame": t["ms_per_frame"][k]} for k in STAGES]
     stages.append({"stage": "end to end (wall)", "ms / frame": t["wall_ms_per_frame"]})
+    n = len(s["sources"])
     lines = [
         f"# Predictions of {s['model']}",
         "",
         f"{s['backend_label']} ({s['backend']}), {s['task_type']} head, "
         f"input {s['image_size']} px, "
         f"{s['environment']['threads']} threads on {s['environment']['cpu']}; "
-        f"{t['frames']} frames from {len(s['sources'])} sources; threshold {s['threshold']}, "
+        f"{t['frames']} frames from {n} source{'s' if n != 1 else ''}; "
+        f"threshold {s['threshold']}, "
         f"smoothing {s['smoothing']}.",
         "",
         markdown_table(stages, floatfmt=".2f"),
