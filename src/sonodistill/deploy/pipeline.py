@@ -27,10 +27,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
 
 from sonodistill.data.frames import to_grey
 from sonodistill.data.geometry import Geometry
+from sonodistill.data.greys import resize_square
 from sonodistill.evaluate.head_checkpoint import HeadSpec
 from sonodistill.io import atomic_path, write_bytes
 
@@ -83,11 +83,10 @@ class FramePredictor:
         self.state = None
 
     def preprocess(self, frame: np.ndarray) -> np.ndarray:
-        """(1, 1, S, S) float32 in [0, 1]: grey as the corpus converts it, resized like the
-        evaluation datasets (PIL bilinear) so that the model sees what it was trained on."""
-        grey = to_grey(frame)
-        if grey.shape != (self.size, self.size):
-            grey = np.asarray(Image.fromarray(grey).resize((self.size, self.size), Image.BILINEAR))
+        """(1, 1, S, S) float32 in [0, 1]: grey and resized by the project's one image path
+        (`data.greys`, as distill, evaluate and export), so the model sees what it was
+        trained on."""
+        grey = resize_square(to_grey(frame), self.size)
         return (grey.astype(np.float32) * (1.0 / 255.0))[None, None]
 
     def probabilities(self, outputs: np.ndarray) -> np.ndarray:
