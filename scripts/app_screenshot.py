@@ -21,7 +21,7 @@ from sonodistill.io import write_bytes
 CHROME_FLAGS = [
     *("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars"),
     *("--disable-background-networking", "--disable-component-update", "--disable-sync"),
-    "--window-size=1280,1000",
+    "--window-size=1280,1060",
 ]
 
 
