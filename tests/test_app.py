@@ -215,8 +215,16 @@ def test_overlay_video_download_and_no_patient_identifiers(app, sentinel_cine):
 
 def test_oversized_upload_is_refused_and_nothing_stays(app):
     big = b"\x89PNG\r\n\x1a\n" + bytes(1_200_000)
-    status, body = _post(app, big)
-    assert status == 413 and "larger than 1 MB" in body["detail"]
+    # A declared Content-Length over the limit is refused before the body is read (only the
+    # headers are sent: the server answers and closes while a client would still be sending).
+    conn = http.client.HTTPConnection(app.url.removeprefix("http://"), timeout=10)
+    conn.putrequest("POST", "/api/sessions?model=m0&name=big.png")
+    conn.putheader("X-Sonodistill", "1")
+    conn.putheader("Content-Length", str(len(big)))
+    conn.endheaders()
+    response = conn.getresponse()
+    assert response.status == 413 and "larger than 1 MB" in json.loads(response.read())["detail"]
+    conn.close()
     # Without a Content-Length (chunked): refused while streaming, the partial file removed.
     conn = http.client.HTTPConnection(app.url.removeprefix("http://"))
     conn.request(
