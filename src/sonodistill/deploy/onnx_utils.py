@@ -72,11 +72,15 @@ def export_onnx(
     return path
 
 
-def session(path: str | Path, threads: int | None = None, cuda: bool = False):
-    """An ONNX Runtime session; `threads` fixes the intra-op thread count (timings)."""
+def session(path: str | Path, threads: int | None = None, cuda: bool = False, spin: bool = True):
+    """An ONNX Runtime session; `threads` fixes the intra-op thread count (timings); `spin`
+    False stops its threads busy-waiting after each run (a pipeline doing other work between
+    runs would otherwise lose that CPU to them)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

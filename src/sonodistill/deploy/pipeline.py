@@ -308,10 +308,17 @@ class _Failed:
 
 
 class Prefetch:
-    """Iterates `frames` in a thread, `depth` frames ahead, so that decoding overlaps the
-    model; yields (index, frame, decode seconds). Errors surface in the consumer."""
+    """Iterates `frames` in a thread, `depth` frames ahead, and applies `prepare` to each
+    there, so that decoding and preprocessing overlap the model; yields (index, frame,
+    prepared, decode seconds, prepare seconds). Errors surface in the consumer."""
 
-    def __init__(self, frames: Iterator[tuple[int, np.ndarray]], depth: int = 4):
+    def __init__(
+        self,
+        frames: Iterator[tuple[int, np.ndarray]],
+        prepare: Callable[[np.ndarray], np.ndarray],
+        depth: int = 4,
+    ):
+        self.prepare = prepare
         self.queue: queue.Queue = queue.Queue(depth)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(frames,), daemon=True)
@@ -335,7 +342,10 @@ class Prefetch:
                     index, frame = next(iterator)
                 except StopIteration:
                     break
-                if not self._put((index, frame, time.thread_time() - t0)):
+                t1 = time.thread_time()
+                x = self.prepare(frame)
+                item = (index, frame, x, t1 - t0, time.thread_time() - t1)
+                if not self._put(item):
                     return
         except BaseException as exc:  # handed to the consumer, raised there
             self._put(_Failed(exc))
@@ -415,7 +425,7 @@ def stream(
     stats: StreamStats,
     on_frame: Callable[[FrameResult], None] | None = None,
 ) -> int:
-    """Run one source through the pipeline: decoding in a `Prefetch` thread, preprocessing and
+    """Run one source through the pipeline: decoding and preprocessing in a `Prefetch` thread,
     the model here, then `sink(result)` (which may return seconds spent on work to exclude
     from the timings, and may hand work to a background thread: its `drain()` is waited for
     and its `background_s` counted as post-processing). Returns the frames processed."""
@@ -424,18 +434,16 @@ def stream(
     count = 0
     start = clock()
     background = getattr(sink, "background_s", 0.0)
-    reader = Prefetch(frames)
+    reader = Prefetch(frames, predictor.preprocess)
     try:
-        for index, frame, decode_s in reader:
-            t1 = clock()
-            x = predictor.preprocess(frame)
+        for index, frame, x, decode_s, preprocess_s in reader:
             t2 = clock()
             _, prediction = predictor(x)
             t3 = clock()
             result = FrameResult(index, geometry.time_of(index), frame, prediction, x)
             result.timings_ms = {
                 "decode": decode_s * 1000,
-                "preprocess": (t2 - t1) * 1000,
+                "preprocess": preprocess_s * 1000,
                 "model": (t3 - t2) * 1000,
             }
             excluded = sink(result) or 0.0

@@ -35,6 +35,7 @@ from functools import partial
 from pathlib import Path
 from typing import Literal
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -416,6 +417,7 @@ def predict(cfg: PredictConfig) -> dict:
     from sonodistill.deploy.bench import environment
 
     threads = cfg.threads or torch.get_num_threads()  # one count for every runtime
+    cv2.setNumThreads(1)  # per-frame image work is small: a pool would contend with the model
     runner = open_runner(folder, cfg.backend, threads)
     predictor = FramePredictor(runner, folder.spec, size, cfg.smoothing)
     probe = runner(np.zeros((1, 1, size, size), np.float32))

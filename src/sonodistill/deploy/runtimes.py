@@ -129,7 +129,7 @@ class OrtRunner:
     def __init__(self, path: Path, threads: int | None = None):
         from sonodistill.deploy.onnx_utils import session
 
-        self.session = session(path, threads)
+        self.session = session(path, threads, spin=False)
         self.input = self.session.get_inputs()[0].name
 
     def __call__(self, frames: np.ndarray) -> np.ndarray:
