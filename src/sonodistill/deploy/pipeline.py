@@ -17,7 +17,9 @@ p'_t = (1 - s) p_t + s p'_{t-1}. Frame-to-frame stability is the Dice between co
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -302,6 +304,15 @@ class StreamStats:
 _END = object()
 
 
+def yield_to_the_model(niceness: int = 10) -> None:
+    """Lower the calling thread's scheduling priority (Linux: per thread), so that decoding and
+    writing take the cores when the model's threads leave them, instead of slowing the model;
+    the queues absorb the delay."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+
+
 class _Failed:
     def __init__(self, exc: BaseException):
         self.exc = exc
@@ -334,6 +345,7 @@ class Prefetch:
         return False
 
     def _run(self, frames) -> None:
+        yield_to_the_model()
         iterator = iter(frames)
         try:
             while True:
@@ -385,6 +397,7 @@ class Worker:
         self.thread.start()
 
     def _run(self) -> None:
+        yield_to_the_model()
         while True:
             job = self.queue.get()
             if job is _END:

@@ -252,7 +252,7 @@ class FileSink:
         self.rows: list[dict] = []
         self.video: VideoWriter | None = None
         self.source: Source | None = None
-        self.worker = Worker()  # writes masks, overlays and the video off the main thread
+        self.worker = Worker()  # post-processes, writes masks, overlays and the video
         self.overlap = [0, 0]  # agreement with PyTorch: 2|A & B|, |A| + |B| over all frames
 
     @property
@@ -260,7 +260,8 @@ class FileSink:
         return self.worker.busy_s
 
     def drain(self) -> None:
-        """Finish this source's files (the video is closed in the worker, after its frames)."""
+        """Finish this source's frames and files (the video is closed in the worker, after its
+        frames)."""
         if self.video is not None:
             self.worker.submit(self.video.close)
             self.video = None
@@ -285,6 +286,17 @@ class FileSink:
         return self.video
 
     def __call__(self, result: FrameResult) -> float:
+        """Hands the frame's post-processing to the worker thread (the model goes on with the
+        next frame); with the PyTorch check, does it here, in order with the check."""
+        if self.reference is None:
+            self.worker.submit(partial(self._post, result))
+            return 0.0
+        labels = self._post(result)
+        return self._check(result, labels is not None)
+
+    def _post(self, result: FrameResult) -> np.ndarray | None:
+        """Row, masks and overlay of one frame (in frame order: stability needs the previous
+        one); returns its label map (None for classification)."""
         source, cfg, spec = self.source, self.cfg, self.spec
         pred, frame = result.prediction, result.frame
         h, w = frame.shape[:2]
@@ -306,20 +318,16 @@ class FileSink:
         if cfg.masks and labels is not None:
             name = f"{source.name}.png" if source.still else f"{source.name}/{result.index:05d}.png"
             binary = len(pred.probs) == 1
-            path = self.folder / "masks" / name
-            self.worker.submit(partial(save_png, path, labels, binary, durable=False))
+            save_png(self.folder / "masks" / name, labels, binary, durable=False)
         if cfg.overlays:
             text = "" if labels is not None else f"{row['predicted']} {pred.probs.max():.2f}"
+            drawn = overlay(frame, labels, cfg.opacity, text)
             if source.still:
-                path = self.folder / "overlays" / f"{source.name}.png"
-                self.worker.submit(
-                    lambda: save_png(path, overlay(frame, labels, cfg.opacity, text), durable=False)
-                )
+                save_png(self.folder / "overlays" / f"{source.name}.png", drawn, durable=False)
             else:
-                video = self._video(frame)
-                self.worker.submit(lambda: video.write(overlay(frame, labels, cfg.opacity, text)))
+                self._video(frame).write(drawn)
         self.rows.append(row)
-        return self._check(result, labels is not None)
+        return labels
 
     def _stability(self, pred) -> float | None:
         """Dice of this frame's mask with the previous one (model resolution), with and
@@ -355,8 +363,7 @@ class FileSink:
         return time.perf_counter() - t0
 
     def end(self, status: str) -> dict:
-        if self.video is not None:  # a source that failed midway: keep what was decoded
-            self.drain()
+        self.drain()  # a source that failed midway: keep what was decoded
         s, g = self.source, self.source.geometry
         frames = [r for r in self.rows if r["source"] == s.name]
         entry = {
