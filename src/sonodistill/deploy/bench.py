@@ -300,6 +300,20 @@ def table_rows(t: dict, s: dict, threads: int) -> list[dict]:
             }
         )
 
+    def add_latency(metric: str, tt: dict, ss: dict) -> None:
+        """A latency row: means with their std, compared by medians."""
+        add(
+            metric,
+            tt["latency_ms"],
+            ss["latency_ms"],
+            ".2f",
+            "faster",
+            tstd=tt["latency_std_ms"],
+            sstd=ss["latency_std_ms"],
+            tmed=tt["latency_median_ms"],
+            smed=ss["latency_median_ms"],
+        )
+
     add(
         "Parameters, backbone only (M)",
         t["params_backbone"] / 1e6,
@@ -319,17 +333,7 @@ def table_rows(t: dict, s: dict, threads: int) -> list[dict]:
     for key, label in LABELS.items():
         if key in t or key in s:
             tt, ss = t.get(key, missing), s.get(key, missing)
-            add(
-                f"CPU latency, {label}, {threads} threads (ms, mean ± std)",
-                tt["latency_ms"],
-                ss["latency_ms"],
-                ".2f",
-                "faster",
-                tstd=tt["latency_std_ms"],
-                sstd=ss["latency_std_ms"],
-                tmed=tt["latency_median_ms"],
-                smed=ss["latency_median_ms"],
-            )
+            add_latency(f"CPU latency, {label}, {threads} threads (ms, mean ± std)", tt, ss)
             add(
                 f"CPU throughput, {label} (img/s)",
                 tt["throughput"],
@@ -340,17 +344,11 @@ def table_rows(t: dict, s: dict, threads: int) -> list[dict]:
             )
     if "torch_fp32" in t and "ort_int8" in s:
         tt, ss = t["torch_fp32"], s["ort_int8"]
-        add(
+        add_latency(
             f"CPU latency, deployed student (ONNX Runtime int8) vs teacher (PyTorch fp32), "
             f"{threads} threads (ms, mean ± std)",
-            tt["latency_ms"],
-            ss["latency_ms"],
-            ".2f",
-            "faster",
-            tstd=tt["latency_std_ms"],
-            sstd=ss["latency_std_ms"],
-            tmed=tt["latency_median_ms"],
-            smed=ss["latency_median_ms"],
+            tt,
+            ss,
         )
     if "gpu" in t and "gpu" in s:
         tg, sg = t["gpu"], s["gpu"]
