@@ -25,13 +25,11 @@ AUDIT = (
 
 def audit_main(argv: list[str]) -> int:
     from sonodistill.evaluate.audit import LeakError
-    from sonodistill.evaluate.suite import SuiteConfig, SuiteData, audit_suite
+    from sonodistill.evaluate.suite import SuiteConfig, run_audit
 
     cfg = parse_config(SuiteConfig, argv, "sonodistill evaluate audit", AUDIT)
-    data = SuiteData(cfg, Path(cfg.out))
-    data.writable = True  # the audit writes its reports (and new splits) into OUT/splits
     try:
-        reports = audit_suite(cfg, data)
+        reports = run_audit(cfg)
     except LeakError as err:
         print(f"sonodistill evaluate audit: {err}")
         return 1

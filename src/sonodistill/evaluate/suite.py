@@ -54,7 +54,7 @@ from sonodistill.evaluate.splits import (
 )
 from sonodistill.evaluate.tables import paper_tables
 from sonodistill.evaluate.train import TrainSettings, run_one
-from sonodistill.io import claim_run_dir, read_json, remove_owned, write_json
+from sonodistill.io import claim_run_dir, lock_run_dir, read_json, remove_owned, write_json
 from sonodistill.models.encoders import RANDOM, EncoderSpec, family_of, parse_spec
 from sonodistill.models.student import StudentConfig
 from sonodistill.progress import progress_bar
@@ -308,9 +308,9 @@ def weights_digest(spec: EncoderSpec) -> str | None:
 SPEED_ONLY = ("device", "num_workers", "feature_cache")
 
 
-def check_suite(cfg: SuiteConfig) -> tuple[list[Run], SuiteData]:
-    """Every option, encoder and dataset, before anything is written: the runs to do and the
-    datasets (indexed, not read), or a UserError naming the first bad option or file."""
+def check_options(cfg: SuiteConfig) -> list[Run]:
+    """The suite's options (not its encoders or datasets): the runs to do, or a UserError
+    naming the first bad option."""
     t = cfg.train
     check_positive(
         {
@@ -334,7 +334,13 @@ def check_suite(cfg: SuiteConfig) -> tuple[list[Run], SuiteData]:
     for protocol in cfg.fraction_protocols:
         if protocol not in PROTOCOLS:
             raise unknown_name("protocol", protocol, PROTOCOLS, "--fraction_protocols")
-    runs = plan(cfg)
+    return plan(cfg)
+
+
+def check_suite(cfg: SuiteConfig) -> tuple[list[Run], SuiteData]:
+    """Every option, encoder and dataset, before anything is written: the runs to do and the
+    datasets (indexed, not read), or a UserError naming the first bad option or file."""
+    runs = check_options(cfg)
     specs = {r.label: r.encoder for r in runs}
     data = SuiteData(cfg, Path(cfg.out))
     data.recipes = check_labels(list(specs.values()), list(specs), cfg.ablation)
@@ -457,6 +463,20 @@ def audit_suite(cfg: SuiteConfig, data: SuiteData, echo=print) -> list[dict]:
             f"{data.out / 'splits'}/TASK.audit.md (accept_leaks: true to run anyway)"
         )
     return reports
+
+
+def run_audit(cfg: SuiteConfig) -> list[dict]:
+    """`sonodistill evaluate audit`: every option checked and every task split (in memory)
+    before the folder is locked and the splits and reports are written into OUT/splits."""
+    check_options(cfg)
+    out = Path(cfg.out)
+    data = SuiteData(cfg, out)
+    for task in cfg.tasks:
+        data.splits(task)
+    with lock_run_dir(out, "evaluate audit"):  # never beside a suite writing its splits
+        data.writable = True
+        data.save()
+        return audit_suite(cfg, data)
 
 
 def expected_runs(runs: list[Run]) -> dict[tuple, int]:
