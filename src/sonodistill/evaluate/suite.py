@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -480,10 +481,7 @@ def run_audit(cfg: SuiteConfig) -> list[dict]:
 
 
 def expected_runs(runs: list[Run]) -> dict[tuple, int]:
-    counts: dict[tuple, int] = {}
-    for r in runs:
-        counts[r.cell] = counts.get(r.cell, 0) + 1
-    return counts
+    return dict(Counter(r.cell for r in runs))
 
 
 def run_suite(cfg: SuiteConfig) -> list[Path]:
