@@ -64,15 +64,7 @@ def dice_iou(
         ious.append(torch.where(skip, score_empty, inter / union.clamp(min=1)))
     if empty == "one":
         return torch.stack(dices).mean(0).numpy(), torch.stack(ious).mean(0).numpy()
-    return _nanmean(torch.stack(dices)), _nanmean(torch.stack(ious))
-
-
-def _nanmean(x: torch.Tensor) -> np.ndarray:
-    """Mean over classes (dim 0) ignoring NaN; NaN where every class is NaN (no warning)."""
-    valid = ~torch.isnan(x)
-    total = torch.where(valid, x, 0.0).sum(0)
-    count = valid.sum(0)
-    return torch.where(count > 0, total / count.clamp(min=1), float("nan")).numpy()
+    return torch.stack(dices).nanmean(0).numpy(), torch.stack(ious).nanmean(0).numpy()
 
 
 def classification_scores(pred, target, num_classes: int | None = None) -> dict[str, float]:
