@@ -90,18 +90,11 @@ def duplicate_structure(
     for k, r in enumerate(index.records):
         if r.group:
             edges.append((k, first.setdefault(r.group, k)))
-    labels = components(len(ids), edges)
-    groups: dict[int, list[str]] = {}
-    for id_, label in zip(ids, labels.tolist(), strict=True):
-        groups.setdefault(label, []).append(id_)
+    groups = _members(ids, components(len(ids), edges))
     conflicts = []
     if index.task_type == "cls":
         label = {r.id: index.classes[r.label] for r in index.records}
-        dup_labels = components(len(ids), dup_edges)
-        members: dict[int, list[str]] = {}
-        for id_, c in zip(ids, dup_labels.tolist(), strict=True):
-            members.setdefault(c, []).append(id_)
-        for group in members.values():
+        for group in _members(ids, components(len(ids), dup_edges)):
             if len({label[i] for i in group}) < 2:
                 continue
             inside = set(group)
@@ -116,7 +109,15 @@ def duplicate_structure(
                     ],
                 }
             )
-    return DuplicateStructure(list(groups.values()), pairs, conflicts)
+    return DuplicateStructure(groups, pairs, conflicts)
+
+
+def _members(ids: list[str], labels) -> list[list[str]]:
+    """The ids of each component, components in order of first appearance."""
+    members: dict[int, list[str]] = {}
+    for id_, label in zip(ids, labels.tolist(), strict=True):
+        members.setdefault(label, []).append(id_)
+    return list(members.values())
 
 
 def _targets(n: int, proportions) -> list[int]:
