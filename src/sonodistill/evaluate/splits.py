@@ -336,21 +336,6 @@ def fold_path(folder: Path, task: str, fold: int, folds: int) -> Path:
     return folder / f"{task}.cv{folds}-{fold}.json"
 
 
-def load_or_make_folds(
-    index: DatasetIndex, folder: str | Path, task: str, k: int, cfg: SplitConfig | None = None, **kw
-) -> list[dict]:
-    """The k fold files of a task (`TASK.cvK-F.json`), reused when present."""
-    folder = Path(folder)
-    paths = [fold_path(folder, task, f, k) for f in range(k)]
-    folds = [read_splits(index, p, cfg) for p in paths]
-    if all(f is not None for f in folds):
-        return folds
-    folds = make_folds(index, k, cfg, **kw)
-    for p, s in zip(paths, folds, strict=True):
-        write_json(p, s, indent=1)
-    return folds
-
-
 def split_ids(splits: dict, split: str, fraction: float = 1.0) -> list[str]:
     if split == "train" and fraction < 1.0:
         key = fraction_key(fraction)
