@@ -12,7 +12,7 @@ single-threaded; per second of this process's CPU time, so that a shared machine
 not dilute it), the three sources in turn round after round, in a random order of frames (as
 the sampler draws them):
   png        the corpus folder: PNG decode, grey, resize to the training size (cv2 INTER_AREA)
-  pack       the 256 px pack: memory-map read + resize to the training size (antialiased)
+  pack       the 256 px pack: memory-map read + resize to the training size (cv2 INTER_AREA)
   pack_fit   a pack at the training size: memory-map read, no resize
 The files are in the page cache after the build (a warm cache, as after a first epoch); the
 augmentation is not here: it runs batched on the GPU.

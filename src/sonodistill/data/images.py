@@ -11,7 +11,6 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
@@ -68,7 +67,8 @@ class PackedFrames(Dataset):
         return self.frames.shape[0]
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return torch.from_numpy(resize_square(np.array(self.frames[index]), self.size))[None]
+        # resize_square returns a fresh writable array: no copy of the memory-mapped frame first
+        return torch.from_numpy(resize_square(self.frames[index], self.size))[None]
 
 
 def fingerprint(dataset: Dataset) -> dict:
