@@ -335,7 +335,3 @@ def summary_line(r: dict) -> str:
         f"left out), leaks {r['leaks']}, cross-split pairs at >= {r['loose_threshold']}: {across}"
         + (f", masks not binary: {r['masks']['not_binary']}" if r["masks"] else "")
     )
-
-
-def read_audit(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
