@@ -27,7 +27,13 @@ from sonodistill.errors import UserError
 from sonodistill.evaluate.datasets import load_dataset
 from sonodistill.evaluate.heads import build_model
 from sonodistill.evaluate.splits import CLS_PROPORTIONS, DDTI_COUNTS
-from sonodistill.evaluate.suite import Run, SuiteConfig, fingerprint, plan, task_specs
+from sonodistill.evaluate.suite import (
+    Run,
+    SuiteConfig,
+    check_options,
+    finished_result,
+    task_specs,
+)
 from sonodistill.evaluate.train import autocast_for, pick_device
 from sonodistill.models.encoders import RANDOM, Encoder, EncoderSpec, build_encoder
 from sonodistill.models.flops import flops_of
@@ -136,8 +142,8 @@ def run_flops(run: Run, cost: ModelCost, n: dict[str, int], cfg: SuiteConfig) ->
 
 def dry_run(cfg: SuiteConfig) -> str:
     """The report `sonodistill evaluate --dry_run true` prints."""
-    runs = plan(cfg)
-    todo = [run for run in runs if not _is_done(run, cfg)]
+    runs = check_options(cfg)
+    todo = [run for run in runs if finished_result(Path(cfg.out), run, cfg) is None]
     device = pick_device(cfg.train.device)
     costs = _Costs(cfg)
     flops: dict[str, float] = {}
@@ -190,13 +196,6 @@ class _Costs:
                 cfg.train.seg_decoder,
             )
         return index, n, self.costs[key]
-
-
-def _is_done(run: Run, cfg: SuiteConfig) -> bool:
-    path = Path(cfg.out) / "runs" / f"{run.id}.json"
-    if not path.is_file():
-        return False
-    return json.loads(path.read_text()).get("fingerprint") == fingerprint(run, cfg)
 
 
 def _duration(seconds: float) -> str:

@@ -521,7 +521,7 @@ def _check_resume(cfg: SuiteConfig, out: Path) -> None:
 
 
 def _run_suite(cfg: SuiteConfig, out: Path, runs: list[Run], data: SuiteData) -> list[Path]:
-    done_runs = {r.id: d for r in runs if (d := _finished(out, r, cfg)) is not None}
+    done_runs = {r.id: d for r in runs if (d := finished_result(out, r, cfg)) is not None}
     if done_runs:
         print(
             f"resuming {out}: {len(done_runs)} of {len(runs)} runs already done (skipped), "
@@ -603,7 +603,7 @@ def _run_suite(cfg: SuiteConfig, out: Path, runs: list[Run], data: SuiteData) ->
     )
 
 
-def _finished(out: Path, run: Run, cfg: SuiteConfig) -> dict | None:
+def finished_result(out: Path, run: Run, cfg: SuiteConfig) -> dict | None:
     """The result of a finished run with this run's fingerprint, else None."""
     done = read_json(out / "runs" / f"{run.id}.json", "run result")
     ok = isinstance(done, dict) and done.get("fingerprint") == fingerprint(run, cfg)
