@@ -38,10 +38,6 @@ NEARDUP_FILE = "neardup.parquet"
 """Fingerprints of a corpus's kept frames (id + data.neardup columns), beside its manifest."""
 
 
-def cache_dir() -> Path:
-    return nd.cache_dir()
-
-
 def fingerprint_file(path: str) -> pd.DataFrame:
     """Raw and cleaned fingerprints of every frame of one file (empty if it cannot be read)."""
     import cv2
@@ -80,7 +76,7 @@ def fingerprint_set(path: str | Path, workers: int = 2, use_cache: bool = True) 
         raise FileNotFoundError(f"{path}: no image found")
     stamp = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
     key = hashlib.sha1(json.dumps([nd.VERSION, stamp]).encode()).hexdigest()[:16]
-    cached = cache_dir() / f"leakage-{key}.parquet"
+    cached = nd.cache_dir() / f"leakage-{key}.parquet"
     if use_cache and cached.is_file():
         return pd.read_parquet(cached)
     parts: list[pd.DataFrame] = []
