@@ -53,7 +53,7 @@ from sonodistill.evaluate.splits import (
     make_splits,
     read_splits,
 )
-from sonodistill.evaluate.tables import paper_tables
+from sonodistill.evaluate.tables import cell_key, paper_tables
 from sonodistill.evaluate.train import TrainSettings, run_one
 from sonodistill.io import claim_run_dir, lock_run_dir, read_json, remove_owned, write_json
 from sonodistill.models.encoders import RANDOM, EncoderSpec, family_of, parse_spec
@@ -157,7 +157,7 @@ class Run:
 
     @property
     def cell(self) -> tuple:
-        return (self.task, self.protocol, self.label, round(float(self.fraction), 9))
+        return cell_key(self.task, self.protocol, self.label, self.fraction)
 
 
 def encoder_spec(item: str | dict) -> EncoderSpec:

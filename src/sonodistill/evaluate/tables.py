@@ -56,6 +56,11 @@ def runs_frame(results: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def cell_key(task: str, protocol: str, encoder: str, fraction: float) -> tuple:
+    """A table cell: its runs share task, protocol, encoder and label fraction."""
+    return (task, protocol, encoder, round(float(fraction), 9))
+
+
 @dataclass
 class Cell:
     mean: float | None
@@ -94,14 +99,12 @@ class Results:
         self.num_classes = num_classes or {}
         self._by_cell: dict[tuple, list[dict]] = {}
         for r in results:
-            self._by_cell.setdefault(self.key(r), []).append(r)
-
-    @staticmethod
-    def key(r: dict) -> tuple:
-        return (r["task"], r["protocol"], r["encoder"], round(float(r["fraction"]), 9))
+            self._by_cell.setdefault(
+                cell_key(r["task"], r["protocol"], r["encoder"], r["fraction"]), []
+            ).append(r)
 
     def runs(self, task, protocol, encoder, fraction) -> list[dict]:
-        return self._by_cell.get((task, protocol, encoder, round(float(fraction), 9)), [])
+        return self._by_cell.get(cell_key(task, protocol, encoder, fraction), [])
 
     def baseline(self, task: str, fraction: float, name: str, metric: str) -> float | None:
         """A trivial predictor's score on the cell's test images (any encoder, any protocol:
@@ -128,9 +131,7 @@ class Results:
 
     def cell(self, task, task_type, protocol, encoder, fraction, metric) -> Cell:
         runs = self.runs(task, protocol, encoder, fraction)
-        expected = self.expected.get(
-            (task, protocol, encoder, round(float(fraction), 9)), len(runs)
-        )
+        expected = self.expected.get(cell_key(task, protocol, encoder, fraction), len(runs))
         values = [r["test"].get(metric) for r in runs]
         values = [v for v in values if v is not None and not math.isnan(v)]
         if not values:
