@@ -85,6 +85,22 @@ def model_only(folder, backend: str, size: int, clip: Path, threads: int, n: int
     return (time.perf_counter() - t0) / len(xs)
 
 
+def run(args: argparse.Namespace, model: Path, backend: str, out: Path, **extra) -> dict:
+    """`predict` of the clip with `model` on `backend`, replacing `out`."""
+    cfg = PredictConfig(
+        inputs=[str(args.clip)],
+        model=str(model),
+        backend=backend,
+        out=str(out),
+        threads=args.threads,
+        max_frames=args.max_frames,
+        overwrite=True,
+        progress=False,
+        **extra,
+    )
+    return predict(cfg)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clip", type=Path, default=CLIP)
@@ -134,18 +150,7 @@ def main() -> None:
         }
         for r in range(args.rounds):
             for backend in args.backends if r % 2 == 0 else args.backends[::-1]:
-                summary = predict(
-                    PredictConfig(
-                        inputs=[str(args.clip)],
-                        model=str(exp),
-                        backend=backend,
-                        out=str(work / f"out_{arch}_{backend}"),
-                        threads=args.threads,
-                        max_frames=args.max_frames,
-                        overwrite=True,
-                        progress=False,
-                    )
-                )
+                summary = run(args, exp, backend, work / f"out_{arch}_{backend}")
                 t = summary["timing"]
                 results[backend]["pipe"].append(t["wall_s"] / t["frames"])
                 results[backend]["summary"] = summary
@@ -153,19 +158,13 @@ def main() -> None:
                     model_only(folder, backend, args.size, args.clip, args.threads, n)
                 )
         for backend in args.backends:  # untimed: agreement with PyTorch, stability
-            summary = predict(
-                PredictConfig(
-                    inputs=[str(args.clip)],
-                    model=str(exp),
-                    backend=backend,
-                    out=str(work / f"check_{arch}_{backend}"),
-                    threads=args.threads,
-                    max_frames=args.max_frames,
-                    smoothing=0.5,
-                    check_torch=backend != "torch",
-                    overwrite=True,
-                    progress=False,
-                )
+            summary = run(
+                args,
+                exp,
+                backend,
+                work / f"check_{arch}_{backend}",
+                smoothing=0.5,
+                check_torch=backend != "torch",
             )
             agree = summary.get("agreement_with_torch", {})
             stability = summary.get("stability", {})
