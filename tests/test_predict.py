@@ -227,14 +227,14 @@ def test_smoothing_is_an_ema_restarted_per_source():
     outputs = iter([np.full((1, 1, 2, 2), v, np.float32) for v in (0.0, 4.0, 4.0, 4.0)])
     predictor = FramePredictor(lambda x: next(outputs), spec, 2, smoothing=0.5)
     x = np.zeros((1, 1, 2, 2), np.float32)
-    p0 = predictor(x)[1]
-    p1 = predictor(x)[1]
+    p0 = predictor(x)
+    p1 = predictor(x)
     sig4 = 1 / (1 + np.exp(-4.0))
     assert p0.probs[0, 0, 0] == pytest.approx(0.5)
     assert p1.probs[0, 0, 0] == pytest.approx(0.5 * sig4 + 0.5 * 0.5)  # (1 - s) p + s p'
     assert p1.raw[0, 0, 0] == pytest.approx(sig4)
     predictor.reset()  # a new source starts from its own first frame
-    assert predictor(x)[1].probs[0, 0, 0] == pytest.approx(sig4)
+    assert predictor(x).probs[0, 0, 0] == pytest.approx(sig4)
 
 
 def test_masks_overlay_and_dice_helpers():

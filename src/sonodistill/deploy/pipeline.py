@@ -104,11 +104,10 @@ class FramePredictor:
         self.state = probs
         return probs
 
-    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, Prediction]:
-        """Model outputs and prediction of a preprocessed frame."""
-        outputs = self.runner(x)
-        raw = self.probabilities(outputs)
-        return outputs, Prediction(self.smooth(raw), raw)
+    def __call__(self, x: np.ndarray) -> Prediction:
+        """Prediction of a preprocessed frame."""
+        raw = self.probabilities(self.runner(x))
+        return Prediction(self.smooth(raw), raw)
 
 
 # --- post-processing -----------------------------------------------------------------------------
@@ -437,21 +436,20 @@ def stream(
     sink: Callable[[FrameResult], float | None],
     stats: StreamStats,
     on_frame: Callable[[FrameResult], None] | None = None,
-) -> int:
+) -> None:
     """Run one source through the pipeline: decoding and preprocessing in a `Prefetch` thread,
     the model here, then `sink(result)` (which may return seconds spent on work to exclude
     from the timings, and may hand work to a background thread: its `drain()` is waited for
-    and its `background_s` counted as post-processing). Returns the frames processed."""
+    and its `background_s` counted as post-processing); counts go to `stats`."""
     predictor.reset()
     clock = time.perf_counter
-    count = 0
     start = clock()
     background = getattr(sink, "background_s", 0.0)
     reader = Prefetch(frames, predictor.preprocess)
     try:
         for index, frame, x, decode_s, preprocess_s in reader:
             t2 = clock()
-            _, prediction = predictor(x)
+            prediction = predictor(x)
             t3 = clock()
             result = FrameResult(index, geometry.time_of(index), frame, prediction, x)
             result.timings_ms = {
@@ -466,7 +464,6 @@ def stream(
                 stats.seconds[stage] += result.timings_ms[stage] / 1000
             stats.excluded_s += excluded
             stats.frames += 1
-            count += 1
             if on_frame:
                 on_frame(result)
             stats.excluded_s += clock() - t4  # progress display is not part of the pipeline
@@ -476,10 +473,12 @@ def stream(
         reader.close()
         stats.wall_s += clock() - start
         stats.seconds["postprocess"] += getattr(sink, "background_s", 0.0) - background
-    return count
 
 
-def warm_up(predictor: FramePredictor, runs: int = 3) -> None:
+WARMUP_RUNS = 3
+
+
+def warm_up(predictor: FramePredictor, runs: int = WARMUP_RUNS) -> None:
     """First calls allocate (ONNX Runtime, ExecuTorch, oneDNN): keep them out of the timings."""
     x = np.zeros((1, 1, predictor.size, predictor.size), np.float32)
     for _ in range(runs):

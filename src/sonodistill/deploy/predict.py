@@ -46,6 +46,7 @@ from sonodistill.data.masks import is_mask
 from sonodistill.data.readers import ReadError, detect_kind, frame_count, read_frames
 from sonodistill.deploy.pipeline import (
     STAGES,
+    WARMUP_RUNS,
     FramePredictor,
     FrameResult,
     StreamStats,
@@ -344,10 +345,8 @@ class FileSink:
 
     def _check(self, result: FrameResult, seg: bool) -> float:
         """Agreement with PyTorch on this frame; returns the seconds it took (not pipeline)."""
-        if self.reference is None:
-            return 0.0
         t0 = time.perf_counter()
-        _, ref = self.reference(result.x)
+        ref = self.reference(result.x)
         h, w = result.frame.shape[:2]
         if seg:
             mine = label_map(upsample(result.prediction.raw, h, w), self.cfg.threshold) > 0
@@ -469,7 +468,7 @@ def _run(cfg, folder, size, names, predictor, reference, sources, skipped, stage
         "image_size": size,
         "threshold": cfg.threshold,
         "smoothing": cfg.smoothing,
-        "timing": stats.summary() | {"warmup_runs": 3},
+        "timing": stats.summary() | {"warmup_runs": WARMUP_RUNS},
         "sources": entries,
         "skipped": skipped,
         "failed": [e["name"] for e in entries if e["status"] != "ok"],
