@@ -139,6 +139,15 @@ def dice_pair(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(fa & fb)) / total
 
 
+OPACITY = 0.45  # of the mask colour in overlays, unless the user picks another
+DEFAULT_FPS = 10.0  # overlay videos of files without a frame rate (volumes, image stacks)
+
+
+def video_fps(geometry: Geometry) -> float:
+    """Frame rate of an overlay video: the file's, else `DEFAULT_FPS`."""
+    return 1.0 / geometry.interval_s if geometry.interval_s else DEFAULT_FPS
+
+
 def overlay(
     frame: np.ndarray, labels: np.ndarray | None, opacity: float, text: str = ""
 ) -> np.ndarray:

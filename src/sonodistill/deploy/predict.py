@@ -45,6 +45,7 @@ from sonodistill.data.geometry import Geometry, read_geometry
 from sonodistill.data.masks import is_mask
 from sonodistill.data.readers import ReadError, detect_kind, frame_count, read_frames
 from sonodistill.deploy.pipeline import (
+    OPACITY,
     STAGES,
     WARMUP_RUNS,
     FramePredictor,
@@ -61,6 +62,7 @@ from sonodistill.deploy.pipeline import (
     save_png,
     stream,
     upsample,
+    video_fps,
     warm_up,
 )
 from sonodistill.deploy.runtimes import (
@@ -86,7 +88,6 @@ from sonodistill.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FPS = 10.0  # overlay videos of files without a frame rate (volumes, image stacks)
 OWNED = ("predictions.csv", "summary.json", "summary.md", "config.yaml", "masks", "overlays")
 PARTIAL = ".partial"
 
@@ -106,7 +107,7 @@ class PredictConfig:
     """Model input side; default: the model's own (head.yaml, or the exported graph)."""
     threshold: float = 0.5
     """Foreground probability at which a pixel belongs to the mask."""
-    opacity: float = 0.45
+    opacity: float = OPACITY
     """Of the mask colour in overlays."""
     smoothing: float = 0.0
     """Temporal EMA along a clip, p'_t = (1 - s) p_t + s p'_{t-1}; 0 = off (e.g. 0.5)."""
@@ -281,8 +282,7 @@ class FileSink:
     def _video(self, frame: np.ndarray) -> VideoWriter:
         if self.video is None:
             path = self.folder / "overlays" / f"{self.source.name}.mp4"
-            interval = self.source.geometry.interval_s
-            fps = 1.0 / interval if interval else DEFAULT_FPS
+            fps = video_fps(self.source.geometry)
             self.video = VideoWriter(path, fps, frame.shape[1], frame.shape[0], durable=False)
         return self.video
 

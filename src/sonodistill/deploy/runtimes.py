@@ -19,7 +19,13 @@ import numpy as np
 import torch
 import yaml
 
-from sonodistill.evaluate.head_checkpoint import HEAD_WEIGHTS, HEAD_YAML, HeadSpec, load_head
+from sonodistill.evaluate.head_checkpoint import (
+    HEAD_WEIGHTS,
+    HEAD_YAML,
+    HeadSpec,
+    load_head,
+    read_head_spec,
+)
 
 HEAD_DIR = "head"  # an export folder keeps the PyTorch head here
 
@@ -47,7 +53,6 @@ class ModelFolder:
     path: Path
     spec: HeadSpec
     image_size: int | None
-    head_dir: Path | None
     files: dict[str, Path] = field(default_factory=dict)
     """backend -> file present in the folder ('torch' -> the head folder)."""
 
@@ -80,8 +85,8 @@ def open_model_folder(path: str | Path) -> ModelFolder:
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {path} does not exist")
     if _is_head(path):
-        spec = HeadSpec(**yaml.safe_load((path / HEAD_YAML).read_text()))
-        return ModelFolder(path, spec, spec.image_size, path, {"torch": path})
+        spec = read_head_spec(path)
+        return ModelFolder(path, spec, spec.image_size, {"torch": path})
     head = path / HEAD_DIR
     if not _is_head(head):  # exports made before the head was copied beside the graphs
         config = path / "config.yaml"
@@ -96,11 +101,11 @@ def open_model_folder(path: str | Path) -> ModelFolder:
         )
     if not (head / HEAD_YAML).is_file():
         raise FileNotFoundError(f"{path}: no {HEAD_DIR}/{HEAD_YAML} saying what the model outputs")
-    spec = HeadSpec(**yaml.safe_load((head / HEAD_YAML).read_text()))
+    spec = read_head_spec(head)
     size = spec.image_size or _onnx_size(files)
     if _is_head(head):
         files = {"torch": head, **files}
-    return ModelFolder(path, spec, size, head if _is_head(head) else None, files)
+    return ModelFolder(path, spec, size, files)
 
 
 def _onnx_size(files: dict[str, Path]) -> int | None:

@@ -77,14 +77,20 @@ def build_head_model(spec: HeadSpec) -> nn.Module:
     raise ValueError(f"head spec {spec}: give `encoder` (evaluate format), `arch` or `smp`")
 
 
-def load_head(folder: str | Path) -> tuple[nn.Module, HeadSpec]:
+def read_head_spec(folder: str | Path) -> HeadSpec:
+    """The spec of a head checkpoint folder (its head.yaml), without building the model."""
     folder = Path(folder)
     if not (folder / HEAD_YAML).is_file():
         raise FileNotFoundError(f"{folder}: no {HEAD_YAML} (a head checkpoint folder)")
     try:
-        spec = HeadSpec(**yaml.safe_load((folder / HEAD_YAML).read_text()))
+        return HeadSpec(**yaml.safe_load((folder / HEAD_YAML).read_text()))
     except (yaml.YAMLError, TypeError) as err:
         raise UserError(f"{folder / HEAD_YAML}: not a head description ({err})") from err
+
+
+def load_head(folder: str | Path) -> tuple[nn.Module, HeadSpec]:
+    folder = Path(folder)
+    spec = read_head_spec(folder)
     model = build_head_model(spec)
     state = read_state_dict(folder / HEAD_WEIGHTS)
     # Plain library formats store the bare module, without the preprocessing wrapper.

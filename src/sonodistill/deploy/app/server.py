@@ -44,7 +44,7 @@ from sonodistill.deploy.app.sessions import (
     session_video,
     upload_kind,
 )
-from sonodistill.deploy.pipeline import FramePredictor, class_names, warm_up
+from sonodistill.deploy.pipeline import OPACITY, FramePredictor, class_names, warm_up
 from sonodistill.deploy.runtimes import BACKENDS, ModelFolder, open_model_folder, open_runner
 from sonodistill.errors import UserError
 from sonodistill.io import atomic_path
@@ -362,7 +362,7 @@ def create_app(cfg: AppConfig):
         return Response(text, media_type="text/csv", headers={"Content-Disposition": disposition})
 
     @app.get("/api/sessions/{sid}/overlay.mp4")
-    async def video(sid: str, threshold: float = 0.5, opacity: float = 0.45):
+    async def video(sid: str, threshold: float = 0.5, opacity: float = OPACITY):
         _check(threshold, opacity)
         data = await asyncio.to_thread(session_video, finished(sid), threshold, opacity)
         disposition = 'attachment; filename="sonodistill-overlay.mp4"'

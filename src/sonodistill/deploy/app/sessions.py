@@ -30,6 +30,7 @@ import numpy as np
 from sonodistill.data.geometry import Geometry, read_geometry
 from sonodistill.data.readers import ReadError, detect_kind, frame_count, read_frames
 from sonodistill.deploy.pipeline import (
+    OPACITY,
     FramePredictor,
     FrameResult,
     StreamStats,
@@ -39,6 +40,7 @@ from sonodistill.deploy.pipeline import (
     prob_fields,
     stream,
     upsample,
+    video_fps,
 )
 from sonodistill.evaluate.head_checkpoint import HeadSpec
 from sonodistill.io import write_bytes, write_json, write_text
@@ -291,9 +293,7 @@ def session_csv(session: Session, threshold: float) -> str:
 def session_video(session: Session, threshold: float, opacity: float) -> bytes:
     """The overlay video (H.264 MP4) at the user's threshold and opacity."""
     buffer = io.BytesIO()
-    interval = session.geometry.interval_s
-    fps = 1.0 / interval if interval else 10.0
-    writer = VideoWriter(buffer, fps, session.width, session.height)
+    writer = VideoWriter(buffer, video_fps(session.geometry), session.width, session.height)
     for i in range(len(session.jpegs)):
         bgr = cv2.imdecode(np.frombuffer(session.jpegs[i], np.uint8), cv2.IMREAD_COLOR)
         rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
@@ -316,7 +316,7 @@ def keep_session(session: Session, upload: Path, keep: Path, threshold: float = 
     shutil.move(upload, stage / f"input{upload.suffix}")
     write_text(stage / "predictions.csv", session_csv(session, threshold))
     if session.jpegs:
-        write_bytes(stage / "overlay.mp4", session_video(session, threshold, 0.45))
+        write_bytes(stage / "overlay.mp4", session_video(session, threshold, OPACITY))
     summary = {k: v for k, v in session.info().items() if k not in ("frames", "name")}
     summary["status"] = "done"
     write_json(stage / "summary.json", summary)
