@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +73,7 @@ def fingerprint_set(path: str | Path, workers: int = 2, use_cache: bool = True) 
     files = [str(f) for f in list_files(str(path), ["*mask*"])]
     if not files:
         raise FileNotFoundError(f"{path}: no image found")
-    stamp = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    stamp = [nd.file_stamp(f) for f in files]
     key = hashlib.sha1(json.dumps([nd.VERSION, stamp]).encode()).hexdigest()[:16]
     cached = nd.cache_dir() / f"leakage-{key}.parquet"
     if use_cache and cached.is_file():

@@ -331,6 +331,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SONODISTILL_CACHE", Path.home() / ".cache/sonodistill/hashes"))
 
 
+def file_stamp(path: str | Path) -> tuple[str, int, int]:
+    """(path, size, modification time): what keys a cache of results computed from a file."""
+    st = os.stat(path)
+    return str(path), st.st_size, st.st_mtime_ns
+
+
 def cached_fingerprints(
     items: list[tuple[str, int]], compute: Callable[[], Fingerprints], tag: str = ""
 ) -> Fingerprints:
@@ -339,8 +345,8 @@ def cached_fingerprints(
     sets are fingerprinted once, not at every suite, audit or leakage check."""
     stamp = []
     for path, frame in items:
-        st = os.stat(path)
-        stamp.append((str(path), int(frame), st.st_size, st.st_mtime_ns))
+        name, size, mtime = file_stamp(path)
+        stamp.append((name, int(frame), size, mtime))
     key = hashlib.sha1(json.dumps([VERSION, tag, stamp]).encode()).hexdigest()[:20]
     path = cache_dir() / f"neardup-{key}.parquet"
     if path.is_file():

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from sonodistill.data.neardup import (
     Fingerprints,
     cache_dir,
     candidate_pairs,
+    file_stamp,
     near_duplicates,
     similarity,
     unshifted_similarity,
@@ -84,10 +84,7 @@ def mask_report(index: DatasetIndex) -> tuple[dict, dict[str, bool]]:
     have an empty mask. Cached (keyed by the mask files' paths, sizes and times)."""
     if index.task_type != "seg" or index.num_classes != 2:
         return {}, {}
-    stamp = [
-        (r.id, [(str(m), os.stat(m).st_size, os.stat(m).st_mtime_ns) for m in r.masks])
-        for r in index.records
-    ]
+    stamp = [(r.id, [file_stamp(m) for m in r.masks]) for r in index.records]
     key = hashlib.sha1(json.dumps([1, index.mask_threshold, index.outline, stamp]).encode())
     cached = cache_dir() / f"masks-{key.hexdigest()[:20]}.json"
     if cached.is_file():
