@@ -44,7 +44,6 @@ from sonodistill.config import config_changes, describe_changes, save_config, to
 from sonodistill.data import frames as fr
 from sonodistill.data import neardup as nd
 from sonodistill.data.files import list_files, worker_pool
-from sonodistill.data.greys import read_grey
 from sonodistill.data.leakage import NEARDUP_FILE, exclude_matches
 from sonodistill.data.manifest import (
     MANIFEST,
@@ -168,19 +167,11 @@ def with_fingerprints(df: pd.DataFrame, kept_greys: list[np.ndarray]) -> pd.Data
     return df
 
 
-def kept_fingerprints(df: pd.DataFrame, out: Path) -> nd.Fingerprints:
-    """Fingerprints of the kept rows, in order: from the parts, else (parts written before the
-    fingerprints existed) from the frames' PNGs."""
-    kept = df[df.kept]
-    if FINGERPRINT_COLUMNS[0] in df and kept[FINGERPRINT_COLUMNS[0]].notna().all():
-        table = kept[FINGERPRINT_COLUMNS].rename(columns=lambda c: c[3:])
-        return nd.Fingerprints.from_frame(table.reset_index(drop=True))
-    # a frame removed by an earlier build gets a blank stand-in (similar to nothing); its
-    # file is read again afterwards (`build_corpus`: kept frames missing on disk)
-    blank = np.zeros((8, 8), np.uint8)
-    return nd.fingerprint_batch(
-        read_grey(out / p) if (out / p).is_file() else blank for p in kept.path
-    )
+def kept_fingerprints(df: pd.DataFrame) -> nd.Fingerprints:
+    """Fingerprints of the kept rows, in order, from the parts (every part used holds them:
+    `_part_ok` has a part without them redone)."""
+    table = df.loc[df.kept, FINGERPRINT_COLUMNS].rename(columns=lambda c: c[3:])
+    return nd.Fingerprints.from_frame(table.reset_index(drop=True))
 
 
 # ---------------------------------------------------------------- the build
@@ -341,15 +332,19 @@ def _plan(spec: CorpusSpec, out: Path, files: dict, force: set[str] = frozenset(
 
 
 def _part_ok(part: Path) -> bool:
-    """Whether a part file is there and whole (an empty or cut file is redone, with a warning)."""
+    """Whether a part file is there, whole and current (an empty or cut file is redone, with a
+    warning; one without the fingerprints columns too)."""
     if not part.is_file():
         return False
     import pyarrow.parquet as pq
 
     try:
-        pq.read_metadata(part)
+        columns = pq.read_schema(part).names
     except Exception as err:  # zero bytes, a cut file: pyarrow says so in its own types
         log.warning("ignoring unreadable part %s (%s): its file is read again", part, err)
+        return False
+    if FINGERPRINT_COLUMNS[0] not in columns:  # written before parts held the fingerprints
+        log.info("part %s has no near-duplicate fingerprints: its file is read again", part)
         return False
     return True
 
@@ -433,7 +428,7 @@ def _finish(spec: CorpusSpec, out: Path, parts: list[Path]) -> pd.DataFrame:
         raise UserError(f"no file could be processed into {out}")
     df = pd.concat(frames_list, ignore_index=True)
     # Parts hold per-file decisions only: corpus-level ones are recomputed on every build.
-    fps = kept_fingerprints(df, out)
+    fps = kept_fingerprints(df)
     df = typed(df)
     kept_rows = df.index[df.kept].to_numpy()  # the rows of fps, in order
     settings = spec.settings
