@@ -329,6 +329,23 @@ def test_smoke_suite_on_real_data(splits_dir, tmp_path, shared_data, fake_studen
     assert {p: p.stat().st_mtime_ns for p in runs} == stamps
 
 
+def test_tables_only_without_finished_runs_is_an_error(tmp_path, shared_data):
+    """--tables_only over a folder with no finished run: a one-line error, nothing written
+    (it used to write suite.yaml and exit 0 with no table)."""
+    out = tmp_path / "suite"
+    cfg = SuiteConfig(
+        out=str(out),
+        data_root=str(shared_data),
+        encoders=["random:resnet18@R18-Rand"],
+        tasks=["ddti_seg"],
+        protocols=["linear"],
+        tables_only=True,
+    )
+    with pytest.raises(UserError, match="no finished run"):
+        run_suite(cfg)
+    assert not out.exists()
+
+
 def test_missing_seed_is_said_in_its_cell(splits_dir, tmp_path, shared_data):
     """A suite of two seeds, one run lost: its cell says n=1 of 2 (no bare value under
     "mean ± std"), the complete cells say n=2 with an interval, the trivial rows stay."""

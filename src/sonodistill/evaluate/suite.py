@@ -493,6 +493,10 @@ def run_suite(cfg: SuiteConfig) -> list[Path]:
     with claim_run_dir(out, "evaluate", MARKERS, cfg.resume, cfg.overwrite) as resuming:
         if resuming:
             _check_resume(cfg, out)
+        if cfg.tables_only and (
+            cfg.overwrite or all(finished_result(out, r, cfg) is None for r in runs)
+        ):
+            raise UserError(f"{out / 'runs'}: no finished run of this suite to tabulate")
         if cfg.overwrite:
             remove_owned(out, OWNED)
         save_config(cfg, out / "suite.yaml")
