@@ -473,20 +473,17 @@ def _run(cfg, folder, size, names, predictor, reference, sources, skipped, stage
         "skipped": skipped,
         "failed": [e["name"] for e in entries if e["status"] != "ok"],
     }
-    raw = [v for e in entries for v in [e.get("stability_raw")] if v is not None]
-    if raw:
-        weights = [e["frames"] - 1 for e in entries if "stability_raw" in e]
+    clips = [e for e in entries if "stability_raw" in e]  # sources with consecutive frames
+    if clips:
+        weights = [e["frames"] - 1 for e in clips]  # each source's frame pairs
+
+        def pooled(key: str) -> float:
+            return float(np.average([e[key] for e in clips], weights=weights))
+
         summary["stability"] = {
             "frame_pairs": int(sum(weights)),
-            "raw": float(np.average(raw, weights=weights)),
-            "smoothed": float(
-                np.average(
-                    [e["stability_smoothed"] for e in entries if "stability_raw" in e],
-                    weights=weights,
-                )
-            )
-            if cfg.smoothing
-            else None,
+            "raw": pooled("stability_raw"),
+            "smoothed": pooled("stability_smoothed") if cfg.smoothing else None,
         }
     if reference is not None:
         values = [r["agree_torch"] for r in sink.rows if "agree_torch" in r]
