@@ -487,11 +487,15 @@ def stream(
 WARMUP_RUNS = 3
 
 
-def warm_up(predictor: FramePredictor, runs: int = WARMUP_RUNS) -> None:
-    """First calls allocate (ONNX Runtime, ExecuTorch, oneDNN): keep them out of the timings."""
-    x = np.zeros((1, 1, predictor.size, predictor.size), np.float32)
+def warm_up(
+    runner: Callable[[np.ndarray], np.ndarray], size: int, runs: int = WARMUP_RUNS
+) -> np.ndarray:
+    """First calls allocate (ONNX Runtime, ExecuTorch, oneDNN): keep them out of the timings.
+    Returns the model's outputs for a blank frame (their shape tells the classes)."""
+    x = np.zeros((1, 1, size, size), np.float32)
     for _ in range(runs):
-        predictor.runner(x)
+        outputs = runner(x)
+    return outputs
 
 
 def save_png(path: Path, image: np.ndarray, binary: bool = False, durable: bool = True) -> Path:

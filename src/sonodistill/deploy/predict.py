@@ -426,12 +426,10 @@ def predict(cfg: PredictConfig) -> dict:
     cv2.setNumThreads(1)  # per-frame image work is small: a pool would contend with the model
     runner = open_runner(folder, cfg.backend, threads)
     predictor = FramePredictor(runner, folder.spec, size, cfg.smoothing)
-    probe = runner(np.zeros((1, 1, size, size), np.float32))
-    names = class_names(folder.spec, probe.shape[1])
+    names = class_names(folder.spec, warm_up(runner, size).shape[1])
     reference = None
     if cfg.check_torch:
         reference = FramePredictor(open_runner(folder, "torch", threads), folder.spec, size)
-    warm_up(predictor)
 
     out = Path(cfg.out)
     with claim_run_dir(out, "predict", [*OWNED, PARTIAL], overwrite=cfg.overwrite):

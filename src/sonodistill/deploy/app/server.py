@@ -27,7 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -154,10 +153,8 @@ class AppState:
         if key not in self.runners:
             folder = entry.folder
             runner = open_runner(folder, backend, self.cfg.threads)
-            size = folder.image_size
-            probe = runner(np.zeros((1, 1, size, size), np.float32))
-            warm_up(FramePredictor(runner, folder.spec, size))
-            self.runners[key] = (runner, class_names(folder.spec, probe.shape[1]))
+            outputs = warm_up(runner, folder.image_size)
+            self.runners[key] = (runner, class_names(folder.spec, outputs.shape[1]))
         return self.runners[key]
 
     # --- sessions -------------------------------------------------------------------------
