@@ -312,6 +312,21 @@ class StreamStats:
 _END = object()
 
 
+def first_frames(
+    frames: Iterator[tuple[int, np.ndarray]], limit: int | None
+) -> Iterator[tuple[int, np.ndarray]]:
+    """The frames of index below `limit` (None: all); the reader is closed on the way out."""
+    try:
+        for index, frame in frames:
+            if limit is not None and index >= limit:
+                return
+            yield index, frame
+    finally:
+        close = getattr(frames, "close", None)
+        if close:
+            close()
+
+
 def yield_to_the_model(niceness: int = 10) -> None:
     """Lower the calling thread's scheduling priority (Linux: per thread), so that decoding and
     writing take the cores when the model's threads leave them, instead of slowing the model;

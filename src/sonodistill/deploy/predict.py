@@ -56,6 +56,7 @@ from sonodistill.deploy.pipeline import (
     area_fields,
     class_names,
     dice_pair,
+    first_frames,
     label_map,
     overlay,
     prob_fields,
@@ -384,15 +385,6 @@ class FileSink:
         return entry
 
 
-def _frames(source: Source, cfg: PredictConfig):
-    frames = read_frames(source.path, source.kind, cfg.layout, cfg.axis)
-    for index, frame in frames:
-        if cfg.max_frames is not None and index >= cfg.max_frames:
-            frames.close()
-            return
-        yield index, frame
-
-
 def _publish(stage: Path, out: Path, overwrite: bool) -> None:
     """fsync the staged masks and overlays (written without, `durable=False`), then move them
     into `out`, after removing an earlier run's files (`--overwrite`) and nothing else."""
@@ -518,7 +510,9 @@ def _stream_sources(cfg: PredictConfig, sources: list[Source], predictor, sink: 
             sink.begin(source)
             status = "ok"
             try:
-                stream(_frames(source, cfg), predictor, source.geometry, sink, stats, shown)
+                frames = read_frames(source.path, source.kind, cfg.layout, cfg.axis)
+                frames = first_frames(frames, cfg.max_frames)
+                stream(frames, predictor, source.geometry, sink, stats, shown)
             except ReadError as exc:
                 status = f"failed: {exc}"
                 log.warning("%s: %s", source.path, exc)

@@ -36,6 +36,7 @@ from sonodistill.deploy.pipeline import (
     StreamStats,
     VideoWriter,
     area_fields,
+    first_frames,
     overlay,
     prob_fields,
     stream,
@@ -233,12 +234,6 @@ def run_session(
         sink = MemorySink(session, spec)
         stats = StreamStats()
 
-        def frames():
-            for index, frame in read_frames(upload, session.kind):
-                if index >= max_frames:
-                    return
-                yield index, frame
-
         def finish(result: FrameResult) -> None:
             with session.lock:
                 row = session.rows[-1]
@@ -246,7 +241,8 @@ def run_session(
                     row.pop("_latency_ms") + result.timings_ms["postprocess"], 3
                 )
 
-        stream(frames(), predictor, session.geometry, sink, stats, finish)
+        frames = first_frames(read_frames(upload, session.kind), max_frames)
+        stream(frames, predictor, session.geometry, sink, stats, finish)
         if not session.rows:
             raise ReadError("no frame could be decoded")
         session.timing = stats.summary()
