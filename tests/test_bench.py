@@ -20,6 +20,7 @@ from sonodistill.deploy.bench import (
     time_blocks,
     time_fn,
 )
+from sonodistill.errors import UserError
 from sonodistill.models.encoders import EncoderSpec, build_encoder
 from sonodistill.models.flops import count_flops, count_params
 
@@ -145,6 +146,21 @@ def test_cli_subset_of_backends(tmp_path, capsys):
     assert main(["bench", *argv]) == 0
     out = capsys.readouterr().out
     assert "PyTorch fp32" in out and "ONNX Runtime" not in out
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ({"backends": ["ort_int9"]}, "--backends ort_int9: unknown backend; did you mean ort_int8"),
+        ({"block": 0}, "--block 0: must be > 0"),
+        ({"warmup": -1}, "--warmup -1: must be >= 0"),
+    ],
+)
+def test_bad_options_are_refused_before_anything_is_written(tmp_path, option, message):
+    cfg = BenchConfig(student="random:resnet18", gpu="off", out=str(tmp_path / "b"), **option)
+    with pytest.raises(UserError, match=message):
+        bench(cfg)
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")

@@ -41,6 +41,7 @@ from torch import nn
 from sonodistill.config import save_config
 from sonodistill.deploy.onnx_utils import export_onnx, quantize_int8, session
 from sonodistill.distill.run import load_encoder
+from sonodistill.errors import check_positive, unknown_name
 from sonodistill.evaluate.heads import WithPreprocess
 from sonodistill.io import write_json, write_table
 from sonodistill.models import to_model_input
@@ -407,8 +408,29 @@ def _calibration(cfg: BenchConfig) -> tuple[np.ndarray, str]:
     return noise, f"{cfg.n_calib} random-noise frames (no --calib_frames given)"
 
 
+def check_config(cfg: BenchConfig) -> bool:
+    """The options, checked before any model is built or file written; returns whether the
+    GPU is timed (`--gpu on` without CUDA fails here, not after the CPU timings)."""
+    for name in cfg.backends:
+        if name not in LABELS:
+            raise unknown_name("backend", name, LABELS, "--backends")
+    check_positive(
+        {
+            "--image_size": cfg.image_size,
+            "--runs": cfg.runs,
+            "--block": cfg.block,
+            "--threads": cfg.threads,
+            "--n_calib": cfg.n_calib,
+            "--gpu_runs": cfg.gpu_runs,
+        }
+    )
+    check_positive({"--warmup": cfg.warmup}, allow_zero=True)
+    return _use_gpu(cfg)
+
+
 def bench(cfg: BenchConfig) -> dict:
     """Run the benchmark; returns {'rows', 'teacher', 'student', 'env'} and writes the tables."""
+    use_gpu = check_config(cfg)
     spec = parse_spec(cfg.teacher) if isinstance(cfg.teacher, str) else EncoderSpec(**cfg.teacher)
     teacher = load_encoder(spec).eval()
     student = load_encoder(cfg.student).eval()
@@ -438,7 +460,7 @@ def bench(cfg: BenchConfig) -> dict:
                     result[backend]["file_mb"] = sizes[backend]
             if "executorch_int8_error" in sizes:  # a model XNNPACK could not take
                 result["executorch_int8_error"] = sizes["executorch_int8_error"]
-    if _use_gpu(cfg):
+    if use_gpu:
         t["gpu"] = measure_gpu(teacher, x, cfg)
         s["gpu"] = measure_gpu(student, x, cfg)
     t["label"], s["label"] = teacher.name, student.name
