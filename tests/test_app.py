@@ -21,7 +21,8 @@ import pydicom
 import pytest
 from conftest import BUSI
 
-from sonodistill.deploy.app.server import AppConfig, bind, server
+from sonodistill.deploy.app.server import AppConfig, bind, serve, server
+from sonodistill.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -288,3 +289,16 @@ def test_page_and_scripts_are_served_from_the_package(app):
     for asset in ("app.js", "app.css"):
         with urllib.request.urlopen(f"{app.url}/static/{asset}") as response:
             assert response.status == 200 and b"https://" not in response.read()
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ({"max_sessions": 0}, "--max_sessions 0: must be > 0"),
+        ({"smoothing": 1.0}, r"--smoothing 1.0: must be in \[0, 1\)"),
+    ],
+)
+def test_bad_options_are_refused_before_binding(tmp_path, option, message):
+    cfg = AppConfig(models=[str(tmp_path)], port=0, **option)
+    with pytest.raises(UserError, match=message):
+        serve(cfg)

@@ -45,7 +45,7 @@ from sonodistill.deploy.app.sessions import (
 )
 from sonodistill.deploy.pipeline import OPACITY, FramePredictor, class_names, warm_up
 from sonodistill.deploy.runtimes import BACKENDS, ModelFolder, open_model_folder, open_runner
-from sonodistill.errors import UserError
+from sonodistill.errors import UserError, check, check_positive
 from sonodistill.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -415,6 +415,16 @@ def serve(cfg: AppConfig) -> None:
     """Bind, say where, serve until interrupted; on exit every session is dropped."""
     if not cfg.models:
         raise UserError("give --models+ FOLDER (head checkpoints or export folders)")
+    check_positive(
+        {
+            "--max_upload_mb": cfg.max_upload_mb,
+            "--max_frames": cfg.max_frames,
+            "--max_sessions": cfg.max_sessions,
+            "--session_ttl_s": cfg.session_ttl_s,
+            "--threads": cfg.threads,
+        }
+    )
+    check(0.0 <= cfg.smoothing < 1.0, "--smoothing", cfg.smoothing, "must be in [0, 1)")
     try:
         sock = bind(cfg.host, cfg.port)
     except OSError as exc:
