@@ -17,6 +17,7 @@ from sonodistill.data.listing import FrameRef, frames_tensor
 from sonodistill.data.masks import image_mask, mask_files
 from sonodistill.deploy.export import ExportConfig, export, head_metric
 from sonodistill.deploy.onnx_utils import compare, run_session, session
+from sonodistill.errors import UserError
 from sonodistill.evaluate.head_checkpoint import HeadSpec, build_head_model, load_head, save_head
 from sonodistill.evaluate.metrics import dice_iou
 
@@ -164,3 +165,18 @@ def test_evaluate_head_saved_from_a_student_run_loads_without_the_run(tmp_path):
     x = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_executorch_without_executorch_installed_is_refused_before_writing(
+    shared_data, tmp_path, monkeypatch
+):
+    monkeypatch.setattr("sonodistill.deploy.ondevice.available", lambda: False)
+    cfg = ExportConfig(
+        head=str(tmp_path / "head"),  # the option is refused before the head is read
+        frames=[f"busi={shared_data / BUSI}"],
+        executorch=["int8"],
+        out=str(tmp_path / "export"),
+    )
+    with pytest.raises(UserError, match="--executorch.*pip install 'sonodistill\\[ondevice\\]'"):
+        export(cfg)
+    assert not (tmp_path / "export").exists()

@@ -27,6 +27,7 @@ from torch import nn
 from sonodistill.config import save_config
 from sonodistill.data.listing import FrameRef, collect_frames, frames_tensor
 from sonodistill.data.masks import image_mask, mask_files
+from sonodistill.deploy import ondevice
 from sonodistill.deploy.onnx_utils import compare, export_onnx, quantize_int8, run_session, session
 from sonodistill.deploy.runtimes import HEAD_DIR
 from sonodistill.distill.run import load_encoder
@@ -107,6 +108,8 @@ def check_config(cfg: ExportConfig) -> None:
     check(7 <= cfg.opset <= 23, "--opset", cfg.opset, "must be 7 to 23")
     if cfg.test_set and not Path(cfg.test_set).exists():
         raise UserError(f"--test_set {cfg.test_set}: no such folder")
+    if cfg.executorch and not ondevice.available():  # else found after the ONNX graphs
+        raise UserError(f"--executorch {cfg.executorch}: {ondevice.INSTALL_HINT}")
 
 
 def _calibrates(cfg: ExportConfig) -> bool:
