@@ -15,10 +15,17 @@ Kinds, detected from the file's first bytes and then its extension (`detect_kind
 
 3D files are either a *sequence* (2D+t: frames along the last axis, handled like a video) or a
 *volume* (exported as slices along a chosen axis); see `volume_layout`.
+
+A file that cannot be read raises `ReadError`. A file that ends before the frames its header
+declares (a cut download or copy: the data stops, a frame fails to decode) raises its subclass
+`TruncatedFile` once the frames before the cut have been yielded, with the counts: videos,
+DICOM, volumes and sequences alike, so that no caller takes part of a file for all of it.
 """
 
 from __future__ import annotations
 
+import io
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +42,21 @@ STREAM_BYTES = 256 * 2**20  # 3D files larger than this are read slice by slice 
 
 class ReadError(Exception):
     """A file that cannot be read as the kind it claims to be (the message says why)."""
+
+
+class TruncatedFile(ReadError):
+    """A file that ends before its declared frames: `decoded` frames were read (and yielded) of
+    the `declared` ones (None: the header does not say; the decoder reported the cut)."""
+
+    def __init__(self, path: str | Path, decoded: int, declared: int | None, cause: str):
+        self.path, self.decoded, self.declared, self.cause = Path(path), decoded, declared, cause
+        super().__init__(f"{self.path.name} {self.what}")
+
+    @property
+    def what(self) -> str:
+        """The reason without the file's name: `ends after 41 of 100 frames (...)`."""
+        of = f" of {self.declared}" if self.declared else ""
+        return f"ends after {self.decoded}{of} frames ({self.cause})"
 
 
 def detect_kind(path: str | Path, by_extension: bool = True) -> str | None:
@@ -131,6 +153,10 @@ def video_frame_count(path: Path) -> int:
 
 
 def read_video(path: Path) -> Iterator[tuple[int, np.ndarray]]:
+    """Frames of the first video stream, decoded with frame threads (`thread_type` AUTO), which
+    do not report a packet they cannot decode: a cut file is found from the demuxer's
+    corrupt-packet flag and the frame count in the container's header instead (TruncatedFile;
+    the checks cost nothing measurable: benchmarks/video_decode.py)."""
     import av
 
     try:
@@ -142,13 +168,21 @@ def read_video(path: Path) -> Iterator[tuple[int, np.ndarray]]:
             raise ReadError("no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        index = -1
+        declared = int(stream.frames) or None
+        index, cause = -1, ""
         try:
-            for frame in container.decode(stream):
-                index += 1
-                yield index, frame.to_ndarray(format="rgb24")
+            for packet in container.demux(stream):
+                if packet.is_corrupt:  # the cut: decode what came before it, then stop
+                    packet, cause = None, "a packet is cut short or corrupt"
+                for frame in stream.decode(packet):
+                    index += 1
+                    yield index, frame.to_ndarray(format="rgb24")
+                if cause:
+                    break
         except av.FFmpegError as exc:
-            raise ReadError(f"video decoding failed after frame {index}: {exc}") from exc
+            cause = f"decoding failed: {exc}"
+        if cause or (declared and index + 1 < declared):
+            raise TruncatedFile(path, index + 1, declared, cause or "the data ends early")
         if index < 0:
             raise ReadError("video has no decodable frame")
 
@@ -156,27 +190,59 @@ def read_video(path: Path) -> Iterator[tuple[int, np.ndarray]]:
 # ---------------------------------------------------------------- DICOM
 
 
-def read_dicom(path: Path) -> Iterator[tuple[int, np.ndarray]]:
+def dicom_header(path: Path):
+    """The dataset of a DICOM file without its pixel data (not read); ReadError when it is no
+    image: no Rows, or no pixel data element (pydicom stops reading at that element's tag, so
+    a file read to its end has none)."""
     import pydicom
-    from pydicom.pixels import iter_pixels
 
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        with open(path, "rb") as fh:
+            ds = pydicom.dcmread(fh, stop_before_pixels=True)
+            pixels = fh.tell() < os.fstat(fh.fileno()).st_size
     except Exception as exc:
         raise ReadError(f"not a readable DICOM file: {exc}") from exc
     if "Rows" not in ds:
         raise ReadError("DICOM file has no image (no Rows attribute)")
+    if not pixels:
+        raise ReadError("DICOM file has no pixel data")
+    return ds
+
+
+def read_dicom(path: Path) -> Iterator[tuple[int, np.ndarray]]:
+    from pydicom.pixels import iter_pixels
+
+    ds = dicom_header(path)
+    declared = int(ds.get("NumberOfFrames", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)))
-    index = -1
+    decoded = 0
     try:
         # iter_pixels decodes one frame at a time and converts YBR to RGB (as_rgb=True).
-        for index, frame in enumerate(iter_pixels(path)):
-            yield index, _dicom_frame_to_uint8(frame, ds, photometric, bits)
-    except ReadError:
-        raise
+        with _WholeReads(io.FileIO(path)) as fh:
+            for frame in iter_pixels(fh):
+                yield decoded, _dicom_frame_to_uint8(frame, ds, photometric, bits)
+                decoded += 1
     except Exception as exc:
-        raise ReadError(f"DICOM pixel data not decodable after frame {index}: {exc}") from exc
+        cause = _cause(exc, path)
+        if decoded < declared:
+            raise TruncatedFile(path, decoded, declared, cause) from exc
+        raise ReadError(f"DICOM pixel data not decodable after frame {decoded}: {cause}") from exc
+    if decoded < declared:
+        raise TruncatedFile(path, decoded, declared, "the pixel data ends early")
+
+
+class _WholeReads(io.BufferedReader):
+    """A file whose reads return every byte asked for, or none at its end: a read that the end
+    of the file cuts short raises EOFError. pydicom hands a fragment cut short to the JPEG
+    decoder, which makes half a frame of it without a word; this makes the cut an error, before
+    that frame (with an offset table pydicom reads one fragment ahead: the frame before too)."""
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        data = super().read(size)
+        if size is not None and 0 < len(data) < size:
+            raise EOFError(f"the file ends inside a value ({len(data)} of {size} bytes)")
+        return data
 
 
 def _dicom_frame_to_uint8(frame: np.ndarray, ds, photometric: str, bits: int) -> np.ndarray:
@@ -284,19 +350,20 @@ def read_volume(
 def _read_itk(path: Path, info: VolumeInfo, axis: int) -> Iterator[tuple[int, np.ndarray]]:
     import SimpleITK as sitk
 
+    declared, z = info.shape[axis], 0
     try:
         if axis == 0 and "8-bit unsigned" in info.dtype and np.prod(info.shape) > STREAM_BYTES:
             # Large 8-bit file: read one z-slice at a time (MetaImage/NRRD support this).
             reader = _itk_reader(path)
             nx, ny = reader.GetSize()[:2]
-            for z in range(info.shape[0]):
+            for z in range(declared):
                 reader.SetExtractIndex([0, 0, z] if reader.GetDimension() == 3 else [0, 0])
                 reader.SetExtractSize([nx, ny, 0] if reader.GetDimension() == 3 else [nx, ny])
                 yield z, _channels_last(sitk.GetArrayFromImage(reader.Execute()))
             return
         volume = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-    except RuntimeError as exc:
-        raise ReadError(f"cannot read image data: {_first_line(exc)}") from exc
+    except RuntimeError as exc:  # ITK's message names a wrong cause (errno): say what we know
+        raise TruncatedFile(path, z, declared, "SimpleITK cannot read its pixel data") from exc
     if volume.ndim == 2:
         volume = volume[None]
     yield from _slices(volume, axis)
@@ -308,14 +375,20 @@ def _read_nifti(path: Path, info: VolumeInfo, axis: int) -> Iterator[tuple[int, 
     img = nib.load(str(path))
     try:
         data = np.asanyarray(img.dataobj)
-    except Exception as exc:
-        raise ReadError(f"cannot read NIfTI data: {exc}") from exc
+    except Exception as exc:  # a cut .nii (bytes missing) or .nii.gz (EOFError)
+        raise TruncatedFile(path, 0, info.shape[axis], _cause(exc, path)) from exc
     if data.ndim == 4 and data.shape[2] == 1:
         data = data[:, :, 0, :]
     if data.ndim == 2:
         data = data[:, :, None]
     # NIfTI stores (x, y, z): transpose to (z, y, x), the order SimpleITK and DICOM use.
     yield from _slices(np.transpose(data, (2, 1, 0)), axis)
+
+
+def _cause(exc: Exception, path: Path) -> str:
+    """The first line of a library's message, the file named by its name only."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0].replace(str(path), path.name) if lines else type(exc).__name__
 
 
 def _slices(volume: np.ndarray, axis: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -359,15 +432,14 @@ def read_frames(
 def frame_count(
     path: str | Path, kind: str | None = None, mode: str = "auto", axis: int = 0
 ) -> int:
-    """How many frames a file holds according to its header (0 when it does not say)."""
+    """How many frames a file holds according to its header (0 when it does not say);
+    ReadError for a header the readers refuse (a DICOM without an image, say)."""
     path = Path(path)
     kind = kind or detect_kind(path)
     if kind == "video":
         return video_frame_count(path)
     if kind == "dicom":
-        import pydicom
-
-        return int(pydicom.dcmread(path, stop_before_pixels=True).get("NumberOfFrames", 1) or 1)
+        return int(dicom_header(path).get("NumberOfFrames", 1) or 1)
     if kind in ("nifti", "itk"):
         info = volume_layout(path, kind, mode)
         return info.shape[0 if info.sequence else axis]
