@@ -39,8 +39,8 @@ SEQUENCE = "corpus/plus/TestImages/UltrasonixCurvilinearScanConvertedData.igs.mh
 
 @pytest.fixture(scope="module")
 def busi_export(busi_seg_head, shared_data, tmp_path_factory):
-    """`sonodistill export --head` with ONNX fp32/int8 and ExecuTorch int8, calibrated on BUSI
-    and lung frames."""
+    """`sonodistill export --head` with ONNX fp32/int8 and ExecuTorch fp32/int8, calibrated on
+    BUSI and lung frames: every backend."""
     out = tmp_path_factory.mktemp("busi_export")
     export(
         ExportConfig(
@@ -49,7 +49,7 @@ def busi_export(busi_seg_head, shared_data, tmp_path_factory):
             image_size=64,
             n_calib=8,
             n_check=4,
-            executorch=["int8"],
+            executorch=["fp32", "int8"],
             threads=1,
             frames=[f"busi={shared_data / BUSI}", f"lung={shared_data / LUNG}"],
         )
@@ -159,6 +159,56 @@ def test_predict_lung_mp4_dicom_cine_and_busi_folder_int8_agrees_with_torch(
     assert not list(tmp_path.glob(".pred.partial-*"))  # staging folder moved into place
 
 
+# Every backend, the producer fast (no --check_torch): the overlay writer owns one container per
+# source from first frame to last. The fast backends run the whole clip and cine; the slower
+# ones 24 frames of each, still thrice the writer's queue.
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("backend", "max_frames"),
+    [
+        ("ort_int8", None),
+        ("executorch_int8", None),
+        ("ort_fp32", 24),
+        ("executorch_fp32", 24),
+        ("torch", 24),
+    ],
+)
+def test_overlay_videos_hold_every_frame_of_their_source(
+    busi_export, shared_data, tmp_path, backend, max_frames
+):
+    out = tmp_path / "pred"
+    summary = predict(
+        PredictConfig(
+            inputs=[str(shared_data / LUNG), str(shared_data / CINE)],
+            model=str(busi_export),
+            backend=backend,
+            out=str(out),
+            max_frames=max_frames,
+            progress=False,
+        )
+    )
+    with av.open(str(shared_data / LUNG)) as video:
+        lung = video.streams.video[0].frames
+    cine = int(pydicom.dcmread(shared_data / CINE, stop_before_pixels=True).NumberOfFrames)
+    assert (lung, cine) == (100, 30)  # the real files: a clip and a cine longer than the queue
+    rows = _rows(out)
+    for entry, header in zip(summary["sources"], (lung, cine), strict=True):
+        n = min(header, max_frames or header)
+        name = entry["name"]
+        with av.open(str(out / "overlays" / f"{name}.mp4")) as video:
+            assert sum(1 for _ in video.decode(video=0)) == n, name  # decoded, not the header
+        assert len(list((out / "masks" / name).glob("*.png"))) == n
+        assert [int(r["frame"]) for r in rows if r["source"] == name] == list(range(n))
+        assert entry["status"] == "ok" and entry["counts"] == {
+            "declared": n,
+            "decoded": n,
+            "rows": n,
+            "masks": n,
+            "overlay_frames": n,
+        }
+    assert summary["failed"] == []
+
+
 def test_predict_dicom_spacing_gives_mm2_and_no_patient_identifiers(
     busi_seg_head, shared_data, tmp_path
 ):
@@ -186,7 +236,13 @@ def test_executorch_backend_runs_the_on_device_program(busi_export, shared_data,
     report = json.loads((busi_export / "report.json").read_text())
     assert report["models"]["executorch_int8"]["cosine_mean"] > 0.99
     folder = open_model_folder(busi_export)
-    assert folder.backends == ["torch", "ort_fp32", "ort_int8", "executorch_int8"]
+    assert folder.backends == [
+        "torch",
+        "ort_fp32",
+        "ort_int8",
+        "executorch_fp32",
+        "executorch_int8",
+    ]
     assert folder.image_size == 64
     summary = predict(
         PredictConfig(

@@ -38,11 +38,12 @@ def predict_main(argv: list[str]) -> int:
     summary = module.predict(cfg)
     print((Path(cfg.out) / "summary.md").read_text())
     print(f"written to {cfg.out}")
-    if summary["failed"]:
+    failed = [e for e in summary["sources"] if e["status"] != "ok"]
+    if failed:
+        why = "; ".join(f"{e['name']}: {e['status'].removeprefix('failed: ')}" for e in failed)
+        total = len(summary["sources"])
         print(
-            f"sonodistill predict: {len(summary['failed'])} sources failed: "
-            f"{', '.join(summary['failed'])}",
-            file=sys.stderr,
+            f"sonodistill predict: {len(failed)} of {total} sources failed: {why}", file=sys.stderr
         )
         return 1
     return 0

@@ -315,12 +315,15 @@ _END = object()
 def first_frames(
     frames: Iterator[tuple[int, np.ndarray]], limit: int | None
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """The frames of index below `limit` (None: all); the reader is closed on the way out."""
+    """The frames of index below `limit` (None: all); the reader is closed on the way out,
+    without decoding a frame past the limit (a file cut after it is not asked for more)."""
     try:
         for index, frame in frames:
             if limit is not None and index >= limit:
                 return
             yield index, frame
+            if limit is not None and index + 1 >= limit:
+                return
     finally:
         close = getattr(frames, "close", None)
         if close:

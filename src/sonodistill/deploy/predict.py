@@ -18,10 +18,15 @@ Outputs in `out/` (written to a staging folder and moved into place when complet
 - `overlays/NAME.png` or `overlays/NAME.mp4` (H.264): the frames with the mask drawn in;
 - `summary.{json,md}`: per-stage time (decode, preprocess, model, postprocess incl. writing),
   end-to-end and model-only frames per second, frame-to-frame stability with and without
-  temporal smoothing, agreement with PyTorch, per-source spacing and frame rate;
+  temporal smoothing, agreement with PyTorch, per-source spacing, frame rate, counts and status;
 - `config.yaml`.
 The folder is locked while the run writes; masks and overlays are written to `OUT/.partial/`
 and moved into place, then the CSV, config and summary (each atomically; `summary.json` last).
+
+Per source, the frames declared by the header (up to --max_frames), decoded, CSV rows, masks and
+overlay frames (read back from the closed video) must be equal; a source whose counts differ, or
+that ends before its declared frames (`readers.TruncatedFile`) or stops decoding, is failed
+(its frames read are written) and the exit code is 1.
 """
 
 from __future__ import annotations
@@ -43,7 +48,14 @@ import torch
 from sonodistill.config import save_config
 from sonodistill.data.geometry import Geometry, read_geometry
 from sonodistill.data.masks import is_mask
-from sonodistill.data.readers import ReadError, detect_kind, frame_count, read_frames
+from sonodistill.data.readers import (
+    ReadError,
+    TruncatedFile,
+    detect_kind,
+    frame_count,
+    read_frames,
+    video_frame_count,
+)
 from sonodistill.deploy.pipeline import (
     OPACITY,
     STAGES,
@@ -246,15 +258,72 @@ def _stem(path: Path) -> str:
 # --- writing -------------------------------------------------------------------------------------
 
 
+@dataclass
+class SourceOutput:
+    """One source's outputs and what they hold: masks, the overlay (a PNG, or one video
+    container from the source's first frame to its last, closed by `finish`), rows, stability
+    and agreement. Its frame jobs and `finish` run in order in the sink's worker thread (or, with
+    the PyTorch check, the frames on the main thread before `finish` is queued): one object per
+    source, so no second writer ever opens its video."""
+
+    source: Source
+    folder: Path
+    decoded: int = 0
+    """Frames handed to the sink (counted on the main thread, as they come)."""
+    rows: int = 0
+    masks: int = 0
+    overlay_frames: int = 0
+    """PNG overlays written, or the frames the closed video holds (read back from the file)."""
+    video: VideoWriter | None = None
+    prev_raw: np.ndarray | None = None
+    prev_smooth: np.ndarray | None = None
+    stability: dict = field(default_factory=lambda: {"raw": [], "smoothed": []})
+    agreement: list[float] = field(default_factory=list)
+
+    @property
+    def video_path(self) -> Path:
+        return self.folder / "overlays" / f"{self.source.name}.mp4"
+
+    def write_overlay(self, drawn: np.ndarray) -> None:
+        if self.source.still:
+            save_png(self.folder / "overlays" / f"{self.source.name}.png", drawn, durable=False)
+            self.overlay_frames += 1
+            return
+        if self.video is None:
+            fps = video_fps(self.source.geometry)
+            h, w = drawn.shape[:2]
+            self.video = VideoWriter(self.video_path, fps, w, h, durable=False)
+        self.video.write(drawn)
+
+    def finish(self) -> None:
+        """Close the video after its last frame and count the frames the file holds."""
+        if self.video is not None:
+            self.video.close()
+            self.overlay_frames = video_frame_count(self.video_path)
+
+    def counts(self, cfg: PredictConfig, seg: bool) -> tuple[dict, list[str]]:
+        """Frames in the header (up to --max_frames), decoded, rows, masks and overlay frames;
+        and those that differ from the frames decoded."""
+        count, n = self.source.count, self.decoded
+        declared = min(count, cfg.max_frames or count) or None
+        counts = {"declared": declared, "decoded": n, "rows": self.rows, "masks": self.masks}
+        counts["overlay_frames"] = self.overlay_frames
+        expected = {"declared": declared and n, "decoded": n, "rows": n}
+        expected["masks"] = n if cfg.masks and seg else 0
+        expected["overlay_frames"] = n if cfg.overlays else 0
+        wrong = [f"{k.replace('_', ' ')} {v}" for k, v in counts.items() if v != expected[k]]
+        return counts, wrong
+
+
 class FileSink:
-    """Post-processing of `predict`: masks, overlays, CSV rows, stability and agreement."""
+    """Post-processing of `predict`: masks, overlays, CSV rows, stability and agreement, one
+    `SourceOutput` per source (`begin` ... `end`)."""
 
     def __init__(self, folder: Path, cfg: PredictConfig, spec, names: list[str], reference=None):
         self.folder, self.cfg, self.spec, self.names = folder, cfg, spec, names
         self.reference = reference  # a FramePredictor on the PyTorch head, or None
         self.rows: list[dict] = []
-        self.video: VideoWriter | None = None
-        self.source: Source | None = None
+        self.out: SourceOutput | None = None
         self.worker = Worker()  # post-processes, writes masks, overlays and the video
         self.overlap = [0, 0]  # agreement with PyTorch: 2|A & B|, |A| + |B| over all frames
 
@@ -263,43 +332,30 @@ class FileSink:
         return self.worker.busy_s
 
     def drain(self) -> None:
-        """Finish this source's frames and files (the video is closed in the worker, after its
-        frames)."""
-        if self.video is not None:
-            self.worker.submit(self.video.close)
-            self.video = None
+        """Wait for the frames handed over so far."""
         self.worker.drain()
 
     def close(self) -> None:
         self.worker.close()
 
     def begin(self, source: Source) -> None:
-        self.source = source
-        self.prev_raw = self.prev_smooth = None
-        self.stability = {"raw": [], "smoothed": []}
-        self.agreement: list[float] = []
-        self.video = None
-
-    def _video(self, frame: np.ndarray) -> VideoWriter:
-        if self.video is None:
-            path = self.folder / "overlays" / f"{self.source.name}.mp4"
-            fps = video_fps(self.source.geometry)
-            self.video = VideoWriter(path, fps, frame.shape[1], frame.shape[0], durable=False)
-        return self.video
+        self.out = SourceOutput(source, self.folder)
 
     def __call__(self, result: FrameResult) -> float:
         """Hands the frame's post-processing to the worker thread (the model goes on with the
         next frame); with the PyTorch check, does it here, in order with the check."""
+        out = self.out
+        out.decoded += 1
         if self.reference is None:
-            self.worker.submit(partial(self._post, result))
+            self.worker.submit(partial(self._post, out, result))
             return 0.0
-        labels = self._post(result)
-        return self._check(result, labels is not None)
+        labels = self._post(out, result)
+        return self._check(out, result, labels is not None)
 
-    def _post(self, result: FrameResult) -> np.ndarray | None:
+    def _post(self, out: SourceOutput, result: FrameResult) -> np.ndarray | None:
         """Row, masks and overlay of one frame (in frame order: stability needs the previous
         one); returns its label map (None for classification)."""
-        source, cfg, spec = self.source, self.cfg, self.spec
+        source, cfg, spec = out.source, self.cfg, self.spec
         pred, frame = result.prediction, result.frame
         h, w = frame.shape[:2]
         row = {
@@ -316,35 +372,33 @@ class FileSink:
         row.update(prob_fields(spec, self.names, pred.probs))
         row["model_ms"] = round(result.timings_ms["model"], 3)
         if spec.task_type == "seg":
-            row["dice_prev"] = self._stability(pred)
+            row["dice_prev"] = self._stability(out, pred)
         if cfg.masks and labels is not None:
             name = f"{source.name}.png" if source.still else f"{source.name}/{result.index:05d}.png"
             binary = len(pred.probs) == 1
             save_png(self.folder / "masks" / name, labels, binary, durable=False)
+            out.masks += 1
         if cfg.overlays:
             text = "" if labels is not None else f"{row['predicted']} {pred.probs.max():.2f}"
-            drawn = overlay(frame, labels, cfg.opacity, text)
-            if source.still:
-                save_png(self.folder / "overlays" / f"{source.name}.png", drawn, durable=False)
-            else:
-                self._video(frame).write(drawn)
+            out.write_overlay(overlay(frame, labels, cfg.opacity, text))
         self.rows.append(row)
+        out.rows += 1
         return labels
 
-    def _stability(self, pred) -> float | None:
+    def _stability(self, out: SourceOutput, pred) -> float | None:
         """Dice of this frame's mask with the previous one (model resolution), with and
         without smoothing; returns the one of the masks written."""
         raw = label_map(pred.raw, self.cfg.threshold)
         smooth = label_map(pred.probs, self.cfg.threshold) if self.cfg.smoothing else raw
         value = None
-        if self.prev_raw is not None:
-            self.stability["raw"].append(dice_pair(self.prev_raw, raw))
-            self.stability["smoothed"].append(dice_pair(self.prev_smooth, smooth))
-            value = round(self.stability["smoothed"][-1], 5)
-        self.prev_raw, self.prev_smooth = raw, smooth
+        if out.prev_raw is not None:
+            out.stability["raw"].append(dice_pair(out.prev_raw, raw))
+            out.stability["smoothed"].append(dice_pair(out.prev_smooth, smooth))
+            value = round(out.stability["smoothed"][-1], 5)
+        out.prev_raw, out.prev_smooth = raw, smooth
         return value
 
-    def _check(self, result: FrameResult, seg: bool) -> float:
+    def _check(self, out: SourceOutput, result: FrameResult, seg: bool) -> float:
         """Agreement with PyTorch on this frame; returns the seconds it took (not pipeline)."""
         t0 = time.perf_counter()
         ref = self.reference(result.x)
@@ -358,30 +412,39 @@ class FileSink:
             self.rows[-1]["area_px_torch"] = int(np.count_nonzero(theirs))
         else:
             value = float(result.prediction.raw.argmax() == ref.raw.argmax())
-        self.agreement.append(value)
+        out.agreement.append(value)
         self.rows[-1]["agree_torch"] = round(value, 5)
         return time.perf_counter() - t0
 
     def end(self, status: str) -> dict:
-        self.drain()  # a source that failed midway: keep what was decoded
-        s, g = self.source, self.source.geometry
-        frames = [r for r in self.rows if r["source"] == s.name]
+        """Close the source's files (a source that failed midway keeps what was decoded) and
+        check that its frames decoded, rows, masks, overlay frames and the header agree: a
+        source whose counts differ has failed."""
+        out = self.out
+        self.worker.submit(out.finish)  # after the source's last frame job
+        self.worker.drain()
+        counts, wrong = out.counts(self.cfg, self.spec.task_type == "seg")
+        if wrong and status == "ok":
+            status = f"failed: {counts['decoded']} frames decoded but {', '.join(wrong)}"
+            log.warning("%s: %s", out.source.path, status)
+        s, g = out.source, out.source.geometry
         entry = {
             "name": s.name,
             "file": str(s.path),
             "kind": s.kind,
-            "frames": len(frames),
+            "frames": out.rows,
+            "counts": counts,
             "status": status,
             "spacing_mm": list(g.spacing_mm) if g.spacing_mm else None,
             "spacing_from": g.spacing_from,
             "frame_interval_s": g.interval_s,
         }
-        if self.stability["raw"]:
-            entry["stability_raw"] = float(np.mean(self.stability["raw"]))
-            entry["stability_smoothed"] = float(np.mean(self.stability["smoothed"]))
-        if self.agreement:
-            entry["agree_torch_mean"] = float(np.mean(self.agreement))
-            entry["agree_torch_min"] = float(np.min(self.agreement))
+        if out.stability["raw"]:
+            entry["stability_raw"] = float(np.mean(out.stability["raw"]))
+            entry["stability_smoothed"] = float(np.mean(out.stability["smoothed"]))
+        if out.agreement:
+            entry["agree_torch_mean"] = float(np.mean(out.agreement))
+            entry["agree_torch_min"] = float(np.min(out.agreement))
         return entry
 
 
@@ -492,7 +555,8 @@ def _run(cfg, folder, size, names, predictor, reference, sources, skipped, stage
 
 def _stream_sources(cfg: PredictConfig, sources: list[Source], predictor, sink: FileSink):
     """Every source through the pipeline, with a progress bar; a source that stops decoding
-    keeps its frames so far and is marked failed."""
+    (a cut file among them) keeps its frames so far and is marked failed, as is one whose
+    counts differ (`FileSink.end`)."""
     stats = StreamStats()
     entries = []
     limit = cfg.max_frames or 10**9
@@ -513,9 +577,10 @@ def _stream_sources(cfg: PredictConfig, sources: list[Source], predictor, sink: 
                 frames = read_frames(source.path, source.kind, cfg.layout, cfg.axis)
                 frames = first_frames(frames, cfg.max_frames)
                 stream(frames, predictor, source.geometry, sink, stats, shown)
-            except ReadError as exc:
-                status = f"failed: {exc}"
-                log.warning("%s: %s", source.path, exc)
+            except ReadError as exc:  # a cut file too (TruncatedFile): the counts say where
+                why = exc.what if isinstance(exc, TruncatedFile) else str(exc)
+                status = f"failed: {why}"
+                log.warning("%s: %s", source.path, why)
             entries.append(sink.end(status))
     return stats, entries
 
@@ -537,11 +602,17 @@ def summary_markdown(s: dict) -> str:
         "",
         markdown_table(stages, floatfmt=".2f"),
         "",
-        f"End to end: **{t['fps_end_to_end']:.1f} frames/s** (the model's own time alone would "
-        f"give {t['fps_model_only']:.1f}); the wall time outside the model is "
-        f"{t['outside_model_vs_model']:.1%} of the model's time. Decoding and writing run in "
-        "their own threads, overlapping the model: their times are those threads' CPU time.",
     ]
+    if t["frames"]:
+        lines += [
+            f"End to end: **{t['fps_end_to_end']:.1f} frames/s** (the model's own time alone "
+            f"would give {t['fps_model_only']:.1f}); the wall time outside the model is "
+            f"{t['outside_model_vs_model']:.1%} of the model's time. Decoding and writing run "
+            "in their own threads, overlapping the model: their times are those threads' CPU "
+            "time."
+        ]
+    else:
+        lines += ["No frame was decoded: see each source's status below."]
     if "stability" in s:
         st = s["stability"]
         text = f"Frame-to-frame stability (Dice of consecutive masks, {st['frame_pairs']} pairs): "
@@ -549,7 +620,7 @@ def summary_markdown(s: dict) -> str:
         if st["smoothed"] is not None:
             text += f", {st['smoothed']:.4f} with smoothing {s['smoothing']}"
         lines += ["", text + "."]
-    if "agreement_with_torch" in s:
+    if s.get("agreement_with_torch", {}).get("frames"):
         a = s["agreement_with_torch"]
         pooled = f", pooled over all pixels {a['pooled']:.4f}" if "pooled" in a else ""
         text = f"Agreement with PyTorch ({a['metric']} per frame, {a['frames']} frames, before "
@@ -560,6 +631,7 @@ def summary_markdown(s: dict) -> str:
             "source": e["name"],
             "kind": e["kind"],
             "frames": e["frames"],
+            "declared": e["counts"]["declared"] or "",
             "pixel spacing (mm)": " x ".join(f"{v:.4g}" for v in e["spacing_mm"])
             if e["spacing_mm"]
             else f"none ({e['spacing_from']})",
