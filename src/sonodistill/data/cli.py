@@ -128,7 +128,8 @@ def build_main(argv: list[str]) -> int:
     fps = s["frames_seen"] / result.seconds if result.seconds else 0.0
     print(
         f"{s['frames_kept']} frames kept of {s['frames_seen']} seen from {s['files']} files "
-        f"({s['files_unreadable']} unreadable sources, {result.files_read} read this run) in "
+        f"({s['files_unreadable']} unreadable and {s['files_truncated']} truncated sources, "
+        f"{result.files_read} read this run) in "
         f"{result.seconds:.1f} s ({fps:.0f} frames/s) -> {result.out}"
     )
     print((Path(command.out) / "summary.md").read_text())

@@ -7,7 +7,8 @@
 Output folder:
     frames/<dataset>/<file_key>/<frame:06d>.png    the kept frames (grey), and only those
     manifest.parquet                                one row per frame seen (kept or not) and one
-                                                    row (frame -1) per unreadable file
+                                                    row (frame -1) per unreadable or truncated
+                                                    file
     neardup.parquet                                 the kept frames' near-duplicate fingerprints
     summary.json, summary.md, contact_sheet.png, corpus.yaml (resolved sources and settings),
     build.log, parts/ (per-file results: what makes the build resumable)
@@ -18,7 +19,10 @@ and sources appended at the end are fine) or --overwrite. A resumed build reads 
 without a part; a killed build redoes only the files in flight.
 
 Failures are the build's or the source's. A file that cannot be read is the source's: a row
-with the reason, and the build goes on. A frame or part that cannot be written (a full disk),
+with the reason, and the build goes on. A file that ends before its declared frames (a cut
+download: `readers.TruncatedFile`) keeps the frames read before the cut, selected like any
+others, and gets a row `truncated: ends after N of M frames (...)`; one that ends before its first
+frame is unreadable. A frame or part that cannot be written (a full disk),
 or a file whose worker dies twice (killed, out of memory, a crash in a decoder; the first time
 the file is retried alone in a fresh worker), is the build's: it stops with a message and a
 non-zero exit, and `--resume` continues once the cause is fixed. A corpus that keeps no frame
@@ -53,7 +57,7 @@ from sonodistill.data.manifest import (
     typed,
     unreadable_row,
 )
-from sonodistill.data.readers import ReadError, detect_kind, read_frames
+from sonodistill.data.readers import ReadError, TruncatedFile, detect_kind, read_frames
 from sonodistill.data.sources import BuildSettings, CorpusSpec, Source
 from sonodistill.data.summary import contact_sheet, write_summary
 from sonodistill.errors import UserError, check, check_positive
@@ -129,6 +133,9 @@ def process_file(task: FileTask) -> pd.DataFrame:
             rows.append(row)
     except UserError:
         raise  # the output's problem, not the file's: no part, the build stops
+    except TruncatedFile as exc:  # the frames before the cut are whole: they stay selected
+        status = fr.TRUNCATED if rows else fr.UNREADABLE
+        rows.append(unreadable_row(task.dataset, task.anatomy, str(path), exc.what, kind, status))
     except (ReadError, OSError, ValueError, MemoryError) as exc:
         rows.append(unreadable_row(task.dataset, task.anatomy, str(path), str(exc), kind))
     except Exception as exc:  # a decoder or library failure on odd input: report, go on
@@ -364,7 +371,17 @@ def _run_tasks(tasks: list[FileTask], workers: int, progress: bool) -> int:
         nonlocal kept
         kept += int(df.kept.sum())
         for reason in df[df.frame < 0].reason:
-            log.warning("skipped %s: %s", task.file, reason)
+            if reason.startswith(fr.TRUNCATED):
+                frames = df[df.frame >= 0]
+                log.warning(
+                    "%s %s; its %d frames read are used (%d kept)",
+                    task.file,
+                    reason,
+                    len(frames),
+                    frames.kept.sum(),
+                )
+            else:
+                log.warning("skipped %s: %s", task.file, reason)
         bar.update(bar_task, advance=1, info=f"{kept} frames kept")
 
     with bar:

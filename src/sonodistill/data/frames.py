@@ -24,6 +24,7 @@ CLIP_CAP = "clip_cap"
 SUBSAMPLED = "subsampled"  # skipped by frame_step
 CORPUS_DUP = "corpus_duplicate"  # exact or near copy of a kept frame of another file
 UNREADABLE = "unreadable"  # the file (row with frame -1) or the rest of it
+TRUNCATED = "truncated"  # the file ends before its declared frames (row with frame -1)
 EXCLUDED = "excluded"  # matches an evaluation set (reason "excluded:NAME")
 
 

@@ -1,4 +1,5 @@
-"""The corpus manifest: one row per frame seen (kept or not) and one per unreadable file.
+"""The corpus manifest: one row per frame seen (kept or not) and one per unreadable or truncated
+file.
 
 Columns (`MANIFEST_COLUMNS`): id (`DATASET/FILE_KEY/FRAME` or `DATASET/FILE_KEY/file`), dataset,
 anatomy, source (the file read), kind (its file kind), frame (-1: the file itself), kept, reason
@@ -54,8 +55,11 @@ def file_key(path: Path) -> str:
     return f"{safe_name(stem)}-{short_hash(str(path.resolve()))}"
 
 
-def unreadable_row(dataset: str, anatomy: str, source: str, reason: str, kind=None) -> dict:
-    """The manifest row of a file that could not be read (frame -1, never kept)."""
+def unreadable_row(
+    dataset: str, anatomy: str, source: str, reason: str, kind=None, status: str = UNREADABLE
+) -> dict:
+    """The manifest row of a file that could not be read (frame -1, never kept); `status`
+    TRUNCATED: of a file that ends before its declared frames (its frames read have rows)."""
     return {
         "id": f"{safe_name(dataset)}/{file_key(Path(source))}/file",
         "dataset": dataset,
@@ -64,7 +68,7 @@ def unreadable_row(dataset: str, anatomy: str, source: str, reason: str, kind=No
         "kind": kind,
         "frame": -1,
         "kept": False,
-        "reason": f"{UNREADABLE}: {reason}",
+        "reason": f"{status}: {reason}",
     }
 
 

@@ -1,5 +1,6 @@
 """What a built corpus holds: summary.json / summary.md (counts per dataset, kind and drop
-reason; skipped files) and contact_sheet.png (random kept frames)."""
+reason; unreadable files, skipped, and truncated ones, whose frames read are used) and
+contact_sheet.png (random kept frames)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,10 @@ from sonodistill.io import atomic_path, markdown_table, write_json, write_text
 
 def summarize(manifest: pd.DataFrame) -> dict:
     frames = manifest[manifest.frame >= 0]
-    files = manifest.groupby("source").agg(
-        dataset=("dataset", "first"),
-        kind=("kind", "first"),
-        unreadable=("frame", lambda f: bool((f < 0).any())),
-    )
+    files = manifest.source.nunique()
+    file_rows = manifest[manifest.frame < 0]  # one per unreadable or truncated file
+    cut = file_rows.reason.str.startswith(fr.TRUNCATED)
+    seen = frames.groupby("source").agg(frames=("frame", "size"), kept=("kept", "sum"))
     per = (
         frames.groupby(["dataset", "anatomy"])
         .agg(frames=("frame", "size"), kept=("kept", "sum"))
@@ -27,17 +27,26 @@ def summarize(manifest: pd.DataFrame) -> dict:
     nfiles = manifest.groupby(["dataset", "anatomy"]).source.nunique().rename("files").reset_index()
     per = nfiles.merge(per, how="left", on=["dataset", "anatomy"]).fillna(0)
     reasons = manifest.loc[~manifest.kept, "reason"].map(
-        lambda r: fr.UNREADABLE if r.startswith(fr.UNREADABLE) else r
+        lambda r: next((k for k in (fr.UNREADABLE, fr.TRUNCATED) if r.startswith(k)), r)
     )
     kind_counts = frames.groupby(frames.kind.fillna("unknown")).agg(
         frames=("frame", "size"), kept=("kept", "sum")
     )
-    skipped = manifest[manifest.frame < 0][["source", "reason"]]
+    truncated = [
+        {
+            "source": row.source,
+            "reason": row.reason,
+            "frames": int(seen.frames.get(row.source, 0)),
+            "kept": int(seen.kept.get(row.source, 0)),
+        }
+        for row in file_rows[cut].itertuples()
+    ]
     return {
         "frames_seen": int(len(frames)),
         "frames_kept": int(manifest.kept.sum()),
-        "files": int(len(files)),
-        "files_unreadable": int(files.unreadable.sum()),
+        "files": int(files),
+        "files_unreadable": int((~cut).sum()),
+        "files_truncated": len(truncated),
         "per_dataset": [
             {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
             for row in per.astype({"files": int, "frames": int, "kept": int}).to_dict("records")
@@ -46,7 +55,8 @@ def summarize(manifest: pd.DataFrame) -> dict:
             k: {"frames": int(v.frames), "kept": int(v.kept)} for k, v in kind_counts.iterrows()
         },
         "drop_reasons": {k: int(v) for k, v in reasons.value_counts().items()},
-        "skipped_files": skipped.to_dict("records"),
+        "skipped_files": file_rows[~cut][["source", "reason"]].to_dict("records"),
+        "truncated_files": truncated,
     }
 
 
@@ -70,7 +80,9 @@ def write_summary(
         "",
         f"{summary['frames_kept']} frames kept of {summary['frames_seen']} seen, from "
         f"{summary['files']} files; {summary['files_unreadable']} source files could not be "
-        "read (listed at the end; the build's own failures stop it instead).",
+        f"read and {summary['files_truncated']} end before their declared frames (their frames "
+        "read before the cut are used; both listed at the end; the build's own failures stop "
+        "it instead).",
         "",
         markdown_table(per_dataset),
         "",
@@ -79,8 +91,14 @@ def write_summary(
         markdown_table(reasons),
     ]
     if summary["skipped_files"]:
-        lines += ["", "Skipped files:", ""]
+        lines += ["", "Skipped files (unreadable):", ""]
         lines += [f"- `{r['source']}`: {r['reason']}" for r in summary["skipped_files"]]
+    if summary["truncated_files"]:
+        lines += ["", "Truncated files (the frames read before the cut are used):", ""]
+        lines += [
+            f"- `{r['source']}`: {r['reason']}; {r['frames']} frames read, {r['kept']} kept"
+            for r in summary["truncated_files"]
+        ]
     write_text(out / "summary.md", "\n".join(lines) + "\n")
     return summary
 
