@@ -28,7 +28,13 @@ import cv2
 import numpy as np
 
 from sonodistill.data.geometry import Geometry, read_geometry
-from sonodistill.data.readers import ReadError, detect_kind, frame_count, read_frames
+from sonodistill.data.readers import (
+    ReadError,
+    TruncatedFile,
+    detect_kind,
+    frame_count,
+    read_frames,
+)
 from sonodistill.deploy.pipeline import (
     OPACITY,
     FramePredictor,
@@ -248,6 +254,9 @@ def run_session(
         session.timing = stats.summary()
         session.total = len(session.rows)
         return "done"
+    except TruncatedFile as exc:  # a cut upload: named as the user knows it, with its counts
+        session.error = f"{session.name} {exc.what}"[:300]
+        return "failed"
     except Exception as exc:  # shown to the user in the page; the server keeps running
         session.error = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
         return "failed"
