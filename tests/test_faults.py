@@ -378,7 +378,12 @@ def _app_answer(row: AppRow, models: Path, tmp: Path, data: Path, monkeypatch) -
             assert app.state.sonodistill.sessions == {}
             return status, text
     if action == "cli":
-        return _cli(["app", "--models+", str(models), "--work_dir", str(work), *arg.split()])
+        from sonodistill.deploy.app import server
+
+        # A check that lets the option through must fail the row, not serve forever.
+        monkeypatch.setattr(server._Server, "run", lambda self, sockets=None: None)
+        argv = ["app", "--models+", str(models), "--work_dir", str(work), "--port", "0"]
+        return _cli([*argv, *arg.split()])
     if action == "budget":
         from sonodistill.data.headers import Declared, TooLarge, check_pixel_budget
         from sonodistill.deploy.app.server import AppConfig
