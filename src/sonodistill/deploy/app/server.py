@@ -101,7 +101,8 @@ class AppConfig:
     """A session untouched this long is closed."""
     threads: int | None = None
     work_dir: str | None = None
-    """Where uploads sit while they are decoded (default: a private temporary folder)."""
+    """Where the app makes its private folder for the uploads being decoded (default: the
+    system's temporary folder); folders left there by apps no longer running are removed."""
     keep: str | None = None
     """Save every finished session (upload, CSV, overlay video, summary) here; default: nothing
     uploaded stays on disk."""

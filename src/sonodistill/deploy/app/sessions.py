@@ -1,8 +1,9 @@
 """Sessions of `sonodistill app`: one uploaded file run through one model, kept in memory.
 
-An upload is written to a private folder (`work_dir/<random id>/upload<suffix>`; the client's
-file name is never used as a path, only shown back to it), checked by its content, decoded and
-run through the shared pipeline (`deploy.pipeline`); as soon as decoding ends the upload is
+An upload is written to a private folder (`<the app's folder>/s-<random id>/upload<suffix>`;
+the client's file name is never used as a path, only shown back to it), checked by its content
+and by its whole header (`accept_upload`: nothing outside the upload, a pixel budget), decoded
+and run through the shared pipeline (`deploy.pipeline`); as soon as decoding ends the upload is
 deleted. Frames (JPEG) and foreground probabilities (8-bit PNG) stay in memory for the viewer
 and for the CSV and overlay video made on request at the user's threshold; closing the session
 (or its idle timeout, or the server's exit) drops them. With `keep`, each finished session's
