@@ -41,7 +41,6 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from sonodistill.deploy.app import workdir
 from sonodistill.deploy.app.sessions import (
     PixelBudget,
     Session,
@@ -54,6 +53,7 @@ from sonodistill.deploy.app.sessions import (
     session_csv,
     session_video,
 )
+from sonodistill.deploy.app.workdir import clear_stale_workdirs, make_workdir
 from sonodistill.deploy.pipeline import OPACITY, FramePredictor, class_names, warm_up
 from sonodistill.deploy.runtimes import BACKENDS, ModelFolder, open_model_folder, open_runner
 from sonodistill.errors import UserError, check, check_positive
@@ -168,9 +168,9 @@ class AppState:
         self.lock = threading.Lock()
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sonodistill-model")
         self.runners: dict[tuple[str, str], tuple] = {}
-        for stale in workdir.clear_stale(cfg.work_dir):
+        for stale in clear_stale_workdirs(cfg.work_dir):
             log.info("removed %s, left by an app that is no longer running", stale)
-        self.work = workdir.create(cfg.work_dir)
+        self.work = make_workdir(cfg.work_dir)
         self.limit = int(cfg.max_upload_mb * 2**20)
         self.budget = PixelBudget(cfg.max_frame_pixels, cfg.max_pixels, cfg.max_frames)
         self.uploads: set[anyio.CancelScope] = set()

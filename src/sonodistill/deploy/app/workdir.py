@@ -20,14 +20,14 @@ PREFIX = "sonodistill-app-"
 _NAME = re.compile(re.escape(PREFIX) + r"(\d+)-\w+")
 
 
-def create(parent: str | Path | None = None) -> Path:
+def make_workdir(parent: str | Path | None = None) -> Path:
     """A new folder owned by this process under `parent` (default: the temporary folder)."""
     parent = Path(parent or tempfile.gettempdir())
     parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=parent))
 
 
-def clear_stale(parent: str | Path | None = None) -> list[Path]:
+def clear_stale_workdirs(parent: str | Path | None = None) -> list[Path]:
     """Remove the folders under `parent` left by apps of this user that are no longer
     running (their uploads included); returns what was removed."""
     parent = Path(parent or tempfile.gettempdir())
