@@ -6,43 +6,54 @@ and a backend, drop an image, a cine loop, a DICOM or a 2D+t volume; the frames 
 mask drawn in at the speed the pipeline was measured to run, with per-frame latency, threshold
 and opacity controls, and downloads of the CSV and the overlay video at the chosen threshold.
 
-Safety: the server binds 127.0.0.1 unless told otherwise and then only answers requests whose
-Host is this machine (no DNS rebinding); requests that change state must carry the
-`X-Sonodistill` header, which a page from another site cannot send without a CORS preflight
-(never granted). Uploads are limited in size, checked by their content (not their name) and
-stored under names the server picks; see `sessions` for what is kept and for how long.
+Safety: the server binds 127.0.0.1 unless told otherwise and, whatever the address it binds,
+answers only requests whose Host is this machine or a name given with `--allowed_hosts` (no
+DNS rebinding) and that come from its own page (Origin); requests that change state must
+carry the `X-Sonodistill` header, which a page from another site cannot send without a CORS
+preflight (never granted). Uploads are limited in size, checked by their content (not their
+name) and by their whole header (no reference to another file, a pixel budget) before a
+pixel is decoded, and stored under names the server picks in a folder of its own (`workdir`);
+see `sessions` for what is kept and for how long.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import math
+import re
 import shutil
+import signal
 import socket
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import anyio
+import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from sonodistill.deploy.app.sessions import (
+    PixelBudget,
     Session,
     UploadRejected,
+    accept_upload,
     display_name,
     keep_session,
     new_id,
     run_session,
     session_csv,
     session_video,
-    upload_kind,
 )
+from sonodistill.deploy.app.workdir import clear_stale_workdirs, make_workdir
 from sonodistill.deploy.pipeline import OPACITY, FramePredictor, class_names, warm_up
 from sonodistill.deploy.runtimes import BACKENDS, ModelFolder, open_model_folder, open_runner
 from sonodistill.errors import UserError, check, check_positive
@@ -53,6 +64,9 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 HEADER = "x-sonodistill"
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+ALWAYS_ALLOWED = ("localhost", "127.0.0.1", "[::1]")
+"""Host names the app always answers to: this machine."""
+_HOST_NAME = re.compile(r"(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
 
 
 @dataclass
@@ -65,16 +79,30 @@ class AppConfig:
     host: str = "127.0.0.1"
     """Address to bind; anything but this machine exposes the page to the network."""
     port: int = 8765
+    """Port to listen on, 1-65535 (0: any free port, printed at start)."""
+    allowed_hosts: list[str] = field(default_factory=list)
+    """Host names (or addresses, or *.domain) the page may be opened under besides localhost,
+    127.0.0.1, [::1] and the --host it binds: for a deliberate network deployment. Requests
+    addressed to any other name are refused (a DNS-rebinding page would use its own)."""
     max_upload_mb: float = 200.0
     max_frames: int = 2000
     """Frames decoded per upload (the first ones); frames are kept in memory."""
+    max_frame_pixels: int = 2**24
+    """Pixels of one frame (width x height), read from the header before decoding: 2**24 is
+    a 4096 x 4096 frame, twice a 4K screen and far above any scanner's; a 16384 x 16384
+    frame (268 M pixels, a 3 MB JPEG in a DICOM) would take GBs of memory to decode."""
+    max_pixels: int = 2**30
+    """Pixels decoded per upload (width x height x frames, the frames capped by --max_frames),
+    read from the header before decoding: 2**30 admits a 1024 x 1024 cine of 1000 frames and
+    bounds the time one upload holds the only model worker."""
     max_sessions: int = 8
     """Open sessions kept in memory; the least recently used is closed beyond this."""
     session_ttl_s: float = 1800.0
     """A session untouched this long is closed."""
     threads: int | None = None
     work_dir: str | None = None
-    """Where uploads sit while they are decoded (default: a private temporary folder)."""
+    """Where the app makes its private folder for the uploads being decoded (default: the
+    system's temporary folder); folders left there by apps no longer running are removed."""
     keep: str | None = None
     """Save every finished session (upload, CSV, overlay video, summary) here; default: nothing
     uploaded stays on disk."""
@@ -140,10 +168,15 @@ class AppState:
         self.lock = threading.Lock()
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sonodistill-model")
         self.runners: dict[tuple[str, str], tuple] = {}
-        self.own_work_dir = cfg.work_dir is None
-        self.work = Path(cfg.work_dir or tempfile.mkdtemp(prefix="sonodistill-app-"))
-        self.work.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for stale in clear_stale_workdirs(cfg.work_dir):
+            log.info("removed %s, left by an app that is no longer running", stale)
+        self.work = make_workdir(cfg.work_dir)
         self.limit = int(cfg.max_upload_mb * 2**20)
+        self.budget = PixelBudget(cfg.max_frame_pixels, cfg.max_pixels, cfg.max_frames)
+        self.uploads: set[anyio.CancelScope] = set()
+        """Uploads being received, cancelled when the app stops (`stop_uploads`)."""
+        self.stopping = False
+        self.dropped = 0
 
     # --- models ---------------------------------------------------------------------------
 
@@ -193,7 +226,9 @@ class AppState:
             shutil.rmtree(session.folder, ignore_errors=True)
         return True
 
-    def start(self, session: Session, entry: ModelEntry, upload: Path, smoothing: float):
+    def start(
+        self, session: Session, entry: ModelEntry, upload: Path, smoothing: float, limit: int
+    ):
         def job() -> None:
             status = "failed"
             try:
@@ -203,8 +238,7 @@ class AppState:
                 session.classes = names
                 size = entry.folder.image_size
                 predictor = FramePredictor(runner, entry.folder.spec, size, smoothing)
-                spec, limit = entry.folder.spec, self.cfg.max_frames
-                status = run_session(session, upload, predictor, spec, limit)
+                status = run_session(session, upload, predictor, entry.folder.spec, limit)
                 if self.cfg.keep and status == "done" and not session.closed:
                     keep_session(session, upload, Path(self.cfg.keep))
             except Exception as exc:
@@ -217,17 +251,21 @@ class AppState:
         session.status = "queued"
         self.worker.submit(job)
 
+    def stop_uploads(self) -> None:
+        """The app is stopping: uploads still arriving end now (each removes its partial
+        file and answers 503) instead of holding the stop until their client finishes."""
+        self.stopping = True
+        self.dropped += len(self.uploads)
+        for scope in list(self.uploads):
+            scope.cancel()
+
     def shutdown(self) -> None:
         with self.lock:
             ids = list(self.sessions)
         for sid in ids:
             self.close(sid)
         self.worker.shutdown(wait=True, cancel_futures=True)
-        if self.own_work_dir:
-            shutil.rmtree(self.work, ignore_errors=True)
-        else:
-            for path in self.work.glob("s-*"):
-                shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(self.work, ignore_errors=True)
 
 
 def create_app(cfg: AppConfig):
@@ -241,11 +279,13 @@ def create_app(cfg: AppConfig):
 
     app = FastAPI(title="sonodistill", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.sonodistill = state
-    if cfg.host in LOOPBACK:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "[::1]"])
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
+        origin = request.headers.get("origin")
+        host = request.headers["host"].lower()  # present and allowed: TrustedHostMiddleware
+        if origin is not None and urlsplit(origin).netloc.lower() != host:
+            return JSONResponse({"detail": f"request from {origin} refused"}, status_code=403)
         if request.method not in ("GET", "HEAD") and request.headers.get(HEADER) != "1":
             return JSONResponse({"detail": f"missing {HEADER} header"}, status_code=403)
         response = await call_next(request)
@@ -257,6 +297,9 @@ def create_app(cfg: AppConfig):
         if request.url.path.startswith("/api/"):
             response.headers["Cache-Control"] = "no-store"
         return response
+
+    # Added last, so it runs first: the Host check applies to every request.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(cfg))
 
     def session_or_404(sid: str) -> Session:
         session = state.get(sid)
@@ -283,6 +326,8 @@ def create_app(cfg: AppConfig):
     async def upload(
         request: Request, model: str, backend: str = "", name: str = "", smooth: bool = False
     ):
+        if state.stopping:
+            raise HTTPException(503, "the app is stopping")
         state.sweep()
         entry = state.models.get(model)
         if entry is None:
@@ -296,10 +341,17 @@ def create_app(cfg: AppConfig):
         sid = new_id()
         folder = state.work / f"s-{sid}"
         folder.mkdir(mode=0o700)
+        stop = anyio.CancelScope()
+        state.uploads.add(stop)
         try:
-            upload = await _receive(request, folder / "upload", state.limit)
-            kind, suffix = await asyncio.to_thread(upload_kind, upload)
-            upload = upload.rename(folder / f"upload{suffix}")
+            with stop:
+                try:
+                    upload = await _receive(request, folder / "upload", state.limit)
+                finally:
+                    state.uploads.discard(stop)
+            if stop.cancelled_caught:
+                raise UploadRejected("the app is stopping: upload again once it is back", 503)
+            kind, upload, size = await asyncio.to_thread(accept_upload, upload, state.budget)
         except UploadRejected as exc:
             shutil.rmtree(folder, ignore_errors=True)
             raise HTTPException(exc.status, str(exc)) from None
@@ -316,7 +368,8 @@ def create_app(cfg: AppConfig):
             task_type=entry.folder.spec.task_type,
         )
         state.add(session)
-        state.start(session, entry, upload, cfg.smoothing if smooth else 0.0)
+        smoothing = cfg.smoothing if smooth else 0.0
+        state.start(session, entry, upload, smoothing, state.budget.frames(size))
         return session.info()
 
     @app.get("/api/sessions/{sid}")
@@ -403,28 +456,68 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def server(cfg: AppConfig):
-    """A uvicorn Server for the app (run it with `.run(sockets=[bind(...)])`)."""
-    import uvicorn
+def allowed_hosts(cfg: AppConfig) -> list[str]:
+    """Host names the app answers to: this machine, the address it binds (not a wildcard
+    such as 0.0.0.0: nobody browses to it) and `--allowed_hosts`; IPv6 in brackets."""
+    names = [*ALWAYS_ALLOWED, cfg.host, *cfg.allowed_hosts]
+    names = [n.strip("[]").lower() for n in names if n.strip("[]") not in ("0.0.0.0", "::", "")]
+    return list(dict.fromkeys(f"[{n}]" if ":" in n else n for n in names))
 
-    app = create_app(cfg)
-    return uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
 
-
-def serve(cfg: AppConfig) -> None:
-    """Bind, say where, serve until interrupted; on exit every session is dropped."""
+def check_options(cfg: AppConfig) -> None:
+    """Every option in range, before anything is bound or written (UserError otherwise)."""
     if not cfg.models:
         raise UserError("give --models+ FOLDER (head checkpoints or export folders)")
     check_positive(
         {
             "--max_upload_mb": cfg.max_upload_mb,
             "--max_frames": cfg.max_frames,
+            "--max_frame_pixels": cfg.max_frame_pixels,
+            "--max_pixels": cfg.max_pixels,
             "--max_sessions": cfg.max_sessions,
             "--session_ttl_s": cfg.session_ttl_s,
             "--threads": cfg.threads,
         }
     )
+    check(math.isfinite(cfg.max_upload_mb), "--max_upload_mb", cfg.max_upload_mb, "must be finite")
+    check(0 <= cfg.port <= 65535, "--port", cfg.port, "must be in 1..65535 (0: any free port)")
     check(0.0 <= cfg.smoothing < 1.0, "--smoothing", cfg.smoothing, "must be in [0, 1)")
+    for name in cfg.allowed_hosts:
+        check(
+            _valid_host(name),
+            "--allowed_hosts",
+            name,
+            "must be a host name, an address or *.domain, without scheme or port",
+        )
+
+
+def _valid_host(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+        return True
+    except ValueError:
+        return _HOST_NAME.fullmatch(name.lower()) is not None
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which stops the uploads in flight as it begins to stop: it would
+    wait for them (a stalled client never ends), then cancel them with a traceback."""
+
+    async def shutdown(self, sockets=None) -> None:
+        self.config.app.state.sonodistill.stop_uploads()
+        await super().shutdown(sockets=sockets)
+
+
+def server(cfg: AppConfig) -> _Server:
+    """A uvicorn Server for the app (run it with `.run(sockets=[bind(...)])`)."""
+    app = create_app(cfg)
+    return _Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+
+
+def serve(cfg: AppConfig) -> None:
+    """Check the options, bind, say where, serve until SIGINT (Ctrl-C) or SIGTERM; on the
+    way out every session is dropped, uploads in flight included, and one line says so."""
+    check_options(cfg)
     try:
         sock = bind(cfg.host, cfg.port)
     except OSError as exc:
@@ -432,12 +525,38 @@ def serve(cfg: AppConfig) -> None:
             f"--host {cfg.host} --port {cfg.port}: cannot listen ({exc.strerror})"
         ) from None
     instance = server(cfg)
+    state = instance.config.app.state.sonodistill
     if cfg.host not in LOOPBACK:
-        log.warning("binding %s: the page is reachable from the network", cfg.host)
+        log.warning(
+            "binding %s: the page is reachable from the network, under the names %s",
+            cfg.host,
+            ", ".join(allowed_hosts(cfg)),
+        )
     port = sock.getsockname()[1]
-    models = instance.config.app.state.sonodistill.models
-    print(f"sonodistill app: {len(models)} models; open http://{_url_host(cfg.host)}:{port}/")
-    instance.run(sockets=[sock])
+    print(f"sonodistill app: {len(state.models)} models; open http://{_url_host(cfg.host)}:{port}/")
+    with _signals_received() as received:
+        instance.run(sockets=[sock])
+    why = f" ({', '.join(signal.Signals(s).name for s in received)})" if received else ""
+    dropped = f"; {state.dropped} upload(s) in progress dropped" if state.dropped else ""
+    print(f"sonodistill app: stopped{why}{dropped}; sessions closed, uploads deleted")
+
+
+@contextlib.contextmanager
+def _signals_received():
+    """Signals uvicorn passes on once it has stopped: it re-raises the one that stopped it,
+    which would end in a KeyboardInterrupt (SIGINT) or kill the process (SIGTERM) after
+    the clean stop; here they are only noted."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda sig, _frame: received.append(sig)) for s in sigs}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _url_host(host: str) -> str:

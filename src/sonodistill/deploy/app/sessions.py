@@ -1,8 +1,9 @@
 """Sessions of `sonodistill app`: one uploaded file run through one model, kept in memory.
 
-An upload is written to a private folder (`work_dir/<random id>/upload<suffix>`; the client's
-file name is never used as a path, only shown back to it), checked by its content, decoded and
-run through the shared pipeline (`deploy.pipeline`); as soon as decoding ends the upload is
+An upload is written to a private folder (`<the app's folder>/s-<random id>/upload<suffix>`;
+the client's file name is never used as a path, only shown back to it), checked by its content
+and by its whole header (`accept_upload`: nothing outside the upload, a pixel budget), decoded
+and run through the shared pipeline (`deploy.pipeline`); as soon as decoding ends the upload is
 deleted. Frames (JPEG) and foreground probabilities (8-bit PNG) stay in memory for the viewer
 and for the CSV and overlay video made on request at the user's threshold; closing the session
 (or its idle timeout, or the server's exit) drops them. With `keep`, each finished session's
@@ -28,6 +29,13 @@ import cv2
 import numpy as np
 
 from sonodistill.data.geometry import Geometry, read_geometry
+from sonodistill.data.headers import (
+    Declared,
+    TooLarge,
+    check_pixel_budget,
+    declared_size,
+    external_references,
+)
 from sonodistill.data.readers import (
     ReadError,
     TruncatedFile,
@@ -58,7 +66,8 @@ class SessionClosed(Exception):
 
 
 class UploadRejected(ValueError):
-    """An upload that is not a supported file (HTTP 415) or too large (413)."""
+    """An upload that is not a supported, self-contained file (HTTP 415), too large (413),
+    or cut short by the app's stop (503)."""
 
     def __init__(self, message: str, status: int = 415):
         super().__init__(message)
@@ -70,40 +79,73 @@ class UploadRejected(ValueError):
 _SUFFIX = {"image": ".img", "video": ".video", "dicom": ".dcm"}
 
 
+@dataclass(frozen=True)
+class PixelBudget:
+    """What one upload may make the app decode (see `AppConfig.max_pixels`)."""
+
+    frame: int
+    total: int
+    max_frames: int
+
+    def frames(self, size: Declared) -> int:
+        """Frames to decode: at most `max_frames`, and no more than the total allows (a
+        header may not say how many frames follow, or say too few)."""
+        return max(1, min(self.max_frames, self.total // max(1, size.frame_pixels)))
+
+
 def upload_kind(path: Path) -> tuple[str, str]:
     """(kind, suffix to store it under) from the file's content alone; UploadRejected when it
-    is none of the supported kinds, or a header that points at other files (MetaImage
-    `ElementDataFile` other than LOCAL, NRRD `data file`): they could read the server's files."""
+    is none of the supported kinds, or when its header, parsed whole, points at data outside
+    the upload (`headers.external_references`: it could make the app read the server's
+    files)."""
     kind = detect_kind(path, by_extension=False)
-    if kind in _SUFFIX:
-        return kind, _SUFFIX[kind]
+    if kind is None and _gzipped_nifti(path):
+        kind = "nifti"
+    if kind is None:
+        raise UploadRejected("not an image, video, DICOM, NIfTI or MetaImage/NRRD file")
+    try:
+        references = external_references(path, kind)
+    except ReadError as exc:
+        raise UploadRejected(str(exc)) from exc
+    if references:
+        raise UploadRejected(
+            f"the file refers to data outside the upload ({references[0][:200]}): upload one "
+            "self-contained file, not a header pointing at another file"
+        )
     if kind == "nifti":
-        return kind, ".nii"
-    with open(path, "rb") as fh:
-        head = fh.read(4096)
-    if head.startswith(b"\x1f\x8b"):
-        try:
-            with gzip.open(path, "rb") as fh:
-                inner = fh.read(352)
-        except OSError as exc:
-            raise UploadRejected(f"corrupt gzip data ({exc})") from exc
-        if inner[344:348] in (b"n+1\x00", b"ni1\x00"):
-            return "nifti", ".nii.gz"
+        return kind, ".nii.gz" if _gzipped_nifti(path) else ".nii"
     if kind == "itk":
-        text = head.decode("latin-1")
-        if head.startswith(b"NRRD"):
-            fields = [line.split(":", 1)[0].strip().lower() for line in text.splitlines()]
-            if "data file" in fields or "datafile" in fields:
-                raise UploadRejected("NRRD with a detached data file: upload a single .nrrd")
-            return kind, ".nrrd"
-        for line in text.splitlines():
-            key, _, value = line.partition("=")
-            if key.strip() == "ElementDataFile":
-                if value.strip() != "LOCAL":
-                    raise UploadRejected("MetaImage whose data lies in another file: use .mha")
-                return kind, ".mha"
-        raise UploadRejected("MetaImage header without its data (no ElementDataFile = LOCAL)")
-    raise UploadRejected("not an image, video, DICOM, NIfTI or MetaImage/NRRD file")
+        with open(path, "rb") as fh:
+            return kind, ".nrrd" if fh.read(4) == b"NRRD" else ".mha"
+    return kind, _SUFFIX[kind]
+
+
+def _gzipped_nifti(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        if fh.read(2) != b"\x1f\x8b":
+            return False
+    try:
+        with gzip.open(path, "rb") as fh:
+            inner = fh.read(352)
+    except (OSError, EOFError) as exc:
+        raise UploadRejected(f"corrupt gzip data ({exc})") from exc
+    return inner[344:348] in (b"n+1\x00", b"ni1\x00")
+
+
+def accept_upload(upload: Path, budget: PixelBudget) -> tuple[str, Path, Declared]:
+    """Check a received upload by its content and its header, before a pixel is decoded:
+    its kind (renamed to the suffix its reader expects), no reference outside it (415), and
+    its declared size within the budget (413). Returns (kind, stored path, declared size)."""
+    kind, suffix = upload_kind(upload)
+    upload = upload.rename(upload.with_name(f"upload{suffix}"))
+    try:
+        size = declared_size(upload, kind)
+        check_pixel_budget(size, budget.frame, budget.total, budget.max_frames)
+    except TooLarge as exc:
+        raise UploadRejected(str(exc), 413) from exc
+    except ReadError as exc:
+        raise UploadRejected(str(exc)) from exc
+    return kind, upload, size
 
 
 def display_name(name: str) -> str:
