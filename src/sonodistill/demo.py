@@ -48,7 +48,7 @@ class DemoConfig:
 
     out: str = "runs/demo"
     """Run folder (a demo already there needs --overwrite true)."""
-    seed: int = 0
+    seed: NonNegativeInt = 0
     corpus_frames: PositiveInt = 400
     """Unlabeled simulated frames for distillation (and the t-SNE)."""
     labelled_frames: PositiveInt = 160

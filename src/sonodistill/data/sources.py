@@ -39,7 +39,7 @@ class BuildSettings:
     exclude_near_duplicate: PositiveFloat = THRESHOLD
     """Similarity from which a frame matches an evaluation image (`exclude:`)."""
     contact_sheet: NonNegativeInt = 48  # random kept frames on the contact sheet
-    seed: int = 0
+    seed: NonNegativeInt = 0
     force: bool = False  # rebuild every source, ignoring finished parts
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from sonodistill.config import (
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     check_fields,
@@ -78,7 +79,7 @@ class ExportConfig:
     tolerance: PositiveFloat = 1e-3
     """Maximum abs difference allowed between fp32 ONNX and PyTorch."""
     threads: PositiveInt | None = None
-    seed: int = 0
+    seed: NonNegativeInt = 0
     overwrite: bool = False
     """Replace an export already in OUT (its models, report and config)."""
 

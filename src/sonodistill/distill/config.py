@@ -59,7 +59,7 @@ class DistillConfig:
     """Images held out (deterministically) to track loss and cosine without augmentation."""
     val_every: NonNegativeInt = 0
     """Evaluate the held-out images every N steps (0: only at the start and the end)."""
-    seed: int = 0
+    seed: NonNegativeInt = 0
     accelerator: str = "auto"
     devices: int | str = 1
     num_nodes: PositiveInt = 1

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from sonodistill.config import (
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     check_fields,
@@ -61,7 +62,7 @@ class AnalyzeConfig:
     folds: AtLeastTwo = 5
     max_points: PositiveInt | None = 5000
     """Random subset for the projection (t-SNE is quadratic); metrics use all points."""
-    seed: int = 0
+    seed: NonNegativeInt = 0
     threads: PositiveInt | None = None
     """BLAS/OpenMP threads for PCA, t-SNE and k-NN (1 is much faster on a busy machine)."""
 

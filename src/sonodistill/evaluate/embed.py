@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sonodistill.config import PositiveInt, check_fields, save_config
+from sonodistill.config import NonNegativeInt, PositiveInt, check_fields, save_config
 from sonodistill.data.listing import collect_frames, frames_tensor
 from sonodistill.distill.run import load_encoder
 from sonodistill.errors import UserError
@@ -61,7 +61,7 @@ class EmbedConfig:
     """Append this path component (under the source folder) to the dataset label."""
     anatomy: list[str] = field(default_factory=list)
     """`DATASET=ANATOMY` pairs, e.g. busi=breast ddti=thyroid lung=lung."""
-    seed: int = 0
+    seed: NonNegativeInt = 0
     device: str = "cpu"
 
 

@@ -46,7 +46,7 @@ FRACTIONS = (0.05, 0.1, 0.2, 0.5)
 
 @dataclass
 class SplitConfig:
-    seed: int = 0
+    seed: NonNegativeInt = 0
     near_duplicate: PositiveFloat = THRESHOLD
     """Similarity (data.neardup, 0-1) from which two images are near duplicates and share a
     split; above 1: exact copies only."""

@@ -31,6 +31,7 @@ import yaml
 
 from sonodistill.config import (
     LeftOpenUnitInterval,
+    NonNegativeInt,
     PositiveFloat,
     check_fields,
     config_changes,
@@ -92,7 +93,7 @@ class SuiteConfig:
     """Label fractions of the training split (nested subsets): 1.0, 0.5, 0.2, 0.1, 0.05."""
     fraction_protocols: list[str] = field(default_factory=lambda: ["finetune"])
     """Protocols run at fractions below 1 (the paper's Table 4 is fine-tuning only)."""
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seeds: list[NonNegativeInt] = field(default_factory=lambda: [0, 1, 2])
     folds: Folds = 0
     """0: the paper's fixed train/val/test split; K >= 2: group K-fold cross-validation (every
     image tested once per seed; val carved from the training folds)."""
