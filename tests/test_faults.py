@@ -252,6 +252,16 @@ ONE_ERROR_PATH = [
         lacks=("--resume",),
     ),
     Row(
+        "predict over a stopped predict offers no --resume",
+        PREDICT,
+        ("already holds a sonodistill predict run (.partial)", "--overwrite true"),
+        "partial",
+        lacks=("--resume",),
+    ),
+    Row(
+        "--conf is not --config", EXPORT + " --conf x.yaml", ("--conf: unknown option", "--config")
+    ),
+    Row(
         "a garbage checkpoint is called what it is",
         RESUME,
         (
@@ -323,6 +333,8 @@ def prepare_faults(kinds: str, tmp: Path, sources: Path) -> None:
         if kind == "pack":
             (tmp / "pack").mkdir()
             (tmp / "pack/pack.json").write_text("{}")
+        if kind == "partial":  # what a killed predict leaves
+            (tmp / "predict/.partial").mkdir(parents=True)
         if kind == "predictions":
             (tmp / "predict").mkdir()
             (tmp / "predict/predictions.csv").write_text("source,frame\n")

@@ -133,10 +133,11 @@ def parse_error(message: str, parser: ArgumentParser, argv: list[str]) -> UserEr
     an unknown one with its close match, a value with what it must be. Home-made because
     jsonargparse has no structured error to ask: its message is read with a few patterns, and
     one it does not know comes out whole on one line."""
-    flags = [  # the options a user sets (not --help, --config or a whole section)
+    flags = [  # the options a user sets (not --help or a whole section)
         flag
         for flag, action in parser._option_string_actions.items()
-        if flag.startswith("--") and type(action).__name__ in ("ActionTypeHint", "_StoreAction")
+        if flag.startswith("--")
+        and type(action).__name__ in ("ActionTypeHint", "_StoreAction", "ActionConfigFile")
     ]
     see = f"see {parser.prog} --help"
     if m := re.match(r"unrecognized arguments: (\S+)", message):
@@ -146,7 +147,7 @@ def parse_error(message: str, parser: ArgumentParser, argv: list[str]) -> UserEr
         return unknown_name("option", given, flags, see=see)
     if m := re.match(r"(?:Group '(.+)' does not accept option|Option) '(.+?)'", message):
         key = ".".join(k for k in m.groups() if k)
-        keys = [f[2:] for f in flags]
+        keys = [f[2:] for f in flags if f != "--config"]
         configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
         if not configs:
             return unknown_name("option", f"--{key}", flags, see=see)
