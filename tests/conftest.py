@@ -1,15 +1,24 @@
 """What the tests share, in one place: the real ultrasound data beside the repository, tiny
 model configs, fake distill runs, real lung frames, random weights in Meta's DINOv3 checkpoint
-layout, and the one-thread fixture of the heavier model tests.
+layout, the one-thread fixture of the heavier model tests, and the runner of the refusal tables
+(test_refusals, test_faults).
 
 Test modules never import each other; they import the helpers below as `from conftest import
 ...` (one name: pytest puts tests/ on the path) and get the fixtures by argument."""
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import math
+import os
 import re
+import shlex
 import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
@@ -17,6 +26,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from sonodistill.models.encoders import EncoderSpec
@@ -305,3 +315,230 @@ def busi_seg_head(shared_data, tmp_path_factory) -> Path:
         opt.step()
     torch.set_num_threads(threads)
     return save_head(model.eval(), spec, tmp_path_factory.mktemp("busi_head") / "head")
+
+
+# ---------------------------------------------------------------- refusal tables
+
+
+TEACHER = "{" + ", ".join(f"{k}: {v}" for k, v in TINY_TEACHER_KWARGS.items()) + "}"
+DISTILL = (
+    "distill --data {frames} --out {tmp}/run --teacher.random_init true "
+    "--student.name test_resnet --img_size 64 --batch_size 8 --num_workers 0 --log_every 1"
+)
+RESUME = DISTILL + " --resume true --max_steps 2"
+EVALUATE = (
+    "evaluate --out {tmp}/suite --encoders [random:test_resnet] --tasks [mini] --seeds [0] "
+    "--protocols [linear] --train.seg_size 32 --train.epochs 1 --train.seg_batch 4 "
+    "--datasets '{{mini: {{format: seg_folder, root: {mini}}}}}'"
+)
+EXPORT = (
+    "export --encoder random:test_resnet --frames+ ddti={data}/ddti/image --out {tmp}/export "
+    "--image_size 64 --n_check 2 --n_calib 2"
+)
+CORPUS = "corpus build {tmp}/sources.yaml --out {tmp}/corpus --quiet true"
+
+
+@dataclass
+class Refusal:
+    """One row of a refusal table: a command line that must exit 2 with one line naming the
+    option or file at fault, no traceback, and nothing written or overwritten."""
+
+    id: str
+    argv: str
+    """The command line; {tmp} is the test's folder, the other {names} `cli_inputs` (and
+    {head}: a fine-tuned head, {embeddings}: an `embed` output, made when a row needs them)."""
+    says: tuple[str, ...]
+    """Text the error line must hold (the option or file at fault, what is wrong)."""
+    setup: str = ""
+    """Things to prepare first, space-separated (see `prepare`; `read_only`: a folder {tmp}/ro
+    no one may write, see `read_only_folder`)."""
+    creates: str = ""
+    """A folder the command may write before it finds the error (else nothing may change)."""
+    lacks: tuple[str, ...] = ()
+    """Text the error line must not hold: options the command does not have, torch's advice."""
+    fault: Callable | None = None
+    """fault(monkeypatch): a failure injected before the command runs."""
+
+
+@pytest.fixture(scope="session")
+def cli_inputs(shared_data, tmp_path_factory):
+    """Real frames, a finished tiny distill run, a small corpus and a small labelled set."""
+    from sonodistill.cli import main
+
+    root = tmp_path_factory.mktemp("inputs")
+    frames, frames2 = root / "frames", root / "frames2"
+    frames.mkdir()
+    frames2.mkdir()
+    for clip in sorted((shared_data / VIDEOS).glob("*.mp4"))[:3]:
+        with av.open(str(clip)) as video:
+            for i, frame in enumerate(video.decode(video=0)):
+                if i % 8 == 0:
+                    frame.to_image().convert("L").save(frames / f"{clip.stem}_{i:03d}.png")
+                if i >= 64:
+                    break
+    for png in sorted(frames.glob("*.png"))[:20]:
+        shutil.copy(png, frames2 / png.name)
+    mini = root / "mini"
+    for sub, names in (("images", "image"), ("masks", "mask")):
+        (mini / sub).mkdir(parents=True)
+        for png in sorted((shared_data / "ddti" / names).glob("*.PNG"))[:12]:
+            shutil.copy(png, mini / sub / png.name)
+    values = {"frames": frames, "frames2": frames2, "mini": mini, "data": shared_data}
+    run = root / "run"
+    argv = shlex.split(DISTILL.format(tmp=root, **values)) + ["--max_steps", "2"]
+    assert main([*argv, "--teacher.model_kwargs", TEACHER]) == 0
+    sources = root / "sources.yaml"
+    cine = shared_data / "corpus/dicom/examples_ybr_color.dcm"
+    sources.write_text(yaml.safe_dump({"sources": [{"dataset": "echo", "path": str(cine)}]}))
+    corpus = shlex.split(f"{CORPUS.format(tmp=root)} --frames.max_per_clip 3 --workers 1")
+    assert main(corpus) == 0
+    return {**values, "run": run, "corpus": root / "corpus", "sources": sources}
+
+
+@pytest.fixture(scope="session")
+def embeddings(shared_data, tmp_path_factory) -> Path:
+    """`sonodistill embed` of six DDTI images with a random timm test ResNet."""
+    from sonodistill.cli import main
+
+    out = tmp_path_factory.mktemp("embeddings") / "embed"
+    argv = f"embed --sources+ ddti={shared_data}/ddti/image --encoders [random:test_resnet]"
+    argv += f" --max_per_source 6 --image_size 32 --out {out}"
+    assert main(shlex.split(argv)) == 0
+    return out
+
+
+def prepare(kinds: str, tmp: Path, inputs: dict) -> None:
+    """Make what a row's `setup` names, in the test's folder."""
+    from PIL import Image
+
+    from sonodistill.config import parse_config, save_config
+    from sonodistill.evaluate.suite import SuiteConfig
+
+    for kind in kinds.split():
+        if kind in ("run", "run_broken_checkpoints"):
+            shutil.copytree(inputs["run"], tmp / "run")
+        if kind == "run_broken_checkpoints":
+            (tmp / "run/checkpoints/last.pt").write_bytes(b"")
+            (tmp / "run/checkpoints/previous.pt").write_bytes(b"not a checkpoint")
+        if kind == "cut_run":
+            shutil.copytree(inputs["run"], tmp / "cut_run")
+            weights = tmp / "cut_run/student_backbone.safetensors"
+            weights.write_bytes(weights.read_bytes()[:1000])
+        if kind in ("corpus", "sources", "blank_sources"):
+            shutil.copy(inputs["sources"], tmp / "sources.yaml")
+        if kind == "corpus":
+            shutil.copytree(inputs["corpus"], tmp / "corpus")
+        if kind == "blank_sources":
+            Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp / "black.png")
+            (tmp / "sources.yaml").write_text(
+                yaml.safe_dump({"sources": [{"dataset": "black", "path": str(tmp / "black.png")}]})
+            )
+        if kind == "suite":  # a suite with the same settings, started before
+            argv = shlex.split(EVALUATE.format(**{**inputs, "tmp": tmp}))[1:]
+            save_config(parse_config(SuiteConfig, argv, "evaluate"), tmp / "suite/suite.yaml")
+        if kind == "export":
+            (tmp / "export").mkdir()
+            (tmp / "export/report.json").write_text("{}")
+        if kind == "mini_broken":  # an image cut short, as by an interrupted download
+            shutil.copytree(inputs["mini"], tmp / "mini_broken")
+            for sub in ("images", "masks"):
+                first = sorted((tmp / "mini_broken" / sub).glob("*.PNG"))[0]
+                first.rename(first.with_name("broken.PNG"))
+            cut = tmp / "mini_broken/images/broken.PNG"
+            cut.write_bytes(cut.read_bytes()[:300])
+        if kind == "nested":
+            for cls in ("benign", "malignant"):
+                (tmp / "nested" / cls / "scans").mkdir(parents=True)
+                for png in sorted((inputs["mini"] / "images").glob("*.PNG"))[:2]:
+                    shutil.copy(png, tmp / "nested" / cls / "scans" / png.name)
+        if kind == "file":  # a file where a folder is expected
+            (tmp / "file").write_text("mine")
+        if kind == "folder":  # a folder where a file is expected
+            (tmp / "folder").mkdir()
+        if kind == "unreadable_frames":  # every image cut short
+            (tmp / "cut").mkdir()
+            for png in sorted(inputs["frames"].glob("*.png")):
+                (tmp / "cut" / png.name).write_bytes(png.read_bytes()[:100])
+
+
+def read_only_folder(folder: Path, monkeypatch, request) -> str:
+    """`folder`, made so that nothing can be created in it: mode 0o555 for a user (root
+    ignores modes), a read-only tmpfs mounted there for root, or, where root may not mount,
+    EROFS injected into os.mkdir, os.open and open for paths inside it. Returns which."""
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        request.addfinalizer(lambda: folder.chmod(0o755))
+        return "mode 0o555"
+    mount = ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)]
+    if subprocess.run(mount, capture_output=True).returncode == 0:
+        request.addfinalizer(lambda: subprocess.run(["umount", "-l", str(folder)], check=False))
+        return "read-only tmpfs"
+
+    def inside(path) -> bool:
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            return False  # a file descriptor
+        return Path(os.fsdecode(path)).is_relative_to(folder)
+
+    def refuse(real, creates: Callable):
+        def call(path, *args, **kwargs):
+            if inside(path) and creates(path, *args, **kwargs):
+                code = errno.EEXIST if os.path.exists(path) else errno.EROFS
+                raise OSError(code, os.strerror(code), os.fsdecode(path))
+            return real(path, *args, **kwargs)
+
+        return call
+
+    writes = lambda path, mode="r", *a, **k: any(c in mode for c in "wax+")  # noqa: E731
+    monkeypatch.setattr(os, "mkdir", refuse(os.mkdir, lambda *a, **k: True))
+    monkeypatch.setattr(os, "open", refuse(os.open, lambda p, flags, *a, **k: flags & os.O_CREAT))
+    monkeypatch.setattr(io, "open", refuse(io.open, writes))
+    monkeypatch.setattr("builtins.open", refuse(open, writes))
+    return "injected EROFS"
+
+
+def checksum(folder: Path, skip: str = "") -> dict[str, str]:
+    """Every file and folder under `folder` (but `skip`) with its content hash."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if skip and (rel == skip or rel.startswith(skip + "/")):
+            continue
+        out[rel] = hashlib.sha1(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+    return out
+
+
+def assert_refused(row: Refusal, tmp_path: Path, request) -> str:
+    """Run the row through the CLI in-process; assert exit code 2, exactly one line on stderr
+    (`sonodistill CMD: error: ...`) holding `says` and not `lacks`, no traceback, and the test's
+    folder unchanged (but `creates`). Returns the line."""
+    from sonodistill.cli import main
+
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    capsys = request.getfixturevalue("capsys")
+    monkeypatch.delenv("SONODISTILL_DEBUG", raising=False)
+    values = dict(request.getfixturevalue("cli_inputs"), tmp=tmp_path)
+    for name in ("head", "embeddings"):
+        if "{" + name + "}" in row.argv:
+            values[name] = request.getfixturevalue("busi_seg_head" if name == "head" else name)
+    prepare(row.setup, tmp_path, values)
+    if "read_only" in row.setup.split():
+        read_only_folder(tmp_path / "ro", monkeypatch, request)
+    before = checksum(tmp_path, row.creates)
+    argv = shlex.split(row.argv.format(**values))
+    if argv[0] == "distill":
+        argv += ["--teacher.model_kwargs", TEACHER]
+    if row.fault:
+        row.fault(monkeypatch)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"sonodistill {argv[0]}"), lines[0]
+    for text in row.says:
+        assert text.format(**values) in lines[0], lines[0]
+    for text in row.lacks:
+        assert text not in lines[0], lines[0]
+    assert checksum(tmp_path, row.creates) == before
+    return lines[0]

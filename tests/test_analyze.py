@@ -11,6 +11,7 @@ import pytest
 from conftest import BUSI, extract_lung_frames, fake_student_run
 
 from sonodistill.cli import main
+from sonodistill.errors import UserError
 from sonodistill.evaluate.analyze import (
     AnalyzeConfig,
     analyze,
@@ -104,5 +105,6 @@ def test_cli_and_umap_option(real_embeddings, tmp_path, capsys):
     else:
         assert main(["analyze", *argv, "--method", "umap"]) == 0
         assert (tmp_path / "umap.png").is_file()
-    with pytest.raises(KeyError, match="no embeddings"):
-        analyze(AnalyzeConfig(embeddings=str(real_embeddings), models=["nope"]))
+    with pytest.raises(UserError, match="--models nope: unknown model"):  # before any write
+        analyze(AnalyzeConfig(str(real_embeddings), str(tmp_path / "nope"), models=["nope"]))
+    assert not (tmp_path / "nope").exists()

@@ -173,10 +173,11 @@ def test_gpu_on_without_cuda_is_a_clear_error(tmp_path):
         runs=1,
         backends=[],
         gpu="on",
-        out=str(tmp_path),
+        out=str(tmp_path / "b"),
     )
-    with pytest.raises(RuntimeError, match="CUDA is not available"):
+    with pytest.raises(UserError, match="^--gpu on: CUDA is not available here; use --gpu auto"):
         bench(cfg)
+    assert not (tmp_path / "b").exists()
 
 
 def test_bench_times_the_on_device_runtime_beside_onnx_int8(shared_data, tmp_path):

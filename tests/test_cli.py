@@ -15,9 +15,10 @@ def test_help_lists_every_command(capsys):
     assert all(name in out for name in COMMANDS)
 
 
-def test_unknown_command_is_an_error(capsys):
+def test_unknown_command_is_one_line_with_its_close_match(capsys):
     assert main(["distil"]) == 2
-    assert "unknown command 'distil'" in capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["sonodistill: error: 'distil': unknown command; did you mean distill?"]
 
 
 def test_missing_data_names_the_path_without_a_traceback(tmp_path, capsys):

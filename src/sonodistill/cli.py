@@ -81,8 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     if argv[0] not in COMMANDS:
-        print(f"sonodistill: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
+        from sonodistill.errors import USER_ERROR, unknown_name
+
+        error = unknown_name("command", argv[0], COMMANDS, see="see sonodistill --help")
+        print(f"sonodistill: error: {error}", file=sys.stderr)
+        return USER_ERROR
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return run_command(argv[0], argv[1:])
 

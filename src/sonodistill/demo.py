@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sonodistill.config import NonNegativeInt, PositiveFloat, PositiveInt, check_fields, save_config
+from sonodistill.errors import unknown_name
 from sonodistill.io import atomic_path, claim_run_dir, remove_owned, write_json
 from sonodistill.models.teacher import WEIGHTS_ENV, TeacherConfig
 
@@ -46,35 +48,35 @@ class DemoConfig:
 
     out: str = "runs/demo"
     """Run folder (a demo already there needs --overwrite true)."""
-    seed: int = 0
-    corpus_frames: int = 400
+    seed: NonNegativeInt = 0
+    corpus_frames: PositiveInt = 400
     """Unlabeled simulated frames for distillation (and the t-SNE)."""
-    labelled_frames: int = 160
+    labelled_frames: PositiveInt = 160
     """Labelled frames (lesion masks + lesion type) for the downstream tasks."""
-    img_size: int = 64
+    img_size: PositiveInt = 64
     """Frame size and distillation input size (224 with a real ViT-B/16 teacher)."""
     teacher: TeacherConfig = field(default_factory=_tiny_teacher)
     """Teacher: a random tiny DINOv3 unless weights are given (then the real ViT-B/16)."""
     student: str = "resnet18"
     """Student architecture (any timm CNN)."""
-    distill_steps: int = 60
-    batch_size: int = 32
-    eval_epochs: int = 4
+    distill_steps: PositiveInt = 60
+    batch_size: PositiveInt = 32
+    eval_epochs: PositiveInt = 4
     """Epochs of each downstream run (linear probe and fine-tune)."""
-    eval_lr: float = 1e-3
+    eval_lr: PositiveFloat = 1e-3
     """Downstream AdamW lr: 10x the paper's 1e-4, which is tuned for 50 epochs, not a few."""
-    tsne_frames: int = 240
+    tsne_frames: PositiveInt = 240
     """Corpus frames embedded for the t-SNE."""
-    bench_size: int = 112
+    bench_size: PositiveInt = 112
     """Bench input size (the paper: 224)."""
-    bench_runs: int = 10
+    bench_runs: PositiveInt = 10
     """Timed forward passes per model in the bench."""
     bench_backends: list[str] = field(default_factory=lambda: ["torch_fp32", "ort_fp32"])
     """Bench backends: torch_fp32, torch_bf16, ort_fp32, ort_int8."""
     precision: str = "auto"
     """Distillation precision; auto: bf16-mixed on a GPU, 32-true on a CPU (CPU bf16 autocast
     pays off only with AMX, and is slower than fp32 on most laptops)."""
-    threads: int = 0
+    threads: NonNegativeInt = 0
     """torch CPU threads (0: torch's default)."""
     skip: list[str] = field(default_factory=list)
     """Steps to skip, e.g. [bench, analysis]."""
@@ -428,9 +430,12 @@ def run_demo(cfg: DemoConfig) -> Path:
     """Run every step, record its status and time in demo.json, write report.html; the run dir."""
     import torch
 
-    from sonodistill.config import save_config
     from sonodistill.report import build_report
 
+    check_fields(cfg)
+    for name in cfg.skip:
+        if name not in [s.name for s in STEPS]:
+            raise unknown_name("step", name, [s.name for s in STEPS], "--skip")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = Path(cfg.out)

@@ -37,7 +37,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sonodistill.errors import UserError, disk_full, is_disk_full
+from sonodistill.errors import UserError, cannot_write, disk_full, is_disk_full, is_unwritable
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -56,9 +56,9 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
     writes that record (the corpus build's frames and their part; measured by
     benchmarks/atomic_writes.py: an fsync per frame costs several ms on a virtual disk)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(3)}.tmp{path.suffix}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         if durable:
             _fsync(tmp)
@@ -70,6 +70,8 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
             tmp.unlink()
         if _mentions_disk_full(err):
             raise disk_full(path, err) from err
+        if _about(err, path, tmp):  # read-only, no permission, a file or folder in the way
+            raise cannot_write(path, err) from err
         raise
 
 
@@ -153,6 +155,15 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _about(err: BaseException, path: Path, tmp: Path) -> bool:
+    """Whether `err` says that `path` (its temporary file, or a folder above it) cannot be
+    written; an error on another file (an input the writer reads) keeps its own message."""
+    if not (is_unwritable(err) and getattr(err, "filename", None)):
+        return False
+    named = Path(os.fsdecode(err.filename))
+    return named in (path, tmp) or named in path.parents
+
+
 def _mentions_disk_full(err: BaseException) -> bool:
     """Writers in C, C++ or Rust (torch, safetensors, pyarrow) report a full disk in their
     own exception types: look for errno 28 / 122 in the chain and in the message."""
@@ -176,10 +187,18 @@ def lock_run_dir(folder: str | Path, command: str) -> Iterator[Path]:
     UserError naming the first (PID, host, command, start time)."""
     folder = Path(folder)
     created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # the first write of every run: an output that cannot be written stops here
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            if created:  # a claim that failed leaves no folder behind
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            if is_unwritable(err):
+                raise cannot_write(folder, err) from err
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -242,25 +261,26 @@ def claim_run_dir(
     folder: str | Path,
     command: str,
     markers: Iterable[str],
-    resume: bool = False,
+    resume: bool | None = None,
     overwrite: bool = False,
 ) -> Iterator[bool]:
     """Lock `folder` for one run of `command` and apply the house rule: a folder that holds a
     run (any of the files or folders `markers` names) is refused unless `resume` (yields True:
     continue it) or `overwrite` (yields False; the caller removes the old run's files with
-    `remove_owned` once everything it needs was checked, right before it writes). Call it after
-    every option was checked: the lock is the first thing a run writes."""
+    `remove_owned` once everything it needs was checked, right before it writes). `resume`
+    None: the command has no --resume (its message does not offer one). Call it after every
+    option was checked: the lock is the first thing a run writes."""
     if resume and overwrite:
         raise UserError("--resume and --overwrite: choose one")
     with lock_run_dir(folder, command):
         found = existing(folder, markers)
         if found and not (resume or overwrite):
+            offer = "--resume true to continue it, " if resume is not None else ""
             raise UserError(
                 f"{folder} already holds a sonodistill {command} run ({', '.join(found)}); "
-                "pass --resume true to continue it, --overwrite true to replace it, or choose "
-                "another --out"
+                f"pass {offer}--overwrite true to replace it, or choose another --out"
             )
-        yield bool(found) and resume
+        yield bool(found) and bool(resume)
 
 
 # ---------------------------------------------------------------- tables

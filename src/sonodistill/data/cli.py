@@ -18,9 +18,17 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sonodistill.config import config_parser, from_dict, parse_config
+from sonodistill.config import (
+    PositiveFloat,
+    PositiveInt,
+    config_parser,
+    from_dict,
+    parse_args,
+    parse_config,
+    restricted_number_type,
+)
 from sonodistill.data.neardup import THRESHOLD
-from sonodistill.errors import UserError
+from sonodistill.errors import UserError, unknown_name
 from sonodistill.io import write_csv
 
 USAGE = """usage: sonodistill corpus COMMAND ...
@@ -59,10 +67,10 @@ class LeakageCommand:
     corpus: str = ""
     against: list[str] = field(default_factory=list)
     """Evaluation sets as NAME=PATH (repeat --against+ NAME=PATH)."""
-    similarity: float = THRESHOLD
+    similarity: PositiveFloat = THRESHOLD
     """Similarity (data.neardup, 0-1) from which a pair is a near match: the project's one
     near-duplicate notion (docs/near_duplicates.md)."""
-    workers: int = 2
+    workers: PositiveInt = 2
     report: str | None = None
     """Write the pairs as CSV here."""
 
@@ -75,7 +83,7 @@ class PackCommand:
     corpus: str = ""
     out: str = ""
     """Pack folder."""
-    size: int = 256
+    size: PackSize = 256
     quiet: bool = False
     overwrite: bool = False
     """Replace a pack already in OUT."""
@@ -86,6 +94,9 @@ class SummaryCommand:
     """Rewrite and print the summary (counts per dataset, kind and drop reason) of a corpus."""
 
     corpus: str = ""
+
+
+PackSize = restricted_number_type("PackSize", int, (">=", 8), docstring="int >= 8")
 
 
 CORPUS = {"corpus": "corpus folder (or its manifest.parquet)"}
@@ -107,7 +118,7 @@ def build_main(argv: list[str]) -> int:
     prog = "sonodistill corpus build"
     parser = config_parser(BuildCommand, prog, BuildCommand.__doc__, {"sources": "SOURCES.yaml"})
     parser.add_class_arguments(BuildSettings, nested_key=None, fail_untyped=True)
-    given = parser.parse_args(argv, defaults=False).as_dict()  # only what the user wrote
+    given = parse_args(parser, argv, defaults=False).as_dict()  # only what the user wrote
     given.pop("config", None)
     names = [f.name for f in dataclasses.fields(BuildCommand)]
     own = {k: given.pop(k) for k in names if k in given}
@@ -218,6 +229,5 @@ def corpus_main(argv: list[str]) -> int:
         print(USAGE)
         return 0
     if argv[0] not in SUBCOMMANDS:
-        print(f"sonodistill corpus: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
-        return 2
+        raise unknown_name("command", argv[0], SUBCOMMANDS, see="see sonodistill corpus --help")
     return SUBCOMMANDS[argv[0]](argv[1:])

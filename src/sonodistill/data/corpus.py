@@ -44,7 +44,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from sonodistill.config import config_changes, describe_changes, save_config, to_dict
+from sonodistill.config import check_fields, config_changes, describe_changes, save_config, to_dict
 from sonodistill.data import frames as fr
 from sonodistill.data import neardup as nd
 from sonodistill.data.files import list_files, worker_pool
@@ -60,7 +60,7 @@ from sonodistill.data.manifest import (
 from sonodistill.data.readers import ReadError, TruncatedFile, detect_kind, read_frames
 from sonodistill.data.sources import BuildSettings, CorpusSpec, Source
 from sonodistill.data.summary import contact_sheet, write_summary
-from sonodistill.errors import UserError, check, check_positive
+from sonodistill.errors import UserError
 from sonodistill.io import claim_run_dir, remove_owned, sync_files, write_bytes, write_parquet
 from sonodistill.progress import progress_bar
 
@@ -200,22 +200,7 @@ def _source_key(src: Source, frames: dict) -> str:
 
 def check_settings(settings: BuildSettings) -> None:
     """The build settings, before anything is written (UserError naming the first bad one)."""
-    f = settings.frames
-    check_positive({"--workers": settings.workers, "--frames.min_size": f.min_size})
-    check_positive(
-        {
-            "--contact_sheet": settings.contact_sheet,
-            "--frames.max_per_clip": f.max_per_clip,
-            "--frames.dup_threshold": f.dup_threshold,
-            "--frames.blank_std": f.blank_std,
-        },
-        allow_zero=True,
-    )
-    for option, value in (
-        ("--corpus_near_duplicate", settings.corpus_near_duplicate),
-        ("--exclude_near_duplicate", settings.exclude_near_duplicate),
-    ):
-        check(value > 0, option, value, "must be a similarity > 0 (above 1: exact copies only)")
+    check_fields(settings)
 
 
 def build_corpus(

@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from sonodistill.config import (
+    Axis3D,
+    ClosedUnitInterval,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveInt,
+)
 from sonodistill.data import hashing
+from sonodistill.errors import UserError
 
 # Drop reasons (the manifest's `reason` column; "" for kept frames).
 COLOUR = "colour"  # colour-dominated: Doppler, elastography or a colour UI
@@ -32,29 +40,29 @@ EXCLUDED = "excluded"  # matches an evaluation set (reason "excluded:NAME")
 class FrameSettings:
     """How frames are cleaned and selected (per source overridable in SOURCES.yaml)."""
 
-    frame_step: int = 1  # look at every n-th frame of a video/sequence
-    max_per_clip: int = 64  # cap of kept frames per file (0: no cap)
+    frame_step: PositiveInt = 1  # look at every n-th frame of a video/sequence
+    max_per_clip: NonNegativeInt = 64  # cap of kept frames per file (0: no cap)
     dup_method: str = "phash"  # near-duplicate test within a file: phash | diff
-    dup_threshold: float = 2.0  # phash: max Hamming bits; diff: max mean abs diff (32x32 grey)
-    blank_std: float = 4.0  # grey std below this: blank
-    min_content: float = 0.05  # fraction of pixels > 16 below this: blank
-    min_entropy: float = 2.5  # grey-histogram entropy (bits) below this: low information
-    max_colour: float = 0.03  # fraction of non-dark pixels that are coloured above this: colour
-    colour_saturation: int = 40  # max(R,G,B) - min(R,G,B) above this: a coloured pixel
+    dup_threshold: NonNegativeFloat = 2.0
+    """phash: max Hamming bits; diff: max mean abs diff (32x32 grey)."""
+    blank_std: NonNegativeFloat = 4.0  # grey std below this: blank
+    min_content: ClosedUnitInterval = 0.05  # fraction of pixels > 16 below this: blank
+    min_entropy: NonNegativeFloat = 2.5  # grey-histogram entropy (bits) below this: low information
+    max_colour: ClosedUnitInterval = 0.03
+    """Fraction of non-dark pixels that are coloured above which a frame is colour."""
+    colour_saturation: NonNegativeInt = 40  # max(R,G,B) - min(R,G,B) above this: a coloured pixel
     remove_marks: bool = True  # inpaint coloured marks of frames kept as B-mode
     crop_fov: bool = True  # crop to the ultrasound field of view (largest bright region)
-    min_size: int = 32  # frames smaller than this (either side, after crop) are dropped
-    volume_axis: int = 0  # volumes: slice axis of the (z, y, x) array
+    min_size: PositiveInt = 32  # frames smaller than this (either side, after crop) are dropped
+    volume_axis: Axis3D = 0  # volumes: slice axis of the (z, y, x) array
     layout: str = "auto"  # 3D files: auto | sequence | volume
     skip_patterns: list[str] = field(default_factory=lambda: ["*mask*"])  # files to ignore
 
     def __post_init__(self) -> None:
         if self.dup_method not in ("phash", "diff"):
-            raise ValueError(f"dup_method must be phash or diff, not {self.dup_method!r}")
+            raise UserError(f"--frames.dup_method {self.dup_method}: use phash or diff")
         if self.layout not in ("auto", "sequence", "volume"):
-            raise ValueError(f"layout must be auto, sequence or volume, not {self.layout!r}")
-        if self.frame_step < 1:
-            raise ValueError("frame_step must be >= 1")
+            raise UserError(f"--frames.layout {self.layout}: use auto, sequence or volume")
 
 
 def _channel_range(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sonodistill.errors import user_error
+
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 VIDEO_EXT = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
 DICOM_EXT = {".dcm", ".dicom", ".dic"}
@@ -40,8 +42,9 @@ KINDS = ("image", "video", "dicom", "nifti", "itk")
 STREAM_BYTES = 256 * 2**20  # 3D files larger than this are read slice by slice when possible
 
 
+@user_error
 class ReadError(Exception):
-    """A file that cannot be read as the kind it claims to be (the message says why)."""
+    """A file that cannot be read as the kind it claims to be (the message names it and why)."""
 
 
 class TruncatedFile(ReadError):

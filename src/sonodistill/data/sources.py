@@ -19,27 +19,27 @@ from pathlib import Path
 
 import yaml
 
-from sonodistill.config import from_dict
+from sonodistill.config import NonNegativeInt, PositiveFloat, PositiveInt, check_fields, from_dict
 from sonodistill.data.files import list_files
 from sonodistill.data.frames import FrameSettings
 from sonodistill.data.neardup import CORPUS_THRESHOLD, THRESHOLD
-from sonodistill.errors import UserError
+from sonodistill.errors import UserError, unknown_name
 
 
 @dataclass
 class BuildSettings:
     """Settings of a corpus build (the `settings:` section of SOURCES.yaml, or flags)."""
 
-    workers: int = 2  # processes reading files in parallel (1: in this process)
+    workers: PositiveInt = 2  # processes reading files in parallel (1: in this process)
     frames: FrameSettings = field(default_factory=FrameSettings)
-    corpus_near_duplicate: float = CORPUS_THRESHOLD
+    corpus_near_duplicate: PositiveFloat = CORPUS_THRESHOLD
     """Similarity (data.neardup, 0-1) from which a frame of another file is a duplicate
     (above 1: exact copies only); higher than the evaluation splits' 0.92, where grouping too
     much is safe and dropping frames of other patients is not (docs/near_duplicates.md)."""
-    exclude_near_duplicate: float = THRESHOLD
+    exclude_near_duplicate: PositiveFloat = THRESHOLD
     """Similarity from which a frame matches an evaluation image (`exclude:`)."""
-    contact_sheet: int = 48  # random kept frames on the contact sheet
-    seed: int = 0
+    contact_sheet: NonNegativeInt = 48  # random kept frames on the contact sheet
+    seed: NonNegativeInt = 0
     force: bool = False  # rebuild every source, ignoring finished parts
 
 
@@ -65,15 +65,26 @@ class CorpusSpec:
     exclude: list[EvalSet]
 
 
+SECTIONS = ("sources", "exclude", "settings")
+
+
 def read_sources_yaml(path: str | Path) -> dict:
-    """The raw mapping of a SOURCES.yaml; UserError naming the file when it cannot be read."""
+    """The raw mapping of a SOURCES.yaml, its keys and settings checked (a misspelt `exclud:`
+    would silently drop the exclusion); UserError naming the file and the key."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"{path}: cannot read sources file: {exc}") from exc
+        raise UserError(f"{path}: cannot read sources file: {_collapse(exc)}") from exc
     if not isinstance(raw, dict) or not raw.get("sources"):
         raise UserError(f"{path}: expected a mapping with a non-empty `sources:` list")
+    for key in raw:
+        if key not in SECTIONS:
+            raise unknown_name("key", str(key), SECTIONS, f"{path}:")
+    settings = raw.get("settings") or {}
+    if not isinstance(settings, dict):
+        raise UserError(f"{path}: settings: expected a mapping of build settings")
+    _within(path, "settings", lambda: check_fields(from_dict(BuildSettings, settings), ""))
     return raw
 
 
@@ -88,12 +99,14 @@ def load_sources(path: str | Path, overrides: BuildSettings | None = None) -> Co
     for i, item in enumerate(raw["sources"]):
         if not isinstance(item, dict) or "path" not in item or "dataset" not in item:
             raise UserError(f"{path}: source #{i + 1} needs at least `dataset:` and `path:`")
-        unknown = set(item) - {f.name for f in dataclasses.fields(Source)}
-        if unknown:
-            raise UserError(f"{path}: source {item['dataset']!r}: unknown keys {sorted(unknown)}")
+        where = f"source {item['dataset']!r}"
+        for key in item:
+            if key not in (keys := [f.name for f in dataclasses.fields(Source)]):
+                raise unknown_name("key", str(key), keys, f"{path}: {where}:")
         src = Source(**{"anatomy": "unknown", **item})
         src.path = _resolve(base, src.path)
-        from_dict(FrameSettings, {**dataclasses.asdict(settings.frames), **src.frames})
+        frames = {**dataclasses.asdict(settings.frames), **src.frames}
+        _within(path, where, lambda f=frames: check_fields(from_dict(FrameSettings, f), "frames."))
         sources.append(src)
     exclude = []
     items = raw.get("exclude") or []
@@ -102,7 +115,7 @@ def load_sources(path: str | Path, overrides: BuildSettings | None = None) -> Co
     for item in items:
         if isinstance(item, str) and "=" in item:
             item = dict(zip(("name", "path"), item.split("=", 1), strict=True))
-        if not isinstance(item, dict) or "path" not in item:
+        if not isinstance(item, dict) or "path" not in item or set(item) - {"name", "path"}:
             raise UserError(f"{path}: exclude entries are {{name: NAME, path: PATH}}, got {item!r}")
         eval_set = EvalSet(
             item.get("name") or Path(item["path"]).name, _resolve(base, item["path"])
@@ -111,6 +124,18 @@ def load_sources(path: str | Path, overrides: BuildSettings | None = None) -> Co
             raise UserError(f"{path}: exclude {eval_set.name!r}: no file at {eval_set.path}")
         exclude.append(eval_set)
     return CorpusSpec(settings, sources, exclude)
+
+
+def _within(path: Path, where: str, check) -> None:
+    """Run `check`; its UserError names the file and where in it."""
+    try:
+        check()
+    except UserError as err:
+        raise UserError(f"{path}: {where}: {err}") from None
+
+
+def _collapse(err: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
 
 def _resolve(base: Path, p: str) -> str:

@@ -38,10 +38,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from sonodistill.config import save_config
+from sonodistill.config import NonNegativeInt, PositiveInt, check_fields, save_config
 from sonodistill.deploy.onnx_utils import export_onnx, quantize_int8, session
 from sonodistill.distill.run import load_encoder
-from sonodistill.errors import check_positive, unknown_name
+from sonodistill.errors import UserError, unknown_name
 from sonodistill.evaluate.heads import WithPreprocess
 from sonodistill.io import write_json, write_table
 from sonodistill.models import to_model_input
@@ -70,16 +70,16 @@ class BenchConfig:
     """Encoder spec of any family (string or EncoderSpec mapping); weights do not change the
     cost, so a random init is the default."""
     student: str = f"random:{StudentConfig.name}@{StudentConfig.name} student"
-    teacher_n_blocks: int = 2
+    teacher_n_blocks: PositiveInt = 2
     """Distillation target = this many teacher blocks: width of the student's projection."""
     student_head: Literal["linear", "mlp"] = "linear"
-    teacher_head_classes: int = 3
-    image_size: int = 224
-    warmup: int = 5
-    runs: int = 50
-    block: int = 5
+    teacher_head_classes: PositiveInt = 3
+    image_size: PositiveInt = 224
+    warmup: NonNegativeInt = 5
+    runs: PositiveInt = 50
+    block: PositiveInt = 5
     """Timed runs in a row per model and backend (after an untimed one); blocks take turns."""
-    threads: int | None = None
+    threads: PositiveInt | None = None
     """CPU threads for PyTorch and ONNX Runtime (default: torch's current count)."""
     backends: list[str] = field(default_factory=lambda: list(BACKENDS))
     """Any of torch_fp32, torch_bf16, ort_fp32, ort_int8 and executorch_int8 (on-device)."""
@@ -89,9 +89,9 @@ class BenchConfig:
     kernel for it), and finding out costs a minute; the on-device model is the student."""
     calib_frames: list[str] = field(default_factory=list)
     """Real frames for int8 calibration (`NAME=PATH` as in `embed`); none: random noise."""
-    n_calib: int = 8
+    n_calib: PositiveInt = 8
     gpu: Literal["auto", "on", "off"] = "auto"
-    gpu_runs: int = 100
+    gpu_runs: PositiveInt = 100
     exporter: Literal["legacy", "dynamo"] = "legacy"
     out: str = "runs/bench"
 
@@ -237,7 +237,7 @@ def time_blocks(
 
 def _use_gpu(cfg: BenchConfig) -> bool:
     if cfg.gpu == "on" and not torch.cuda.is_available():
-        raise RuntimeError("bench: --gpu on but CUDA is not available")
+        raise UserError("--gpu on: CUDA is not available here; use --gpu auto or off")
     return cfg.gpu == "on" or (cfg.gpu == "auto" and torch.cuda.is_available())
 
 
@@ -414,17 +414,7 @@ def check_config(cfg: BenchConfig) -> bool:
     for name in cfg.backends:
         if name not in LABELS:
             raise unknown_name("backend", name, LABELS, "--backends")
-    check_positive(
-        {
-            "--image_size": cfg.image_size,
-            "--runs": cfg.runs,
-            "--block": cfg.block,
-            "--threads": cfg.threads,
-            "--n_calib": cfg.n_calib,
-            "--gpu_runs": cfg.gpu_runs,
-        }
-    )
-    check_positive({"--warmup": cfg.warmup}, allow_zero=True)
+    check_fields(cfg)
     return _use_gpu(cfg)
 
 
@@ -436,8 +426,7 @@ def bench(cfg: BenchConfig) -> dict:
     student = load_encoder(cfg.student).eval()
     for encoder in (teacher, student):
         encoder.check_input_size(cfg.image_size, cfg.image_size, "--image_size")
-    out = Path(cfg.out)  # models and size are valid: now write
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out)  # models and size are valid: now write (config.yaml makes the folder)
     threads = cfg.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     cfg.threads = threads  # the resolved count goes into config.yaml and the table

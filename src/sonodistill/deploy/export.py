@@ -24,14 +24,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from sonodistill.config import save_config
+from sonodistill.config import (
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    check_fields,
+    restricted_number_type,
+    save_config,
+)
 from sonodistill.data.listing import FrameRef, collect_frames, frames_tensor
 from sonodistill.data.masks import image_mask, mask_files
 from sonodistill.deploy import ondevice
 from sonodistill.deploy.onnx_utils import compare, export_onnx, quantize_int8, run_session, session
 from sonodistill.deploy.runtimes import HEAD_DIR
 from sonodistill.distill.run import load_encoder
-from sonodistill.errors import UserError, check, check_positive
+from sonodistill.errors import UserError, check
 from sonodistill.evaluate.head_checkpoint import HeadSpec, load_head, save_head
 from sonodistill.evaluate.heads import WithPreprocess
 from sonodistill.evaluate.metrics import dice_iou, predict_mask
@@ -39,6 +46,8 @@ from sonodistill.io import claim_run_dir, markdown_table, remove_owned, write_js
 from sonodistill.models.encoders import Encoder
 
 log = logging.getLogger(__name__)
+
+Opset = restricted_number_type("Opset", int, [(">=", 7), ("<=", 23)], docstring="ONNX opset 7-23")
 
 
 @dataclass
@@ -52,25 +61,25 @@ class ExportConfig:
     frames: list[str] = field(default_factory=list)
     """Real frames for calibration and checks: `NAME=PATH` sources as in `sonodistill embed`."""
     out: str = "runs/export"
-    image_size: int = 224
-    opset: int = 18
+    image_size: PositiveInt = 224
+    opset: Opset = 18
     exporter: Literal["legacy", "dynamo"] = "legacy"
     int8: bool = True
     executorch: list[Literal["fp32", "int8"]] = field(default_factory=list)
     """On-device ExecuTorch programs (XNNPACK) to write beside the ONNX graphs: fp32, int8."""
     per_channel: bool = True
     calib_method: Literal["minmax", "percentile", "entropy"] = "minmax"
-    n_calib: int = 32
+    n_calib: PositiveInt = 32
     """Calibration frames (disjoint from the check frames)."""
-    n_check: int = 16
+    n_check: PositiveInt = 16
     test_set: str | None = None
     """Head only: a labelled folder (segmentation: images with masks, BUSI or image/+mask/
     layout; classification: one subfolder per class name) for the metric change."""
-    n_test: int = 64
-    tolerance: float = 1e-3
+    n_test: PositiveInt = 64
+    tolerance: PositiveFloat = 1e-3
     """Maximum abs difference allowed between fp32 ONNX and PyTorch."""
-    threads: int | None = None
-    seed: int = 0
+    threads: PositiveInt | None = None
+    seed: NonNegativeInt = 0
     overwrite: bool = False
     """Replace an export already in OUT (its models, report and config)."""
 
@@ -94,18 +103,7 @@ def check_config(cfg: ExportConfig) -> None:
         raise UserError("give --encoder SPEC (a backbone) or --head FOLDER (a fine-tuned head)")
     if not cfg.frames:
         raise UserError("--frames: give real frames (--frames+ NAME=PATH) for the checks")
-    check_positive(
-        {
-            "--image_size": cfg.image_size,
-            "--n_check": cfg.n_check,
-            "--n_test": cfg.n_test,
-            "--tolerance": cfg.tolerance,
-            "--threads": cfg.threads,
-        }
-    )
-    if _calibrates(cfg):
-        check_positive({"--n_calib": cfg.n_calib})
-    check(7 <= cfg.opset <= 23, "--opset", cfg.opset, "must be 7 to 23")
+    check_fields(cfg)
     if cfg.test_set and not Path(cfg.test_set).exists():
         raise UserError(f"--test_set {cfg.test_set}: no such folder")
     if cfg.executorch and not ondevice.available():  # else found after the ONNX graphs
@@ -169,7 +167,8 @@ def _torch_outputs(model: nn.Module, frames: torch.Tensor, batch_size: int = 8) 
 def export(cfg: ExportConfig) -> dict:
     """Export, quantize and check; returns the report (also written to out/report.json).
 
-    The model and every frame are read, and all options checked, before anything is written;
+    The model and every frame are read (decoded), and all options checked, before anything is
+    written;
     OUT is locked while the export runs, and an export already there needs --overwrite."""
     out = Path(cfg.out)
     check_config(cfg)
@@ -187,18 +186,31 @@ def export(cfg: ExportConfig) -> dict:
         encoder.check_input_size(cfg.image_size, cfg.image_size, "--image_size")
     checked, calib = _split_frames(cfg)
     test = _test_frames(cfg, spec.task_type) if spec is not None and cfg.test_set else []
+    decoded = _decode(cfg, spec, checked, calib, test)  # an unreadable frame: nothing written
     with claim_run_dir(out, "export", OWNED, overwrite=cfg.overwrite):
         if cfg.overwrite:
             remove_owned(out, OWNED)
         save_config(cfg, out / "config.yaml")
         if spec is not None:  # the head itself, so that the folder serves every backend
             save_head(model, replace(spec, image_size=cfg.image_size), out / HEAD_DIR)
-        return _export(cfg, out, model, spec, (source, output, exported), checked, calib, test)
+        what = (source, output, exported)
+        return _export(cfg, out, model, spec, what, checked, calib, test, decoded)
 
 
-def _export(cfg: ExportConfig, out: Path, model, spec, what, checked, calib, test) -> dict:
+def _decode(cfg: ExportConfig, spec, checked, calib, test) -> dict:
+    """The check, calibration and test frames (and test targets) as arrays."""
+    size = cfg.image_size
+    return {
+        "check": frames_tensor(checked, size),
+        "calib": frames_tensor(calib, size).numpy() if calib else None,
+        "test": frames_tensor(test, size) if test else None,
+        "targets": test_set_targets(test, spec, size) if test else None,
+    }
+
+
+def _export(cfg: ExportConfig, out: Path, model, spec, what, checked, calib, test, decoded) -> dict:
     source, output, exported = what
-    x_check = frames_tensor(checked, cfg.image_size)
+    x_check, x_calib = decoded["check"], decoded["calib"]
     reference = _torch_outputs(model, x_check)
     report: dict = {
         "source": source,
@@ -219,7 +231,6 @@ def _export(cfg: ExportConfig, out: Path, model, spec, what, checked, calib, tes
             model, out / "model_fp32.onnx", cfg.image_size, cfg.opset, cfg.exporter, (output,)
         )
     }
-    x_calib = frames_tensor(calib, cfg.image_size).numpy() if calib else None
     if cfg.int8:
         paths["int8"] = quantize_int8(
             paths["fp32"], out / "model_int8.onnx", x_calib, cfg.per_channel, cfg.calib_method
@@ -240,8 +251,7 @@ def _export(cfg: ExportConfig, out: Path, model, spec, what, checked, calib, tes
     report["fp32_ok"] = report["models"]["fp32"]["max_abs"] <= cfg.tolerance
 
     if test:
-        x_test = frames_tensor(test, cfg.image_size)
-        targets = test_set_targets(test, spec, cfg.image_size)
+        x_test, targets = decoded["test"], decoded["targets"]
         name, base = head_metric(spec, _torch_outputs(model, x_test), targets)
         report["test"] = {"set": cfg.test_set, "n": len(test), "metric": name, "torch": base}
         report["test"]["files"] = [f.file for f in test]

@@ -45,7 +45,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sonodistill.config import save_config
+from sonodistill.config import (
+    Axis3D,
+    ClosedUnitInterval,
+    OpenUnitInterval,
+    PositiveFloat,
+    PositiveInt,
+    RightOpenUnitInterval,
+    check_fields,
+    restricted_number_type,
+    save_config,
+)
 from sonodistill.data.geometry import Geometry, read_geometry
 from sonodistill.data.masks import is_mask
 from sonodistill.data.readers import (
@@ -101,6 +111,8 @@ from sonodistill.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
+ImageSide = restricted_number_type("ImageSide", int, (">=", 16), docstring="int >= 16")
+
 OWNED = ("predictions.csv", "summary.json", "summary.md", "config.yaml", "masks", "overlays")
 PARTIAL = ".partial"
 
@@ -116,29 +128,29 @@ class PredictConfig:
     backend: str | None = None
     """torch | ort_fp32 | ort_int8 | executorch_fp32 | executorch_int8 (default: see above)."""
     out: str = "runs/predict"
-    image_size: int | None = None
+    image_size: ImageSide | None = None
     """Model input side; default: the model's own (head.yaml, or the exported graph)."""
-    threshold: float = 0.5
+    threshold: OpenUnitInterval = 0.5
     """Foreground probability at which a pixel belongs to the mask."""
-    opacity: float = OPACITY
+    opacity: ClosedUnitInterval = OPACITY
     """Of the mask colour in overlays."""
-    smoothing: float = 0.0
+    smoothing: RightOpenUnitInterval = 0.0
     """Temporal EMA along a clip, p'_t = (1 - s) p_t + s p'_{t-1}; 0 = off (e.g. 0.5)."""
     check_torch: bool = False
     """Also run the PyTorch head on every frame and report the Dice between its masks and the
     backend's (before smoothing); the extra time is kept out of the timings."""
     masks: bool = True
     overlays: bool = True
-    max_frames: int | None = None
+    max_frames: PositiveInt | None = None
     """At most this many frames of each source (the first ones)."""
     layout: Literal["auto", "sequence", "volume"] = "auto"
     """3D files: 2D+t sequence (frames along z) or volume (slices along `axis`)."""
-    axis: int = 0
-    pixel_spacing_mm: list[float] = field(default_factory=list)
+    axis: Axis3D = 0
+    pixel_spacing_mm: list[PositiveFloat] = field(default_factory=list)
     """[row, column] or [both] mm per pixel, replacing what the files say."""
-    fps: float | None = None
+    fps: PositiveFloat | None = None
     """Frame rate for the time column and overlay videos, replacing what the files say."""
-    threads: int | None = None
+    threads: PositiveInt | None = None
     """CPU threads of the runtime (default: PyTorch's current count)."""
     overwrite: bool = False
     """Replace an existing output folder."""
@@ -182,20 +194,7 @@ def check_options(cfg: PredictConfig) -> None:
     named = backend_of_file(cfg.model) if Path(cfg.model).is_file() else None
     if named and cfg.backend and cfg.backend != named:
         raise UserError(f"--model {cfg.model} is the {named} file, not {cfg.backend}'s")
-    if not 0.0 < cfg.threshold < 1.0:
-        raise UserError(f"--threshold must be in (0, 1), not {cfg.threshold}")
-    if not 0.0 <= cfg.opacity <= 1.0:
-        raise UserError(f"--opacity must be in [0, 1], not {cfg.opacity}")
-    if not 0.0 <= cfg.smoothing < 1.0:
-        raise UserError(f"--smoothing must be in [0, 1), not {cfg.smoothing}")
-    if cfg.max_frames is not None and cfg.max_frames < 1:
-        raise UserError("--max_frames must be >= 1")
-    if cfg.fps is not None and cfg.fps <= 0:
-        raise UserError("--fps must be > 0")
-    if cfg.axis not in (0, 1, 2):
-        raise UserError(f"--axis must be 0, 1 or 2, not {cfg.axis}")
-    if cfg.image_size is not None and cfg.image_size < 16:
-        raise UserError("--image_size must be >= 16")
+    check_fields(cfg)
     _spacing(cfg)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():

@@ -55,15 +55,20 @@ def load_latest(path: str | Path) -> tuple[dict, Path] | None:
     for candidate in candidates:
         try:
             state = load_checkpoint(candidate)
+        except Exception as err:  # zero bytes, a cut zip, another file: torch's words mislead
+            log.debug("torch.load(%s): %s", candidate, err)
+            reason = (
+                "empty (0 bytes)"
+                if candidate.stat().st_size == 0
+                else "damaged, or not a checkpoint of sonodistill distill"
+            )
+        else:
             missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
-            if missing:
-                raise ValueError(f"no {', '.join(missing)}")
-        except Exception as err:  # zero bytes, truncated zip, not a checkpoint
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            problems.append(f"{candidate.name}: {reason}")
-            log.warning("checkpoint %s is unreadable (%s); trying an older one", candidate, reason)
-            continue
-        return state, candidate
+            if not missing:
+                return state, candidate
+            reason = f"not a checkpoint of sonodistill distill (no {', '.join(missing)})"
+        problems.append(f"{candidate.name}: {reason}")
+        log.warning("checkpoint %s is unreadable (%s); trying an older one", candidate, reason)
     if problems:
         raise UserError(
             f"{path.parent}: no readable checkpoint ({'; '.join(problems)}); "

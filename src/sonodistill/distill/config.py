@@ -6,7 +6,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from sonodistill.errors import UserError, check, check_positive, unknown_name
+from sonodistill.config import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    RightOpenUnitInterval,
+    check_fields,
+)
+from sonodistill.errors import UserError, unknown_name
 from sonodistill.models import StudentConfig, TeacherConfig
 
 
@@ -14,14 +22,14 @@ from sonodistill.models import StudentConfig, TeacherConfig
 class OptimConfig:
     """AdamW and the learning-rate schedule."""
 
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
+    lr: PositiveFloat = 1e-4
+    weight_decay: NonNegativeFloat = 0.05
+    betas: tuple[RightOpenUnitInterval, RightOpenUnitInterval] = (0.9, 0.999)
     schedule: Literal["constant", "cosine"] = "constant"
     """The paper states a fixed AdamW lr; cosine decays to min_lr after warm-up."""
-    warmup_steps: int = 0
-    min_lr: float = 0.0
-    grad_clip: float | None = None
+    warmup_steps: NonNegativeInt = 0
+    min_lr: NonNegativeFloat = 0.0
+    grad_clip: PositiveFloat | None = None
     """Clip the global gradient norm to this value (off by default)."""
 
 
@@ -39,29 +47,29 @@ class DistillConfig:
     loss: str = "token_mse"
     """Objective, by its name in sonodistill.distill.loss: token_mse (Eq. 6), token_cosine,
     token_smooth_l1, or one you register with `register_loss`."""
-    img_size: int = 224
+    img_size: PositiveInt = 224
     augment: Literal["us", "default", "none"] = "us"
     mixup: bool = True
-    batch_size: int = 512
+    batch_size: PositiveInt = 512
     """Global batch, split evenly across devices and nodes."""
-    epochs: int = 1
-    max_steps: int | None = None
+    epochs: PositiveInt = 1
+    max_steps: PositiveInt | None = None
     """Stop after this many optimiser steps (replaces epochs when set)."""
-    val_fraction: float = 0.0
+    val_fraction: RightOpenUnitInterval = 0.0
     """Images held out (deterministically) to track loss and cosine without augmentation."""
-    val_every: int = 0
+    val_every: NonNegativeInt = 0
     """Evaluate the held-out images every N steps (0: only at the start and the end)."""
-    seed: int = 0
+    seed: NonNegativeInt = 0
     accelerator: str = "auto"
     devices: int | str = 1
-    num_nodes: int = 1
+    num_nodes: PositiveInt = 1
     strategy: str = "auto"
     """Fabric strategy: auto, ddp, ddp_spawn (CPU tests), ..."""
     precision: str = "auto"
     """auto: bf16-mixed on GPU, 32-true on CPU; or set 32-true, bf16-mixed, 16-mixed."""
-    num_workers: int = 4
+    num_workers: NonNegativeInt = 4
     """Decoding processes per device; they stay alive across epochs (persistent workers)."""
-    prefetch_factor: int = 4
+    prefetch_factor: PositiveInt = 4
     """Batches each worker decodes ahead of the step (with num_workers > 0)."""
     channels_last: bool = True
     """The CNN student and its input in channels_last memory format (faster convolutions on
@@ -69,8 +77,8 @@ class DistillConfig:
     compile: bool = False
     """torch.compile the teacher and the student (off until measured on your GPU:
     benchmarks/distill_throughput.py --compile compares both)."""
-    log_every: int = 10
-    checkpoint_every: int = 500
+    log_every: PositiveInt = 10
+    checkpoint_every: PositiveInt = 500
     resume: bool = False
     """Continue the run in OUT (from checkpoints/last.pt, else previous.pt); a new run when OUT
     holds none. Options that change the run's trajectory must stay as they were; longer
@@ -112,33 +120,7 @@ def check_config(cfg: DistillConfig) -> None:
         raise UserError("--data: no training data; pass an image folder, corpus, manifest or pack")
     if not Path(cfg.data).exists():
         raise UserError(f"--data {cfg.data}: no such file or folder")
-    check_positive(
-        {
-            "--img_size": cfg.img_size,
-            "--batch_size": cfg.batch_size,
-            "--epochs": cfg.epochs,
-            "--max_steps": cfg.max_steps,
-            "--log_every": cfg.log_every,
-            "--checkpoint_every": cfg.checkpoint_every,
-            "--num_nodes": cfg.num_nodes,
-            "--optim.lr": cfg.optim.lr,
-            "--optim.grad_clip": cfg.optim.grad_clip,
-            "--teacher.n_blocks": cfg.teacher.n_blocks,
-        }
-    )
-    check_positive(
-        {
-            "--val_every": cfg.val_every,
-            "--num_workers": cfg.num_workers,
-            "--optim.weight_decay": cfg.optim.weight_decay,
-            "--optim.warmup_steps": cfg.optim.warmup_steps,
-            "--optim.min_lr": cfg.optim.min_lr,
-        },
-        allow_zero=True,
-    )
-    check(0 <= cfg.val_fraction < 1, "--val_fraction", cfg.val_fraction, "must be in [0, 1)")
-    betas = list(cfg.optim.betas)
-    check(all(0 <= b < 1 for b in betas), "--optim.betas", betas, "must be in [0, 1)")
+    check_fields(cfg)
     if cfg.loss not in LOSSES:
         raise unknown_name("objective", cfg.loss, LOSSES, "--loss")
     if not timm.is_model(cfg.student.name):  # the teacher's family checks its own names

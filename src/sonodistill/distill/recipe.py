@@ -60,7 +60,7 @@ from sonodistill.distill.run import (
     read_config,
 )
 from sonodistill.distill.signals import StopRequest, ignore_stop_signals
-from sonodistill.errors import Interrupted, UserError, check, check_positive
+from sonodistill.errors import Interrupted, UserError, check
 from sonodistill.io import claim_run_dir, read_json, remove_owned, write_json
 from sonodistill.models import Student, Teacher, to_model_input
 from sonodistill.progress import progress_bar
@@ -107,7 +107,9 @@ def _fabric(cfg: DistillConfig) -> Fabric:
 
 
 def _check_data(cfg: DistillConfig, world_size: int) -> Dataset:
-    """The training images (listed, not read), checked against the batch size."""
+    """The training images, checked against the batch size and read until one decodes (the
+    loader skips unreadable ones; a folder of only unreadable images fails here, before the run
+    folder is claimed, not after the run wrote its config and logs)."""
     check(
         cfg.batch_size % world_size == 0,
         "--batch_size",
@@ -122,6 +124,10 @@ def _check_data(cfg: DistillConfig, world_size: int) -> Dataset:
         cfg.batch_size,
         f"{cfg.data} has {n_train} training images, fewer than one batch",
     )
+    try:
+        dataset[0]
+    except UserError as err:
+        raise UserError(f"--data {cfg.data}: {err}") from None
     return dataset
 
 
@@ -251,7 +257,6 @@ def _run(fabric: Fabric, cfg: DistillConfig) -> dict:
 
 def _check_devices(fabric: Fabric, cfg: DistillConfig) -> None:
     """Options that depend on the devices, checked before anything is written."""
-    check_positive({"--prefetch_factor": cfg.prefetch_factor})
     cpu_processes = fabric.world_size > 1 and fabric.device.type == "cpu"
     why = "needs GPUs: torch's SyncBatchNorm has no CPU implementation (use false on CPU)"
     check(not (cfg.student.sync_bn and cpu_processes), "--student.sync_bn", "true", why)
@@ -483,9 +488,13 @@ def _check_finite(fabric: Fabric, first_bad: torch.Tensor, step: int, saved: int
     """UserError naming the first step whose loss was not finite on any rank, if any."""
     bad = fabric.all_reduce(first_bad.where(first_bad >= 0, step + 1).float(), reduce_op="min")
     if int(bad.item()) <= step:
+        kept = (
+            f"its last good checkpoint (step {saved}) is kept in {Path(cfg.out) / LAST_CHECKPOINT}"
+            if saved
+            else "no checkpoint was saved before"
+        )
         raise UserError(
-            f"the loss was not finite (nan or inf) at step {int(bad.item())}: run stopped; its "
-            f"last good checkpoint (step {saved}) is kept in {Path(cfg.out) / LAST_CHECKPOINT}; "
+            f"the loss was not finite (nan or inf) at step {int(bad.item())}: run stopped; {kept}; "
             "lower --optim.lr or set --optim.grad_clip and start over (--overwrite true)"
         )
 

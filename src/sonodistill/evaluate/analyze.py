@@ -20,11 +20,22 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from sonodistill.config import save_config
+from sonodistill.config import (
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    check_fields,
+    restricted_number_type,
+    save_config,
+)
+from sonodistill.errors import unknown_name
 from sonodistill.evaluate.embed import load_embeddings
 from sonodistill.io import atomic_path, lock_run_dir, write_parquet, write_table
 
 log = logging.getLogger(__name__)
+
+TsneSteps = restricted_number_type("TsneSteps", int, (">=", 250), docstring="int >= 250")
+AtLeastTwo = restricted_number_type("AtLeastTwo", int, (">=", 2), docstring="int >= 2")
 
 
 @dataclass
@@ -40,19 +51,19 @@ class AnalyzeConfig:
     method: Literal["tsne", "umap"] = "tsne"
     """UMAP needs the optional extra: pip install 'sonodistill[umap]'."""
     color_by: str = "dataset"
-    top_k: int = 10
+    top_k: PositiveInt = 10
     """Datasets named in the legend; the others are drawn in grey as 'other'."""
-    perplexity: float = 30.0
-    tsne_iter: int = 1000
+    perplexity: PositiveFloat = 30.0
+    tsne_iter: TsneSteps = 1000
     """t-SNE optimisation steps (at least 250)."""
-    pca_dim: int = 50
+    pca_dim: PositiveInt = 50
     """PCA before t-SNE/UMAP (standard practice: denoises and speeds up)."""
-    knn_k: int = 5
-    folds: int = 5
-    max_points: int | None = 5000
+    knn_k: PositiveInt = 5
+    folds: AtLeastTwo = 5
+    max_points: PositiveInt | None = 5000
     """Random subset for the projection (t-SNE is quadratic); metrics use all points."""
-    seed: int = 0
-    threads: int | None = None
+    seed: NonNegativeInt = 0
+    threads: PositiveInt | None = None
     """BLAS/OpenMP threads for PCA, t-SNE and k-NN (1 is much faster on a busy machine)."""
 
 
@@ -183,6 +194,7 @@ def analyze(cfg: AnalyzeConfig) -> Path:
     """Projection figure and metrics table for every model; returns the output folder."""
     from threadpoolctl import threadpool_limits
 
+    check_fields(cfg)
     # OpenMP/BLAS pools spin-wait: on a shared CPU, oversubscription costs 10-50x on t-SNE.
     with threadpool_limits(limits=cfg.threads):
         return _analyze(cfg)
@@ -190,19 +202,21 @@ def analyze(cfg: AnalyzeConfig) -> Path:
 
 def _analyze(cfg: AnalyzeConfig) -> Path:
     meta, arrays = load_embeddings(cfg.embeddings)
+    models = cfg.models or [k for k in arrays if not k.endswith(".cls")]
+    for model in models:  # checked before anything is written
+        if model not in arrays:
+            raise unknown_name("model (no embeddings of it)", model, arrays, "--models")
+    if cfg.color_by not in meta.columns:
+        raise unknown_name("metadata column", cfg.color_by, meta.columns, "--color_by")
     out = Path(cfg.out) if cfg.out else Path(cfg.embeddings) / "analysis"
     with lock_run_dir(out, "analyze"):  # one analysis at a time writes a folder
-        return _analyze_into(cfg, out, meta, arrays)
+        return _analyze_into(cfg, out, meta, arrays, models)
 
 
-def _analyze_into(cfg: AnalyzeConfig, out: Path, meta: pd.DataFrame, arrays: dict) -> Path:
+def _analyze_into(
+    cfg: AnalyzeConfig, out: Path, meta: pd.DataFrame, arrays: dict, models: list[str]
+) -> Path:
     save_config(cfg, out / "config.yaml")
-    models = cfg.models or [k for k in arrays if not k.endswith(".cls")]
-    unknown = [m for m in models if m not in arrays]
-    if unknown:
-        raise KeyError(f"analyze: no embeddings for {unknown}; available: {sorted(arrays)}")
-    if cfg.color_by not in meta.columns:
-        raise KeyError(f"analyze: color_by {cfg.color_by!r} not in {list(meta.columns)}")
     labels = meta[cfg.color_by].astype(str).to_numpy()
     groups = meta["group"].astype(str).to_numpy() if "group" in meta else np.arange(len(meta))
 

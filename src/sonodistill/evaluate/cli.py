@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sonodistill.config import parse_config
+from sonodistill.errors import unknown_name
 
 EVALUATE = (
     "Downstream evaluation (paper Tables 2, 3, 4, 6, 7): encoders x tasks x protocols x label "
@@ -43,6 +44,8 @@ def evaluate_main(argv: list[str]) -> int:
 
     if argv and argv[0] == "audit":
         return audit_main(argv[1:])
+    if argv and not argv[0].startswith("-"):  # no positional argument: a misspelt `audit`
+        raise unknown_name("command", argv[0], ["audit"], see="see sonodistill evaluate --help")
     cfg = parse_config(SuiteConfig, argv, "sonodistill evaluate", EVALUATE)
     if cfg.dry_run:
         from sonodistill.evaluate.estimate import dry_run

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sonodistill.config import save_config
+from sonodistill.config import NonNegativeInt, PositiveInt, check_fields, save_config
 from sonodistill.data.listing import collect_frames, frames_tensor
 from sonodistill.distill.run import load_encoder
 from sonodistill.errors import UserError
@@ -51,17 +51,17 @@ class EmbedConfig:
     dinov3-convnext:ARCH=FILE, sam2:ARCH=FILE, vit:ARCH=FILE (`@LABEL`), or EncoderSpec fields
     as a mapping (options, model_kwargs)."""
     out: str = "runs/embed"
-    image_size: int = 224
+    image_size: PositiveInt = 224
     """Frames are resized (bilinear) to image_size x image_size grey, as in distillation."""
-    batch_size: int = 32
-    max_per_source: int | None = 500
+    batch_size: PositiveInt = 32
+    max_per_source: PositiveInt | None = 500
     """Frames kept per source (random, seeded) so that no dataset swamps the plots."""
-    frames_per_video: int = 8
+    frames_per_video: PositiveInt = 8
     label_component: int | None = None
     """Append this path component (under the source folder) to the dataset label."""
     anatomy: list[str] = field(default_factory=list)
     """`DATASET=ANATOMY` pairs, e.g. busi=breast ddti=thyroid lung=lung."""
-    seed: int = 0
+    seed: NonNegativeInt = 0
     device: str = "cpu"
 
 
@@ -92,6 +92,7 @@ def slug(text: str) -> str:
 
 def embed(cfg: EmbedConfig) -> Path:
     """Embed all frames of cfg.sources with every encoder; returns the output folder."""
+    check_fields(cfg)
     if not cfg.sources:
         raise UserError("--sources: give at least one source (--sources+ NAME=PATH)")
     out = Path(cfg.out)
@@ -119,22 +120,27 @@ def embed(cfg: EmbedConfig) -> Path:
     )
     log.info("embed: %d frames from %d datasets", len(frames), meta.dataset.nunique())
     with lock_run_dir(out, "embed"):  # frames and encoders ready: one embed writes at a time
+        vectors = _embed_all(cfg, frames, encoders)  # an unreadable frame: nothing written
         save_config(cfg, out / "config.yaml")
         write_parquet(out / "metadata.parquet", meta)
-        return _embed_into(cfg, out, frames, encoders, labels)
+        return _write_embeddings(out, frames, encoders, labels, vectors, cfg.image_size)
 
 
-def _embed_into(cfg: EmbedConfig, out: Path, frames, encoders, labels) -> Path:
+def _embed_all(cfg: EmbedConfig, frames, encoders) -> list[dict[str, list[np.ndarray]]]:
+    """Per encoder, {vector name: batches}; every frame is read once for all encoders."""
     vectors: list[dict[str, list[np.ndarray]]] = [{} for _ in encoders]
     starts = range(0, len(frames), cfg.batch_size)
     for start in track(starts, "embedding", total=len(starts)):
         images = frames_tensor(frames[start : start + cfg.batch_size], cfg.image_size)
         images = images.to(cfg.device)
-        for k, encoder in enumerate(encoders):  # frames are read once for all encoders
+        for k, encoder in enumerate(encoders):
             for name, v in embed_batch(encoder, images).items():
                 vectors[k].setdefault(name, []).append(v)
+    return vectors
 
-    index = {"n": len(frames), "image_size": cfg.image_size, "models": []}
+
+def _write_embeddings(out: Path, frames, encoders, labels, vectors, image_size: int) -> Path:
+    index = {"n": len(frames), "image_size": image_size, "models": []}
     for encoder, label, named in zip(encoders, labels, vectors, strict=True):
         entry = {
             "label": label,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from sonodistill.config import NonNegativeFloat, NonNegativeInt, PositiveFloat
 from sonodistill.data.neardup import (
     CANDIDATE_BITS,
     THRESHOLD,
@@ -45,17 +46,17 @@ FRACTIONS = (0.05, 0.1, 0.2, 0.5)
 
 @dataclass
 class SplitConfig:
-    seed: int = 0
-    near_duplicate: float = THRESHOLD
+    seed: NonNegativeInt = 0
+    near_duplicate: PositiveFloat = THRESHOLD
     """Similarity (data.neardup, 0-1) from which two images are near duplicates and share a
     split; above 1: exact copies only."""
     label_conflicts: Literal["drop", "keep"] = "drop"
     """Classification: images of a duplicate group with different labels are left out (drop)
     or kept (keep: one image, two labels, possibly in train and test)."""
-    seg_counts: list[int] | None = None
+    seg_counts: list[NonNegativeInt] | None = None
     """Segmentation (train, val, test) proportions as counts; default DDTI's 445/127/65, which
     a 637-image set gets exactly and other sets get scaled to their size."""
-    proportions: list[float] | None = None
+    proportions: list[NonNegativeFloat] | None = None
     """(train, val, test) proportions; overrides the defaults above."""
 
 

@@ -29,10 +29,20 @@ from pathlib import Path
 
 import yaml
 
-from sonodistill.config import config_changes, describe_changes, save_config, to_dict
+from sonodistill.config import (
+    LeftOpenUnitInterval,
+    NonNegativeInt,
+    PositiveFloat,
+    check_fields,
+    config_changes,
+    describe_changes,
+    restricted_number_type,
+    save_config,
+    to_dict,
+)
 from sonodistill.data.neardup import LOOSE, Fingerprints
 from sonodistill.distill.run import AUGMENT_NAMES, load_encoder, resolve_encoder, student_recipe
-from sonodistill.errors import UserError, check, check_positive, unknown_name
+from sonodistill.errors import UserError, check, unknown_name
 from sonodistill.evaluate.audit import LeakError, audit_task, summary_line
 from sonodistill.evaluate.datasets import (
     DatasetIndex,
@@ -60,6 +70,10 @@ from sonodistill.models.encoders import RANDOM, EncoderSpec, family_of, parse_sp
 from sonodistill.models.student import StudentConfig
 from sonodistill.progress import progress_bar
 
+Folds = restricted_number_type(
+    "Folds", int, [("==", 0), (">=", 2)], join="or", docstring="0 or an int >= 2"
+)
+
 
 @dataclass
 class SuiteConfig:
@@ -75,12 +89,12 @@ class SuiteConfig:
     datasets: dict[str, dict] = field(default_factory=dict)
     """Your own tasks: name -> DatasetSpec fields (kind seg_folder|cls_folder|busi|ddti, root)."""
     protocols: list[str] = field(default_factory=lambda: ["linear", "finetune"])
-    fractions: list[float] = field(default_factory=lambda: [1.0])
+    fractions: list[LeftOpenUnitInterval] = field(default_factory=lambda: [1.0])
     """Label fractions of the training split (nested subsets): 1.0, 0.5, 0.2, 0.1, 0.05."""
     fraction_protocols: list[str] = field(default_factory=lambda: ["finetune"])
     """Protocols run at fractions below 1 (the paper's Table 4 is fine-tuning only)."""
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    folds: int = 0
+    seeds: list[NonNegativeInt] = field(default_factory=lambda: [0, 1, 2])
+    folds: Folds = 0
     """0: the paper's fixed train/val/test split; K >= 2: group K-fold cross-validation (every
     image tested once per seed; val carved from the training folds)."""
     reference: str | None = None
@@ -92,7 +106,7 @@ class SuiteConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     accept_leaks: bool = False
     """Start even when the audit finds near-duplicate pairs or groups across splits."""
-    audit_loose: float = LOOSE
+    audit_loose: PositiveFloat = LOOSE
     """The audit's looser similarity: pairs listed for a look, not grouped."""
     tables_only: bool = False
     """Only rebuild the tables from the run JSONs already in `out`."""
@@ -245,7 +259,6 @@ def plan(cfg: SuiteConfig) -> list[Run]:
     labels = [encoder_label(s) for s in specs]
     if len(set(labels)) != len(labels):
         raise UserError(f"--encoders: labels must be unique (add @LABEL): {labels}")
-    check(cfg.folds == 0 or cfg.folds >= 2, "--folds", cfg.folds, "use 0 (fixed split) or >= 2")
     folds = list(range(cfg.folds)) if cfg.folds else [None]
     runs = []
     for task in cfg.tasks:
@@ -312,25 +325,7 @@ SPEED_ONLY = ("device", "num_workers", "feature_cache")
 def check_options(cfg: SuiteConfig) -> list[Run]:
     """The suite's options (not its encoders or datasets): the runs to do, or a UserError
     naming the first bad option."""
-    t = cfg.train
-    check_positive(
-        {
-            "--train.epochs": t.epochs,
-            "--train.seg_size": t.seg_size,
-            "--train.cls_size": t.cls_size,
-            "--train.seg_batch": t.seg_batch,
-            "--train.cls_batch": t.cls_batch,
-            "--train.lr": t.lr,
-            "--train.restart_epochs": t.restart_epochs,
-            "--train.subset": t.subset,
-        }
-    )
-    check_positive(
-        {"--train.weight_decay": t.weight_decay, "--train.num_workers": t.num_workers},
-        allow_zero=True,
-    )
-    for fraction in cfg.fractions:
-        check(0 < fraction <= 1, "--fractions", fraction, "must be in (0, 1]")
+    check_fields(cfg)
     check(bool(cfg.seeds), "--seeds", cfg.seeds, "give at least one seed")
     for protocol in cfg.fraction_protocols:
         if protocol not in PROTOCOLS:

@@ -20,6 +20,7 @@ from segmentation_models_pytorch.losses import DiceLoss, FocalLoss
 from torch import nn
 from torch.utils.data import DataLoader
 
+from sonodistill.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from sonodistill.evaluate.datasets import ClsDataset, DatasetIndex, Record, SegDataset
 from sonodistill.evaluate.heads import Protocol, build_model, trainable_parameters
 from sonodistill.evaluate.metrics import (
@@ -38,16 +39,16 @@ from sonodistill.models.encoders import Encoder, EncoderSpec
 class TrainSettings:
     """The paper's recipe (Sec. 4.3); lower sizes, epochs and subset for CPU smoke runs."""
 
-    seg_size: int = 256
-    cls_size: int = 224
-    epochs: int = 50
-    seg_batch: int = 32
-    cls_batch: int = 16
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    restart_epochs: int = 10
+    seg_size: PositiveInt = 256
+    cls_size: PositiveInt = 224
+    epochs: PositiveInt = 50
+    seg_batch: PositiveInt = 32
+    cls_batch: PositiveInt = 16
+    lr: PositiveFloat = 1e-4
+    weight_decay: NonNegativeFloat = 0.01
+    restart_epochs: PositiveInt = 10
     """Cosine annealing with warm restarts: epochs per cycle (T_0)."""
-    subset: int | None = None
+    subset: PositiveInt | None = None
     """Use at most this many images per split (evenly spaced, so classes stay mixed)."""
     hflip: bool = False
     """Random horizontal flips while training (the paper states no downstream augmentation)."""
@@ -67,7 +68,7 @@ class TrainSettings:
     precision: Literal["auto", "32", "bf16"] = "auto"
     """auto: bf16 autocast on a GPU (losses in fp32), fp32 on a CPU."""
     device: str = "auto"
-    num_workers: int | None = None
+    num_workers: NonNegativeInt | None = None
     """DataLoader workers (persistent, pinned batches on a GPU); default: 4 on a GPU, 0 on a CPU,
     where the cores are busy with the model."""
 

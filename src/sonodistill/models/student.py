@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sonodistill.config import PositiveInt
 from sonodistill.models.encoders import EncoderSpec, build_encoder
 from sonodistill.models.families.timm_cnn import TimmCNN
 
@@ -25,7 +26,7 @@ class StudentConfig:
     converts for the architecture, e.g. Meta's DINOv3 ConvNeXt .pth for convnext_tiny."""
     head: Literal["linear", "mlp"] = "linear"
     """Projection head: a single linear layer (1x1 conv, Sec. 3.2) or a two-layer MLP (Sec. 3.5)."""
-    mlp_hidden: int | None = None
+    mlp_hidden: PositiveInt | None = None
     """Hidden width of the MLP head; default: the backbone's channel count."""
     sync_bn: bool = False
     """BatchNorm statistics over the global batch (SyncBatchNorm) when training on several

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from sonodistill.config import PositiveInt
 from sonodistill.models.encoders import RANDOM, Encoder, EncoderSpec, build_encoder
 from sonodistill.models.families.base import resize_to
 from sonodistill.models.families.dinov3_vit import WEIGHTS_ENV, WEIGHTS_HELP
@@ -34,7 +35,7 @@ class TeacherConfig:
     """Official .pth (or training checkpoint), timm or Hugging Face file or snapshot folder."""
     random_init: bool = False
     """Explicitly allow a randomly initialised teacher (tests and smoke runs only)."""
-    n_blocks: int = 2
+    n_blocks: PositiveInt = 2
     """Token maps of this many last blocks are concatenated on channels."""
     norm: bool = True
     """Pass each block's tokens through the final norm, as get_intermediate_layers(norm=True)."""
