@@ -526,7 +526,7 @@ APP_ROWS = [
         AppRow(
             "SIGINT with an upload in flight",
             "stop SIGINT",
-            0,
+            130,
             "sonodistill app: stopped (SIGINT); 1 upload(s) in progress dropped",
         ),
         marks=pytest.mark.slow,

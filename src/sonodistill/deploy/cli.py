@@ -50,9 +50,9 @@ def predict_main(argv: list[str]) -> int:
 
 
 def app_main(argv: list[str]) -> int:
-    """Serves until interrupted (Ctrl-C); every session is dropped on the way out."""
+    """Serves until Ctrl-C (exit 130) or SIGTERM (exit 0); every session is dropped on the way
+    out."""
     from sonodistill.deploy.app import server as module
 
     cfg = parse_config(module.AppConfig, argv, "sonodistill app", module.__doc__)
-    module.serve(cfg)
-    return 0
+    return module.serve(cfg)

@@ -56,7 +56,7 @@ from sonodistill.deploy.app.sessions import (
 from sonodistill.deploy.app.workdir import clear_stale_workdirs, make_workdir
 from sonodistill.deploy.pipeline import OPACITY, FramePredictor, class_names, warm_up
 from sonodistill.deploy.runtimes import BACKENDS, ModelFolder, open_model_folder, open_runner
-from sonodistill.errors import UserError, check, check_positive
+from sonodistill.errors import INTERRUPTED, UserError, check, check_positive
 from sonodistill.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -514,9 +514,11 @@ def server(cfg: AppConfig) -> _Server:
     return _Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
 
 
-def serve(cfg: AppConfig) -> None:
+def serve(cfg: AppConfig) -> int:
     """Check the options, bind, say where, serve until SIGINT (Ctrl-C) or SIGTERM; on the
-    way out every session is dropped, uploads in flight included, and one line says so."""
+    way out every session is dropped, uploads in flight included, and one line says so.
+    Returns the exit code: 130 after Ctrl-C (as every command), 0 after SIGTERM (the stop a
+    service manager asks for)."""
     check_options(cfg)
     try:
         sock = bind(cfg.host, cfg.port)
@@ -539,6 +541,7 @@ def serve(cfg: AppConfig) -> None:
     why = f" ({', '.join(signal.Signals(s).name for s in received)})" if received else ""
     dropped = f"; {state.dropped} upload(s) in progress dropped" if state.dropped else ""
     print(f"sonodistill app: stopped{why}{dropped}; sessions closed, uploads deleted")
+    return INTERRUPTED if signal.SIGINT in received else 0
 
 
 @contextlib.contextmanager
