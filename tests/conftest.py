@@ -8,6 +8,7 @@ Test modules never import each other; they import the helpers below as `from con
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -17,9 +18,12 @@ import re
 import shlex
 import shutil
 import subprocess
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import av
 import numpy as np
@@ -542,3 +546,33 @@ def assert_refused(row: Refusal, tmp_path: Path, request) -> str:
         assert text not in lines[0], lines[0]
     assert checksum(tmp_path, row.creates) == before
     return lines[0]
+
+
+@contextlib.contextmanager
+def running_app(models: Path, work: Path, address: str = "127.0.0.1", **options):
+    """`sonodistill app` serving `models` in a thread on a free port of `address` (its
+    options checked as the command checks them); yields address, port, url and the app state."""
+    from sonodistill.deploy.app.server import AppConfig, bind, check_options, server
+
+    cfg = AppConfig(models=[str(models)], work_dir=str(work), threads=1, **options)
+    check_options(cfg)
+    sock = bind(address, 0)
+    instance = server(cfg)
+    thread = threading.Thread(target=instance.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if instance.started:
+            break
+        time.sleep(0.05)
+    port = sock.getsockname()[1]
+    try:
+        yield SimpleNamespace(
+            address=address,
+            port=port,
+            url=f"http://{address}:{port}",
+            state=instance.config.app.state.sonodistill,
+            app_state=instance.config.app.state,
+        )
+    finally:
+        instance.should_exit = True
+        thread.join(10)

@@ -9,7 +9,6 @@ import io
 import json
 import os
 import re
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,9 +18,9 @@ from types import SimpleNamespace
 
 import pydicom
 import pytest
-from conftest import BUSI
+from conftest import BUSI, running_app
 
-from sonodistill.deploy.app.server import AppConfig, bind, serve, server
+from sonodistill.deploy.app.server import AppConfig, serve
 from sonodistill.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,19 +41,8 @@ def app(busi_seg_head, tmp_path_factory):
     models = tmp_path_factory.mktemp("app_models")
     (models / "busi_r18").symlink_to(busi_seg_head)
     work = tmp_path_factory.mktemp("app_work")
-    cfg = AppConfig(models=[str(models)], work_dir=str(work), max_upload_mb=1.0, threads=1)
-    sock = bind("127.0.0.1", 0)
-    instance = server(cfg)
-    thread = threading.Thread(target=instance.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if instance.started:
-            break
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    yield SimpleNamespace(url=url, work=work, state=instance.config.app.state.sonodistill)
-    instance.should_exit = True
-    thread.join(10)
+    with running_app(models, work, max_upload_mb=1.0) as app:
+        yield SimpleNamespace(url=app.url, work=work, state=app.state)
 
 
 def _files(folder: Path) -> list[Path]:

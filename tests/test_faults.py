@@ -10,7 +10,6 @@ not say), no traceback, and every file under the test's folder unchanged.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import http.client
@@ -23,11 +22,9 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import av
 import nibabel as nib
@@ -48,6 +45,7 @@ from conftest import (
     TEACHER,
     VIDEOS,
     assert_refused,
+    running_app,
 )
 from conftest import Refusal as Row
 
@@ -637,30 +635,11 @@ UPLOADS = {
 }
 
 
-@contextlib.contextmanager
 def _running_app(models: Path, work: Path, **options):
     """The app in a thread. It binds --host when that is this machine (127.0.0.2), else
     127.0.0.1: under 0.0.0.0 only the Host rule matters, not who can reach the socket."""
-    from sonodistill.deploy.app.server import AppConfig, bind, check_options, server
-
-    cfg = AppConfig(models=[str(models)], work_dir=str(work), threads=1, **options)
-    check_options(cfg)
-    address = cfg.host if cfg.host.startswith("127.") else "127.0.0.1"
-    sock = bind(address, 0)
-    instance = server(cfg)
-    thread = threading.Thread(target=instance.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if instance.started:
-            break
-        time.sleep(0.05)
-    try:
-        yield SimpleNamespace(
-            address=address, port=sock.getsockname()[1], state=instance.config.app.state
-        )
-    finally:
-        instance.should_exit = True
-        thread.join(10)
+    host = options.get("host", "127.0.0.1")
+    return running_app(models, work, host if host.startswith("127.") else "127.0.0.1", **options)
 
 
 def _request(app, method: str, path: str, body: bytes = b"", headers=None) -> tuple[int, str]:
@@ -694,7 +673,7 @@ def _app_answer(row: AppRow, models: Path, tmp: Path, data: Path, monkeypatch) -
         with _running_app(models, work, **row.options) as app:
             headers = {"X-Sonodistill": "1"}
             status, text = _request(app, "POST", "/api/sessions?model=m0&name=f", body, headers)
-            state = app.state.sonodistill
+            state = app.state
             if status == 201:
                 info = json.loads(text)
                 _request(app, "DELETE", f"/api/sessions/{info['id']}", headers=headers)
@@ -709,7 +688,7 @@ def _app_answer(row: AppRow, models: Path, tmp: Path, data: Path, monkeypatch) -
             headers = {"X-Sonodistill": "1", "Origin": arg}
             png = (data / BUSI / "benign" / "benign (3).png").read_bytes()
             status, text = _request(app, "POST", "/api/sessions?model=m0", png, headers)
-            assert app.state.sonodistill.sessions == {}
+            assert app.state.sessions == {}
             return status, text
     if action == "cli":
         from sonodistill.deploy.app import server
@@ -772,7 +751,8 @@ def _start(models: Path, work: Path) -> tuple[int, str]:
 
 def _stop(models: Path, work: Path, sig: signal.Signals) -> tuple[int, str]:
     """A real `sonodistill app` process stopped by `sig` while an upload is arriving: a quiet
-    stop (no traceback, exit 0), the partial upload gone, the client told (503)."""
+    stop (no traceback; exit 0 after SIGTERM, 130 after Ctrl-C), the partial upload gone, the
+    client told (503)."""
     cmd = [sys.executable, "-m", "sonodistill.cli", "app", "--models+", str(models)]
     cmd += ["--port", "0", "--work_dir", str(work)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
