@@ -98,7 +98,8 @@ def config_parser(
     cls: type, prog: str, description: str, positional: dict[str, str] | None = None
 ) -> ArgumentParser:
     """A parser with `--config FILE|NAME` and one flag per (nested) dataclass field, except
-    the fields in `positional` ({field: help}), positional arguments in that order."""
+    the fields in `positional` ({field: help}), positional arguments in that order (`field?`:
+    optional, its default when not given)."""
     parser = ArgumentParser(
         prog=prog, description=description, exit_on_error=False, allow_abbrev=False
     )
@@ -108,9 +109,15 @@ def config_parser(
         help=f"YAML file of options, or a packaged config: {', '.join(packaged_configs())}",
     )
     positional = positional or {}
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     for name, text in positional.items():
-        parser.add_argument(name, help=text)
-    parser.add_class_arguments(cls, nested_key=None, fail_untyped=True, skip=set(positional))
+        if name.endswith("?"):
+            name = name[:-1]
+            parser.add_argument(name, nargs="?", default=defaults[name], help=text)
+        else:
+            parser.add_argument(name, help=text)
+    skip = {name.removesuffix("?") for name in positional}
+    parser.add_class_arguments(cls, nested_key=None, fail_untyped=True, skip=skip)
     return parser
 
 

@@ -116,6 +116,10 @@ class Registry(Generic[T]):
         title = title or getattr(obj, "title", "") or name
         self._entries[name] = Entry(name, obj, str(title), origin)
 
+    def unregister(self, name: str) -> None:
+        """Remove `name` (a test's toy entry, a plugin undone)."""
+        self._entries.pop(name, None)
+
     def alias(self, old: str, new: str, *, deprecated: bool = False) -> None:
         """`old` names the entry `new`; `deprecated` records each use (the CLI prints a line)."""
         self._aliases[old] = (new, deprecated)

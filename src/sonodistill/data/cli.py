@@ -27,7 +27,7 @@ from sonodistill.config import (
     parse_args,
     parse_config,
 )
-from sonodistill.data.neardup import THRESHOLD
+from sonodistill.data.config import THRESHOLD
 from sonodistill.errors import UserError, unknown_name
 from sonodistill.io import write_csv
 
