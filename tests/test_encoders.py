@@ -313,13 +313,13 @@ def test_distill_one_step_with_each_teacher_family(files, ddti, family):
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     fabric = Fabric(accelerator="cpu", devices=1)
     images = (ddti[0] * 255).to(torch.uint8)
-    before = student.head.weight.detach().clone()
+    before = student.projection.weight.detach().clone()
     augment = build_augmentation("us", SIZE)
     objective = get_loss("token_mse").fn
     loss, metrics = train_step(fabric, teacher, student, augment, objective, images, True)
     optimizer.step()
     assert math.isfinite(loss.item()) and -1 <= metrics["cosine"].item() <= 1
-    assert not torch.equal(student.head.weight, before)
+    assert not torch.equal(student.projection.weight, before)
     assert teacher(to_model_input(ddti[0])).shape[1] == teacher.out_channels
 
 

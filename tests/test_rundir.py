@@ -19,7 +19,7 @@ from sonodistill.rundir import LOCK, Layout, RunDir, claim_run_dir, lock_run_dir
 TOY = Layout(
     "toy",
     owned=("config.yaml", "logs", "*.npy"),
-    free_on_resume=("workers", "train.device"),
+    free_on_resume=("workers", "train.device", "logging"),  # `logging` frees logging.*
     resumable=True,
 )
 
@@ -129,11 +129,13 @@ def test_resume_compares_options_except_the_free_ones(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     stored = {"seed": 0, "workers": 2, "out": "a", "train": {"device": "cpu", "lr": 0.1}}
+    stored["logging"] = {"every": 10, "to": "csv"}
     (out / "config.yaml").write_text(yaml.safe_dump(stored))
     run = RunDir(out, TOY, resume=True)
     with run.claim():
         assert run.resuming
         same = {**stored, "workers": 8, "out": "b", "train": {"device": "cuda", "lr": 0.1}}
+        same["logging"] = {"every": 1, "to": "tensorboard"}
         run.check_resume(same)  # only free options changed
         changed = {**same, "seed": 1, "train": {"device": "cpu", "lr": 0.2}}
         with pytest.raises(UserError) as err:
