@@ -26,6 +26,7 @@ from sonodistill.distill.augment import build_augmentation
 from sonodistill.distill.config import DistillConfig
 from sonodistill.distill.loss import get_loss
 from sonodistill.distill.recipe import train_step
+from sonodistill.errors import UserError
 from sonodistill.evaluate.embed import EmbedConfig, embed, load_embeddings
 from sonodistill.evaluate.heads import WithPreprocess, build_model, trainable_parameters
 from sonodistill.evaluate.suite import SuiteConfig, plan
@@ -500,3 +501,19 @@ def test_labels_of_unlabelled_encoders_follow_one_rule(tmp_path):
     assert encoder_label(EncoderSpec(family="timm", weights="random")) == "resnet50-rand"
     assert encoder_recipe("random:resnet18") == {"init": "random", "student": "resnet18"}
     assert weights_file("random:resnet18") is None
+
+
+def test_encoder_specs_have_one_checked_constructor():
+    assert EncoderSpec.parse("teacher:") == EncoderSpec(family="dinov3")  # an alias
+    assert EncoderSpec.parse("random:resnet18@R") == EncoderSpec("timm", "resnet18", "random", "R")
+    spec = EncoderSpec.parse({"family": "sam2", "name": "sam2_hiera_tiny", "weights": "w.pt"})
+    assert (spec.family, spec.name, spec.weights) == ("sam2", "sam2_hiera_tiny", "w.pt")
+    for item, says in [
+        ("randm:resnet18", "--encoders randm: unknown encoder family; did you mean random?"),
+        ("resnet18", "--encoders resnet18: an encoder spec starts with one of timm:, "),
+        ({"family": "timm", "nam": "x"}, "--encoders: nam: unknown key; did you mean name?"),
+        ({"family": "sam"}, "--encoders sam: unknown encoder family; did you mean sam2?"),
+    ]:
+        with pytest.raises(UserError) as err:
+            EncoderSpec.parse(item)
+        assert str(err.value).startswith(says), str(err.value)

@@ -270,3 +270,30 @@ def test_check_outside_jsonargparse():
 
 def test_registered_type_documents_where_to_list_the_names():
     assert "sonodistill list colours" in ColourName.__doc__ and ColourName.__name__ == "ColourName"
+
+
+def test_import_flag_reaches_the_cli_registries_in_a_fresh_process(tmp_path):
+    """`--import MODULE` anywhere on the command line: its registrations are there before the
+    command is looked up (a toy command here), and `sonodistill registry` lists them."""
+    (tmp_path / "toy_commands.py").write_text(
+        "from sonodistill.cli import COMMANDS, Command\n"
+        "def hello(argv):\n"
+        "    print('hello', *argv)\n"
+        "    return 0\n"
+        "COMMANDS.register('hello', Command('says hello', 'toy_commands:hello'))\n"
+    )
+    env = {"PYTHONPATH": f"{tmp_path}:{SRC}", "PATH": "/usr/bin:/bin"}
+
+    def cli(*argv: str) -> subprocess.CompletedProcess:
+        code = "import sys; from sonodistill.cli import main; sys.exit(main(sys.argv[1:]))"
+        return subprocess.run(
+            [sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True
+        )
+
+    listed = cli("registry", "commands", "--import", "toy_commands")
+    assert listed.returncode == 0, listed.stderr
+    assert "hello" in listed.stdout and "toy_commands:5" in listed.stdout  # where registered
+    ran = cli("--import=toy_commands", "hello", "world")
+    assert (ran.returncode, ran.stdout.strip()) == (0, "hello world")
+    without = cli("hello")
+    assert without.returncode == 2 and "'hello': unknown command" in without.stderr
