@@ -71,13 +71,14 @@ class StudentRun(Encoder):
 
     @classmethod
     def recipe(cls, spec: EncoderSpec) -> dict:
-        """What the run did, from its config.yaml (the ablation tables' columns): augmentation,
-        mixup, projection head, student and teacher architectures; a bare backbone file has
-        no recipe on record."""
-        if spec.weights and Path(spec.weights).is_file():
+        """What the run did, from its config.yaml alone (the ablation tables' columns, also for
+        a run still training): augmentation, mixup, projection head, student and teacher
+        architectures; a bare backbone file has no recipe on record."""
+        path = Path(spec.weights or "")
+        if not spec.weights or not path.exists():
+            cls.resolve(spec)  # its message: what is missing
+        if path.is_file():
             return {"init": "distilled"}
-        inner = cls.resolve(spec)
-        path = Path(spec.weights)
         config = read_run_config(path)
         try:
             student, teacher = config["student"], config["teacher"]
@@ -87,7 +88,7 @@ class StudentRun(Encoder):
                 "augmentation": AUGMENT_TITLES.get(config["augment"], str(config["augment"])),
                 "mixup": bool(config["mixup"]),
                 "head": str(projection),
-                "student": inner.name,
+                "student": str(spec.name or student["name"]),
                 "teacher": str(teacher.get("name") or teacher.get("family", "")),
             }
         except (KeyError, TypeError, AttributeError) as err:
