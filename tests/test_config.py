@@ -1,5 +1,6 @@
 """Configs shipped in the package: addressable by name, overridable by a file and by flags, and
-really inside a built wheel."""
+really inside a built wheel. Renamed options: accepted with one deprecation line after the
+command, in flags, config files and stored run configs; an error names the option as typed."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sonodistill.config import packaged_configs, parse_config
+from sonodistill import config
+from sonodistill.cli import main
+from sonodistill.config import packaged_configs, parse_config, upgrade
 from sonodistill.distill import DistillConfig
 from sonodistill.evaluate import SuiteConfig
+from sonodistill.rundir import Layout, RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,9 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 def test_packaged_configs_by_name_file_and_flags(tmp_path):
     assert {"paper_distill_r50", "suites/paper", "suites/smoke_cpu"} <= set(packaged_configs())
     cfg = parse_config(DistillConfig, ["--config", "paper_distill_r50"], "test")
-    assert cfg.student.head == "mlp" and cfg.batch_size == 512 and cfg.num_nodes == 4
+    assert cfg.student.projection == "mlp" and cfg.batch_size == 512 and cfg.num_nodes == 4
     cfg = parse_config(DistillConfig, ["--config=paper_distill_r50.yaml", "--batch_size", "8"], "t")
-    assert cfg.batch_size == 8 and cfg.student.head == "mlp"  # flags after --config win
+    assert cfg.batch_size == 8 and cfg.student.projection == "mlp"  # flags after --config win
     suite = parse_config(SuiteConfig, ["--config", "suites/smoke_cpu"], "test")
     assert suite.train.epochs == 1
     mine = tmp_path / "paper_distill_r50.yaml"  # a file of the same name wins over the package
@@ -64,4 +68,56 @@ def test_a_built_wheel_runs_a_packaged_config_by_name(tmp_path):
     where, _, printed = run.stdout.partition("\n")
     assert Path(where).is_relative_to(site)
     config = yaml.safe_load(printed)
-    assert config["student"]["head"] == "mlp" and config["teacher"]["n_blocks"] == 2
+    assert config["student"]["projection"] == "mlp" and config["teacher"]["n_blocks"] == 2
+
+
+def test_a_renamed_flag_is_accepted_with_one_line_after_the_command(tmp_path, capsys):
+    config.reset_deprecations()
+    cfg = parse_config(DistillConfig, ["--student.head", "mlp"], "test")
+    assert cfg.student.projection == "mlp"
+    assert config.deprecation_lines("sonodistill distill") == [
+        "sonodistill distill: --student.head is deprecated, use --student.projection "
+        "(accepted until 0.3)"
+    ]
+    config.reset_deprecations()
+    old = tmp_path / "old.yaml"  # a config file written before the rename
+    old.write_text(yaml.safe_dump({"student": {"name": "resnet18", "head": "mlp"}}))
+    cfg = parse_config(DistillConfig, ["--config", str(old), "--student.head=linear"], "test")
+    assert cfg.student.projection == "linear" and cfg.student.name == "resnet18"
+    assert [flag for flag, _, _ in config.DEPRECATIONS] == [
+        "--student.head",
+        f"--config {old}: student.head",
+    ]
+    config.reset_deprecations()
+
+
+def test_an_error_names_the_old_flag_as_typed_in_one_line(tmp_path, capsys):
+    argv = [
+        "distill",
+        "--data",
+        str(tmp_path),
+        "--student.head",
+        "mpl",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("sonodistill distill: error: --student.head mpl: must be one of")
+    assert err[0].endswith("(--student.head is now --student.projection)")
+    assert not (tmp_path / "o").exists()
+
+
+def test_stored_run_configs_are_upgraded_so_a_resume_sees_no_change(tmp_path):
+    stored = {"seed": 0, "student": {"name": "resnet18", "head": "mlp"}}
+    assert upgrade(DistillConfig, stored) == {
+        "seed": 0,
+        "student": {"name": "resnet18", "projection": "mlp"},
+    }
+    assert stored["student"]["head"] == "mlp"  # the caller's mapping is left alone
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(stored))
+    run = RunDir(tmp_path, Layout("distill", ("config.yaml",), resumable=True), resume=True)
+    now = {"seed": 0, "student": {"name": "resnet18", "projection": "mlp"}}
+    assert run.resume_changes(now, cls=DistillConfig) == {}
+    assert run.resume_changes(now) != {}  # without the upgrade the rename looks like a change

@@ -14,17 +14,19 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import TINY, TINY_TEACHER_KWARGS, perturbed_official
+from conftest import TINY, TINY_TEACHER_KWARGS, fake_student_run, perturbed_official
 from lightning_fabric import Fabric
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from sonodistill.config import packaged_configs, parse_config
+from sonodistill.config import packaged_configs, parse_config, save_config
 from sonodistill.data.listing import collect_frames, frames_tensor
 from sonodistill.deploy.onnx_utils import export_onnx
 from sonodistill.distill.augment import build_augmentation
+from sonodistill.distill.config import DistillConfig
 from sonodistill.distill.loss import get_loss
 from sonodistill.distill.recipe import train_step
+from sonodistill.errors import UserError
 from sonodistill.evaluate.embed import EmbedConfig, embed, load_embeddings
 from sonodistill.evaluate.heads import WithPreprocess, build_model, trainable_parameters
 from sonodistill.evaluate.suite import SuiteConfig, plan
@@ -36,8 +38,12 @@ from sonodistill.models.encoders import (
     EncoderSpec,
     InputSizeError,
     build_encoder,
-    register_family,
+    encoder_label,
+    encoder_recipe,
+    resolve_spec,
+    weights_file,
 )
+from sonodistill.models.specs import STUDENT_WEIGHTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -237,7 +243,7 @@ def test_every_family_and_format_loads_strictly_with_finite_documented_outputs(f
         assert [m.shape[-1] for m in pyramid] == [SIZE // s for s in (2, 4, 8, 16, 32)]
         assert vectors["pooled"].shape == (4, encoder.out_channels)
         seen.add(family)
-    assert seen == set(FAMILIES)
+    assert seen == set(FAMILIES) - {"student"}  # built from a run folder: test_student_runs_*
 
 
 def test_dinov3_convnext_matches_metas_architecture_in_both_layouts(files, ddti):
@@ -308,13 +314,13 @@ def test_distill_one_step_with_each_teacher_family(files, ddti, family):
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     fabric = Fabric(accelerator="cpu", devices=1)
     images = (ddti[0] * 255).to(torch.uint8)
-    before = student.head.weight.detach().clone()
+    before = student.projection.weight.detach().clone()
     augment = build_augmentation("us", SIZE)
     objective = get_loss("token_mse").fn
     loss, metrics = train_step(fabric, teacher, student, augment, objective, images, True)
     optimizer.step()
     assert math.isfinite(loss.item()) and -1 <= metrics["cosine"].item() <= 1
-    assert not torch.equal(student.head.weight, before)
+    assert not torch.equal(student.projection.weight, before)
     assert teacher(to_model_input(ddti[0])).shape[1] == teacher.out_channels
 
 
@@ -411,6 +417,7 @@ def test_every_suite_has_a_dinov3_convnext_baseline_and_fm_compare_lays_out_tabl
 class ToyEncoder(Encoder):
     """A 2-layer CNN family: one module (this class) plus one registry line."""
 
+    family = "toy"
     title = "toy CNN"
     default_name = "toy"
     names = ("toy",)
@@ -435,7 +442,7 @@ class ToyEncoder(Encoder):
 
 
 def test_a_toy_family_registered_in_one_line_runs_embed(shared_data, tmp_path):
-    register_family("toy", ToyEncoder)
+    FAMILIES.register("toy", ToyEncoder)
     try:
         cfg = EmbedConfig(
             sources=[f"ddti={shared_data / 'ddti'}"],
@@ -447,4 +454,66 @@ def test_a_toy_family_registered_in_one_line_runs_embed(shared_data, tmp_path):
         meta, arrays = load_embeddings(embed(cfg))
         assert arrays["Toy"].shape == (2, 16) and np.isfinite(arrays["Toy"]).all()
     finally:
-        del FAMILIES["toy"]
+        FAMILIES.unregister("toy")
+
+
+# --- students from their run folders -------------------------------------------------------------
+
+
+def test_student_runs_build_through_the_registry_in_any_family(tmp_path):
+    """`student:RUN` is a family: a timm run and a DINOv3 ConvNeXt run (written as distill
+    writes them) build the run's family with the distilled weights; labels, recipes and
+    weights files come from the same place."""
+    timm_run = fake_student_run(tmp_path / "r18")
+    encoder = build_encoder(f"student:{timm_run}")
+    assert type(encoder).family == "timm" and encoder.spec.name == "resnet18"
+    disk = load_file(str(timm_run / STUDENT_WEIGHTS))
+    assert all(torch.equal(encoder.backbone.state_dict()[k], v) for k, v in disk.items())
+    assert encoder_label(f"student:{timm_run}") == "r18-distill"
+    assert encoder_label(f"student:{timm_run}@Mine") == "Mine"
+    assert encoder_recipe(f"student:{timm_run}")["student"] == "resnet18"
+    assert weights_file(f"student:{timm_run}") == timm_run / STUDENT_WEIGHTS
+
+    convnext_run = tmp_path / "cnx"
+    cfg = StudentConfig(family="dinov3-convnext", name="convnext_tiny", model_kwargs=CONVNEXT)
+    torch.manual_seed(3)
+    student = Student(cfg, out_channels=8)
+    convnext_run.mkdir()
+    save_file(student.backbone_state_dict(), str(convnext_run / STUDENT_WEIGHTS))
+    save_config(DistillConfig(student=cfg), convnext_run / "config.yaml")
+    resolved = resolve_spec(f"student:{convnext_run}@CNX")
+    assert (resolved.family, resolved.name, resolved.label) == (
+        "dinov3-convnext",
+        "convnext_tiny",
+        "CNX",
+    )
+    encoder = build_encoder(f"student:{convnext_run}").eval()
+    assert type(encoder).family == "dinov3-convnext" and encoder.load_report is not None
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.allclose(encoder(x), student.eval().encoder(x), atol=1e-6)
+    assert encoder_recipe(f"student:{convnext_run}")["init"] == "distilled"
+
+
+def test_labels_of_unlabelled_encoders_follow_one_rule(tmp_path):
+    assert encoder_label("random:resnet18") == "resnet18-rand"
+    assert encoder_label("timm:resnet18=/w/r18_in1k.safetensors") == "resnet18-r18_in1k"
+    assert encoder_label(EncoderSpec(family="timm", weights="random")) == "resnet50-rand"
+    assert encoder_recipe("random:resnet18") == {"init": "random", "student": "resnet18"}
+    assert weights_file("random:resnet18") is None
+
+
+def test_encoder_specs_have_one_checked_constructor():
+    assert EncoderSpec.parse("teacher:") == EncoderSpec(family="dinov3")  # an alias
+    assert EncoderSpec.parse("random:resnet18@R") == EncoderSpec("timm", "resnet18", "random", "R")
+    spec = EncoderSpec.parse({"family": "sam2", "name": "sam2_hiera_tiny", "weights": "w.pt"})
+    assert (spec.family, spec.name, spec.weights) == ("sam2", "sam2_hiera_tiny", "w.pt")
+    for item, says in [
+        ("randm:resnet18", "--encoders randm: unknown encoder family; did you mean random?"),
+        ("resnet18", "--encoders resnet18: an encoder spec starts with one of timm:, "),
+        ({"family": "timm", "nam": "x"}, "--encoders: nam: unknown key; did you mean name?"),
+        ({"family": "sam"}, "--encoders sam: unknown encoder family; did you mean sam2?"),
+    ]:
+        with pytest.raises(UserError) as err:
+            EncoderSpec.parse(item)
+        assert str(err.value).startswith(says), str(err.value)

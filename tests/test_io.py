@@ -1,14 +1,11 @@
-"""The house rules' building blocks: atomic writes, a full disk in one line, run-folder locks,
-the CLI's error policy."""
+"""The house rules' building blocks: atomic writes, a full disk in one line, the CLI's error
+policy (run-folder locks: test_rundir.py)."""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -60,58 +57,6 @@ def test_read_json_treats_empty_or_garbage_files_as_missing(tmp_path, caplog):
     assert io.read_json(tmp_path / "bad.json", "result") is None
     assert io.read_json(tmp_path / "missing.json") is None
     assert "unreadable result" in caplog.text and "bad.json" in caplog.text
-
-
-def test_a_locked_run_folder_names_its_holder(tmp_path):
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; from sonodistill.io import lock_run_dir\n"
-            "with lock_run_dir(sys.argv[1], 'distill'):\n"
-            "    print('locked', flush=True); time.sleep(60)",
-            str(tmp_path / "run"),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(UserError) as err, io.lock_run_dir(tmp_path / "run", "test"):
-            pass
-        message = str(err.value)
-        assert f"pid {holder.pid} on {socket.gethostname()}" in message
-        assert "sonodistill distill" in message and str(tmp_path / "run") in message
-    finally:
-        holder.kill()
-        holder.wait()
-    # The kernel released the lock with the process: the folder is free again.
-    with io.lock_run_dir(tmp_path / "run", "test"):
-        assert (tmp_path / "run" / io.LOCK).is_file()
-    assert not (tmp_path / "run" / io.LOCK).exists()
-
-
-def test_claim_refuses_an_existing_run_without_resume_or_overwrite(tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "config.yaml").write_text("seed: 0\n")
-    (out / "notes.txt").write_text("mine")
-    refused = pytest.raises(
-        UserError, match=r"already holds a sonodistill distill run \(config\.yaml\)"
-    )
-    with refused, io.claim_run_dir(out, "distill", ["config.yaml", "logs"]):
-        pass
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "notes.txt"]  # untouched
-    with io.claim_run_dir(out, "distill", ["config.yaml"], resume=True) as resuming:
-        assert resuming
-    with io.claim_run_dir(out, "distill", ["config.yaml"], overwrite=True) as resuming:
-        assert not resuming
-        io.remove_owned(out, ["config.yaml", "logs"])
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # only the run's own files go
-    both = pytest.raises(UserError, match="choose one")
-    with both, io.claim_run_dir(out, "distill", [], resume=True, overwrite=True):
-        pass
 
 
 def test_option_checks_and_config_diffs_read_as_one_line():

@@ -1,17 +1,25 @@
 """Imports point down the layers (data < models < distill < evaluate < deploy) and never in a
-circle, function-level imports included; read with the standard library's `ast`."""
+circle, function-level imports included; read with the standard library's `ast`. Package
+`__init__`s import nothing (their names load on first use), so importing a package loads no
+torch; evaluate and deploy build encoders through `models`, never through the training recipe."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import sonodistill
 
 PACKAGE = Path(sonodistill.__file__).resolve().parent
 LAYERS = {"data": 1, "models": 2, "distill": 3, "evaluate": 4, "deploy": 5}
-HELPERS = {"config", "progress", "io", "errors", "utils", "registry"}  # below every layer
-# Anything else at the top (cli, demo, report) sits above every layer.
+HELPERS = {"config", "fields", "progress", "io", "errors", "utils", "registry", "rundir"}
+# (HELPERS sit below every layer; anything else at the top -- cli, demo, report -- above them all.)
+HEAVY = ("torch", "timm", "torchvision", "lightning_fabric", "kornia", "sklearn", "pandas", "cv2")
+HEAVY += ("scipy", "onnxruntime", "fastapi", "matplotlib", "smp", "segmentation_models_pytorch")
 
 
 def module_name(path: Path) -> str:
@@ -145,3 +153,82 @@ def test_test_modules_share_helpers_through_conftest_only():
                 if name.startswith(("test_", "tests")):
                     offenders.append(f"{path.name} imports {name}")
     assert offenders == []
+
+
+# --- packages that load nothing, and evaluate/deploy without distill ------------------------------
+
+
+def test_package_inits_import_nothing_at_module_level():
+    """A package `__init__` imports at most importlib/typing: its public names are looked up
+    on first use (PEP 562), so `import sonodistill.deploy.runtimes` runs no other module."""
+    offenders = []
+    for path in sorted(PACKAGE.rglob("__init__.py")):
+        for node in ast.parse(path.read_text()).body:  # module level only
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            offenders += [
+                f"{module_name(path)} imports {n}"
+                for n in names
+                if n not in ("importlib", "typing", "__future__")
+            ]
+    assert offenders == []
+
+
+def test_importing_every_package_loads_no_heavy_module():
+    code = (
+        "import sys, sonodistill.data, sonodistill.models, sonodistill.distill, "
+        "sonodistill.evaluate, sonodistill.deploy, sonodistill.deploy.app, sonodistill.cli\n"
+        "import sonodistill.models.specs, sonodistill.fields, sonodistill.rundir\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]"
+
+
+def distill_users(graph: dict[str, set[str]], package: str) -> list[str]:
+    return sorted(
+        f"{m} -> {t}"
+        for m, targets in graph.items()
+        if m.split(".")[1:2] == [package]
+        for t in targets
+        if t.split(".")[1:2] == ["distill"]
+    )
+
+
+@pytest.mark.parametrize(
+    "package",
+    [
+        pytest.param("evaluate", marks=pytest.mark.xfail(strict=True, reason="WP-C converts")),
+        pytest.param("deploy", marks=pytest.mark.xfail(strict=True, reason="WP-D converts")),
+    ],
+)
+def test_evaluate_and_deploy_import_nothing_from_distill(package):
+    assert distill_users(import_graph(), package) == []
+
+
+def registry_modules() -> list[tuple[str, str]]:
+    """(declaring module, module named in a `Registry(..., modules=...)` call) of the package."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "Registry":
+                for keyword in node.keywords:
+                    if keyword.arg == "modules":
+                        found += [
+                            (module_name(path), c.value)
+                            for c in ast.walk(keyword.value)
+                            if isinstance(c, ast.Constant) and isinstance(c.value, str)
+                        ]
+    return found
+
+
+def test_registries_load_modules_of_their_own_layer_or_below():
+    pairs = registry_modules()
+    assert ("sonodistill.models.specs", "sonodistill.models.families.timm_cnn") in pairs
+    assert upward({m: {t} for m, t in pairs}) == []
+    assert upward({"sonodistill.models.specs": {"sonodistill.distill.loss"}})  # it can fail

@@ -1,16 +1,29 @@
 """`sonodistill` command line: a thin dispatcher over the Python API.
 
-Every command is a function `NAME_main(argv) -> int` in the `cli.py` of the package whose code
-it drives (data/cli.py: corpus; distill/cli.py: distill; evaluate/cli.py: evaluate, embed,
-analyze; deploy/cli.py: export, bench, predict, app), or here for the commands above the
-packages (demo, report); every one parses a typed config with jsonargparse (`--config`,
-`--print_config`, `--section.field value`). Modules are imported lazily so that
-`sonodistill --help` answers without importing torch.
+Every command is a `Command` record in `COMMANDS`: its typed config (a dataclass in a light
+module of the package whose code it drives: no torch at import) and the function that runs it,
+named as `"module:attribute"` strings and imported only when needed. So `sonodistill CMD --help`
+builds the parser from the config alone and answers without importing torch, and a command
+imports only what it runs. Commands of two words (`corpus build`) are registered as such;
+`sonodistill corpus` lists them.
+
+    COMMANDS.register("predict", Command(
+        "a fine-tuned model over images and cines",
+        config="sonodistill.deploy.config:PredictConfig",
+        run="sonodistill.deploy.cli:predict"))                 # run(cfg) -> exit code
+
+(Commands not converted yet are `Command(help, run="module:function")` without a config: the
+function takes argv and parses itself.)
+
+`--import MODULE` (anywhere, repeatable) imports a plugin module on the first registry lookup,
+in this process and the processes it starts (`sonodistill.registry`); `sonodistill registry`
+shows every registry's names and where they come from.
 
 One error policy for every command (`sonodistill.errors`): a user error (bad option, missing,
 corrupt or mismatched file, full disk, folder in use) is one line on stderr and exit code 2;
 a run stopped by a signal says where its state is and exits with the scheduler's code; a bug
-keeps its traceback. SONODISTILL_DEBUG=1 shows the traceback of user errors too.
+keeps its traceback. SONODISTILL_DEBUG=1 shows the traceback of user errors too. Renamed
+options print one deprecation line each after the command (`config.deprecation_lines`).
 """
 
 from __future__ import annotations
@@ -20,20 +33,95 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass, field
 
-COMMANDS: dict[str, tuple[str, str]] = {
-    "corpus": ("sonodistill.data.cli:corpus_main", "build, check and pack an unlabeled corpus"),
-    "distill": ("sonodistill.distill.cli:distill_main", "distil a DINOv3 teacher into a CNN"),
-    "evaluate": ("sonodistill.evaluate.cli:evaluate_main", "downstream seg/cls suites"),
-    "embed": ("sonodistill.evaluate.cli:embed_main", "embeddings of frames with any encoder"),
-    "analyze": ("sonodistill.evaluate.cli:analyze_main", "t-SNE/UMAP, silhouette and k-NN"),
-    "export": ("sonodistill.deploy.cli:export_main", "ONNX (fp32, int8) checked against PyTorch"),
-    "bench": ("sonodistill.deploy.cli:bench_main", "teacher vs student cost (paper Table 5)"),
-    "predict": ("sonodistill.deploy.cli:predict_main", "a fine-tuned head over images, cines"),
-    "app": ("sonodistill.deploy.cli:app_main", "a local web viewer: your model on a file"),
-    "demo": ("sonodistill.cli:demo_main", "the whole method on an embedded simulated corpus"),
-    "report": ("sonodistill.cli:report_main", "a self-contained HTML report of a run folder"),
+from sonodistill.registry import Registry, add_imports
+
+
+@dataclass(frozen=True)
+class Command:
+    """One `sonodistill` command."""
+
+    help: str
+    """One line for `sonodistill --help`."""
+    run: str
+    """`module:function`: run(cfg) -> exit code (heavy imports inside); without `config`, the
+    old form run(argv) -> exit code."""
+    config: str | None = None
+    """`module:Class`, the command's config dataclass in a light module (its flags)."""
+    positional: dict[str, str] = field(default_factory=dict)
+    """Config fields given as positional arguments: {field: help}, in order."""
+    parse: str | None = None
+    """`module:function`, a custom parse(argv, prog) -> cfg (e.g. settings layered from a file)."""
+
+
+COMMANDS: Registry[Command] = Registry("command", key="commands")
+"""`sonodistill` commands by name (`corpus build`: two words)."""
+for _name, _command in {
+    "corpus": Command(
+        "build, check and pack an unlabeled corpus", "sonodistill.data.cli:corpus_main"
+    ),
+    "distill": Command(
+        "distil a DINOv3 teacher into a CNN", "sonodistill.distill.cli:distill_main"
+    ),
+    "evaluate": Command("downstream seg/cls suites", "sonodistill.evaluate.cli:evaluate_main"),
+    "embed": Command(
+        "embeddings of frames with any encoder", "sonodistill.evaluate.cli:embed_main"
+    ),
+    "analyze": Command("t-SNE/UMAP, silhouette and k-NN", "sonodistill.evaluate.cli:analyze_main"),
+    "export": Command(
+        "ONNX (fp32, int8) checked against PyTorch", "sonodistill.deploy.cli:export_main"
+    ),
+    "bench": Command(
+        "teacher vs student cost (paper Table 5)", "sonodistill.deploy.cli:bench_main"
+    ),
+    "predict": Command(
+        "a fine-tuned head over images, cines", "sonodistill.deploy.cli:predict_main"
+    ),
+    "app": Command("a local web viewer: your model on a file", "sonodistill.deploy.cli:app_main"),
+    "demo": Command(
+        "the whole method on an embedded simulated corpus", "sonodistill.cli:demo_main"
+    ),
+    "report": Command(
+        "a self-contained HTML report of a run folder", "sonodistill.cli:report_main"
+    ),
+    "registry": Command(
+        "the registered names: families, losses, backends, ... (plugins too)",
+        "sonodistill.cli:list_registered",
+        config="sonodistill.cli:RegistryConfig",
+        positional={"kind?": "which registry: families, commands, ... (default: all)"},
+    ),
+}.items():
+    COMMANDS.register(_name, _command)
+
+REGISTRIES = {
+    "families": "sonodistill.models.specs:FAMILIES",
+    "commands": "sonodistill.cli:COMMANDS",
 }
+"""What `sonodistill registry` shows: registry key -> where the registry is declared."""
+
+
+@dataclass
+class RegistryConfig:
+    """Print the names in sonodistill's registries, with their titles and where each is defined
+    (plugins included: entry points of `sonodistill.plugins` and `--import MODULE`)."""
+
+    kind: str = ""
+    """Which registry (default: all)."""
+
+
+def list_registered(cfg: RegistryConfig) -> int:
+    from sonodistill.errors import unknown_name
+
+    if cfg.kind and cfg.kind not in REGISTRIES:
+        raise unknown_name("registry", cfg.kind, REGISTRIES, "kind")
+    for key in [cfg.kind] if cfg.kind else list(REGISTRIES):
+        registry = _load(REGISTRIES[key])
+        print(f"{key} ({registry.kind}):")
+        for entry in registry.list():
+            title = getattr(entry.obj, "help", None) or entry.title
+            print(f"  {entry.name:<18} {title:<48} {entry.origin}")
+    return 0
 
 
 def demo_main(argv: list[str]) -> int:
@@ -61,17 +149,27 @@ def report_main(argv: list[str]) -> int:
     return 0
 
 
-def _usage() -> str:
-    width = max(map(len, COMMANDS))
-    rows = "\n".join(f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items())
+def _usage(group: str = "") -> str:
+    names = [n for n in COMMANDS.names() if not group or n.startswith(group + " ")]
+    tops = dict.fromkeys(n if group else n.split()[0] for n in names)
+    width = max(map(len, tops))
+
+    def text(name: str) -> str:
+        if name in COMMANDS:
+            return COMMANDS.get(name).help
+        return "commands: " + ", ".join(n.split(" ", 1)[1] for n in names if n.startswith(name))
+
+    rows = "\n".join(f"  {name:<{width}}  {text(name)}" for name in tops)
+    prog = f"sonodistill {group}".strip()
     return (
-        "usage: sonodistill COMMAND [options]   (sonodistill COMMAND --help for its options)\n\n"
+        f"usage: {prog} COMMAND [options]   ({prog} COMMAND --help for its options;\n"
+        "       --import MODULE loads a plugin)\n\n"
         f"commands:\n{rows}\n"
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _take_imports(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
@@ -80,24 +178,77 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
-    if argv[0] not in COMMANDS:
-        from sonodistill.errors import USER_ERROR, unknown_name
-
-        error = unknown_name("command", argv[0], COMMANDS, see="see sonodistill --help")
-        print(f"sonodistill: error: {error}", file=sys.stderr)
-        return USER_ERROR
+    name, rest = argv[0], argv[1:]
+    if rest and f"{name} {rest[0]}" in COMMANDS:
+        name, rest = f"{name} {rest[0]}", rest[1:]
+    elif name not in COMMANDS and any(n.startswith(name + " ") for n in COMMANDS.names()):
+        group = [n.split(" ", 1)[1] for n in COMMANDS.names() if n.startswith(name + " ")]
+        if not rest or rest[0] in ("-h", "--help"):
+            print(_usage(name))
+            return 0
+        return _refuse("command", rest[0], group, f"sonodistill {name} --help")
+    if name not in COMMANDS:
+        tops = dict.fromkeys(n.split()[0] for n in COMMANDS.names())
+        return _refuse("command", name, tops, "sonodistill --help")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run_command(argv[0], argv[1:])
+    return run_command(name, rest)
+
+
+def _refuse(what: str, name: str, known, see: str) -> int:
+    from sonodistill.errors import USER_ERROR, unknown_name
+
+    error = unknown_name(what, name, known, see=f"see {see}")
+    print(f"sonodistill: error: {error}", file=sys.stderr)
+    return USER_ERROR
+
+
+def _take_imports(argv: list[str]) -> list[str]:
+    """argv without its `--import MODULE` / `--import=MODULE` (added to the plugin imports)."""
+    out, modules = [], []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--import":
+            modules.append(next(args, ""))
+        elif arg.startswith("--import="):
+            modules.append(arg.split("=", 1)[1])
+        else:
+            out.append(arg)
+    if modules:
+        add_imports([m for m in modules if m])
+    return out
+
+
+def _load(target: str):
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def parse_command(name: str, argv: list[str]):
+    """The config of `sonodistill NAME ARGV...` (help printed and SystemExit here, before
+    anything heavy is imported)."""
+    from sonodistill.config import parse_config
+
+    command = COMMANDS.get(name)
+    if command.parse:
+        return _load(command.parse)(argv, f"sonodistill {name}")
+    cls = _load(command.config)
+    description = cls.__doc__ or command.help
+    return parse_config(cls, argv, f"sonodistill {name}", description, command.positional)
 
 
 def run_command(name: str, argv: list[str]) -> int:
     """`sonodistill NAME ARGV...` under the error policy; returns the exit code."""
+    from sonodistill import config
     from sonodistill.errors import USER_ERROR, Interrupted, user_message
 
     debug = os.environ.get("SONODISTILL_DEBUG", "") not in ("", "0")
-    module, _, function = COMMANDS[name][0].partition(":")
+    config.reset_deprecations()
+    command = COMMANDS.get(name)
     try:
-        return int(getattr(importlib.import_module(module), function)(argv) or 0)
+        if command.config is None and command.parse is None:
+            code = int(_load(command.run)(argv) or 0)  # the old form: it parses argv itself
+        else:
+            code = int(_load(command.run)(parse_command(name, argv)) or 0)
     except Interrupted as err:
         print(f"sonodistill {name}: {err}", file=sys.stderr)
         return err.exit_code
@@ -110,8 +261,11 @@ def run_command(name: str, argv: list[str]) -> int:
         message = user_message(err)
         if message is None or debug:
             raise  # a bug: its traceback is the report
-        print(f"sonodistill {name}: error: {message}", file=sys.stderr)
+        print(f"sonodistill {name}: error: {config.as_typed(message)}", file=sys.stderr)
         return USER_ERROR
+    for line in config.deprecation_lines(f"sonodistill {name}"):
+        print(line, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -7,19 +7,24 @@ every run writes the resolved config beside its outputs with `save_config`.
 torchtune resolves its recipes): `--config paper_distill_r50`, `--config suites/smoke_cpu`. An
 existing file of that name wins; flags after `--config` override its values.
 
-Numbers carry their range in their type (`PositiveInt`, `RightOpenUnitInterval`, ... below:
-jsonargparse's restricted number types, named as their range): the parser checks them before a
-command runs and `--help` shows them; `check_fields` checks a config built in Python or read
-from YAML the same way. Options are never abbreviated (`--overw` is not `--overwrite`), and
-every parse error is one line: an unknown option or config key with its close match, a value
-with what it must be.
+Fields carry their validation in their type (`sonodistill.fields`: numbers with a range, names
+a registry knows, `Literal` choices): the parser checks them before a command runs and `--help`
+shows them; `check_fields` checks a config built in Python the same way, and `checked` builds a
+nested spec (a dataset, an encoder, a file's settings) from a mapping with the same checks.
+Options are never abbreviated (`--overw` is not `--overwrite`), and every parse error is one
+line: an unknown option or config key with its close match, a value with what it must be.
+`--help` is printed before anything is parsed, so it loads no registry (and no torch).
+
+Renamed options (`Renamed` records in a config class's `deprecated`) are accepted for one
+release: old flags, `--config` keys and stored run configs are upgraded to the new names, and
+the CLI prints one deprecation line per old name after the command (`deprecation_lines`); a
+user error keeps one line and names the option as it was typed (`as_typed`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import types
 import typing
 from importlib.resources import files
 from pathlib import Path
@@ -27,17 +32,29 @@ from typing import TypeVar
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
-from jsonargparse.typing import (
+
+from sonodistill.errors import UserError, unknown_name
+from sonodistill.fields import (  # noqa: F401  (re-exported: the configs' field types)
+    Axis3D,
     ClosedUnitInterval,
+    Device,
+    ImageSize,
+    LeftOpenUnitInterval,
     NonNegativeFloat,
     NonNegativeInt,
     OpenUnitInterval,
+    Opset,
+    Port,
     PositiveFloat,
     PositiveInt,
+    Precision,
+    RightOpenUnitInterval,
+    TrainingPrecision,
+    check,
+    readable,
+    registered,
     restricted_number_type,
 )
-
-from sonodistill.errors import UserError, unknown_name
 from sonodistill.io import write_text
 
 # Field docstrings (the string under each dataclass field) become the flags' help text.
@@ -45,14 +62,7 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 C = TypeVar("C")
 
-LeftOpenUnitInterval = restricted_number_type(
-    "LeftOpenUnitInterval", float, [(">", 0), ("<=", 1)], docstring="float in (0, 1]"
-)
-RightOpenUnitInterval = restricted_number_type(
-    "RightOpenUnitInterval", float, [(">=", 0), ("<", 1)], docstring="float in [0, 1)"
-)
-Axis3D = restricted_number_type("Axis3D", int, [(">=", 0), ("<=", 2)], docstring="0, 1 or 2")
-__all__ = [  # the checked number types, for the configs' fields
+__all__ = [  # the checked number types, for the configs' fields (defined in sonodistill.fields)
     "Axis3D",
     "ClosedUnitInterval",
     "LeftOpenUnitInterval",
@@ -88,7 +98,8 @@ def config_parser(
     cls: type, prog: str, description: str, positional: dict[str, str] | None = None
 ) -> ArgumentParser:
     """A parser with `--config FILE|NAME` and one flag per (nested) dataclass field, except
-    the fields in `positional` ({field: help}), positional arguments in that order."""
+    the fields in `positional` ({field: help}), positional arguments in that order (`field?`:
+    optional, its default when not given)."""
     parser = ArgumentParser(
         prog=prog, description=description, exit_on_error=False, allow_abbrev=False
     )
@@ -98,9 +109,15 @@ def config_parser(
         help=f"YAML file of options, or a packaged config: {', '.join(packaged_configs())}",
     )
     positional = positional or {}
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     for name, text in positional.items():
-        parser.add_argument(name, help=text)
-    parser.add_class_arguments(cls, nested_key=None, fail_untyped=True, skip=set(positional))
+        if name.endswith("?"):
+            name = name[:-1]
+            parser.add_argument(name, nargs="?", default=defaults[name], help=text)
+        else:
+            parser.add_argument(name, help=text)
+    skip = {name.removesuffix("?") for name in positional}
+    parser.add_class_arguments(cls, nested_key=None, fail_untyped=True, skip=skip)
     return parser
 
 
@@ -111,19 +128,33 @@ def parse_config(
     description: str = "",
     positional: dict[str, str] | None = None,
 ) -> C:
-    """The dataclass `cls` from defaults, `--config`, then flags (see `config_parser`)."""
+    """The dataclass `cls` from defaults, `--config`, then flags (see `config_parser`).
+
+    `-h`/`--help` prints the help and exits before anything is parsed: no value is checked, so
+    no registry is loaded (a registered name type checks its default when parsing). Old option
+    names (`Renamed`) are upgraded in the flags and in `--config` files first."""
     parser = config_parser(cls, prog, description, positional)
-    namespace = parse_args(parser, argv)
+    if any(arg in ("-h", "--help") for arg in argv[: _end_of_options(argv)]):
+        print(parser.format_help())
+        raise SystemExit(0)
+    namespace = parse_args(parser, rename_argv(cls, argv), cls=cls)
     namespace.pop("config", None)
     return from_dict(cls, namespace.as_dict())
 
 
-def parse_args(parser: ArgumentParser, argv: list[str], defaults: bool = True):
-    """`parser.parse_args` (packaged configs resolved), every error as one UserError line."""
+def _end_of_options(argv: list[str]) -> int:
+    return argv.index("--") if "--" in argv else len(argv)
+
+
+def parse_args(
+    parser: ArgumentParser, argv: list[str], defaults: bool = True, cls: type | None = None
+):
+    """`parser.parse_args` (packaged configs resolved; with `cls`, renamed keys in them
+    upgraded), every error as one UserError line."""
     from jsonargparse import ArgumentError
 
     try:
-        return parser.parse_args(_resolve_config_flags(argv), defaults=defaults)
+        return parser.parse_args(_resolve_config_flags(argv, cls), defaults=defaults)
     except ArgumentError as err:
         raise parse_error(str(err), parser, argv) from None
 
@@ -158,7 +189,9 @@ def parse_error(message: str, parser: ArgumentParser, argv: list[str]) -> UserEr
         value = f" {given.group(1).strip()}" if given else _flag_value(argv, f"--{key}")
         if r := re.search(r"Not of type \w+: (\S*) ?does not conform to restriction (.+)", rest):
             value = f" {r.group(1)}" if r.group(1) else value  # the item of a list at fault
-            return UserError(f"--{key}{value}: must be {_readable(r.group(2))}")
+            return UserError(f"--{key}{value}: must be {readable(r.group(2))}")
+        if n := re.search(r"Not of type \w+: '(.*?)': (.+)", rest):  # a name type's own message
+            return UserError(f"--{key} {n.group(1)}: {n.group(2).strip()}")
         if choices := re.search(r"Literal\[(.+?)\]", rest):
             return UserError(f"--{key}{value}: must be one of {choices.group(1)}")
         expected = re.findall(r"Expected an? (.+?)(?:\. Got|\n|$)", rest)
@@ -187,75 +220,80 @@ def _collapse(text: str) -> str:
     return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-def _readable(expression: str) -> str:
-    """`v>0 and v<=1` -> `> 0 and <= 1`."""
-    return re.sub(r"v(==|!=|>=|<=|>|<)", r"\1 ", expression)
-
-
 def check_fields(cfg, prefix: str = "--") -> None:
-    """Every field of the (nested) dataclass `cfg` in the range its type declares (the checked
-    number types above, also inside lists, tuples and optionals): a UserError naming the first
-    that is not, as the parser says it. For configs built in Python or read from YAML."""
+    """Every field of the (nested) dataclass `cfg` valid for its type (`fields.check`: ranges,
+    registered names, Literal choices, also inside lists, tuples and optionals): a UserError
+    naming the first that is not, as the parser says it. The path of configs built in Python
+    (`distill(DistillConfig(...))`, the demo) and read from YAML."""
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             check_fields(value, f"{prefix}{f.name}.")
         else:
-            _check_value(hints[f.name], value, f"{prefix}{f.name}")
+            check(hints[f.name], value, f"{prefix}{f.name}")
 
 
-def _check_value(hint, value, option: str) -> None:
-    if value is None:
-        return
-    if _is_checked(hint):
-        try:
-            hint(value)
-        except (TypeError, ValueError):
-            raise UserError(f"{option} {value}: must be {_readable(hint._expression)}") from None
-        return
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        for arg in args:
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if (_is_checked(arg) and number) or typing.get_origin(arg) in (list, tuple):
-                _check_value(arg, value, option)
-    elif origin in (list, tuple) and isinstance(value, (list, tuple)):
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            pairs = zip(args, value, strict=False)
-        else:
-            pairs = ((args[0], v) for v in value) if args else ()
-        for arg, item in pairs:
-            _check_value(arg, item, option)
+def checked(cls: type[C], values, where: str) -> C:
+    """THE checked constructor of a nested spec (a dataset entry, an encoder mapping, a file's
+    settings): `cls` from a mapping, old keys upgraded, an unknown key named with its close
+    match, every value checked by its type; one UserError line starting with `where`."""
+    if isinstance(values, cls):
+        values = to_dict(values)
+    if not isinstance(values, dict):
+        names = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise UserError(f"{where}: expected a mapping with keys {names}; got {values!r}")
+    values = upgrade(cls, values)
+    try:
+        cfg = from_dict(
+            cls, values, key_error=lambda key, known: unknown_name("key", key, known, f"{where}:")
+        )
+    except TypeError as err:  # a required key missing
+        raise UserError(f"{where}: {err}") from None
+    check_fields(cfg, f"{where} ")
+    return cfg
 
 
-def _is_checked(hint) -> bool:
-    """Whether `hint` is one of the checked number types (a jsonargparse restricted type)."""
-    return isinstance(hint, type) and hasattr(hint, "_expression")
-
-
-def _resolve_config_flags(argv: list[str]) -> list[str]:
+def _resolve_config_flags(argv: list[str], cls: type | None = None) -> list[str]:
     out = list(argv)
     for i, arg in enumerate(out):
         if arg == "--config" and i + 1 < len(out):
-            out[i + 1] = resolve_config(out[i + 1])
+            out[i + 1] = _upgraded_file(resolve_config(out[i + 1]), cls)
         elif arg.startswith("--config="):
-            out[i] = "--config=" + resolve_config(arg.split("=", 1)[1])
+            out[i] = "--config=" + _upgraded_file(resolve_config(arg.split("=", 1)[1]), cls)
     return out
 
 
-def from_dict(cls: type[C], values: dict, prefix: str = "") -> C:
+def _upgraded_file(path: str, cls: type | None) -> str:
+    """The config file, or its YAML text with renamed keys upgraded (ActionConfigFile takes
+    either) when it uses old names."""
+    if cls is None or not renames(cls):
+        return path
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return path  # the parser reports it
+    if not isinstance(values, dict):
+        return path
+    new = upgrade(cls, values, record=True, where=f"--config {path}: ")
+    return path if new == values else yaml.safe_dump(new, sort_keys=False)
+
+
+def from_dict(cls: type[C], values: dict, prefix: str = "", key_error=None) -> C:
     """Build a (nested) dataclass from plain values, as read from YAML (numbers of the checked
     types come back plain, so that YAML can write them); an unknown key is a UserError with
-    its close match."""
+    its close match (`key_error(key, known)` makes it, when given)."""
     kwargs = {}
     names = [f.name for f in dataclasses.fields(cls)]
     for key, value in values.items():
         if key not in names:
-            raise unknown_name("option", f"{prefix}{key}", [f"{prefix}{n}" for n in names])
+            known = [f"{prefix}{n}" for n in names]
+            if key_error is not None:
+                raise key_error(f"{prefix}{key}", known)
+            raise unknown_name("option", f"{prefix}{key}", known)
         field_type = _dataclass_type(cls, key)
         if field_type and isinstance(value, dict):
-            kwargs[key] = from_dict(field_type, value, f"{prefix}{key}.")
+            kwargs[key] = from_dict(field_type, value, f"{prefix}{key}.", key_error)
         else:
             kwargs[key] = _plain(value)
     return cls(**kwargs)
@@ -322,3 +360,149 @@ def _show(value) -> str:
 
 def load_config(cls: type[C], path: str | Path) -> C:
     return from_dict(cls, yaml.safe_load(Path(path).read_text()) or {})
+
+
+# ---------------------------------------------------------------- renamed options
+
+
+@dataclasses.dataclass(frozen=True)
+class Renamed:
+    """An option renamed in this release; the old name is accepted until `until`.
+
+    `old` is the key in its config class (`img_size`), `new` the new key (None: the key stays,
+    only `values` are renamed: `{"32-true": "fp32"}`). A config class lists its renames in
+    `deprecated: ClassVar[tuple[Renamed, ...]]`; nested classes' renames apply under their key."""
+
+    old: str
+    new: str | None = None
+    values: dict = dataclasses.field(default_factory=dict)
+    until: str = "0.3"
+
+
+DEPRECATIONS: list[tuple[str, str, str]] = []
+"""(old flag, new flag, until) of every old name used in this process, for the CLI's lines."""
+
+
+def renames(cls: type, prefix: str = "") -> list[Renamed]:
+    """Every rename of the (nested) dataclass `cls`, with dotted keys from its top."""
+    found = [
+        Renamed(prefix + r.old, prefix + (r.new or r.old), r.values, r.until)
+        for r in getattr(cls, "deprecated", ())
+    ]
+    for f in dataclasses.fields(cls):
+        sub = _dataclass_type(cls, f.name)
+        if sub is not None:
+            found += renames(sub, f"{prefix}{f.name}.")
+    return found
+
+
+def _record(old: str, new: str, until: str) -> None:
+    if (old, new, until) not in DEPRECATIONS:
+        DEPRECATIONS.append((old, new, until))
+
+
+def rename_argv(cls: type, argv: list[str]) -> list[str]:
+    """argv with old flags (`--old V`, `--old=V`, `--old+ V`) and old values replaced by the
+    new ones; each use recorded in DEPRECATIONS."""
+    rules = renames(cls)
+    if not rules:
+        return list(argv)
+    out = list(argv)
+    end = _end_of_options(out)
+    for i in range(end):
+        arg = out[i]
+        if not arg.startswith("--"):
+            continue
+        flag, eq, inline = arg[2:].partition("=")
+        plus = "+" if flag.endswith("+") else ""
+        flag = flag.removesuffix("+")
+        for rule in rules:
+            if flag not in (rule.old, rule.new):
+                continue
+            if flag == rule.old and rule.old != rule.new:
+                _record(f"--{rule.old}", f"--{rule.new}", rule.until)
+                flag = rule.new
+            value = inline if eq else (out[i + 1] if i + 1 < end else None)
+            if value is not None and value in rule.values:
+                _record(f"--{flag} {value}", f"--{flag} {rule.values[value]}", rule.until)
+                value = rule.values[value]
+                if not eq:
+                    out[i + 1] = value
+            arg = f"--{flag}{plus}" + (f"={value}" if eq else "")
+            break
+        out[i] = arg
+    return out
+
+
+def upgrade(cls: type, values: dict, record: bool = False, where: str = "") -> dict:
+    """A (nested) mapping of `cls` options with old keys and values renamed (config files,
+    stored run configs, a file's settings); `record`: list them for the deprecation lines
+    (`where` before the key: `--config FILE: `)."""
+    rules = renames(cls)
+    if not rules:
+        return values
+    out = _deep_copy(values)
+    for rule in rules:
+        *parents, old = rule.old.split(".")
+        *_, new = rule.new.split(".")
+        node = out
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            continue
+        if old in node and old != new:
+            value = node.pop(old)
+            node.setdefault(new, value)
+            if record:
+                _record(f"{where}{rule.old}", rule.new, rule.until)
+        if new in node and isinstance(node[new], str | int | float) and node[new] in rule.values:
+            if record:
+                _record(f"{where}{rule.new}: {node[new]}", str(rule.values[node[new]]), rule.until)
+            node[new] = rule.values[node[new]]
+    return out
+
+
+def _deep_copy(values):
+    if isinstance(values, dict):
+        return {k: _deep_copy(v) for k, v in values.items()}
+    if isinstance(values, list):
+        return [_deep_copy(v) for v in values]
+    return values
+
+
+def deprecation_lines(prog: str) -> list[str]:
+    """One line per old name used: `sonodistill distill: --img_size is deprecated, use
+    --image_size (accepted until 0.3)`; registry aliases too."""
+    from sonodistill.registry import DEPRECATED_NAMES
+
+    lines = [
+        f"{prog}: {old} is deprecated, use {new} (accepted until {until})"
+        for old, new, until in DEPRECATIONS
+    ]
+    lines += [
+        f"{prog}: {kind} {old} is deprecated, use {new}" for kind, old, new in DEPRECATED_NAMES
+    ]
+    return lines
+
+
+def as_typed(message: str) -> str:
+    """A user error's message naming options as they were typed: the new flag of each old one
+    used is shown as the old, and the rename is said at the end (`(--img_size is now
+    --image_size)`); the message stays one line."""
+    notes = []
+    for old, new, _ in DEPRECATIONS:
+        if not (old.startswith("--") and new.startswith("--")) or " " in old:
+            continue
+        pattern = re.compile(re.escape(new) + r"(?![\w.])")
+        if pattern.search(message):
+            message = pattern.sub(old, message)
+            notes.append(f"{old} is now {new}")
+    return f"{message} ({'; '.join(notes)})" if notes else message
+
+
+def reset_deprecations() -> None:
+    """Forget the old names used so far (the CLI calls it before each command)."""
+    from sonodistill.registry import DEPRECATED_NAMES
+
+    DEPRECATIONS.clear()
+    DEPRECATED_NAMES.clear()

@@ -10,13 +10,7 @@ temporary file is removed, and a full disk becomes one `UserError` naming the ta
     with atomic_path(out / "last.pt") as tmp:
         torch.save(state, tmp)
 
-`lock_run_dir` makes a run folder exclusive: `fcntl.flock` on OUT/.lock, which the kernel
-releases when the holder dies (never stale; NFS clients emulate it with POSIX locks). The file
-names the holder's PID, host and command, for the message a second run gets. `claim_run_dir`
-adds the house rule on top: an existing run is refused unless resumed or overwritten (the
-command then removes the old run's own files, `remove_owned`, and nothing else).
-
-Standard library only: `filelock` would replace the 20 lines of fcntl but cannot report the holder.
+Run folders (the lock, --resume, --overwrite) are `sonodistill.rundir`'s.
 
 `write_table` writes every table the project writes (Markdown for reading, CSV and optionally
 JSON for tools); pandas' own `to_markdown` needs the tabulate package, a pipe table is a few lines.
@@ -25,24 +19,19 @@ JSON for tools); pandas' own `to_markdown` needs the tabulate package, a pipe ta
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import secrets
-import shutil
-import socket
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sonodistill.errors import UserError, cannot_write, disk_full, is_disk_full, is_unwritable
+from sonodistill.errors import cannot_write, disk_full, is_disk_full, is_unwritable
 
 if TYPE_CHECKING:
     import pandas as pd
 
-LOCK = ".lock"
 log = logging.getLogger(__name__)
 
 
@@ -178,109 +167,19 @@ def _mentions_disk_full(err: BaseException) -> bool:
     return False
 
 
-# ---------------------------------------------------------------- run folders
+# ---------------------------------------------------------------- run folders (moved)
+
+_MOVED = {"LOCK", "lock_run_dir", "claim_run_dir", "existing", "remove_owned"}
 
 
-@contextlib.contextmanager
-def lock_run_dir(folder: str | Path, command: str) -> Iterator[Path]:
-    """Hold an exclusive lock on `folder` (created) for the block; a second holder gets a
-    UserError naming the first (PID, host, command, start time)."""
-    folder = Path(folder)
-    created = not folder.exists()
-    path = folder / LOCK
-    while True:
-        try:  # the first write of every run: an output that cannot be written stops here
-            folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as err:
-            if created:  # a claim that failed leaves no folder behind
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
-            if is_unwritable(err):
-                raise cannot_write(folder, err) from err
-            raise
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder(fd)
-            os.close(fd)
-            raise UserError(
-                f"{folder} is in use by {holder}; wait for it to end or choose another --out"
-            ) from None
-        # The previous holder removes the file as it leaves: make sure we locked the file
-        # that is there now, not the one it just removed.
-        with contextlib.suppress(FileNotFoundError):
-            if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                break
-        os.close(fd)
-    info = {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "command": command,
-        "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(info).encode(), 0)
-    try:
-        yield folder
-    finally:
-        with contextlib.suppress(OSError):
-            path.unlink()  # while still locked: the next run creates a fresh file
-        os.close(fd)
-        if created:  # a run that wrote nothing leaves no folder behind
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+def __getattr__(name: str):
+    """Bridge: the run-folder rules moved to `sonodistill.rundir` (RunDir); the old names stay
+    importable from here until the last command uses RunDir."""
+    if name in _MOVED:
+        import importlib
 
-
-def _holder(fd: int) -> str:
-    try:
-        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        since = f"since {info['since']}"
-        return f"sonodistill {info['command']} (pid {info['pid']} on {info['host']}, {since})"
-    except (OSError, ValueError, KeyError):
-        return "another run (it is just starting)"
-
-
-def existing(folder: str | Path, owned: Iterable[str]) -> list[str]:
-    """Which of a run's own files or folders (`owned`, relative names) exist in `folder`."""
-    return [name for name in owned if (Path(folder) / name).exists()]
-
-
-def remove_owned(folder: str | Path, owned: Iterable[str]) -> None:
-    """Delete a run's own files and folders (for --overwrite); anything else stays."""
-    for name in owned:
-        path = Path(folder) / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-
-
-@contextlib.contextmanager
-def claim_run_dir(
-    folder: str | Path,
-    command: str,
-    markers: Iterable[str],
-    resume: bool | None = None,
-    overwrite: bool = False,
-) -> Iterator[bool]:
-    """Lock `folder` for one run of `command` and apply the house rule: a folder that holds a
-    run (any of the files or folders `markers` names) is refused unless `resume` (yields True:
-    continue it) or `overwrite` (yields False; the caller removes the old run's files with
-    `remove_owned` once everything it needs was checked, right before it writes). `resume`
-    None: the command has no --resume (its message does not offer one). Call it after every
-    option was checked: the lock is the first thing a run writes."""
-    if resume and overwrite:
-        raise UserError("--resume and --overwrite: choose one")
-    with lock_run_dir(folder, command):
-        found = existing(folder, markers)
-        if found and not (resume or overwrite):
-            offer = "--resume true to continue it, " if resume is not None else ""
-            raise UserError(
-                f"{folder} already holds a sonodistill {command} run ({', '.join(found)}); "
-                f"pass {offer}--overwrite true to replace it, or choose another --out"
-            )
-        yield bool(found) and bool(resume)
+        return getattr(importlib.import_module("sonodistill.rundir"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------- tables

@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sonodistill.config import (
+    ImageSize,
     PositiveFloat,
     PositiveInt,
     config_parser,
     from_dict,
     parse_args,
     parse_config,
-    restricted_number_type,
 )
-from sonodistill.data.neardup import THRESHOLD
+from sonodistill.data.config import THRESHOLD
 from sonodistill.errors import UserError, unknown_name
 from sonodistill.io import write_csv
 
@@ -83,7 +83,7 @@ class PackCommand:
     corpus: str = ""
     out: str = ""
     """Pack folder."""
-    size: PackSize = 256
+    size: ImageSize = 256
     quiet: bool = False
     overwrite: bool = False
     """Replace a pack already in OUT."""
@@ -94,9 +94,6 @@ class SummaryCommand:
     """Rewrite and print the summary (counts per dataset, kind and drop reason) of a corpus."""
 
     corpus: str = ""
-
-
-PackSize = restricted_number_type("PackSize", int, (">=", 8), docstring="int >= 8")
 
 
 CORPUS = {"corpus": "corpus folder (or its manifest.parquet)"}

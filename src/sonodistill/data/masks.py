@@ -26,12 +26,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
 
 import cv2
 import numpy as np
 from PIL import Image
 
+from sonodistill.data.config import MASK_THRESHOLD, Outline
 from sonodistill.data.greys import resize_mask
 from sonodistill.data.readers import IMAGE_EXT
 from sonodistill.errors import UserError
@@ -39,11 +39,9 @@ from sonodistill.errors import UserError
 MASK_DIRS = ("mask", "masks", "label", "labels", "annotations")
 IMAGE_DIRS = ("image", "images")
 MASK_SUFFIXES = ("mask", "annotation", "seg", "label", "gt")
-MASK_THRESHOLD = 127
 _MASK_STEM = re.compile(
     rf"^(?P<owner>.+?)[_-](?:{'|'.join(MASK_SUFFIXES)})(?:[_-]?\d+)?$", re.IGNORECASE
 )
-Outline = Literal["fill", "refuse"]
 
 
 class MaskError(UserError):

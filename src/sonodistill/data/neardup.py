@@ -37,6 +37,7 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from sonodistill.data.config import CANDIDATE_BITS, CORPUS_THRESHOLD, LOOSE, THRESHOLD  # noqa: F401
 from sonodistill.data.frames import fov_box
 from sonodistill.data.hashing import hamming_matrix, pixel_sha1
 from sonodistill.errors import UserError
@@ -49,16 +50,6 @@ VERSION = 1
 THUMB = 32
 """Side of the compared window; thumbnails keep one pixel more on each side for the shifts."""
 SHIFT = 1
-THRESHOLD = 0.92
-"""Default similarity for "near duplicate" (calibrated, see the module docstring)."""
-CORPUS_THRESHOLD = 0.95
-"""Cross-file dedup of a corpus: frames of lung-ultrasound clips (smooth, low-contrast, one
-probe layout) of *different* patients reach 0.92 (1,682 of 2,711 cross-file pairs of the
-COVID-BLUES clips), none reaches 0.95 (121 pairs, all within one patient's repeated clips)."""
-LOOSE = 0.90
-"""The audit's looser threshold: pairs between it and THRESHOLD are listed for a look."""
-CANDIDATE_BITS = 20
-"""SimHash Hamming distance (of 64 bits) under which a pair is compared at all."""
 _HASH_SIDE = 16
 _PROJECTION = np.random.default_rng(20250611).standard_normal((64, _HASH_SIDE * _HASH_SIDE))
 

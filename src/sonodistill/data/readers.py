@@ -32,13 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
+from sonodistill.data.config import KINDS
 from sonodistill.errors import user_error
 
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 VIDEO_EXT = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
 DICOM_EXT = {".dcm", ".dicom", ".dic"}
 ITK_EXT = {".mha", ".mhd", ".nrrd", ".nhdr"}
-KINDS = ("image", "video", "dicom", "nifti", "itk")
 STREAM_BYTES = 256 * 2**20  # 3D files larger than this are read slice by slice when possible
 
 

@@ -26,10 +26,10 @@ from torch import nn
 
 from sonodistill.config import (
     NonNegativeInt,
+    Opset,
     PositiveFloat,
     PositiveInt,
     check_fields,
-    restricted_number_type,
     save_config,
 )
 from sonodistill.data.listing import FrameRef, collect_frames, frames_tensor
@@ -46,8 +46,6 @@ from sonodistill.io import claim_run_dir, markdown_table, remove_owned, write_js
 from sonodistill.models.encoders import Encoder
 
 log = logging.getLogger(__name__)
-
-Opset = restricted_number_type("Opset", int, [(">=", 7), ("<=", 23)], docstring="ONNX opset 7-23")
 
 
 @dataclass

@@ -1,23 +1,34 @@
-"""Feature-level distillation: objective, augmentation, and the training recipe."""
+"""Feature-level distillation: objective, augmentation, and the training recipe.
 
-from sonodistill.distill.augment import build_augmentation, mixup
-from sonodistill.distill.config import DistillConfig, OptimConfig
-from sonodistill.distill.loss import LOSSES, get_loss, register_loss, token_cosine, token_mse
-from sonodistill.distill.recipe import distill
-from sonodistill.distill.run import load_encoder, read_metrics, resolve_encoder
+Public names are imported on first use (PEP 562), so that importing the package (or a light
+module in it) loads no torch.
+"""
 
-__all__ = [
-    "LOSSES",
-    "DistillConfig",
-    "OptimConfig",
-    "build_augmentation",
-    "distill",
-    "get_loss",
-    "load_encoder",
-    "mixup",
-    "read_metrics",
-    "register_loss",
-    "resolve_encoder",
-    "token_cosine",
-    "token_mse",
-]
+import importlib
+
+_EXPORTS = {
+    "build_augmentation": "sonodistill.distill.augment",
+    "mixup": "sonodistill.distill.augment",
+    "DistillConfig": "sonodistill.distill.config",
+    "OptimConfig": "sonodistill.distill.config",
+    "LOSSES": "sonodistill.distill.loss",
+    "get_loss": "sonodistill.distill.loss",
+    "register_loss": "sonodistill.distill.loss",
+    "token_cosine": "sonodistill.distill.loss",
+    "token_mse": "sonodistill.distill.loss",
+    "distill": "sonodistill.distill.recipe",
+    "load_encoder": "sonodistill.distill.run",
+    "read_metrics": "sonodistill.distill.run",
+    "resolve_encoder": "sonodistill.distill.run",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -112,9 +112,8 @@ FREE_ON_RESUME = (
 def check_config(cfg: DistillConfig) -> None:
     """Every option that can be checked without reading the data or building a model: a
     UserError naming the first bad one, before anything is written."""
-    import timm
-
     from sonodistill.distill.loss import LOSSES
+    from sonodistill.models.specs import FAMILIES
 
     if not cfg.data:
         raise UserError("--data: no training data; pass an image folder, corpus, manifest or pack")
@@ -123,8 +122,8 @@ def check_config(cfg: DistillConfig) -> None:
     check_fields(cfg)
     if cfg.loss not in LOSSES:
         raise unknown_name("objective", cfg.loss, LOSSES, "--loss")
-    if not timm.is_model(cfg.student.name):  # the teacher's family checks its own names
-        raise unknown_name("timm model", cfg.student.name, timm.list_models(), "--student.name")
+    family = FAMILIES.get(cfg.student.family, "--student.family")  # the teacher's checks itself
+    family.check_name(cfg.student.name, "--student.name")
     for option, path in (
         ("--student.weights", cfg.student.weights),
         ("--teacher.weights", cfg.teacher.weights),

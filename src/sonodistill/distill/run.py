@@ -7,48 +7,31 @@
     OUT/logs/version_N/metrics.csv     one CSV (and TensorBoard) log per start or resume
     OUT/student_backbone.safetensors   the distilled backbone: a timm state dict, no classifier
 
-Whatever reads a run (evaluate, embed, export, bench, report) goes through this module, and so
-does the `student:RUN_DIR` encoder spec: `models` builds encoders from a weights file and an
-architecture and knows nothing of run folders, so `resolve_encoder` turns a run folder into
-those two, and `load_encoder` is `models.build_encoder` with that step first.
+The file names live in `sonodistill.models.specs` (the `student:RUN_DIR` encoder family reads
+them: `models.build_encoder("student:RUN")`); this module keeps what only distillation and its
+reports read (logs, metrics, the objective's title).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
-from sonodistill.errors import UserError
-from sonodistill.models.encoders import Encoder, EncoderSpec, build_encoder, parse_spec
+from sonodistill.models.encoders import (
+    Encoder,
+    EncoderSpec,
+    build_encoder,
+    encoder_recipe,
+    resolve_spec,
+)
+from sonodistill.models.specs import AUGMENT_TITLES as AUGMENT_NAMES  # noqa: F401 (bridge)
+from sonodistill.models.specs import LAST_CHECKPOINT, LOGS, RUN_INFO, STUDENT_WEIGHTS  # noqa: F401
+from sonodistill.models.specs import RUN_CONFIG as CONFIG
+from sonodistill.models.specs import read_run_config as read_config
 
-CONFIG = "config.yaml"
-RUN_INFO = "run_info.json"
-LAST_CHECKPOINT = "checkpoints/last.pt"
-LOGS = "logs"
-STUDENT_WEIGHTS = "student_backbone.safetensors"
 OWNED = (CONFIG, RUN_INFO, "checkpoints", LOGS, STUDENT_WEIGHTS)
 """What a run folder's run consists of: `--overwrite` removes these and nothing else."""
-
-
-def read_config(run_dir: str | Path) -> dict:
-    """A run's config.yaml as written (a mapping; {} when absent), without validating it
-    against today's DistillConfig, so that older runs stay readable."""
-    config = Path(run_dir) / CONFIG
-    if not config.is_file():
-        return {}
-    values = yaml.safe_load(config.read_text())
-    return values if isinstance(values, dict) else {}
-
-
-def student_architecture(run_dir: str | Path) -> str:
-    """The timm name of a run's student, from its config.yaml."""
-    try:
-        return str(read_config(run_dir)["student"]["name"])
-    except (KeyError, TypeError) as err:
-        raise UserError(f"{Path(run_dir) / CONFIG}: no student.name ({err})") from err
 
 
 def loss_title(run_dir: str | Path) -> str:
@@ -60,64 +43,20 @@ def loss_title(run_dir: str | Path) -> str:
     return LOSSES[name].title if name in LOSSES else f"{name} loss"
 
 
-AUGMENT_NAMES = {"us": "US-aware", "default": "Default", "none": "None"}
-
-
-def student_recipe(run_dir: str | Path) -> dict:
-    """What a distill run did, from its config.yaml (the ablation tables' columns):
-    augmentation, mixup, projection head, student and teacher architectures ({} for a bare
-    backbone weights file, whose recipe is not on record)."""
-    run_dir = Path(run_dir)
-    if not run_dir.exists():
-        raise UserError(f"{run_dir}: no such distill run folder or backbone weights file")
-    if run_dir.is_file():
-        return {}
-    config = run_dir / CONFIG
-    try:
-        cfg = yaml.safe_load(config.read_text())
-        return {
-            "augmentation": AUGMENT_NAMES.get(cfg["augment"], str(cfg["augment"])),
-            "mixup": bool(cfg["mixup"]),
-            "head": str(cfg["student"].get("head", "linear")),
-            "student": str(cfg["student"]["name"]),
-            "teacher": str(cfg["teacher"].get("name") or cfg["teacher"].get("family", "")),
-        }
-    except (OSError, yaml.YAMLError, KeyError, TypeError) as err:
-        raise UserError(f"{config}: not a distill run config ({err})") from err
-
-
-def student_backbone(path: str | Path, name: str | None = None) -> tuple[str, Path]:
-    """(architecture, backbone weights file) of a distill run folder or a bare weights file
-    (whose architecture must then be given)."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such distill run folder or backbone weights file")
-    if path.is_dir():
-        if not (path / CONFIG).is_file() or not (path / STUDENT_WEIGHTS).is_file():
-            raise UserError(
-                f"{path}: not a finished distill run ({CONFIG} or {STUDENT_WEIGHTS} missing)"
-            )
-        return name or student_architecture(path), path / STUDENT_WEIGHTS
-    if not name:
-        raise UserError(f"{path}: a bare weights file needs its architecture (EncoderSpec.name)")
-    return name, path
+def load_encoder(spec: EncoderSpec | str) -> Encoder:
+    """Bridge to `models.build_encoder` (which builds `student:RUN` itself)."""
+    return build_encoder(spec)
 
 
 def resolve_encoder(spec: EncoderSpec | str) -> EncoderSpec:
-    """The spec with `student:RUN_DIR` replaced by the run's architecture and backbone file;
-    other specs unchanged."""
-    spec = parse_spec(spec) if isinstance(spec, str) else spec
-    if spec.family != "student":
-        return spec
-    if not spec.weights:
-        raise UserError("a student encoder needs the distill run dir (student:RUN_DIR)")
-    name, weights = student_backbone(spec.weights, spec.name or None)
-    return dataclasses.replace(spec, family="timm", name=name, weights=str(weights))
+    """Bridge to `models.encoders.resolve_spec`."""
+    return resolve_spec(spec)
 
 
-def load_encoder(spec: EncoderSpec | str) -> Encoder:
-    """`models.encoders.build_encoder` for any spec, `student:RUN_DIR` included."""
-    return build_encoder(resolve_encoder(spec))
+def student_recipe(run_dir: str | Path) -> dict:
+    """Bridge to `models.encoder_recipe` of `student:RUN_DIR` (without its `init`)."""
+    recipe = encoder_recipe(EncoderSpec(family="student", weights=str(run_dir)))
+    return {k: v for k, v in recipe.items() if k != "init"}
 
 
 def next_log_version(run_dir: str | Path) -> int:

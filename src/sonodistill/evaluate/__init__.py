@@ -1,39 +1,40 @@
-"""Downstream evaluation: datasets, leakage-free splits, probes and fine-tuning, paper tables."""
+"""Downstream evaluation: datasets, leakage-free splits, probes and fine-tuning, paper tables.
 
-from sonodistill.evaluate.datasets import (
-    ClsDataset,
-    DatasetIndex,
-    DatasetSpec,
-    SegDataset,
-    load_busi,
-    load_cls_folder,
-    load_dataset,
-    load_ddti,
-    load_seg_folder,
-)
-from sonodistill.evaluate.metrics import EMPTY_RULE, classification_scores, dice_iou
-from sonodistill.evaluate.splits import SplitConfig, load_or_make_splits, make_splits
-from sonodistill.evaluate.suite import SuiteConfig, run_suite
-from sonodistill.evaluate.train import TrainSettings, run_one
+Public names are imported on first use (PEP 562), so that importing the package (or a light
+module in it) loads no torch.
+"""
 
-__all__ = [
-    "EMPTY_RULE",
-    "ClsDataset",
-    "DatasetIndex",
-    "DatasetSpec",
-    "SegDataset",
-    "SplitConfig",
-    "SuiteConfig",
-    "TrainSettings",
-    "classification_scores",
-    "dice_iou",
-    "load_busi",
-    "load_cls_folder",
-    "load_dataset",
-    "load_ddti",
-    "load_or_make_splits",
-    "load_seg_folder",
-    "make_splits",
-    "run_one",
-    "run_suite",
-]
+import importlib
+
+_EXPORTS = {
+    "ClsDataset": "sonodistill.evaluate.datasets",
+    "DatasetIndex": "sonodistill.evaluate.datasets",
+    "DatasetSpec": "sonodistill.evaluate.datasets",
+    "SegDataset": "sonodistill.evaluate.datasets",
+    "load_busi": "sonodistill.evaluate.datasets",
+    "load_cls_folder": "sonodistill.evaluate.datasets",
+    "load_dataset": "sonodistill.evaluate.datasets",
+    "load_ddti": "sonodistill.evaluate.datasets",
+    "load_seg_folder": "sonodistill.evaluate.datasets",
+    "EMPTY_RULE": "sonodistill.evaluate.metrics",
+    "classification_scores": "sonodistill.evaluate.metrics",
+    "dice_iou": "sonodistill.evaluate.metrics",
+    "SplitConfig": "sonodistill.evaluate.splits",
+    "load_or_make_splits": "sonodistill.evaluate.splits",
+    "make_splits": "sonodistill.evaluate.splits",
+    "SuiteConfig": "sonodistill.evaluate.suite",
+    "run_suite": "sonodistill.evaluate.suite",
+    "TrainSettings": "sonodistill.evaluate.train",
+    "run_one": "sonodistill.evaluate.train",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -176,7 +176,7 @@ def build_model(
         return Classifier(encoder, num_classes, frozen=protocol == "linear")
     if protocol == "linear":
         return LinearSegProbe(encoder, num_classes)
-    name = encoder.seg_head if seg_decoder == "auto" else seg_decoder
+    name = encoder.default_decoder if seg_decoder == "auto" else seg_decoder
     if name not in SEG_DECODERS:
         raise ValueError(f"seg_decoder {seg_decoder!r}: use auto, {', '.join(SEG_DECODERS)}")
     return SEG_DECODERS[name](encoder, num_classes)

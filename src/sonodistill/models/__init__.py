@@ -1,22 +1,39 @@
-"""Teacher, student and downstream encoders of every model family (see `models.encoders`)."""
+"""Teacher, student and downstream encoders of every model family (see `models.encoders`).
 
-from sonodistill.models.encoders import Encoder, EncoderSpec, build_encoder, parse_spec
-from sonodistill.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, to_model_input
-from sonodistill.models.student import Student, StudentConfig
-from sonodistill.models.teacher import Teacher, TeacherConfig
-from sonodistill.models.weights import WeightsMismatchError
+Public names are imported on first use (PEP 562), so that importing the package (or a light
+module in it) loads no torch.
+"""
 
-__all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "Encoder",
-    "EncoderSpec",
-    "Student",
-    "StudentConfig",
-    "Teacher",
-    "TeacherConfig",
-    "WeightsMismatchError",
-    "build_encoder",
-    "parse_spec",
-    "to_model_input",
-]
+import importlib
+
+_EXPORTS = {
+    "IMAGENET_MEAN": "sonodistill.models.preprocess",
+    "IMAGENET_STD": "sonodistill.models.preprocess",
+    "to_model_input": "sonodistill.models.preprocess",
+    "Encoder": "sonodistill.models.encoders",
+    "build_encoder": "sonodistill.models.encoders",
+    "encoder_label": "sonodistill.models.encoders",
+    "encoder_recipe": "sonodistill.models.encoders",
+    "parse_spec": "sonodistill.models.encoders",
+    "resolve_spec": "sonodistill.models.encoders",
+    "weights_file": "sonodistill.models.encoders",
+    "EncoderSpec": "sonodistill.models.specs",
+    "FAMILIES": "sonodistill.models.specs",
+    "RANDOM": "sonodistill.models.specs",
+    "StudentConfig": "sonodistill.models.specs",
+    "TeacherConfig": "sonodistill.models.specs",
+    "Student": "sonodistill.models.student",
+    "Teacher": "sonodistill.models.teacher",
+    "WeightsMismatchError": "sonodistill.models.weights",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -2,95 +2,92 @@
 
     encoder = build_encoder("dinov3-convnext:convnext_tiny=dinov3_convnext_tiny_pretrain.pth")
     maps = encoder.pyramid(x)        # U-Net skips; encoder(x): last map; encoder.pooled(x): vector
+    encoder = build_encoder("student:runs/distill")     # a distilled student, any family
 
-Spec strings: `FAMILY:NAME=FILE@LABEL`, or `FAMILY:FILE@LABEL` for the family's default
-architecture, with FILE = `random` for a random initialisation. Families (see `FAMILIES`, and
-docs/encoders.md for their formats and checks):
-
-- `timm:resnet50=W.safetensors`, `random:resnet50` (a random timm CNN);
-- `dinov3:FILE`, `dinov3:vit_large_patch16_dinov3_qkvb=FILE`; `teacher:FILE` is the same family,
-  and `teacher:` alone reads $SONODISTILL_TEACHER_WEIGHTS;
-- `dinov3-convnext:convnext_tiny=FILE`, `sam2:sam2_hiera_base_plus=FILE`,
-  `vit:beit_base_patch16_224=FILE` (with `options: {key_map: ...}` in the mapping form);
-- `student:RUN_DIR`: a distilled student, resolved to `timm:ARCH=BACKBONE_FILE` by
-  `sonodistill.distill.run.resolve_encoder` (models know no run folders).
+Spec strings and the families: `sonodistill.models.specs` (and docs/encoders.md for their
+formats and checks). What a spec means without building it: `resolve_spec` (run folders
+resolved), `weights_file`, `encoder_label` (the one labelling rule of tables), `encoder_recipe`.
 """
 
 from __future__ import annotations
 
-from sonodistill.errors import UserError, unknown_name
-from sonodistill.models.families import FAMILIES
-from sonodistill.models.families.base import RANDOM, Encoder, EncoderSpec, InputSizeError
+from pathlib import Path
+
+from sonodistill.errors import UserError
+from sonodistill.models.families.base import Encoder, InputSizeError
+from sonodistill.models.specs import FAMILIES, RANDOM, EncoderSpec
 from sonodistill.models.weights import UnknownFormatError, WeightsMismatchError
 
-# Spec prefixes that name a family differently.
-ALIASES = {"random": "timm", "teacher": "dinov3"}
-
 __all__ = [
-    "ALIASES",
     "FAMILIES",
     "RANDOM",
     "Encoder",
     "EncoderSpec",
     "InputSizeError",
     "build_encoder",
+    "encoder_label",
+    "encoder_recipe",
     "family_of",
     "parse_spec",
-    "register_family",
+    "resolve_spec",
+    "weights_file",
 ]
 
-
-def register_family(name: str, family: type[Encoder]) -> None:
-    """Add a model family (an `Encoder` subclass) under `name`, e.g. from a plugin or a test."""
-    if not (isinstance(family, type) and issubclass(family, Encoder)):
-        raise TypeError(f"family {name!r} must be an Encoder subclass")
-    family.family = name
-    FAMILIES[name] = family
+Spec = EncoderSpec | str | dict
 
 
-def family_of(spec: EncoderSpec) -> type[Encoder]:
-    if spec.family not in FAMILIES:
-        raise unknown_name("encoder family", spec.family, FAMILIES)
-    return FAMILIES[spec.family]
+def family_of(spec: EncoderSpec, option: str = "") -> type[Encoder]:
+    """The family (Encoder subclass) of a spec; an unknown one is one line with close matches."""
+    return FAMILIES.get(spec.family, option)
 
 
 def parse_spec(text: str) -> EncoderSpec:
-    """`FAMILY:NAME=FILE@LABEL` (see the module doc) -> EncoderSpec."""
-    text, _, label = text.partition("@")
-    prefix, sep, rest = text.partition(":")
-    known = [*FAMILIES, *ALIASES, "student"]
-    if not sep or prefix not in known:
-        raise UserError(
-            f"encoder spec {text!r}: start with one of {', '.join(k + ':' for k in known)}"
-        )
-    spec = EncoderSpec(family=ALIASES.get(prefix, prefix), label=label or None)
-    if prefix == "random":
-        spec.name, spec.weights = rest, RANDOM
-    elif "=" in rest:
-        spec.name, _, spec.weights = rest.partition("=")
-    else:
-        spec.weights = rest or None
-    return spec
+    """`FAMILY:NAME=FILE@LABEL` -> EncoderSpec (bridge: `EncoderSpec.parse` is the checked
+    constructor of strings and mappings)."""
+    return EncoderSpec.parse(text, "encoder spec")
 
 
-def build_encoder(spec: EncoderSpec | str) -> Encoder:
-    """Instantiate an encoder; its weights file must fit exactly (WeightsMismatchError if not)."""
-    spec = parse_spec(spec) if isinstance(spec, str) else spec
-    if spec.family == "student":
-        raise ValueError(
-            f"encoder {spec.display}: a distill run dir is resolved by "
-            "sonodistill.distill.run.load_encoder (models know no run folders)"
-        )
+def build_encoder(spec: Spec, option: str = "--encoders") -> Encoder:
+    """Instantiate an encoder of any family, `student:RUN` included; its weights file must fit
+    exactly (WeightsMismatchError naming the family that reads the file, if another does)."""
+    spec = EncoderSpec.parse(spec, option)
     if spec.weights == "":
         raise UserError(f"encoder {spec.display}: give a weights file (FAMILY:NAME=FILE)")
-    family = family_of(spec)
+    family = family_of(spec, option)
     try:
         return family.build(spec)
     except UnknownFormatError as err:
-        others = [f for f, c in FAMILIES.items() if c is not family and c.recognizes(err.state)]
+        others = [e for e in FAMILIES.list() if e.obj is not family and e.obj.recognizes(err.state)]
         if not others:
             raise
-        hint = f"{FAMILIES[others[0]].title} (family {others[0]})"
+        hint = f"{others[0].obj.title} (family {others[0].name})"
         raise WeightsMismatchError(
             f"{err.path}: holds a {hint} model, not a {err.family_title}"
         ) from err
+
+
+def resolve_spec(spec: Spec, option: str = "--encoders") -> EncoderSpec:
+    """What a spec builds, with the family's defaults filled in and a `student:RUN` folder
+    resolved to its family, architecture and backbone file (no model built)."""
+    spec = EncoderSpec.parse(spec, option)
+    return family_of(spec, option).resolve(spec)
+
+
+def weights_file(spec: Spec) -> Path | None:
+    """The file or folder an encoder's weights are read from; None for a random init."""
+    spec = EncoderSpec.parse(spec)
+    return family_of(spec).weights_file(spec)
+
+
+def encoder_label(spec: Spec) -> str:
+    """The encoder's name in tables and file names: its `@LABEL`, else ARCH-rand,
+    ARCH-WEIGHTSSTEM, or RUN-distill for a distilled student."""
+    spec = EncoderSpec.parse(spec)
+    return spec.label or family_of(spec).default_label(spec)
+
+
+def encoder_recipe(spec: Spec) -> dict:
+    """How the encoder was made (init, architecture; a student's run recipe): the ablation
+    tables' columns and the suite's label checks."""
+    spec = EncoderSpec.parse(spec)
+    return family_of(spec).recipe(spec)

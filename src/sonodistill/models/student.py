@@ -1,80 +1,78 @@
-"""CNN student: an unmodified timm backbone + head to the teacher's token grid (Sec. 3.2)."""
+"""The student: any encoder + the projection head g_phi to the teacher's grid (Sec. 3.2).
+
+The encoder comes from `build_encoder` (a timm CNN by default, or any registered family: a
+DINOv3 ConvNeXt, a SAM2 trunk, a plugin's); the head is a 1x1 convolution (or a two-layer MLP)
+to the teacher's channels, and the map is resized to the teacher's token grid (Eq. 3).
+"""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sonodistill.config import PositiveInt
-from sonodistill.models.encoders import EncoderSpec, build_encoder
-from sonodistill.models.families.timm_cnn import TimmCNN
+from sonodistill.models.encoders import Encoder, build_encoder
+from sonodistill.models.specs import StudentConfig
+
+__all__ = ["Student", "StudentConfig", "projection_head"]
 
 
-@dataclass
-class StudentConfig:
-    """CNN student."""
-
-    name: str = TimmCNN.default_name
-    """Any timm CNN with a final feature map: resnet50, resnet18, convnext_tiny, ..."""
-    weights: str | None = None
-    """Optional backbone initialisation: a timm state dict (.safetensors/.pth) or a layout timm
-    converts for the architecture, e.g. Meta's DINOv3 ConvNeXt .pth for convnext_tiny."""
-    head: Literal["linear", "mlp"] = "linear"
-    """Projection head: a single linear layer (1x1 conv, Sec. 3.2) or a two-layer MLP (Sec. 3.5)."""
-    mlp_hidden: PositiveInt | None = None
-    """Hidden width of the MLP head; default: the backbone's channel count."""
-    sync_bn: bool = False
-    """BatchNorm statistics over the global batch (SyncBatchNorm) when training on several
-    GPUs: with the paper's 512 images over 32 GPUs each BatchNorm otherwise sees 16."""
-
-
-def build_backbone(name: str, weights: str | Path | None = None) -> nn.Module:
-    """A timm backbone without classifier; weights (if any: timm layout, or one timm converts
-    such as Meta's DINOv3 ConvNeXt .pth) must fit exactly."""
-    spec = EncoderSpec(family="timm", name=name, weights=str(weights) if weights else None)
-    return build_encoder(spec).backbone
-
-
-def projection_head(in_ch: int, out_ch: int, head: str, hidden: int | None = None) -> nn.Module:
-    """The student's head g_phi: `linear` (1x1 conv) or `mlp` (two 1x1 convs, GELU between)."""
-    if head == "linear":
+def projection_head(in_ch: int, out_ch: int, kind: str, hidden: int | None = None) -> nn.Module:
+    """The student's projection g_phi: `linear` (1x1 conv) or `mlp` (two 1x1 convs, GELU
+    between)."""
+    if kind == "linear":
         return nn.Conv2d(in_ch, out_ch, kernel_size=1)
-    if head == "mlp":
+    if kind == "mlp":
         hidden = hidden or in_ch
         return nn.Sequential(
             nn.Conv2d(in_ch, hidden, kernel_size=1),
             nn.GELU(),
             nn.Conv2d(hidden, out_ch, kernel_size=1),
         )
-    raise ValueError(f"unknown head {head!r}: use 'linear' or 'mlp'")
+    raise ValueError(f"unknown projection {kind!r}: use 'linear' or 'mlp'")
 
 
 class Student(nn.Module):
-    """Backbone feature map -> head g_phi -> bilinear resize to the teacher's grid (Eq. 3)."""
+    """Encoder feature map -> projection g_phi -> bilinear resize to the teacher's grid (Eq. 3)."""
 
     def __init__(self, cfg: StudentConfig, out_channels: int):
         super().__init__()
         self.cfg = cfg
-        self.backbone = build_backbone(cfg.name, cfg.weights)
-        self.head = projection_head(
-            self.backbone.num_features, out_channels, cfg.head, cfg.mlp_hidden
+        self.encoder: Encoder = build_encoder(cfg.spec(), "--student.family")
+        self.projection = projection_head(
+            self.encoder.out_channels, out_channels, cfg.projection, cfg.mlp_hidden
         )
+        self._register_load_state_dict_pre_hook(_upgrade_keys)
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The encoder's backbone (what `student_backbone.safetensors` holds)."""
+        return self.encoder.backbone
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The backbone's last feature map (B, C_S, H_S, W_S)."""
-        return self.backbone.forward_features(x)
+        """The encoder's last feature map (B, C_S, H_S, W_S)."""
+        return self.encoder(x)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        z = self.head(self.features(x))
+        z = self.projection(self.features(x))
         if tuple(z.shape[-2:]) != tuple(grid):
             z = F.interpolate(z, size=grid, mode="bilinear", align_corners=False)
         return z
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
-        """Clean backbone weights: load strictly into timm.create_model(name, num_classes=0)."""
-        return {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
+        """Clean backbone weights; for a timm student they load strictly into
+        timm.create_model(name, num_classes=0)."""
+        return self.encoder.backbone_state_dict()
+
+
+def _upgrade_keys(state: dict, prefix: str, *args) -> None:
+    """Checkpoints written before the student held an encoder (0.1): `backbone.*` is now
+    `encoder.backbone.*` and `head.*` is `projection.*` (renamed in place, as torch asks)."""
+    for key in list(state):
+        if not key.startswith(prefix):
+            continue
+        rest = key[len(prefix) :]
+        if rest.startswith("backbone."):
+            state[f"{prefix}encoder.{rest}"] = state.pop(key)
+        elif rest.startswith("head."):
+            state[f"{prefix}projection.{rest[len('head.') :]}"] = state.pop(key)

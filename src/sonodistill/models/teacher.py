@@ -7,54 +7,17 @@ DINOv3 ConvNeXt or a timm ViT with a key map too), through the encoder registry.
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from sonodistill.config import PositiveInt
-from sonodistill.models.encoders import RANDOM, Encoder, EncoderSpec, build_encoder
+from sonodistill.models.encoders import RANDOM, Encoder, build_encoder
 from sonodistill.models.families.base import resize_to
-from sonodistill.models.families.dinov3_vit import WEIGHTS_ENV, WEIGHTS_HELP
+from sonodistill.models.specs import WEIGHTS_ENV, WEIGHTS_HELP, TeacherConfig
 
 log = logging.getLogger(__name__)
 
 __all__ = ["WEIGHTS_ENV", "WEIGHTS_HELP", "Teacher", "TeacherConfig"]
-
-
-@dataclass
-class TeacherConfig:
-    """Frozen teacher (DINOv3 ViT-B/16 by default)."""
-
-    family: str = "dinov3"
-    """Model family with token maps: dinov3, dinov3-convnext, vit."""
-    name: str = ""
-    """timm architecture; empty: the family's default (dinov3: vit_base_patch16_dinov3_qkvb)."""
-    weights: str | None = None
-    """Official .pth (or training checkpoint), timm or Hugging Face file or snapshot folder."""
-    random_init: bool = False
-    """Explicitly allow a randomly initialised teacher (tests and smoke runs only)."""
-    n_blocks: PositiveInt = 2
-    """Token maps of this many last blocks are concatenated on channels."""
-    norm: bool = True
-    """Pass each block's tokens through the final norm, as get_intermediate_layers(norm=True)."""
-    model_kwargs: dict = field(default_factory=dict)
-    """Architecture overrides passed to timm, e.g. {embed_dim: 64, depth: 2, num_heads: 2}."""
-    options: dict = field(default_factory=dict)
-    """Family loading options, e.g. {rope_periods: computed} to refuse files with other periods."""
-
-    def spec(self) -> EncoderSpec:
-        weights = self.weights or os.environ.get(WEIGHTS_ENV) or None
-        if weights is None and self.random_init:
-            weights = RANDOM
-        return EncoderSpec(
-            family=self.family,
-            name=self.name,
-            weights=weights,
-            model_kwargs=dict(self.model_kwargs),
-            options=dict(self.options),
-        )
 
 
 class Teacher(nn.Module):
@@ -63,7 +26,7 @@ class Teacher(nn.Module):
     def __init__(self, cfg: TeacherConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder: Encoder = build_encoder(cfg.spec())
+        self.encoder: Encoder = build_encoder(cfg.spec(), "--teacher.family")
         self.channels = self.encoder.token_channels(cfg.n_blocks)  # refuses families without
         if self.encoder.load_report is None:
             log.warning(

@@ -253,3 +253,8 @@ def load_strict(
     """check_state_dict, then load; dtype differences are cast by load_state_dict."""
     check_state_dict(model, state_dict, source, name)
     model.load_state_dict(state_dict, strict=True)
+
+
+def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's weights detached, on the CPU and contiguous: what safetensors writes."""
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}

@@ -18,8 +18,6 @@ Inputs are ImageNet-normalised 3-channel images (`sonodistill.models.to_model_in
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -29,45 +27,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from sonodistill.errors import UserError, unknown_name
+from sonodistill.models.specs import RANDOM, EncoderSpec
 from sonodistill.models.weights import (
     LoadReport,
     WeightsMismatchError,
+    cpu_state_dict,
     load_strict,
     read_state_dict,
 )
 
-RANDOM = "random"
-"""The weights value that asks for a random initialisation (smoke runs, architecture-only specs)."""
 PYRAMID_STRIDES = (2, 4, 8, 16, 32)
 
 
 class InputSizeError(UserError, ValueError):
     """An input size the encoder cannot take exactly (one line naming the size and the rule)."""
-
-
-@dataclass
-class EncoderSpec:
-    """Which encoder, initialised how (shorthand strings: `models.encoders.parse_spec`)."""
-
-    family: str = "timm"
-    """Model family (registry key): timm, dinov3, dinov3-convnext, sam2, vit, ..."""
-    name: str = ""
-    """timm architecture; empty: the family's default."""
-    weights: str | None = None
-    """Weights file or folder; `random` for a random init; empty: the family's default."""
-    label: str | None = None
-    """Display name in tables, e.g. R50-Distill-US."""
-    model_kwargs: dict = field(default_factory=dict)
-    """Architecture overrides for timm (tiny models in tests)."""
-    options: dict = field(default_factory=dict)
-    """Family-specific loading options (dinov3: rope_periods; vit: key_map, drop)."""
-
-    @property
-    def display(self) -> str:
-        return self.label or f"{self.name}-{self.family}"
-
-    def replace(self, **changes) -> EncoderSpec:
-        return dataclasses.replace(self, **changes)
 
 
 class Encoder(nn.Module):
@@ -79,7 +52,7 @@ class Encoder(nn.Module):
     default_name: ClassVar[str] = ""
     names: ClassVar[tuple[str, ...]] = ()
     """The architectures the family covers (empty: any timm architecture)."""
-    seg_head: ClassVar[str] = "unet"
+    default_decoder: ClassVar[str] = "unet"
     """Default fine-tuning decoder: 'unet' on `pyramid`, or 'light' on the last map (plain ViTs)."""
     options: ClassVar[tuple[str, ...]] = ()
     """Names of the `EncoderSpec.options` this family reads."""
@@ -90,12 +63,41 @@ class Encoder(nn.Module):
         self.spec = spec
         self.load_report = report
 
+    # --- what a spec means (no model built) ---------------------------------------------------
+
+    @classmethod
+    def resolve(cls, spec: EncoderSpec) -> EncoderSpec:
+        """The spec with the family's defaults filled in (the architecture name)."""
+        return spec.replace(name=spec.name or cls.default_name)
+
+    @classmethod
+    def weights_file(cls, spec: EncoderSpec) -> Path | None:
+        """The file or folder the weights are read from; None for a random initialisation."""
+        spec = cls.resolve(spec)
+        weights = spec.weights if spec.weights is not None else cls.default_weights(spec)
+        return None if not weights or weights == RANDOM else Path(weights)
+
+    @classmethod
+    def recipe(cls, spec: EncoderSpec) -> dict:
+        """How the encoder was made, for tables and label checks: its initialisation and
+        architecture (a distilled student adds its run's recipe)."""
+        spec = cls.resolve(spec)
+        return {"init": "random" if spec.weights == RANDOM else "pretrained", "student": spec.name}
+
+    @classmethod
+    def default_label(cls, spec: EncoderSpec) -> str:
+        """The name of an unlabelled encoder in tables: ARCH-rand, or ARCH-WEIGHTSSTEM."""
+        spec = cls.resolve(spec)
+        if spec.weights == RANDOM:
+            return f"{spec.name}-rand"
+        return f"{spec.name}-{Path(spec.weights or spec.family).stem}"
+
     # --- building ---------------------------------------------------------------------------------
 
     @classmethod
     def build(cls, spec: EncoderSpec) -> Encoder:
         """The backbone of `spec` with its weights loaded exactly (WeightsMismatchError if not)."""
-        spec = spec.replace(name=spec.name or cls.default_name)
+        spec = cls.resolve(spec)
         unknown = sorted(set(spec.options) - set(cls.options))
         if unknown:
             raise UserError(
@@ -111,12 +113,12 @@ class Encoder(nn.Module):
         return cls(model, spec, report)
 
     @classmethod
-    def check_name(cls, name: str) -> None:
+    def check_name(cls, name: str, option: str = "") -> None:
         """Refuse an architecture the family does not cover (naming the close ones)."""
         if cls.names and name not in cls.names:
-            raise unknown_name(f"{cls.title} architecture", name, cls.names)
+            raise unknown_name(f"{cls.title} architecture", name, cls.names, option)
         if not cls.names and not timm.is_model(name):
-            raise unknown_name(f"timm architecture ({cls.title})", name, timm.list_models())
+            raise unknown_name(f"timm architecture ({cls.title})", name, timm.list_models(), option)
 
     @classmethod
     def create(cls, spec: EncoderSpec) -> nn.Module:
@@ -211,7 +213,8 @@ class Encoder(nn.Module):
         return self.spec.replace(weights=RANDOM, options={})
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
+        """The backbone's weights on the CPU, contiguous: what a weights file holds."""
+        return cpu_state_dict(self.backbone)
 
 
 def empty_level(x: torch.Tensor, stride: int) -> torch.Tensor:

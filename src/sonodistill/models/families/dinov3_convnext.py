@@ -22,6 +22,7 @@ from torch import nn
 
 from sonodistill.models.families.base import EncoderSpec, refuse_size
 from sonodistill.models.families.timm_cnn import TimmCNN, drop_classifier
+from sonodistill.models.specs import FAMILIES
 from sonodistill.models.weights import (
     LoadReport,
     UnknownFormatError,
@@ -39,6 +40,7 @@ SIZES = {
 }
 
 
+@FAMILIES.register("dinov3-convnext")
 class DINOv3ConvNeXt(TimmCNN):
     family = "dinov3-convnext"
     title = "DINOv3 ConvNeXt"

@@ -31,6 +31,7 @@ from torch import nn
 from sonodistill.errors import UserError
 from sonodistill.models.families.base import RANDOM, EncoderSpec, refuse_size
 from sonodistill.models.families.timm_vit import TimmViT
+from sonodistill.models.specs import FAMILIES, WEIGHTS_ENV, WEIGHTS_HELP
 from sonodistill.models.weights import (
     LoadReport,
     UnknownFormatError,
@@ -39,16 +40,6 @@ from sonodistill.models.weights import (
     mismatches,
 )
 from sonodistill.models.weights import read_state_dict as _read
-
-WEIGHTS_ENV = "SONODISTILL_TEACHER_WEIGHTS"
-WEIGHTS_HELP = (
-    "DINOv3 teacher weights are needed: request access at "
-    "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/ and pass the file "
-    "(e.g. dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth, a timm .safetensors, or the Hugging Face "
-    "facebook/dinov3-vitb16-pretrain-lvd1689m model.safetensors or snapshot folder) with "
-    f"--teacher.weights PATH or the {WEIGHTS_ENV} environment variable; use "
-    "--teacher.random_init true only for smoke tests."
-)
 
 # (public name, timm name, width, depth, SwiGLU MLP) of Meta's releases.
 RELEASES = [
@@ -65,6 +56,7 @@ _UNUSED = re.compile(r"^(mask_token|local_cls_norm\..*)$")
 _PERIODS = "rope_embed.periods"
 
 
+@FAMILIES.register("dinov3")
 class DINOv3ViT(TimmViT):
     family = "dinov3"
     title = "DINOv3 ViT"

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from sonodistill.models.families.base import Encoder, EncoderSpec, refuse_size
+from sonodistill.models.specs import FAMILIES
 from sonodistill.models.weights import LoadReport, UnknownFormatError, load_strict, read_state_dict
 
 TRUNK = "image_encoder.trunk."
@@ -33,6 +34,7 @@ SIZES = {
 }
 
 
+@FAMILIES.register("sam2")
 class SAM2Hiera(Encoder):
     family = "sam2"
     title = "SAM2 Hiera"

@@ -14,9 +14,11 @@ import torch
 from torch import nn
 
 from sonodistill.models.families.base import Encoder, EncoderSpec
+from sonodistill.models.specs import FAMILIES
 from sonodistill.models.weights import LoadReport, load_strict, read_state_dict
 
 
+@FAMILIES.register("timm")
 class TimmCNN(Encoder):
     """Any timm CNN with `forward_features` -> (B, C, h, w) and `forward_intermediates`."""
 

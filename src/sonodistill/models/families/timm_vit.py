@@ -32,14 +32,16 @@ from sonodistill.models.families.base import (
     empty_level,
 )
 from sonodistill.models.families.timm_cnn import drop_classifier, fit_timm_layout
+from sonodistill.models.specs import FAMILIES
 from sonodistill.models.weights import LoadReport, load_strict, read_state_dict
 
 
+@FAMILIES.register("vit")
 class TimmViT(Encoder):
     family = "vit"
     title = "ViT (timm)"
     default_name = "vit_base_patch16_224"
-    seg_head = "light"
+    default_decoder = "light"
     options = ("key_map", "drop")
 
     @classmethod
