@@ -122,7 +122,7 @@ def static_costs(name: str, encoder: Encoder, head: nn.Module, x: torch.Tensor) 
     return result
 
 
-def cpu_runners(
+def backend_runners(
     who: str, encoder: Encoder, cfg: BenchConfig, names: list[str], calib: np.ndarray, tmp: Path
 ) -> tuple[dict[str, Callable[[], object]], dict[str, dict]]:
     """One batch-1 forward per backend, ready to time: each backend writes its file into
@@ -371,8 +371,8 @@ def bench(cfg: BenchConfig) -> dict:
         t = static_costs("teacher", teacher, teacher_head(teacher, cfg.teacher_classes), x)
         s = static_costs("student", student, student_head(student, cfg, teacher.out_channels), x)
         with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-            t_run, t_info = cpu_runners("teacher", teacher, cfg, names, calib, Path(tmp))
-            s_run, s_info = cpu_runners("student", student, cfg, names, calib, Path(tmp))
+            t_run, t_info = backend_runners("teacher", teacher, cfg, names, calib, Path(tmp))
+            s_run, s_info = backend_runners("student", student, cfg, names, calib, Path(tmp))
             log.info(
                 "timing %s for teacher and student", ", ".join(dict.fromkeys([*t_run, *s_run]))
             )
