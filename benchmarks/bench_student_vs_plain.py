@@ -33,9 +33,9 @@ from torch import nn
 
 from sonodistill.data.listing import collect_frames, frames_tensor
 from sonodistill.deploy.onnx_utils import quantize_int8, session
-from sonodistill.distill.run import load_encoder
 from sonodistill.evaluate.heads import WithPreprocess
 from sonodistill.models import to_model_input
+from sonodistill.models.encoders import build_encoder
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -106,7 +106,7 @@ def main() -> None:
     sources = [f"busi={DATA / 'busi' / 'Dataset_BUSI_with_GT'}", f"ddti={DATA / 'ddti'}"]
     grey = frames_tensor(collect_frames(sources, args.n_calib // 2), 224)
     calib = {1: grey.numpy(), 3: to_model_input(grey).numpy()}
-    student = load_encoder("random:resnet50").eval()
+    student = build_encoder("random:resnet50").eval()
     variants = {
         "student": (WithPreprocess(student), 1, True),
         "student_static": (WithPreprocess(student), 1, False),
@@ -127,7 +127,7 @@ def main() -> None:
             for _ in range(3):
                 fn()
         alone = blocks(runners, args.runs, args.block)
-        teacher = load_encoder("teacher:random").eval()
+        teacher = build_encoder("teacher:random").eval()
         x = to_model_input(grey[:1])
         with torch.inference_mode():
             pair = {"student int8": runners["student int8"], "teacher": lambda: teacher(x)}

@@ -2,7 +2,7 @@
 ResNet-18 and a ResNet-50 U-Net at 256 px, PyTorch vs ONNX Runtime int8 vs ExecuTorch int8.
 
 Each U-Net is fine-tuned for a few steps on BUSI (so that its masks look like masks and the
-post-processing does real work), exported (`sonodistill export --head`, int8 calibrated on
+post-processing does real work), exported (`sonodistill export --model`, int8 calibrated on
 BUSI and lung frames), then for every backend, in alternation over `--rounds` rounds:
 - the whole pipeline (`predict`: decode, preprocess, model, post-processing with mask PNGs,
   overlay MP4 and CSV), and
@@ -131,13 +131,13 @@ def main() -> None:
             print(f"exporting {arch}")
             export(
                 ExportConfig(
-                    head=str(head),
+                    model=str(head),
                     out=str(exp),
                     image_size=args.size,
                     frames=[f"busi={BUSI}", f"lung={args.clip.parent}"],
                     n_calib=32,
                     n_check=8,
-                    executorch=["int8"],
+                    backends=["ort_fp32", "ort_int8", "executorch_int8"],
                     threads=args.threads,
                 )
             )
@@ -169,7 +169,7 @@ def main() -> None:
             agree = summary.get("agreement_with_torch", {})
             stability = summary.get("stability", {})
             checks.append(
-                f"- {arch} U-Net, {BACKENDS[backend].label}: "
+                f"- {arch} U-Net, {BACKENDS.get(backend).label}: "
                 + (
                     f"mask Dice with PyTorch {agree['pooled']:.4f} pooled over "
                     f"{agree['frames']} frames (per frame: mean {agree['mean']:.4f}, "
@@ -186,7 +186,7 @@ def main() -> None:
             rows.append(
                 {
                     "net": f"{arch} U-Net",
-                    "backend": BACKENDS[backend].label,
+                    "backend": BACKENDS.get(backend).label,
                     "frames": t["frames"],
                     "fps": 1 / pipe,
                     "fps_model": 1 / alone,

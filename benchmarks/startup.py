@@ -71,7 +71,7 @@ save_head(build_head_model(spec).eval(), spec, {str(folder / "head")!r})
     env = {**os.environ, "PYTHONPATH": str(HERE)}
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
     frames = f"busi={IMAGE.parent}"
-    argv = ["export", "--head", str(folder / "head"), "--frames+", frames, "--image_size", "64"]
+    argv = ["export", "--model", str(folder / "head"), "--frames+", frames, "--image_size", "64"]
     argv += ["--n_calib", "4", "--n_check", "2", "--out", str(folder / "export")]
     run(HERE, argv, threads)
     return folder / "export"

@@ -199,6 +199,14 @@ def test_overlay_video_download_and_no_patient_identifiers(app, sentinel_cine):
         assert sum(1 for _ in video.decode(video.streams.video[0])) == 30
     for data in [*payloads, json.dumps(done).encode()]:
         assert b"SENTINEL" not in data
+    # Queries out of range: predict's --threshold and --opacity rules, an HTTP 400 saying so.
+    for query, says in (
+        ("predictions.csv?threshold=1", "threshold 1.0: must be > 0 and < 1"),
+        ("overlay.mp4?threshold=0.5&opacity=1.5", "opacity 1.5: must be >= 0 and <= 1"),
+    ):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"{app.url}/api/sessions/{info['id']}/{query}")
+        assert err.value.code == 400 and json.loads(err.value.read())["detail"] == says
     _close(app, info["id"])
 
 
@@ -283,7 +291,7 @@ def test_page_and_scripts_are_served_from_the_package(app):
     "option, message",
     [
         ({"max_sessions": 0}, "--max_sessions 0: must be > 0"),
-        ({"smoothing": 1.0}, r"--smoothing 1.0: must be in \[0, 1\)"),
+        ({"smoothing": 1.0}, "--smoothing 1.0: must be >= 0 and < 1"),
     ],
 )
 def test_bad_options_are_refused_before_binding(tmp_path, option, message):

@@ -88,7 +88,7 @@ def test_bench_tiny_teacher_vs_resnet18(shared_data, tmp_path, caplog):
         threads=1,
         calib_frames=[f"busi={shared_data / BUSI}"],
         n_calib=2,
-        gpu="off",
+        device="cpu",
         out=str(tmp_path / "bench"),
     )
     result = bench(cfg)
@@ -101,7 +101,7 @@ def test_bench_tiny_teacher_vs_resnet18(shared_data, tmp_path, caplog):
     assert s["params_backbone"] == 11_176_512  # timm resnet18 without classifier
     assert t["params_head"] == 48 * 3 + 3  # linear classifier on the CLS token
     assert s["params_head"] == 512 * 96 + 96  # 1x1 conv to 2 blocks x 48 teacher channels
-    for backend in ("torch_fp32", "ort_fp32", "ort_int8"):
+    for backend in ("torch", "ort_fp32", "ort_int8"):
         assert t[backend]["latency_ms"] > 0 and s[backend]["latency_ms"] > 0
     assert "real frames" in result["env"]["calibration"] and result["env"]["threads"] == 1
 
@@ -123,7 +123,7 @@ def test_bench_tiny_teacher_vs_resnet18(shared_data, tmp_path, caplog):
         "CPU latency, deployed student (ONNX Runtime int8) vs teacher (PyTorch fp32), "
         "1 threads (ms, mean ± std)"
     ]
-    ratio = t["torch_fp32"]["latency_median_ms"] / s["ort_int8"]["latency_median_ms"]
+    ratio = t["torch"]["latency_median_ms"] / s["ort_int8"]["latency_median_ms"]
     word = "faster" if ratio >= 1 else "slower"
     assert deployed["student vs teacher"].startswith(f"{max(ratio, 1 / ratio):.2f}x {word}")
     for chatter in ("Created a copy of bias input", "Axis 1 is out-of-range", "Performing sym"):
@@ -138,14 +138,24 @@ def test_bench_tiny_teacher_vs_resnet18(shared_data, tmp_path, caplog):
     assert saved["student"]["flops"] == s["flops"] > 0
 
 
-def test_cli_subset_of_backends(tmp_path, capsys):
-    flags = f"--student random:resnet18@r18 --out {tmp_path}"
+def test_cli_subset_of_backends_with_the_names_before_0_2(tmp_path, capsys):
+    flags = f"--student random:resnet18@r18 --out {tmp_path / 'b'} --student_head mlp"
     flags += " --image_size 32 --warmup 0 --runs 2 --threads 1 --backends [torch_fp32] --gpu off"
     teacher = {"family": "dinov3", "weights": "random", "model_kwargs": TINY_TEACHER_KWARGS}
     argv = [*flags.split(), "--teacher", json.dumps(teacher)]
     assert main(["bench", *argv]) == 0
-    out = capsys.readouterr().out
-    assert "PyTorch fp32" in out and "ONNX Runtime" not in out
+    captured = capsys.readouterr()
+    assert "PyTorch fp32" in captured.out and "ONNX Runtime" not in captured.out
+    assert "mlp, to 2 x teacher width" in captured.out  # --student_head is --student_projection
+    lines = [line for line in captured.err.splitlines() if "is deprecated" in line]
+    old = [line.split(": ", 1)[1].split(" is deprecated")[0] for line in lines]
+    assert old == ["--student_head", "--gpu", "--device off", "backend torch_fp32"]
+    saved = (tmp_path / "b" / "config.yaml").read_text()
+    assert "device: cpu" in saved and "- torch\n" in saved and "student_projection: mlp" in saved
+    # A second bench into the same folder: refused, unless it overwrites.
+    assert main(["bench", *argv]) == 2
+    assert "already holds a sonodistill bench run" in capsys.readouterr().err
+    assert main(["bench", *argv, "--overwrite", "true"]) == 0
 
 
 @pytest.mark.parametrize(
@@ -157,7 +167,7 @@ def test_cli_subset_of_backends(tmp_path, capsys):
     ],
 )
 def test_bad_options_are_refused_before_anything_is_written(tmp_path, option, message):
-    cfg = BenchConfig(student="random:resnet18", gpu="off", out=str(tmp_path / "b"), **option)
+    cfg = BenchConfig(student="random:resnet18", device="cpu", out=str(tmp_path / "b"), **option)
     with pytest.raises(UserError, match=message):
         bench(cfg)
     assert not (tmp_path / "b").exists()
@@ -172,10 +182,10 @@ def test_gpu_on_without_cuda_is_a_clear_error(tmp_path):
         warmup=0,
         runs=1,
         backends=[],
-        gpu="on",
+        device="cuda",
         out=str(tmp_path / "b"),
     )
-    with pytest.raises(UserError, match="^--gpu on: CUDA is not available here; use --gpu auto"):
+    with pytest.raises(UserError, match="^--device cuda: CUDA is not available here"):
         bench(cfg)
     assert not (tmp_path / "b").exists()
 
@@ -193,7 +203,7 @@ def test_bench_times_the_on_device_runtime_beside_onnx_int8(shared_data, tmp_pat
         backends=["ort_int8", "executorch_int8"],
         calib_frames=[f"busi={shared_data / BUSI}"],
         n_calib=2,
-        gpu="off",
+        device="cpu",
         out=str(tmp_path / "bench"),
     )
     result = bench(cfg)
@@ -207,4 +217,7 @@ def test_bench_times_the_on_device_runtime_beside_onnx_int8(shared_data, tmp_pat
     assert "executorch_int8" not in result["teacher"]
     assert rows["ExecuTorch XNNPACK int8"]["teacher"] == "n/a"
     assert rows["ExecuTorch XNNPACK int8"]["student vs teacher"] == ""
-    assert "No ExecuTorch row for the teacher" in (tmp_path / "bench" / "table5.md").read_text()
+    note = (tmp_path / "bench" / "table5.md").read_text()
+    assert (
+        "No ExecuTorch XNNPACK int8 row for the teacher: the on-device model is the student" in note
+    )

@@ -35,10 +35,6 @@ NOT_LIGHT = {
     "evaluate": "WP-C",
     "embed": "WP-C",
     "analyze": "WP-C",
-    "export": "WP-D",
-    "bench": "WP-D",
-    "predict": "WP-D",
-    "app": "WP-D",
 }
 # Commands whose config is not a `Command.config` yet (they parse argv themselves).
 NO_CONFIG = {
@@ -47,10 +43,6 @@ NO_CONFIG = {
     "evaluate": "WP-C",
     "embed": "WP-C",
     "analyze": "WP-C",
-    "export": "WP-D",
-    "bench": "WP-D",
-    "predict": "WP-D",
-    "app": "WP-D",
 }
 
 

@@ -1,22 +1,26 @@
 """Configs shipped in the package: addressable by name, overridable by a file and by flags, and
 really inside a built wheel. Renamed options: accepted with one deprecation line after the
-command, in flags, config files and stored run configs; an error names the option as typed."""
+command, in flags, config files and stored run configs; an error names the option as typed.
+Replaced options: their value folded into the option that replaces them."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import yaml
 
 from sonodistill import config
 from sonodistill.cli import main
-from sonodistill.config import packaged_configs, parse_config, upgrade
+from sonodistill.config import Renamed, Replaced, packaged_configs, parse_config, upgrade
 from sonodistill.distill import DistillConfig
+from sonodistill.errors import UserError
 from sonodistill.evaluate import SuiteConfig
 from sonodistill.rundir import Layout, RunDir
 
@@ -121,3 +125,55 @@ def test_stored_run_configs_are_upgraded_so_a_resume_sees_no_change(tmp_path):
     now = {"seed": 0, "student": {"name": "resnet18", "projection": "mlp"}}
     assert run.resume_changes(now, cls=DistillConfig) == {}
     assert run.resume_changes(now) != {}  # without the upgrade the rename looks like a change
+
+
+@dataclasses.dataclass
+class Toy:
+    """A config with an option replaced by another whose value depends on the old one's."""
+
+    names: list[str] = dataclasses.field(default_factory=lambda: ["a", "b"])
+    """Names."""
+
+    deprecated: ClassVar = (
+        Replaced("drop_b", "names", lambda v, values: _drop_b(v, values)),
+        Renamed("level", values={"on": "high"}),
+    )
+    level: str = "low"
+    """A level."""
+
+
+def _drop_b(value, values: dict) -> dict:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    names = [n for n in values.get("names", ["a", "b"]) if n != "b"]
+    return {**values, "names": names if value else [*names, "b"]}
+
+
+def test_a_replaced_option_is_folded_into_its_new_one(tmp_path):
+    config.reset_deprecations()
+    cfg = parse_config(Toy, ["--names", "[a, b, c]", "--drop_b", "true"], "test")
+    assert cfg.names == ["a", "c"]
+    assert parse_config(Toy, ["--drop_b=false", "--names", "[c]"], "test").names == ["c", "b"]
+    assert config.deprecation_lines("sonodistill toy") == [
+        "sonodistill toy: --drop_b true is deprecated, use --names [a, c] (accepted until 0.3)",
+        "sonodistill toy: --drop_b false is deprecated, use --names [c, b] (accepted until 0.3)",
+    ]
+    config.reset_deprecations()
+    old = tmp_path / "old.yaml"  # a config file written before the replacement
+    old.write_text(yaml.safe_dump({"drop_b": True}))
+    assert parse_config(Toy, ["--config", str(old)], "test").names == ["a"]
+    assert config.DEPRECATIONS[0][:2] == (f"--config {old}: drop_b: true", "names: [a]")
+    with pytest.raises(UserError, match="^--drop_b maybe: expected true or false$"):
+        parse_config(Toy, ["--drop_b", "maybe"], "test")
+    old.write_text(yaml.safe_dump({"drop_b": 3}))
+    with pytest.raises(UserError, match="drop_b: 3: expected true or false"):
+        parse_config(Toy, ["--config", str(old)], "test")
+    config.reset_deprecations()
+
+
+def test_an_error_names_a_renamed_value_as_typed():
+    config.reset_deprecations()
+    assert parse_config(Toy, ["--level", "on"], "test").level == "high"
+    message = config.as_typed("--level high: not available here")
+    assert message == "--level on: not available here"
+    config.reset_deprecations()

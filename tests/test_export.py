@@ -9,14 +9,18 @@ import onnx
 import pytest
 import timm
 import torch
+import yaml
 from conftest import BUSI, fake_student_run
 from PIL import Image
 
 from sonodistill.cli import main
+from sonodistill.config import parse_config
 from sonodistill.data.listing import FrameRef, frames_tensor
 from sonodistill.data.masks import image_mask, mask_files
+from sonodistill.deploy.config import export_layout
 from sonodistill.deploy.export import ExportConfig, export, head_metric
 from sonodistill.deploy.onnx_utils import compare, run_session, session
+from sonodistill.deploy.runtimes import BACKENDS, Backend, backend_of_file
 from sonodistill.errors import UserError
 from sonodistill.evaluate.head_checkpoint import HeadSpec, build_head_model, load_head, save_head
 from sonodistill.evaluate.metrics import dice_iou
@@ -37,7 +41,7 @@ def test_student_backbone_export_fp32_parity_and_int8(shared_data, tmp_path):
         n_check=3,  # != the export's dummy batch of 2: the batch axis must be dynamic
     )
     report = export(cfg)
-    fp32, int8 = report["models"]["fp32"], report["models"]["int8"]
+    fp32, int8 = report["models"]["ort_fp32"], report["models"]["ort_int8"]
     assert report["fp32_ok"] and fp32["max_abs"] <= 1e-3
     assert fp32["cosine_min"] > 0.99999
     assert 0.9 < int8["cosine_mean"] <= 1.0 + 1e-9  # int8 is lossy but must stay close
@@ -51,8 +55,8 @@ def test_student_backbone_export_fp32_parity_and_int8(shared_data, tmp_path):
     ops = {n.op_type for n in onnx.load(str(tmp_path / "exp" / "model_int8.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ format
     saved = json.loads((tmp_path / "exp" / "report.json").read_text())
-    assert saved["models"]["int8"]["cosine_mean"] == int8["cosine_mean"]
-    assert "| int8 |" in (tmp_path / "exp" / "report.md").read_text()
+    assert saved["models"]["ort_int8"]["cosine_mean"] == int8["cosine_mean"]
+    assert "| ort_int8 | ONNX Runtime int8 |" in (tmp_path / "exp" / "report.md").read_text()
 
 
 def test_compare_metrics():
@@ -92,7 +96,7 @@ def test_segmentation_head_export_reports_dice_change(shared_data, tmp_path):
     torch.manual_seed(0)
     save_head(build_head_model(spec), spec, tmp_path / "head")
     cfg = ExportConfig(
-        head=str(tmp_path / "head"),
+        model=str(tmp_path / "head"),
         frames=_frames(shared_data),
         test_set=str(shared_data / "ddti"),
         n_test=4,
@@ -106,7 +110,7 @@ def test_segmentation_head_export_reports_dice_change(shared_data, tmp_path):
     test = report["test"]
     assert test["metric"] == "dice" and test["n"] == 4
     assert 0.0 <= test["torch"] <= 1.0
-    assert abs(test["fp32_delta"]) < 1e-2  # same logits up to 1e-3: masks barely move
+    assert abs(test["ort_fp32_delta"]) < 1e-2  # same logits up to 1e-3: masks barely move
     # The int8 figure, recomputed here from the saved int8 graph on the same test images.
     refs = [FrameRef("ddti", f) for f in test["files"]]
     assert len(refs) == 4 and all(mask_files(f.file) for f in refs)
@@ -114,11 +118,11 @@ def test_segmentation_head_export_reports_dice_change(shared_data, tmp_path):
     logits = run_session(int8, frames_tensor(refs, 64).numpy())
     masks = np.stack([image_mask(f.file, 64) for f in refs])
     dice = dice_iou((logits[:, 0] > 0).astype(np.int64), masks.astype(np.int64))[0].mean()
-    assert test["int8"] == pytest.approx(dice, abs=1e-6)
-    assert test["int8_delta"] == pytest.approx(test["int8"] - test["torch"], abs=1e-9)
+    assert test["ort_int8"] == pytest.approx(dice, abs=1e-6)
+    assert test["ort_int8_delta"] == pytest.approx(test["ort_int8"] - test["torch"], abs=1e-9)
 
 
-def test_classification_head_plain_timm_format(shared_data, tmp_path):
+def test_classification_head_plain_timm_format(shared_data, tmp_path, capsys):
     names = ["benign", "malignant", "normal"]
     spec = HeadSpec(task_type="cls", arch="resnet18", num_classes=3, class_names=names)
     torch.manual_seed(0)
@@ -129,11 +133,16 @@ def test_classification_head_plain_timm_format(shared_data, tmp_path):
         f"--head {tmp_path / 'head'} --frames+ busi={shared_data / BUSI} --out {tmp_path / 'exp'}"
     )
     argv += f" --test_set {shared_data / BUSI} --n_test 6 --image_size 64 --n_calib 2 --n_check 2"
-    argv = [*argv.split(), "--int8", "false"]
+    argv = [*argv.split(), "--int8", "false"]  # the flags before 0.2: --head, --int8
     assert main(["export", *argv]) == 0
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        "sonodistill export: --head is deprecated, use --model (accepted until 0.3)",
+        "sonodistill export: --int8 false is deprecated, use --backends [ort_fp32] "
+        "(accepted until 0.3)",
+    ]
     report = json.loads((tmp_path / "exp" / "report.json").read_text())
-    assert set(report["models"]) == {"fp32"}
-    assert report["test"]["metric"] == "accuracy" and report["test"]["fp32_delta"] == 0.0
+    assert set(report["models"]) == {"ort_fp32"}
+    assert report["test"]["metric"] == "accuracy" and report["test"]["ort_fp32_delta"] == 0.0
     # The exported logits equal the module's on the same frames.
     sess = session(tmp_path / "exp" / "model_fp32.onnx")
     x = torch.rand(3, 1, 64, 64)
@@ -170,13 +179,61 @@ def test_evaluate_head_saved_from_a_student_run_loads_without_the_run(tmp_path):
 def test_executorch_without_executorch_installed_is_refused_before_writing(
     shared_data, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr("sonodistill.deploy.ondevice.available", lambda: False)
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(  # executorch not installed
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "executorch" else find_spec(name, *a),
+    )
     cfg = ExportConfig(
-        head=str(tmp_path / "head"),  # the option is refused before the head is read
+        model=str(tmp_path / "head"),  # the option is refused before the model is read
         frames=[f"busi={shared_data / BUSI}"],
-        executorch=["int8"],
+        backends=["ort_fp32", "executorch_int8"],
         out=str(tmp_path / "export"),
     )
-    with pytest.raises(UserError, match="--executorch.*pip install 'sonodistill\\[ondevice\\]'"):
+    with pytest.raises(
+        UserError, match="^--backends executorch_int8: .*pip install 'sonodistill\\[ondevice\\]'"
+    ):
         export(cfg)
     assert not (tmp_path / "export").exists()
+
+
+def test_an_export_config_written_before_0_2_reads_as_today(tmp_path):
+    old = tmp_path / "export.yaml"
+    old.write_text(yaml.safe_dump({"head": "runs/m", "int8": False, "executorch": ["int8"]}))
+    cfg = parse_config(ExportConfig, ["--config", str(old)], "sonodistill export")
+    assert cfg.model == "runs/m" and cfg.backends == ["ort_fp32", "executorch_int8"]
+    with pytest.raises(UserError, match=r"^--executorch \[fp16\]: expected a list of fp32, int8$"):
+        parse_config(ExportConfig, ["--executorch", "[fp16]"], "sonodistill export")
+
+
+def test_a_backend_registered_from_outside_is_written_checked_and_owned(shared_data, tmp_path):
+    # What a plugin does: one record whose functions are named as strings, imported on use.
+    toy = Backend(
+        "toy ONNX fp32",
+        "model_toy.onnx",
+        open="sonodistill.deploy.onnx_utils:open_session",
+        write="sonodistill.deploy.onnx_utils:write_fp32",
+    )
+    BACKENDS.register("toy_ort", toy)
+    try:
+        assert "model_toy.onnx" in export_layout().owned  # --overwrite removes it
+        cfg = ExportConfig(
+            encoder="random:test_resnet",
+            frames=[f"ddti={shared_data / 'ddti' / 'image'}"],
+            backends=["toy_ort"],
+            out=str(tmp_path / "exp"),
+            image_size=32,
+            n_check=2,
+        )
+        report = export(cfg)
+        assert list(report["models"]) == ["toy_ort"] and report["fp32_ok"]
+        assert report["models"]["toy_ort"]["label"] == "toy ONNX fp32"
+        assert report["calib_frames"] == 0  # no int8 backend: no calibration frames read
+        assert (tmp_path / "exp" / "model_toy.onnx").is_file()
+        assert not (tmp_path / "exp" / "model_fp32.onnx").exists()
+        assert backend_of_file(tmp_path / "exp" / "model_toy.onnx") == "toy_ort"  # predict's
+    finally:
+        BACKENDS.unregister("toy_ort")

@@ -491,7 +491,7 @@ APP_ROWS = [
         "--port 99999",
         "cli --port 99999",
         2,
-        "sonodistill app: error: --port 99999: must be in 1..65535 (0: any free port)",
+        "sonodistill app: error: --port 99999: must be >= 0 and <= 65535",
     ),
     AppRow(
         "--allowed_hosts '*' would turn the check off",
@@ -842,9 +842,7 @@ ONE_ERROR_PATH = [
         Row(
             f"{name} --out a file",
             argv.replace("{OUT}", "{tmp}/file"),
-            ("--out {tmp}/file is a file",)
-            if name == "predict"  # checked with its other options, before the model is read
-            else ("cannot write {tmp}/file", "a file is in the way of the folder"),
+            ("cannot write {tmp}/file", "a file is in the way of the folder"),
             f"{needs} file",
         )
         for name, (argv, needs) in OUTPUTS.items()
@@ -1011,7 +1009,7 @@ ONE_ERROR_PATH = [
     Row(
         "predict over predictions offers no --resume",
         PREDICT,
-        ("--out {tmp}/predict already holds predictions", "--overwrite true"),
+        ("{tmp}/predict already holds a sonodistill predict run", "--overwrite true"),
         "predictions",
         lacks=("--resume",),
     ),

@@ -203,7 +203,7 @@ def distill_users(graph: dict[str, set[str]], package: str) -> list[str]:
     "package",
     [
         pytest.param("evaluate", marks=pytest.mark.xfail(strict=True, reason="WP-C converts")),
-        pytest.param("deploy", marks=pytest.mark.xfail(strict=True, reason="WP-D converts")),
+        "deploy",
     ],
 )
 def test_evaluate_and_deploy_import_nothing_from_distill(package):

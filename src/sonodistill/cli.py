@@ -94,15 +94,25 @@ for _name, _command in {
     ),
     "analyze": Command("t-SNE/UMAP, silhouette and k-NN", "sonodistill.evaluate.cli:analyze_main"),
     "export": Command(
-        "ONNX (fp32, int8) checked against PyTorch", "sonodistill.deploy.cli:export_main"
+        "ONNX, ExecuTorch, ... models checked against PyTorch",
+        "sonodistill.deploy.cli:export",
+        config="sonodistill.deploy.config:ExportConfig",
     ),
     "bench": Command(
-        "teacher vs student cost (paper Table 5)", "sonodistill.deploy.cli:bench_main"
+        "teacher vs student cost (paper Table 5)",
+        "sonodistill.deploy.cli:bench",
+        config="sonodistill.deploy.config:BenchConfig",
     ),
     "predict": Command(
-        "a fine-tuned head over images, cines", "sonodistill.deploy.cli:predict_main"
+        "a fine-tuned model over images, cines",
+        "sonodistill.deploy.cli:predict",
+        config="sonodistill.deploy.config:PredictConfig",
     ),
-    "app": Command("a local web viewer: your model on a file", "sonodistill.deploy.cli:app_main"),
+    "app": Command(
+        "a local web viewer: your model on a file",
+        "sonodistill.deploy.cli:app",
+        config="sonodistill.deploy.config:AppConfig",
+    ),
     "demo": Command(
         "the whole method on an embedded simulated corpus", "sonodistill.cli:demo_main"
     ),
@@ -122,6 +132,7 @@ REGISTRIES = {
     "families": "sonodistill.models.specs:FAMILIES",
     "losses": "sonodistill.distill.config:LOSSES",
     "augmentations": "sonodistill.distill.config:AUGMENTATIONS",
+    "backends": "sonodistill.deploy.runtimes:BACKENDS",
     "commands": "sonodistill.cli:COMMANDS",
 }
 """What `sonodistill registry` shows: registry key -> where the registry is declared."""

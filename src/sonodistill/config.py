@@ -18,7 +18,9 @@ line: an unknown option or config key with its close match, a value with what it
 Renamed options (`Renamed` records in a config class's `deprecated`) are accepted for one
 release: old flags, `--config` keys and stored run configs are upgraded to the new names, and
 the CLI prints one deprecation line per old name after the command (`deprecation_lines`); a
-user error keeps one line and names the option as it was typed (`as_typed`).
+user error keeps one line and names the option as it was typed (`as_typed`). An option whose
+new form depends on its value (`--int8 false` is `--backends` without ort_int8) is a
+`Replaced` record: its value is folded into the new option after parsing.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import typing
+from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
 from typing import TypeVar
@@ -137,9 +140,10 @@ def parse_config(
     if any(arg in ("-h", "--help") for arg in argv[: _end_of_options(argv)]):
         print(parser.format_help())
         raise SystemExit(0)
-    namespace = parse_args(parser, rename_argv(cls, argv), cls=cls)
+    argv, replaced = take_replaced(cls, rename_argv(cls, argv))
+    namespace = parse_args(parser, argv, cls=cls)
     namespace.pop("config", None)
-    return from_dict(cls, namespace.as_dict())
+    return from_dict(cls, apply_replaced(namespace.as_dict(), replaced))
 
 
 def _end_of_options(argv: list[str]) -> int:
@@ -267,7 +271,7 @@ def _resolve_config_flags(argv: list[str], cls: type | None = None) -> list[str]
 def _upgraded_file(path: str, cls: type | None) -> str:
     """The config file, or its YAML text with renamed keys upgraded (ActionConfigFile takes
     either) when it uses old names."""
-    if cls is None or not renames(cls):
+    if cls is None or not (renames(cls) or replacements(cls)):
         return path
     try:
         values = yaml.safe_load(Path(path).read_text())
@@ -379,6 +383,24 @@ class Renamed:
     until: str = "0.3"
 
 
+@dataclasses.dataclass(frozen=True)
+class Replaced:
+    """An option replaced by another whose value depends on the old one's: `--int8 false`
+    is `--backends` without ort_int8, `--executorch [int8]` adds executorch_int8 to it.
+
+    `convert(value, values)` folds the old option's value (read as YAML: `false`, `[int8]`)
+    into `values`, the options of the config class (a parsed command line with its defaults,
+    or a config file's mapping, where `new` may be missing: use the field's default), and
+    returns them; a value it cannot take is a ValueError saying what it must be. Listed in a
+    config class's `deprecated` beside its `Renamed` records (top-level options only)."""
+
+    old: str
+    new: str
+    """The option that takes its place (the deprecation line shows its resulting value)."""
+    convert: Callable[[object, dict], dict]
+    until: str = "0.3"
+
+
 DEPRECATIONS: list[tuple[str, str, str]] = []
 """(old flag, new flag, until) of every old name used in this process, for the CLI's lines."""
 
@@ -388,6 +410,7 @@ def renames(cls: type, prefix: str = "") -> list[Renamed]:
     found = [
         Renamed(prefix + r.old, prefix + (r.new or r.old), r.values, r.until)
         for r in getattr(cls, "deprecated", ())
+        if isinstance(r, Renamed)
     ]
     for f in dataclasses.fields(cls):
         sub = _dataclass_type(cls, f.name)
@@ -434,14 +457,64 @@ def rename_argv(cls: type, argv: list[str]) -> list[str]:
     return out
 
 
+def replacements(cls: type) -> list[Replaced]:
+    """The `Replaced` options of the config class `cls`."""
+    return [r for r in getattr(cls, "deprecated", ()) if isinstance(r, Replaced)]
+
+
+def take_replaced(cls: type, argv: list[str]) -> tuple[list[str], list[tuple[Replaced, str]]]:
+    """argv without its replaced options (`--old V`, `--old=V`), and those options with the
+    value as typed, in order (`apply_replaced` folds them in after parsing)."""
+    rules = {r.old: r for r in replacements(cls)}
+    if not rules:
+        return list(argv), []
+    out, found = [], []
+    end = _end_of_options(argv)
+    i = 0
+    while i < len(argv):
+        flag, eq, inline = argv[i][2:].partition("=")
+        rule = rules.get(flag) if i < end and argv[i].startswith("--") else None
+        if rule is None:
+            out.append(argv[i])
+            i += 1
+            continue
+        if not eq and i + 1 >= end:
+            raise UserError(f"--{flag}: expected a value")
+        found.append((rule, inline if eq else argv[i + 1]))
+        i += 1 if eq else 2
+    return out, found
+
+
+def apply_replaced(values: dict, found: list[tuple[Replaced, str]]) -> dict:
+    """Fold each replaced option (`take_replaced`) into the parsed options, in the order
+    typed; each use recorded for the deprecation lines."""
+    for rule, text in found:
+        try:
+            value = yaml.safe_load(text)
+            values = rule.convert(value, values)
+        except (ValueError, yaml.YAMLError) as err:
+            raise UserError(f"--{rule.old} {text}: {_collapse(str(err))}") from None
+        _record(f"--{rule.old} {text}", f"--{rule.new} {_show(values[rule.new])}", rule.until)
+    return values
+
+
 def upgrade(cls: type, values: dict, record: bool = False, where: str = "") -> dict:
     """A (nested) mapping of `cls` options with old keys and values renamed (config files,
-    stored run configs, a file's settings); `record`: list them for the deprecation lines
-    (`where` before the key: `--config FILE: `)."""
+    stored run configs, a file's settings) and replaced options folded into their new ones;
+    `record`: list them for the deprecation lines (`where` before the key: `--config FILE: `)."""
     rules = renames(cls)
-    if not rules:
-        return values
     out = _deep_copy(values)
+    for rule in replacements(cls):
+        if rule.old not in out:
+            continue
+        value = out.pop(rule.old)
+        try:
+            out = rule.convert(value, out)
+        except ValueError as err:
+            raise UserError(f"{where}{rule.old}: {_show(value)}: {err}") from None
+        if record:
+            new = f"{rule.new}: {_show(out[rule.new])}"
+            _record(f"{where}{rule.old}: {_show(value)}", new, rule.until)
     for rule in rules:
         *parents, old = rule.old.split(".")
         *_, new = rule.new.split(".")
@@ -490,6 +563,9 @@ def as_typed(message: str) -> str:
     used is shown as the old, and the rename is said at the end (`(--img_size is now
     --image_size)`); the message stays one line."""
     notes = []
+    for old, new, _ in DEPRECATIONS:  # a renamed value first: `--device cuda` was `--device on`
+        if old.startswith("--") and " " in old and old.split()[0] == new.split()[0]:
+            message = re.sub(re.escape(new) + r"(?![\w.])", old, message)
     for old, new, _ in DEPRECATIONS:
         if not (old.startswith("--") and new.startswith("--")) or " " in old:
             continue

@@ -71,8 +71,8 @@ class DemoConfig:
     """Bench input size (the paper: 224)."""
     bench_runs: PositiveInt = 10
     """Timed forward passes per model in the bench."""
-    bench_backends: list[str] = field(default_factory=lambda: ["torch_fp32", "ort_fp32"])
-    """Bench backends: torch_fp32, torch_bf16, ort_fp32, ort_int8."""
+    bench_backends: list[str] = field(default_factory=lambda: ["torch", "ort_fp32"])
+    """Bench backends: torch, torch_bf16, ort_fp32, ort_int8 (`sonodistill registry backends`)."""
     precision: str = "auto"
     """Distillation precision; auto: bf16-mixed on a GPU, 32-true on a CPU (CPU bf16 autocast
     pays off only with AMX, and is slower than fp32 on most laptops)."""
@@ -400,7 +400,7 @@ def step_bench(cfg: DemoConfig, run: Path, state: dict) -> str:
             warmup=2,
             runs=cfg.bench_runs,
             backends=list(cfg.bench_backends),
-            gpu="auto",
+            device="auto",
             gpu_runs=cfg.bench_runs,
             out=str(run / "bench"),
         )

@@ -2,10 +2,12 @@
 
 For each model: parameters (backbone; backbone + head), forward FLOPs at the input size
 (torch.utils.flop_counter, attention included, 1 MAC = 2 FLOPs), CPU latency (mean +- std over
-`runs` timed batch-1 forwards after `warmup`, at a stated thread count) and throughput for
-PyTorch fp32, PyTorch bf16 (autocast, where the CPU has native bf16), ONNX Runtime fp32 and
-int8 (static QDQ); on a CUDA GPU also latency, throughput and peak memory. Timings cover the
-backbone (the deployed encoder: frames -> last feature map), not the heads.
+`runs` timed batch-1 forwards after `warmup`, at a stated thread count) and throughput in each
+backend asked (`deploy.runtimes.BACKENDS`: PyTorch fp32, PyTorch bf16 (autocast, where the CPU
+has native bf16), ONNX Runtime fp32 and int8 (static QDQ), ExecuTorch, a plugin's), each
+written and opened exactly as `export` and `predict` do; on a CUDA GPU also latency,
+throughput and peak memory. Timings cover the backbone (the deployed encoder: grey frames ->
+last feature map, normalisation included), not the heads.
 
 CPU timing measures what a deployed model sees, a steady state: every model and backend runs in
 blocks of `block` consecutive runs, after one untimed run that brings its weights back into the
@@ -15,85 +17,50 @@ teacher included) is measured in one run. Timing teacher and student run by run 
 make each student run start with caches full of the teacher's 343 MB.
 
 "Head" in the parameter row: teacher = ViT + a linear classifier on the CLS token
-(`teacher_head_classes` outputs, a downstream head: the teacher needs no distillation head);
-student = CNN + its distillation projection head (1x1 conv to n_blocks x the teacher's width).
+(`teacher_classes` outputs, a downstream head: the teacher needs no distillation head);
+student = CNN + its distillation projection head (`student_projection`, to n_blocks x the
+teacher's width).
 
 Writes `table5.{md,csv,json}` (and `config.yaml`) to `out`; the JSON keeps raw numbers and the
-environment (CPU, threads, versions).
+environment (CPU, threads, versions). A backend a model cannot be written to (DINOv3's int8
+graph on XNNPACK) is an n/a cell, and the table says why.
 """
 
 from __future__ import annotations
 
 import logging
-import platform
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from sonodistill.config import NonNegativeInt, PositiveInt, check_fields, save_config
-from sonodistill.deploy.onnx_utils import export_onnx, quantize_int8, session
-from sonodistill.distill.run import load_encoder
-from sonodistill.errors import UserError, unknown_name
+from sonodistill.config import check_fields
+from sonodistill.deploy.config import BENCH, BenchConfig
+from sonodistill.deploy.environment import environment
+from sonodistill.deploy.runtimes import BACKENDS, WriteJob
+from sonodistill.deploy.torch_runtime import bf16_native
+from sonodistill.errors import UserError
 from sonodistill.evaluate.heads import WithPreprocess
 from sonodistill.io import write_json, write_table
 from sonodistill.models import to_model_input
-from sonodistill.models.encoders import Encoder, EncoderSpec, parse_spec
+from sonodistill.models.encoders import Encoder, EncoderSpec, build_encoder, encoder_label
 from sonodistill.models.flops import count_flops, count_params
-from sonodistill.models.student import StudentConfig, projection_head
+from sonodistill.models.student import projection_head
+from sonodistill.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch_fp32", "torch_bf16", "ort_fp32", "ort_int8")
-LABELS = {
-    "torch_fp32": "PyTorch fp32",
-    "torch_bf16": "PyTorch bf16",
-    "ort_fp32": "ONNX Runtime fp32",
-    "ort_int8": "ONNX Runtime int8",
-    "executorch_int8": "ExecuTorch XNNPACK int8",
-}
+__all__ = ["BenchConfig", "bench", "time_blocks", "time_fn"]
+
 OPPOSITE = {"smaller": "larger", "less": "more", "faster": "slower", "higher": "lower"}
-
-
-@dataclass
-class BenchConfig:
-    """Teacher vs student deployment cost (paper Table 5)."""
-
-    teacher: str | dict = "teacher:random@ViT-B/16 (DINOv3)"
-    """Encoder spec of any family (string or EncoderSpec mapping); weights do not change the
-    cost, so a random init is the default."""
-    student: str = f"random:{StudentConfig.name}@{StudentConfig.name} student"
-    teacher_n_blocks: PositiveInt = 2
-    """Distillation target = this many teacher blocks: width of the student's projection."""
-    student_head: Literal["linear", "mlp"] = "linear"
-    teacher_head_classes: PositiveInt = 3
-    image_size: PositiveInt = 224
-    warmup: NonNegativeInt = 5
-    runs: PositiveInt = 50
-    block: PositiveInt = 5
-    """Timed runs in a row per model and backend (after an untimed one); blocks take turns."""
-    threads: PositiveInt | None = None
-    """CPU threads for PyTorch and ONNX Runtime (default: torch's current count)."""
-    backends: list[str] = field(default_factory=lambda: list(BACKENDS))
-    """Any of torch_fp32, torch_bf16, ort_fp32, ort_int8 and executorch_int8 (on-device)."""
-    ondevice_teacher: bool = False
-    """executorch_int8 for the teacher too: DINOv3's int8 graph does not lower to XNNPACK
-    (ExecuTorch 1.5 leaves per-channel dequantisation outside the delegate and has no portable
-    kernel for it), and finding out costs a minute; the on-device model is the student."""
-    calib_frames: list[str] = field(default_factory=list)
-    """Real frames for int8 calibration (`NAME=PATH` as in `embed`); none: random noise."""
-    n_calib: PositiveInt = 8
-    gpu: Literal["auto", "on", "off"] = "auto"
-    gpu_runs: PositiveInt = 100
-    exporter: Literal["legacy", "dynamo"] = "legacy"
-    out: str = "runs/bench"
+REFERENCE, DEPLOYED = "torch", "ort_int8"
+"""The headline row: the deployed student (ONNX Runtime int8) vs the teacher (PyTorch fp32)."""
 
 
 # --- measurement ---------------------------------------------------------------------------------
@@ -127,14 +94,6 @@ def _stats(times: list[float]) -> dict[str, float]:
     }
 
 
-def bf16_supported() -> bool:
-    """Native bf16 on this CPU (AVX512-BF16 or AMX); emulated bf16 would be a misleading row."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def teacher_head(encoder: Encoder, classes: int) -> nn.Module:
     return nn.Linear(encoder.out_channels, classes)
 
@@ -142,7 +101,7 @@ def teacher_head(encoder: Encoder, classes: int) -> nn.Module:
 def student_head(encoder: Encoder, cfg: BenchConfig, teacher_dim: int) -> nn.Module:
     """The distillation projection head exactly as `Student` builds it, on this backbone."""
     return projection_head(
-        encoder.out_channels, cfg.teacher_n_blocks * teacher_dim, cfg.student_head
+        encoder.out_channels, cfg.teacher_n_blocks * teacher_dim, cfg.student_projection
     )
 
 
@@ -163,54 +122,41 @@ def static_costs(name: str, encoder: Encoder, head: nn.Module, x: torch.Tensor) 
     return result
 
 
-def cpu_runners(
-    name: str, encoder: Encoder, cfg: BenchConfig, calib: np.ndarray, tmp: Path
-) -> tuple[dict[str, Callable[[], object]], dict[str, float]]:
-    """One batch-1 forward per backend, ready to time; and the ONNX file sizes (MB)."""
-    frames = torch.rand(1, 1, cfg.image_size, cfg.image_size)
-    x = to_model_input(frames)
+def backend_runners(
+    who: str, encoder: Encoder, cfg: BenchConfig, names: list[str], calib: np.ndarray, tmp: Path
+) -> tuple[dict[str, Callable[[], object]], dict[str, dict]]:
+    """One batch-1 forward per backend, ready to time: each backend writes its file into
+    `tmp` (the PyTorch ones run the module) and opens it as predict does. Also, per backend,
+    its file size (MB) or why the model has no row in it."""
+    model = WithPreprocess(encoder).eval()  # grey [0, 1] frames, as every backend takes them
+    frames = np.random.default_rng(0).random((1, 1, cfg.image_size, cfg.image_size), np.float32)
+    folder = tmp / who
+    folder.mkdir()
+    job = WriteJob(model, folder, cfg.image_size, calib, exporter=cfg.exporter)
     runners: dict[str, Callable[[], object]] = {}
-    sizes: dict[str, float] = {}
-    if "torch_fp32" in cfg.backends:
-        runners["torch_fp32"] = lambda: encoder(x)
-    if "torch_bf16" in cfg.backends and bf16_supported():
-
-        def bf16() -> object:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return encoder(x)
-
-        runners["torch_bf16"] = bf16
-    wanted = [b for b in ("ort_fp32", "ort_int8") if b in cfg.backends]
-    if wanted:
-        fp32 = export_onnx(
-            WithPreprocess(encoder),
-            tmp / f"{name}_fp32.onnx",
-            cfg.image_size,
-            exporter=cfg.exporter,
-        )
-        paths = {"ort_fp32": fp32}
-        if "ort_int8" in wanted:
-            paths["ort_int8"] = quantize_int8(fp32, tmp / f"{name}_int8.onnx", calib)
-        feed = {"frames": frames.numpy()}
-        for backend in wanted:
-            sess = session(paths[backend], cfg.threads)
-            runners[backend] = lambda s=sess: s.run(None, feed)
-            sizes[backend] = paths[backend].stat().st_size / 2**20
-    if "executorch_int8" in cfg.backends and (name == "student" or cfg.ondevice_teacher):
-        from sonodistill.deploy.ondevice import PteRunner, export_pte
-
-        path = tmp / f"{name}_int8.pte"
+    info: dict[str, dict] = {}
+    for name in names:
+        record = BACKENDS.get(name)
+        if record.precision == "bf16" and not bf16_native():
+            info[name] = {"skipped": "this CPU has no native bf16 (emulated bf16 would mislead)"}
+            continue
+        if record.ondevice and who == "teacher" and not cfg.ondevice_teacher:
+            info[name] = {"skipped": "the on-device model is the student"}
+            continue
         try:
-            export_pte(WithPreprocess(encoder), path, cfg.image_size, calib, quantize=True)
-        except Exception as exc:  # an architecture XNNPACK cannot take: say so in the table
-            log.warning("%s: no ExecuTorch int8 program (%s)", name, str(exc).splitlines()[0])
-            sizes["executorch_int8_error"] = str(exc).splitlines()[0][:200]
-        else:
-            pte = PteRunner(path, cfg.threads)
-            x_np = frames.numpy()
-            runners["executorch_int8"] = lambda: pte(x_np)
-            sizes["executorch_int8"] = path.stat().st_size / 2**20
-    return runners, sizes
+            source = model
+            if not record.runs_the_model:
+                source = record.writer()(replace(job, path=folder / record.file))
+                job.written[name] = source
+            runner = record.opener()(source, cfg.threads)
+        except Exception as exc:  # a model this runtime cannot take: say so in the table
+            why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            log.warning("%s: no %s model (%s)", who, record.label, why)
+            info[name] = {"error": why}
+            continue
+        runners[name] = lambda run=runner: run(frames)
+        info[name] = {"file_mb": source.stat().st_size / 2**20} if source is not model else {}
+    return runners, info
 
 
 def time_blocks(
@@ -236,9 +182,9 @@ def time_blocks(
 
 
 def _use_gpu(cfg: BenchConfig) -> bool:
-    if cfg.gpu == "on" and not torch.cuda.is_available():
-        raise UserError("--gpu on: CUDA is not available here; use --gpu auto or off")
-    return cfg.gpu == "on" or (cfg.gpu == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: CUDA is not available here; time the CPU alone with auto")
+    return cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
 
 
 def measure_gpu(encoder: Encoder, x: torch.Tensor, cfg: BenchConfig) -> dict:
@@ -268,7 +214,7 @@ def _ratio(teacher: float, student: float, higher_is_better: bool, word: str) ->
     return f"{r:.2f}x {word} ({change:+.1f}%)"
 
 
-def table_rows(t: dict, s: dict, threads: int) -> list[dict]:
+def table_rows(t: dict, s: dict, threads: int, names: list[str]) -> list[dict]:
     rows = []
 
     def add(
@@ -331,7 +277,8 @@ def table_rows(t: dict, s: dict, threads: int) -> list[dict]:
     )
     add("FLOPs (GFLOPs, 1 MAC = 2 FLOPs)", t["flops"] / 1e9, s["flops"] / 1e9, ".2f", "less")
     missing = dict.fromkeys(("latency_ms", "latency_std_ms", "latency_median_ms", "throughput"))
-    for key, label in LABELS.items():
+    for key in names:
+        label = BACKENDS.get(key).label
         if key in t or key in s:
             tt, ss = t.get(key, missing), s.get(key, missing)
             add_latency(f"CPU latency, {label}, {threads} threads (ms, mean ± std)", tt, ss)
@@ -343,10 +290,11 @@ def table_rows(t: dict, s: dict, threads: int) -> list[dict]:
                 "higher",
                 higher=True,
             )
-    if "torch_fp32" in t and "ort_int8" in s:
-        tt, ss = t["torch_fp32"], s["ort_int8"]
+    if REFERENCE in t and DEPLOYED in s:
+        tt, ss = t[REFERENCE], s[DEPLOYED]
+        deployed, reference = BACKENDS.get(DEPLOYED).label, BACKENDS.get(REFERENCE).label
         add_latency(
-            f"CPU latency, deployed student (ONNX Runtime int8) vs teacher (PyTorch fp32), "
+            f"CPU latency, deployed student ({deployed}) vs teacher ({reference}), "
             f"{threads} threads (ms, mean ± std)",
             tt,
             ss,
@@ -374,28 +322,6 @@ def table_rows(t: dict, s: dict, threads: int) -> list[dict]:
     return rows
 
 
-def environment(threads: int) -> dict:
-    import onnxruntime
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "threads": threads,
-        "bf16_native": bf16_supported(),
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-
-
 def _calibration(cfg: BenchConfig) -> tuple[np.ndarray, str]:
     if cfg.calib_frames:
         from sonodistill.data.listing import collect_frames, frames_tensor
@@ -408,60 +334,71 @@ def _calibration(cfg: BenchConfig) -> tuple[np.ndarray, str]:
     return noise, f"{cfg.n_calib} random-noise frames (no --calib_frames given)"
 
 
-def check_config(cfg: BenchConfig) -> bool:
-    """The options, checked before any model is built or file written; returns whether the
-    GPU is timed (`--gpu on` without CUDA fails here, not after the CPU timings)."""
-    for name in cfg.backends:
-        if name not in LABELS:
-            raise unknown_name("backend", name, LABELS, "--backends")
+def check_config(cfg: BenchConfig) -> tuple[list[str], bool]:
+    """The options, checked before any model is built or file written; returns the backends
+    to time (registry order) and whether the GPU is timed (`--device cuda` without CUDA fails
+    here, not after the CPU timings)."""
     check_fields(cfg)
-    return _use_gpu(cfg)
+    asked = {BACKENDS.canonical(name) for name in cfg.backends}
+    names = [name for name in BACKENDS if name in asked]
+    for name in names:
+        why = BACKENDS.get(name).missing()
+        if why:
+            raise UserError(f"--backends {name}: {why}")
+    use_gpu = _use_gpu(cfg)
+    RunDir(cfg.out, BENCH, overwrite=cfg.overwrite).precheck()
+    return names, use_gpu
 
 
 def bench(cfg: BenchConfig) -> dict:
     """Run the benchmark; returns {'rows', 'teacher', 'student', 'env'} and writes the tables."""
-    use_gpu = check_config(cfg)
-    spec = parse_spec(cfg.teacher) if isinstance(cfg.teacher, str) else EncoderSpec(**cfg.teacher)
-    teacher = load_encoder(spec).eval()
-    student = load_encoder(cfg.student).eval()
+    names, use_gpu = check_config(cfg)
+    teacher_spec = EncoderSpec.parse(cfg.teacher, "--teacher")
+    student_spec = EncoderSpec.parse(cfg.student, "--student")
+    teacher = build_encoder(teacher_spec, "--teacher").eval()
+    student = build_encoder(student_spec, "--student").eval()
     for encoder in (teacher, student):
         encoder.check_input_size(cfg.image_size, cfg.image_size, "--image_size")
-    out = Path(cfg.out)  # models and size are valid: now write (config.yaml makes the folder)
     threads = cfg.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     cfg.threads = threads  # the resolved count goes into config.yaml and the table
-    save_config(cfg, out / "config.yaml")
     calib, calib_note = _calibration(cfg)
-    x = to_model_input(torch.rand(1, 1, cfg.image_size, cfg.image_size))
-    t = static_costs("teacher", teacher, teacher_head(teacher, cfg.teacher_head_classes), x)
-    s = static_costs("student", student, student_head(student, cfg, teacher.out_channels), x)
-    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        t_run, t_mb = cpu_runners("teacher", teacher, cfg, calib, Path(tmp))
-        s_run, s_mb = cpu_runners("student", student, cfg, calib, Path(tmp))
-        log.info("timing %s for teacher and student", ", ".join(dict.fromkeys([*t_run, *s_run])))
-        runners = {("t", b): fn for b, fn in t_run.items()}
-        runners |= {("s", b): fn for b, fn in s_run.items()}
-        timed = time_blocks(runners, cfg.warmup, cfg.runs, cfg.block)
-        for key, result, run, sizes in (("t", t, t_run, t_mb), ("s", s, s_run, s_mb)):
-            for backend in run:
-                result[backend] = timed[(key, backend)]
-                if backend in sizes:
-                    result[backend]["file_mb"] = sizes[backend]
-            if "executorch_int8_error" in sizes:  # a model XNNPACK could not take
-                result["executorch_int8_error"] = sizes["executorch_int8_error"]
-    if use_gpu:
-        t["gpu"] = measure_gpu(teacher, x, cfg)
-        s["gpu"] = measure_gpu(student, x, cfg)
-    t["label"], s["label"] = teacher.name, student.name
-    env = environment(threads) | {
-        "warmup": cfg.warmup,
-        "runs": cfg.runs,
-        "image_size": cfg.image_size,
-        "calibration": calib_note,
-    }
-    rows = table_rows(t, s, threads)
-    result = {"rows": rows, "teacher": t, "student": s, "env": env}
-    write_outputs(result, cfg, out)
+    run = RunDir(cfg.out, BENCH, overwrite=cfg.overwrite)
+    with run.claim():  # models and size are valid: now write
+        run.clear()
+        run.save_options(cfg)
+        x = to_model_input(torch.rand(1, 1, cfg.image_size, cfg.image_size))
+        t = static_costs("teacher", teacher, teacher_head(teacher, cfg.teacher_classes), x)
+        s = static_costs("student", student, student_head(student, cfg, teacher.out_channels), x)
+        with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+            t_run, t_info = backend_runners("teacher", teacher, cfg, names, calib, Path(tmp))
+            s_run, s_info = backend_runners("student", student, cfg, names, calib, Path(tmp))
+            log.info(
+                "timing %s for teacher and student", ", ".join(dict.fromkeys([*t_run, *s_run]))
+            )
+            runners = {("t", b): fn for b, fn in t_run.items()}
+            runners |= {("s", b): fn for b, fn in s_run.items()}
+            timed = time_blocks(runners, cfg.warmup, cfg.runs, cfg.block)
+        for key, result, info in (("t", t, t_info), ("s", s, s_info)):
+            result["not_timed"] = {}
+            for backend, about in info.items():
+                if (key, backend) in timed:
+                    result[backend] = timed[(key, backend)] | about
+                else:
+                    result["not_timed"][backend] = about.get("error") or about["skipped"]
+        if use_gpu:
+            t["gpu"] = measure_gpu(teacher, x, cfg)
+            s["gpu"] = measure_gpu(student, x, cfg)
+        t["label"], s["label"] = encoder_label(teacher_spec), encoder_label(student_spec)
+        env = environment(threads) | {
+            "warmup": cfg.warmup,
+            "runs": cfg.runs,
+            "image_size": cfg.image_size,
+            "calibration": calib_note,
+        }
+        rows = table_rows(t, s, threads, names)
+        result = {"rows": rows, "teacher": t, "student": s, "env": env}
+        write_outputs(result, cfg, run.path)
     return result
 
 
@@ -483,22 +420,19 @@ def write_outputs(result: dict, cfg: BenchConfig, out: Path) -> None:
         f"torch {env['torch']}, onnxruntime {env['onnxruntime']}; int8 = static QDQ, "
         f"per-channel, calibrated on {env['calibration']}. Steady state: each model and backend "
         f"runs in blocks of {cfg.block} (after an untimed run), blocks taking turns; latency "
-        "ratios compare medians. "
-        + ("" if env["bf16_native"] else "No bf16 row: this CPU has no native bf16. ")
-        + "Head: teacher = linear classifier on the CLS token "
-        f"({cfg.teacher_head_classes} classes); student = distillation projection head "
-        f"({cfg.student_head}, to {cfg.teacher_n_blocks} x teacher width). Timings cover the "
-        "backbone only."
+        "ratios compare medians. Every backend takes grey frames (normalisation included). "
+        "Head: teacher = linear classifier on the CLS token "
+        f"({cfg.teacher_classes} classes); student = distillation projection head "
+        f"({cfg.student_projection}, to {cfg.teacher_n_blocks} x teacher width). Timings cover "
+        "the backbone only."
     )
-    if "executorch_int8" in cfg.backends:
+    if any(BACKENDS.get(b).ondevice for b in {*t, *s} if b in BACKENDS):
         note += (
-            " ExecuTorch int8: PyTorch export quantisation (XNNPACK quantizer, per-channel, the "
+            " ExecuTorch: PyTorch export quantisation (XNNPACK quantizer, per-channel, the "
             "same calibration frames), run in ExecuTorch's runtime."
         )
-        if not cfg.ondevice_teacher:
-            note += " No ExecuTorch row for the teacher: the on-device model is the student."
-        for who, m in (("teacher", t), ("student", s)):
-            if "executorch_int8_error" in m:
-                note += f" No ExecuTorch int8 program for the {who}: {m['executorch_int8_error']}."
+    for who, m in (("teacher", t), ("student", s)):
+        for backend, why in m["not_timed"].items():
+            note += f" No {BACKENDS.get(backend).label} row for the {who}: {why}."
     write_table(table, out / "table5", note=note)
     write_json(out / "table5.json", result, default=str)

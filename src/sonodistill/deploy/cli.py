@@ -1,41 +1,40 @@
-"""`sonodistill export`, `bench`, `predict` and `app`: each a typed config (YAML via --config,
-flags override) handed to the library function of the same name."""
+"""The runners of `sonodistill export`, `bench`, `predict` and `app`: each takes its parsed
+config (`deploy.config`, light) and imports the library function of the same name only now,
+so that `--help` and the parsing load no torch. Each returns the exit code."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from sonodistill.config import parse_config
+from sonodistill.deploy.config import AppConfig, BenchConfig, ExportConfig, PredictConfig
 
 
-def export_main(argv: list[str]) -> int:
-    """Exit code 1 when the fp32 graph differs from PyTorch by more than the tolerance."""
-    from sonodistill.deploy import export as module
+def export(cfg: ExportConfig) -> int:
+    """Exit code 1 when an fp32 backend differs from PyTorch by more than the tolerance."""
+    from sonodistill.deploy.export import export as run
+    from sonodistill.deploy.export import report_markdown
 
-    cfg = parse_config(module.ExportConfig, argv, "sonodistill export", module.__doc__)
-    report = module.export(cfg)
-    print(module.report_markdown(report))
+    report = run(cfg)
+    print(report_markdown(report))
     print(f"written to {cfg.out}")
     return 0 if report["fp32_ok"] else 1
 
 
-def bench_main(argv: list[str]) -> int:
-    from sonodistill.deploy import bench as module
+def bench(cfg: BenchConfig) -> int:
+    from sonodistill.deploy.bench import bench as run
 
-    cfg = parse_config(module.BenchConfig, argv, "sonodistill bench", module.__doc__)
-    module.bench(cfg)
+    run(cfg)
     print((Path(cfg.out) / "table5.md").read_text())
     print(f"written to {cfg.out}")
     return 0
 
 
-def predict_main(argv: list[str]) -> int:
+def predict(cfg: PredictConfig) -> int:
     """Exit code 1 when a source could not be read to its end (the others are written)."""
-    from sonodistill.deploy import predict as module
+    from sonodistill.deploy.predict import predict as run
 
-    cfg = parse_config(module.PredictConfig, argv, "sonodistill predict", module.__doc__)
-    summary = module.predict(cfg)
+    summary = run(cfg)
     print((Path(cfg.out) / "summary.md").read_text())
     print(f"written to {cfg.out}")
     failed = [e for e in summary["sources"] if e["status"] != "ok"]
@@ -49,10 +48,9 @@ def predict_main(argv: list[str]) -> int:
     return 0
 
 
-def app_main(argv: list[str]) -> int:
+def app(cfg: AppConfig) -> int:
     """Serves until Ctrl-C (exit 130) or SIGTERM (exit 0); every session is dropped on the way
     out."""
-    from sonodistill.deploy.app import server as module
+    from sonodistill.deploy.app.server import serve
 
-    cfg = parse_config(module.AppConfig, argv, "sonodistill app", module.__doc__)
-    return module.serve(cfg)
+    return serve(cfg)

@@ -1,120 +1,84 @@
-"""`sonodistill export`: a student backbone (or a fine-tuned head) to ONNX fp32 and int8,
+"""`sonodistill export`: a student backbone (or a fine-tuned model) to every runtime asked,
 each checked against PyTorch on real frames.
 
-The exported graphs take grey frames (B, 1, S, S) in [0, 1] (normalisation is inside) with a
-dynamic batch axis, and return the last feature map `features` (backbone) or `logits` (head).
-Outputs in `out/`: `model_fp32.onnx`, `model_int8.onnx` (static QDQ, per-channel weights,
-calibrated on real frames), with `--executorch '[int8]'` (or fp32) on-device ExecuTorch programs
-`model_int8.pte` (XNNPACK; see `deploy.ondevice`), for a head its checkpoint in `head/` (so that
-the folder alone serves `sonodistill predict` and `app` in every backend), `report.{md,json}`
-and `config.yaml`. The exit code is 1 when the fp32 graph differs from PyTorch by more than
-`tolerance`.
+The written models take grey frames (B, 1, S, S) in [0, 1] (normalisation is inside) and
+return the last feature map `features` (backbone) or `logits` (model); the ONNX graphs have a
+dynamic batch axis, ExecuTorch programs batch 1. `--backends` picks the runtimes (registry
+`deploy.runtimes.BACKENDS`; default ONNX Runtime fp32 and int8: `model_fp32.onnx`,
+`model_int8.onnx`, static QDQ with per-channel weights calibrated on real frames; ExecuTorch
+XNNPACK `model_{fp32,int8}.pte` on request, see `deploy.ondevice`). For a `--model`, the model
+itself goes to `head/` (so that the folder alone serves `sonodistill predict` and `app` in
+every backend). Also `report.{md,json}` and `config.yaml`. The exit code is 1 when an fp32
+backend differs from PyTorch by more than `tolerance`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field, replace
-from functools import partial
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from sonodistill.config import (
-    NonNegativeInt,
-    Opset,
-    PositiveFloat,
-    PositiveInt,
-    check_fields,
-    save_config,
-)
+from sonodistill.config import check_fields
 from sonodistill.data.listing import FrameRef, collect_frames, frames_tensor
 from sonodistill.data.masks import image_mask, mask_files
-from sonodistill.deploy import ondevice
-from sonodistill.deploy.onnx_utils import compare, export_onnx, quantize_int8, run_session, session
-from sonodistill.deploy.runtimes import HEAD_DIR
-from sonodistill.distill.run import load_encoder
+from sonodistill.deploy.config import ExportConfig, export_layout
+from sonodistill.deploy.onnx_utils import compare
+from sonodistill.deploy.runtimes import BACKENDS, HEAD_DIR, WriteJob
 from sonodistill.errors import UserError, check
 from sonodistill.evaluate.head_checkpoint import HeadSpec, load_head, save_head
 from sonodistill.evaluate.heads import WithPreprocess
 from sonodistill.evaluate.metrics import dice_iou, predict_mask
-from sonodistill.io import claim_run_dir, markdown_table, remove_owned, write_json, write_text
-from sonodistill.models.encoders import Encoder
+from sonodistill.io import markdown_table, write_json, write_text
+from sonodistill.models.encoders import Encoder, build_encoder
+from sonodistill.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class ExportConfig:
-    """ONNX export (fp32 and int8) of an encoder or a fine-tuned head, checked on real frames."""
-
-    encoder: str = ""
-    """Encoder spec, e.g. student:RUN_DIR or timm:resnet50=W.safetensors (backbone export)."""
-    head: str | None = None
-    """A head checkpoint folder (head.yaml + model.safetensors); replaces `encoder`."""
-    frames: list[str] = field(default_factory=list)
-    """Real frames for calibration and checks: `NAME=PATH` sources as in `sonodistill embed`."""
-    out: str = "runs/export"
-    image_size: PositiveInt = 224
-    opset: Opset = 18
-    exporter: Literal["legacy", "dynamo"] = "legacy"
-    int8: bool = True
-    executorch: list[Literal["fp32", "int8"]] = field(default_factory=list)
-    """On-device ExecuTorch programs (XNNPACK) to write beside the ONNX graphs: fp32, int8."""
-    per_channel: bool = True
-    calib_method: Literal["minmax", "percentile", "entropy"] = "minmax"
-    n_calib: PositiveInt = 32
-    """Calibration frames (disjoint from the check frames)."""
-    n_check: PositiveInt = 16
-    test_set: str | None = None
-    """Head only: a labelled folder (segmentation: images with masks, BUSI or image/+mask/
-    layout; classification: one subfolder per class name) for the metric change."""
-    n_test: PositiveInt = 64
-    tolerance: PositiveFloat = 1e-3
-    """Maximum abs difference allowed between fp32 ONNX and PyTorch."""
-    threads: PositiveInt | None = None
-    seed: NonNegativeInt = 0
-    overwrite: bool = False
-    """Replace an export already in OUT (its models, report and config)."""
+__all__ = ["ExportConfig", "check_config", "export", "head_metric", "report_markdown"]
 
 
-OWNED = (
-    "config.yaml",
-    "model_fp32.onnx",
-    "model_int8.onnx",
-    "model_fp32.pte",
-    "model_int8.pte",
-    HEAD_DIR,
-    "report.json",
-    "report.md",
-)
-"""What an export folder's export consists of: `--overwrite` removes these and nothing else."""
-
-
-def check_config(cfg: ExportConfig) -> None:
-    """The options that need no file, before anything is read or written."""
-    if not (cfg.encoder or cfg.head):
-        raise UserError("give --encoder SPEC (a backbone) or --head FOLDER (a fine-tuned head)")
+def check_config(cfg: ExportConfig) -> list[str]:
+    """The options that need no file, before anything is read or written; returns the
+    backends to write, in registry order."""
+    if not (cfg.encoder or cfg.model):
+        raise UserError("give --encoder SPEC (a backbone) or --model FOLDER (a fine-tuned model)")
+    if cfg.encoder and cfg.model:
+        raise UserError("--encoder and --model: give one (a backbone or a fine-tuned model)")
     if not cfg.frames:
         raise UserError("--frames: give real frames (--frames+ NAME=PATH) for the checks")
     check_fields(cfg)
+    asked = {BACKENDS.canonical(name) for name in cfg.backends}
+    names = [name for name in BACKENDS if name in asked]
+    if not names:
+        raise UserError("--backends []: give at least one backend to write")
+    for name in names:
+        record = BACKENDS.get(name)
+        if record.write is None:
+            raise UserError(
+                f"--backends {name}: {record.label} runs the model itself, nothing to write "
+                f"(an export of a --model keeps it in {HEAD_DIR}/)"
+            )
+        why = record.missing()  # else found after the other backends were written
+        if why:
+            raise UserError(f"--backends {name}: {why}")
     if cfg.test_set and not Path(cfg.test_set).exists():
         raise UserError(f"--test_set {cfg.test_set}: no such folder")
-    if cfg.executorch and not ondevice.available():  # else found after the ONNX graphs
-        raise UserError(f"--executorch {cfg.executorch}: {ondevice.INSTALL_HINT}")
+    RunDir(cfg.out, export_layout(), overwrite=cfg.overwrite).precheck()
+    return names
 
 
-def _calibrates(cfg: ExportConfig) -> bool:
-    """Whether an int8 model (ONNX or ExecuTorch) needs calibration frames."""
-    return cfg.int8 or "int8" in cfg.executorch
+def _calibrates(names: list[str]) -> bool:
+    """Whether a backend asked needs calibration frames (an int8 one)."""
+    return any(BACKENDS.get(name).int8 for name in names)
 
 
-def _split_frames(cfg: ExportConfig):
-    calibrates = _calibrates(cfg)
+def _split_frames(cfg: ExportConfig, names: list[str]):
+    calibrates = _calibrates(names)
     total = cfg.n_check + (cfg.n_calib if calibrates else 0)
     per_source = math.ceil(total / len(cfg.frames))
     frames = collect_frames(cfg.frames, per_source, seed=cfg.seed)
@@ -163,36 +127,36 @@ def _torch_outputs(model: nn.Module, frames: torch.Tensor, batch_size: int = 8) 
 
 
 def export(cfg: ExportConfig) -> dict:
-    """Export, quantize and check; returns the report (also written to out/report.json).
+    """Write every backend asked, check each against PyTorch; returns the report (also
+    written to out/report.json).
 
     The model and every frame are read (decoded), and all options checked, before anything is
-    written;
-    OUT is locked while the export runs, and an export already there needs --overwrite."""
-    out = Path(cfg.out)
-    check_config(cfg)
+    written; OUT is locked while the export runs, and an export already there needs
+    --overwrite."""
+    names = check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.head:  # heads take grey [0, 1] frames already
-        model, spec = load_head(cfg.head)
-        source, output, exported = cfg.head, "logits", f"{spec.task_type} head"
+    if cfg.model:  # models take grey [0, 1] frames already
+        model, spec = load_head(cfg.model)
+        source, output, exported = cfg.model, "logits", f"{spec.task_type} model"
     else:
-        model, spec = WithPreprocess(load_encoder(cfg.encoder)).eval(), None
+        model, spec = WithPreprocess(build_encoder(cfg.encoder, "--encoder")).eval(), None
         source, output, exported = cfg.encoder, "features", "backbone"
     inner = model.model if isinstance(model, WithPreprocess) else model
     encoder = getattr(inner, "encoder", inner)
-    if isinstance(encoder, Encoder):  # a library head (timm, smp) has its own size rules
+    if isinstance(encoder, Encoder):  # a library model (timm, smp) has its own size rules
         encoder.check_input_size(cfg.image_size, cfg.image_size, "--image_size")
-    checked, calib = _split_frames(cfg)
+    checked, calib = _split_frames(cfg, names)
     test = _test_frames(cfg, spec.task_type) if spec is not None and cfg.test_set else []
     decoded = _decode(cfg, spec, checked, calib, test)  # an unreadable frame: nothing written
-    with claim_run_dir(out, "export", OWNED, overwrite=cfg.overwrite):
-        if cfg.overwrite:
-            remove_owned(out, OWNED)
-        save_config(cfg, out / "config.yaml")
-        if spec is not None:  # the head itself, so that the folder serves every backend
-            save_head(model, replace(spec, image_size=cfg.image_size), out / HEAD_DIR)
+    run = RunDir(cfg.out, export_layout(), overwrite=cfg.overwrite)
+    with run.claim():
+        run.clear()
+        run.save_options(cfg)
+        if spec is not None:  # the model itself, so that the folder serves every backend
+            save_head(model, replace(spec, image_size=cfg.image_size), run / HEAD_DIR)
         what = (source, output, exported)
-        return _export(cfg, out, model, spec, what, checked, calib, test, decoded)
+        return _export(cfg, run.path, names, model, spec, what, checked, calib, test, decoded)
 
 
 def _decode(cfg: ExportConfig, spec, checked, calib, test) -> dict:
@@ -206,9 +170,17 @@ def _decode(cfg: ExportConfig, spec, checked, calib, test) -> dict:
     }
 
 
-def _export(cfg: ExportConfig, out: Path, model, spec, what, checked, calib, test, decoded) -> dict:
+def _batched(runner, frames: np.ndarray, batch_size: int) -> np.ndarray:
+    """A runner's outputs on frames in batches (of the check frames' count: not the export's
+    dummy batch of 2, so that a batch axis that is not dynamic fails here)."""
+    return np.concatenate(
+        [runner(frames[i : i + batch_size]) for i in range(0, len(frames), batch_size)]
+    )
+
+
+def _export(cfg, out: Path, names, model, spec, what, checked, calib, test, decoded) -> dict:
     source, output, exported = what
-    x_check, x_calib = decoded["check"], decoded["calib"]
+    x_check = decoded["check"]
     reference = _torch_outputs(model, x_check)
     report: dict = {
         "source": source,
@@ -223,60 +195,49 @@ def _export(cfg: ExportConfig, out: Path, model, spec, what, checked, calib, tes
         "tolerance": cfg.tolerance,
         "models": {},
     }
-
-    paths = {
-        "fp32": export_onnx(
-            model, out / "model_fp32.onnx", cfg.image_size, cfg.opset, cfg.exporter, (output,)
-        )
-    }
-    if cfg.int8:
-        paths["int8"] = quantize_int8(
-            paths["fp32"], out / "model_int8.onnx", x_calib, cfg.per_channel, cfg.calib_method
-        )
-    runners = {
-        k: partial(run_session, session(p, cfg.threads), batch_size=len(checked))  # != export's
-        for k, p in paths.items()
-    }
-    if cfg.executorch:
-        runners.update(_executorch(cfg, model, out, paths, x_calib))
-    for kind, runner in runners.items():
-        got = runner(x_check.numpy())
-        report["models"][kind] = {
-            "file": paths[kind].name,
-            "size_mb": round(paths[kind].stat().st_size / 2**20, 2),
+    job = WriteJob(
+        model,
+        out,
+        cfg.image_size,
+        decoded["calib"],
+        output,
+        cfg.opset,
+        cfg.exporter,
+        cfg.per_channel,
+        cfg.calib_method,
+    )
+    runners = {}
+    for name in names:  # registry order: ort_int8 quantises the ort_fp32 graph written first
+        record = BACKENDS.get(name)
+        log.info("%s: writing %s", name, out / record.file)
+        path = record.writer()(replace(job, path=out / record.file))
+        job.written[name] = path
+        runners[name] = record.opener()(path, cfg.threads)
+        got = _batched(runners[name], x_check.numpy(), len(checked))
+        report["models"][name] = {
+            "label": record.label,
+            "precision": record.precision,
+            "file": path.name,
+            "size_mb": round(path.stat().st_size / 2**20, 2),
             **compare(reference, got),
         }
-    report["fp32_ok"] = report["models"]["fp32"]["max_abs"] <= cfg.tolerance
+    held = [m for m in report["models"].values() if m["precision"] == "fp32"]
+    report["fp32_ok"] = all(m["max_abs"] <= cfg.tolerance for m in held)
 
     if test:
         x_test, targets = decoded["test"], decoded["targets"]
         name, base = head_metric(spec, _torch_outputs(model, x_test), targets)
         report["test"] = {"set": cfg.test_set, "n": len(test), "metric": name, "torch": base}
         report["test"]["files"] = [f.file for f in test]
-        for kind, runner in runners.items():
-            _, value = head_metric(spec, runner(x_test.numpy()), targets)
-            report["test"][kind] = value
-            report["test"][f"{kind}_delta"] = value - base
+        for backend, runner in runners.items():
+            outputs = _batched(runner, x_test.numpy(), len(checked))
+            _, value = head_metric(spec, outputs, targets)
+            report["test"][backend] = value
+            report["test"][f"{backend}_delta"] = value - base
 
     write_json(out / "report.json", report)
     write_text(out / "report.md", report_markdown(report))
     return report
-
-
-def _executorch(cfg: ExportConfig, model: nn.Module, out: Path, paths: dict, x_calib) -> dict:
-    """ExecuTorch programs of `model`, run in ExecuTorch's runtime for the checks."""
-    from sonodistill.deploy.ondevice import PteRunner, export_pte
-
-    runners = {}
-    for kind in cfg.executorch:
-        path = out / f"model_{kind}.pte"
-        log.info("ExecuTorch %s: exporting %s", kind, path)
-        quantize = kind == "int8"
-        paths[f"executorch_{kind}"] = export_pte(
-            model, path, cfg.image_size, x_calib if quantize else None, quantize
-        )
-        runners[f"executorch_{kind}"] = PteRunner(path, cfg.threads)
-    return runners
 
 
 def report_markdown(report: dict) -> str:
@@ -285,13 +246,18 @@ def report_markdown(report: dict) -> str:
         "",
         f"{report['exported']}, input (B, 1, {report['image_size']}, {report['image_size']}) grey "
         f"[0, 1], output {report['output']}, opset {report['opset']} ({report['exporter']}); "
-        f"checked on {report['check_frames']} real frames ({', '.join(report['datasets'])}), "
-        f"int8 calibrated on {report['calib_frames']} others.",
+        f"checked on {report['check_frames']} real frames ({', '.join(report['datasets'])})"
+        + (
+            f", int8 calibrated on {report['calib_frames']} others."
+            if report["calib_frames"]
+            else "."
+        ),
         "",
     ]
     rows = [
         {
-            "model": kind,
+            "backend": kind,
+            "runtime": m["label"],
             "size (MB)": m["size_mb"],
             "max abs diff": f"{m['max_abs']:.3g}",
             "mean abs diff": f"{m['mean_abs']:.3g}",
@@ -302,7 +268,7 @@ def report_markdown(report: dict) -> str:
     ]
     lines.append(markdown_table(rows, floatfmt="g"))
     verdict = "within" if report["fp32_ok"] else "OUTSIDE"
-    lines += ["", f"fp32 {verdict} tolerance {report['tolerance']:g} of PyTorch."]
+    lines += ["", f"fp32 backends {verdict} tolerance {report['tolerance']:g} of PyTorch."]
     if "test" in report:
         t = report["test"]
         lines += ["", f"{t['metric']} on {t['n']} images of {t['set']}: torch {t['torch']:.4f}"]

@@ -9,31 +9,28 @@ ExecuTorch ships for Android/iOS CPUs. The program's input is a grey frame (1, 1
 Why ExecuTorch rather than ONNX Runtime's mobile format: executorch 1.5.1 installs beside
 torch 2.14.1 without changing it (checked with pip in a scratch venv first), and its Python
 runtime runs the very `.pte` a phone runs, so that outputs and timings here are those of the
-on-device runtime. It is an optional dependency: `pip install 'sonodistill[ondevice]'`.
+on-device runtime. It is an optional dependency: `pip install 'sonodistill[ondevice]'`. The
+backends `executorch_fp32` and `executorch_int8` (`deploy.runtimes`) write and open through
+`write_pte_fp32`, `write_pte_int8` and `open_pte`.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
+from sonodistill.deploy.runtimes import INSTALL_EXECUTORCH as INSTALL_HINT
 from sonodistill.io import write_bytes
 
+if TYPE_CHECKING:
+    from torch import nn
+
+    from sonodistill.deploy.runtimes import WriteJob
+
 log = logging.getLogger(__name__)
-
-INSTALL_HINT = "ExecuTorch is not installed: pip install 'sonodistill[ondevice]'"
-
-
-def available() -> bool:
-    try:
-        import executorch.runtime  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _import_executorch():
@@ -76,6 +73,8 @@ def export_pte(
 
     int8 (`quantize`) needs calibration frames (N, 1, S, S) in [0, 1], real ones.
     """
+    import torch
+
     et = _import_executorch()
     path = Path(path)
     example = (torch.rand(1, 1, image_size, image_size),)
@@ -92,6 +91,23 @@ def export_pte(
             program = torch.export.export(et["convert"](prepared), example)
         lowered = et["lower"](program, partitioner=[et["partitioner"]()]).to_executorch()
     return write_bytes(path, lowered.buffer)  # atomic: temp, fsync, rename
+
+
+def write_pte_fp32(job: WriteJob) -> Path:
+    """The `executorch_fp32` backend's file (`runtimes.Backend.write`)."""
+    log.info("ExecuTorch fp32: exporting %s", job.path)
+    return export_pte(job.model, job.path, job.image_size, None, quantize=False)
+
+
+def write_pte_int8(job: WriteJob) -> Path:
+    """The `executorch_int8` backend's file, calibrated on the job's frames."""
+    log.info("ExecuTorch int8: exporting %s", job.path)
+    return export_pte(job.model, job.path, job.image_size, job.calibration, quantize=True)
+
+
+def open_pte(path: str | Path, threads: int | None = None) -> PteRunner:
+    """The ExecuTorch backends' runner on a `.pte` file (`runtimes.Backend.open`)."""
+    return PteRunner(path, threads)
 
 
 def set_threads(threads: int | None) -> None:
@@ -112,6 +128,8 @@ class PteRunner:
         self.method = runtime.Runtime.get().load_program(str(self.path)).load_method("forward")
 
     def __call__(self, frames: np.ndarray) -> np.ndarray:
+        import torch
+
         outs = [
             self.method.execute([torch.from_numpy(np.ascontiguousarray(f[None], np.float32))])[0]
             for f in frames

@@ -1,4 +1,8 @@
-"""ONNX export, ONNX Runtime sessions, int8 static quantization and output comparison."""
+"""ONNX export, ONNX Runtime sessions, int8 static quantization and output comparison; the
+`ort_fp32` and `ort_int8` backends (`write_fp32`, `write_int8`, `open_session`).
+
+torch is imported by the export alone, so that running an exported graph loads no torch.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,18 @@ import logging
 import tempfile
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
 from sonodistill.io import atomic_path
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from sonodistill.deploy.runtimes import WriteJob
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +42,8 @@ def export_onnx(
     `legacy` is TorchScript-based torch.onnx.export (fast, robust for CNNs and timm ViTs here);
     `dynamo` uses torch.export + onnxscript.
     """
+    import torch
+
     path = Path(path)
     model = model.eval()
     dummy = torch.rand(2, 1, image_size, image_size)
@@ -89,6 +100,37 @@ def session(path: str | Path, threads: int | None = None, cuda: bool = False, sp
     if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
     return ort.InferenceSession(str(path), opts, providers=providers)
+
+
+class OrtRunner:
+    """Runs an ONNX graph: (N, 1, S, S) float32 frames -> its first output."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        self.session = session(path, threads, spin=False)
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input: frames})[0]
+
+
+def open_session(path: str | Path, threads: int | None = None) -> OrtRunner:
+    """The ONNX Runtime backends' runner on a `.onnx` file (`runtimes.Backend.open`)."""
+    return OrtRunner(path, threads)
+
+
+def write_fp32(job: WriteJob) -> Path:
+    """The `ort_fp32` backend's file: the model as an fp32 ONNX graph (`runtimes.Backend.write`)."""
+    return export_onnx(job.model, job.path, job.image_size, job.opset, job.exporter, (job.output,))
+
+
+def write_int8(job: WriteJob) -> Path:
+    """The `ort_int8` backend's file: the fp32 graph (ort_fp32's, else one made here in a
+    temporary folder) statically quantised on the job's calibration frames."""
+    fp32 = job.written.get("ort_fp32")
+    with tempfile.TemporaryDirectory() as tmp:
+        if fp32 is None:
+            fp32 = write_fp32(replace(job, path=Path(tmp) / "model_fp32.onnx"))
+        return quantize_int8(fp32, job.path, job.calibration, job.per_channel, job.calib_method)
 
 
 def run_session(sess, frames: np.ndarray, batch_size: int = 8) -> np.ndarray:

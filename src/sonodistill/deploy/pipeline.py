@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -33,8 +34,11 @@ import numpy as np
 from sonodistill.data.frames import to_grey
 from sonodistill.data.geometry import Geometry
 from sonodistill.data.greys import resize_square
-from sonodistill.evaluate.head_checkpoint import HeadSpec
+from sonodistill.fields import RightOpenUnitInterval, check
 from sonodistill.io import atomic_path, write_bytes
+
+if TYPE_CHECKING:
+    from sonodistill.evaluate.head_checkpoint import HeadSpec
 
 STAGES = ("decode", "preprocess", "model", "postprocess")
 # Overlay colours per foreground class (RGB), chosen to stand out on grey B-mode images.
@@ -76,8 +80,7 @@ class FramePredictor:
         image_size: int,
         smoothing: float = 0.0,
     ):
-        if not 0.0 <= smoothing < 1.0:
-            raise ValueError(f"smoothing must be in [0, 1), not {smoothing}")
+        smoothing = check(RightOpenUnitInterval, smoothing, "smoothing")  # --smoothing's rule
         self.runner, self.spec, self.size, self.smoothing = runner, spec, image_size, smoothing
         self.state: np.ndarray | None = None
 
@@ -139,7 +142,6 @@ def dice_pair(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(fa & fb)) / total
 
 
-OPACITY = 0.45  # of the mask colour in overlays, unless the user picks another
 DEFAULT_FPS = 10.0  # overlay videos of files without a frame rate (volumes, image stacks)
 
 

@@ -1,12 +1,13 @@
 """`sonodistill predict`: a fine-tuned head over images, folders, cine loops, DICOM and 2D+t
 volumes, frame by frame as a point-of-care scanner runs it.
 
-The model is a head checkpoint (`sonodistill evaluate --save_models true`), an export folder
-(`sonodistill export --head`) or one of its files (`model_int8.onnx`); `--backend` picks the
-runtime: torch, ort_fp32, ort_int8, executorch_fp32, executorch_int8 (default: that of the file
-named, else PyTorch when the folder has the head). Inputs are read by the corpus readers
-(images, mp4/avi/mov, DICOM single-frame or cine incl. YBR/JPEG, NIfTI/MetaImage sequences and
-volumes).
+The model is a model folder: a head checkpoint (`sonodistill evaluate --save_models true`), an
+export folder (`sonodistill export --model`) or one of its files (`model_int8.onnx`); `--backend`
+picks the runtime (`deploy.runtimes.BACKENDS`): torch, torch_bf16, ort_fp32, ort_int8,
+executorch_fp32, executorch_int8 (default: that of the file named, else PyTorch when the folder
+has the model itself). Only the runtime asked is imported: `--backend ort_int8` loads no torch.
+Inputs are read by the corpus readers (images, mp4/avi/mov, DICOM single-frame or cine incl.
+YBR/JPEG, NIfTI/MetaImage sequences and volumes).
 
 Outputs in `out/` (written to a staging folder and moved into place when complete):
 - `predictions.csv`: one row per frame: source, frame, time_s, frame size, mask area in pixels
@@ -38,24 +39,12 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Literal
 
 import cv2
 import numpy as np
 import pandas as pd
-import torch
 
-from sonodistill.config import (
-    Axis3D,
-    ClosedUnitInterval,
-    OpenUnitInterval,
-    PositiveFloat,
-    PositiveInt,
-    RightOpenUnitInterval,
-    check_fields,
-    restricted_number_type,
-    save_config,
-)
+from sonodistill.config import check_fields, save_config
 from sonodistill.data.geometry import Geometry, read_geometry
 from sonodistill.data.masks import is_mask
 from sonodistill.data.readers import (
@@ -66,8 +55,9 @@ from sonodistill.data.readers import (
     read_frames,
     video_frame_count,
 )
+from sonodistill.deploy.config import PREDICT, PredictConfig
+from sonodistill.deploy.environment import default_threads, environment
 from sonodistill.deploy.pipeline import (
-    OPACITY,
     STAGES,
     WARMUP_RUNS,
     FramePredictor,
@@ -97,64 +87,13 @@ from sonodistill.deploy.runtimes import (
     open_runner,
 )
 from sonodistill.errors import UserError
-from sonodistill.io import (
-    claim_run_dir,
-    existing,
-    markdown_table,
-    remove_owned,
-    sync_files,
-    write_csv,
-    write_json,
-    write_text,
-)
+from sonodistill.io import markdown_table, sync_files, write_csv, write_json, write_text
 from sonodistill.progress import progress_bar
+from sonodistill.rundir import RunDir, remove_owned
 
 log = logging.getLogger(__name__)
 
-ImageSide = restricted_number_type("ImageSide", int, (">=", 16), docstring="int >= 16")
-
-OWNED = ("predictions.csv", "summary.json", "summary.md", "config.yaml", "masks", "overlays")
-PARTIAL = ".partial"
-
-
-@dataclass
-class PredictConfig:
-    """Run a fine-tuned head over images, videos, DICOM cines and 2D+t volumes."""
-
-    inputs: list[str] = field(default_factory=list)
-    """Files or folders (searched recursively; masks such as `*_mask.png` are skipped)."""
-    model: str = ""
-    """A head checkpoint (evaluate --save_models) or an export folder (export --head)."""
-    backend: str | None = None
-    """torch | ort_fp32 | ort_int8 | executorch_fp32 | executorch_int8 (default: see above)."""
-    out: str = "runs/predict"
-    image_size: ImageSide | None = None
-    """Model input side; default: the model's own (head.yaml, or the exported graph)."""
-    threshold: OpenUnitInterval = 0.5
-    """Foreground probability at which a pixel belongs to the mask."""
-    opacity: ClosedUnitInterval = OPACITY
-    """Of the mask colour in overlays."""
-    smoothing: RightOpenUnitInterval = 0.0
-    """Temporal EMA along a clip, p'_t = (1 - s) p_t + s p'_{t-1}; 0 = off (e.g. 0.5)."""
-    check_torch: bool = False
-    """Also run the PyTorch head on every frame and report the Dice between its masks and the
-    backend's (before smoothing); the extra time is kept out of the timings."""
-    masks: bool = True
-    overlays: bool = True
-    max_frames: PositiveInt | None = None
-    """At most this many frames of each source (the first ones)."""
-    layout: Literal["auto", "sequence", "volume"] = "auto"
-    """3D files: 2D+t sequence (frames along z) or volume (slices along `axis`)."""
-    axis: Axis3D = 0
-    pixel_spacing_mm: list[PositiveFloat] = field(default_factory=list)
-    """[row, column] or [both] mm per pixel, replacing what the files say."""
-    fps: PositiveFloat | None = None
-    """Frame rate for the time column and overlay videos, replacing what the files say."""
-    threads: PositiveInt | None = None
-    """CPU threads of the runtime (default: PyTorch's current count)."""
-    overwrite: bool = False
-    """Replace an existing output folder."""
-    progress: bool = True
+__all__ = ["PredictConfig", "predict"]
 
 
 @dataclass
@@ -185,26 +124,19 @@ def _spacing(cfg: PredictConfig) -> tuple[float, float] | None:
 
 
 def check_options(cfg: PredictConfig) -> None:
+    """The options, checked before the model or any input is read: nothing written yet."""
     if not cfg.inputs:
         raise UserError("give --inputs (files or folders)")
     if not cfg.model:
         raise UserError("give --model (a head checkpoint or an export folder)")
-    if cfg.backend is not None and cfg.backend not in BACKENDS:
-        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, not {cfg.backend!r}")
+    check_fields(cfg)
+    if cfg.backend is not None:
+        cfg.backend = BACKENDS.canonical(cfg.backend)
     named = backend_of_file(cfg.model) if Path(cfg.model).is_file() else None
     if named and cfg.backend and cfg.backend != named:
         raise UserError(f"--model {cfg.model} is the {named} file, not {cfg.backend}'s")
-    check_fields(cfg)
     _spacing(cfg)
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file")
-    found = existing(out, OWNED)
-    if found and not cfg.overwrite:  # checked again under the folder's lock
-        raise UserError(
-            f"--out {out} already holds predictions ({', '.join(found)}): choose another "
-            "--out or pass --overwrite true"
-        )
+    RunDir(cfg.out, PREDICT, overwrite=cfg.overwrite).precheck()  # again under the lock
 
 
 def list_sources(cfg: PredictConfig) -> tuple[list[Source], list[dict]]:
@@ -449,10 +381,11 @@ class FileSink:
 
 def _publish(stage: Path, out: Path, overwrite: bool) -> None:
     """fsync the staged masks and overlays (written without, `durable=False`), then move them
-    into `out`, after removing an earlier run's files (`--overwrite`) and nothing else."""
+    into `out`, after removing an earlier run's files (`--overwrite`) and nothing else: a run
+    that fails keeps the earlier one."""
     sync_files(p for p in stage.rglob("*") if p.is_file())
     if overwrite:
-        remove_owned(out, OWNED)
+        remove_owned(out, PREDICT.owned)
     for part in stage.iterdir():
         os.replace(part, out / part.name)
 
@@ -474,9 +407,7 @@ def predict(cfg: PredictConfig) -> dict:
     sources, skipped = list_sources(cfg)
     if not sources:
         raise UserError("no readable input")
-    from sonodistill.deploy.bench import environment
-
-    threads = cfg.threads or torch.get_num_threads()  # one count for every runtime
+    threads = cfg.threads or default_threads()  # one count for every runtime
     cv2.setNumThreads(1)  # per-frame image work is small: a pool would contend with the model
     runner = open_runner(folder, cfg.backend, threads)
     predictor = FramePredictor(runner, folder.spec, size, cfg.smoothing)
@@ -485,9 +416,9 @@ def predict(cfg: PredictConfig) -> dict:
     if cfg.check_torch:
         reference = FramePredictor(open_runner(folder, "torch", threads), folder.spec, size)
 
-    out = Path(cfg.out)
-    with claim_run_dir(out, "predict", [*OWNED, PARTIAL], overwrite=cfg.overwrite):
-        stage = out / PARTIAL
+    run = RunDir(cfg.out, PREDICT, overwrite=cfg.overwrite)
+    with run.claim():
+        out, stage = run.path, run / PREDICT.staging
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir()
         try:
@@ -514,7 +445,7 @@ def _run(cfg, folder, size, names, predictor, reference, sources, skipped, stage
     summary = {
         "model": str(folder.path),
         "backend": cfg.backend,
-        "backend_label": BACKENDS[cfg.backend].label,
+        "backend_label": BACKENDS.get(cfg.backend).label,
         "task_type": folder.spec.task_type,
         "classes": names,
         "image_size": size,

@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -41,6 +41,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from sonodistill.config import check_fields
 from sonodistill.deploy.app.sessions import (
     PixelBudget,
     Session,
@@ -54,9 +55,12 @@ from sonodistill.deploy.app.sessions import (
     session_video,
 )
 from sonodistill.deploy.app.workdir import clear_stale_workdirs, make_workdir
-from sonodistill.deploy.pipeline import OPACITY, FramePredictor, class_names, warm_up
+from sonodistill.deploy.config import OPACITY, AppConfig
+from sonodistill.deploy.pipeline import FramePredictor, class_names, warm_up
 from sonodistill.deploy.runtimes import BACKENDS, ModelFolder, open_model_folder, open_runner
-from sonodistill.errors import INTERRUPTED, UserError, check, check_positive
+from sonodistill.errors import INTERRUPTED, UserError, check
+from sonodistill.fields import ClosedUnitInterval, OpenUnitInterval
+from sonodistill.fields import check as check_field
 from sonodistill.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -67,47 +71,6 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 ALWAYS_ALLOWED = ("localhost", "127.0.0.1", "[::1]")
 """Host names the app always answers to: this machine."""
 _HOST_NAME = re.compile(r"(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
-
-
-@dataclass
-class AppConfig:
-    """A local web viewer: pick a model, drop a file, watch the overlay at the measured speed."""
-
-    models: list[str] = field(default_factory=list)
-    """Model folders (head checkpoints, export folders) or folders holding them (searched two
-    levels deep, e.g. `sonodistill evaluate`'s OUT/models)."""
-    host: str = "127.0.0.1"
-    """Address to bind; anything but this machine exposes the page to the network."""
-    port: int = 8765
-    """Port to listen on, 1-65535 (0: any free port, printed at start)."""
-    allowed_hosts: list[str] = field(default_factory=list)
-    """Host names (or addresses, or *.domain) the page may be opened under besides localhost,
-    127.0.0.1, [::1] and the --host it binds: for a deliberate network deployment. Requests
-    addressed to any other name are refused (a DNS-rebinding page would use its own)."""
-    max_upload_mb: float = 200.0
-    max_frames: int = 2000
-    """Frames decoded per upload (the first ones); frames are kept in memory."""
-    max_frame_pixels: int = 2**24
-    """Pixels of one frame (width x height), read from the header before decoding: 2**24 is
-    a 4096 x 4096 frame, twice a 4K screen and far above any scanner's; a 16384 x 16384
-    frame (268 M pixels, a 3 MB JPEG in a DICOM) would take GBs of memory to decode."""
-    max_pixels: int = 2**30
-    """Pixels decoded per upload (width x height x frames, the frames capped by --max_frames),
-    read from the header before decoding: 2**30 admits a 1024 x 1024 cine of 1000 frames and
-    bounds the time one upload holds the only model worker."""
-    max_sessions: int = 8
-    """Open sessions kept in memory; the least recently used is closed beyond this."""
-    session_ttl_s: float = 1800.0
-    """A session untouched this long is closed."""
-    threads: int | None = None
-    work_dir: str | None = None
-    """Where the app makes its private folder for the uploads being decoded (default: the
-    system's temporary folder); folders left there by apps no longer running are removed."""
-    keep: str | None = None
-    """Save every finished session (upload, CSV, overlay video, summary) here; default: nothing
-    uploaded stays on disk."""
-    smoothing: float = 0.5
-    """Temporal smoothing used when the page's smoothing box is ticked."""
 
 
 @dataclass
@@ -124,7 +87,7 @@ class ModelEntry:
             "task_type": spec.task_type,
             "classes": list(spec.class_names),
             "image_size": self.folder.image_size,
-            "backends": [{"id": b, "label": BACKENDS[b].label} for b in self.folder.backends],
+            "backends": [{"id": b, "label": BACKENDS.get(b).label} for b in self.folder.backends],
         }
 
 
@@ -400,9 +363,13 @@ def create_app(cfg: AppConfig):
             raise HTTPException(409, f"session is {session.status}, not done")
         return session
 
-    def _check(threshold: float, opacity: float = 0.5) -> None:
-        if not (0.0 < threshold < 1.0 and 0.0 <= opacity <= 1.0):
-            raise HTTPException(400, "threshold must be in (0, 1) and opacity in [0, 1]")
+    def _check(threshold: float, opacity: float = OPACITY) -> None:
+        """The queries by the rules of predict's --threshold and --opacity (HTTP 400)."""
+        try:
+            check_field(OpenUnitInterval, threshold, "threshold")
+            check_field(ClosedUnitInterval, opacity, "opacity")
+        except UserError as err:
+            raise HTTPException(400, str(err)) from None
 
     @app.get("/api/sessions/{sid}/predictions.csv")
     def csv(sid: str, threshold: float = 0.5):
@@ -465,23 +432,11 @@ def allowed_hosts(cfg: AppConfig) -> list[str]:
 
 
 def check_options(cfg: AppConfig) -> None:
-    """Every option in range, before anything is bound or written (UserError otherwise)."""
+    """Every option valid, before anything is bound or written (UserError otherwise)."""
     if not cfg.models:
         raise UserError("give --models+ FOLDER (head checkpoints or export folders)")
-    check_positive(
-        {
-            "--max_upload_mb": cfg.max_upload_mb,
-            "--max_frames": cfg.max_frames,
-            "--max_frame_pixels": cfg.max_frame_pixels,
-            "--max_pixels": cfg.max_pixels,
-            "--max_sessions": cfg.max_sessions,
-            "--session_ttl_s": cfg.session_ttl_s,
-            "--threads": cfg.threads,
-        }
-    )
+    check_fields(cfg)  # the ranges of the fields' types
     check(math.isfinite(cfg.max_upload_mb), "--max_upload_mb", cfg.max_upload_mb, "must be finite")
-    check(0 <= cfg.port <= 65535, "--port", cfg.port, "must be in 1..65535 (0: any free port)")
-    check(0.0 <= cfg.smoothing < 1.0, "--smoothing", cfg.smoothing, "must be in [0, 1)")
     for name in cfg.allowed_hosts:
         check(
             _valid_host(name),

@@ -24,6 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -43,8 +44,8 @@ from sonodistill.data.readers import (
     frame_count,
     read_frames,
 )
+from sonodistill.deploy.config import OPACITY
 from sonodistill.deploy.pipeline import (
-    OPACITY,
     FramePredictor,
     FrameResult,
     StreamStats,
@@ -57,8 +58,10 @@ from sonodistill.deploy.pipeline import (
     upsample,
     video_fps,
 )
-from sonodistill.evaluate.head_checkpoint import HeadSpec
 from sonodistill.io import write_bytes, write_json, write_text
+
+if TYPE_CHECKING:
+    from sonodistill.evaluate.head_checkpoint import HeadSpec
 
 
 class SessionClosed(Exception):
