@@ -14,9 +14,10 @@ from conftest import fake_student_run
 from PIL import Image
 
 from sonodistill.evaluate import train as train_module
+from sonodistill.evaluate.config import TrainSettings
 from sonodistill.evaluate.datasets import load_seg_folder
 from sonodistill.evaluate.suite import SuiteConfig, run_suite
-from sonodistill.evaluate.train import TrainSettings, run_one
+from sonodistill.evaluate.train import run_one
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,7 +63,9 @@ def test_the_best_validation_epoch_is_the_one_tested(tiny_seg, monkeypatch, scor
         return {"dice": -1.0, "iou": -1.0, "per_image": per_image}  # the test
 
     monkeypatch.setattr(train_module, "evaluate", scripted)
-    settings = TrainSettings(seg_size=32, epochs=len(scores), seg_batch=4, lr=1e-2, device="cpu")
+    settings = TrainSettings(
+        seg_image_size=32, epochs=len(scores), seg_batch=4, lr=1e-2, device="cpu"
+    )
     result = run_one(index, splits, "random:resnet18", "linear", 1.0, 0, settings)
 
     assert result["best_epoch"] == best and result["val_best"] == max(scores)  # ties: earliest
@@ -85,7 +88,7 @@ def test_redistilling_into_the_same_run_folder_reruns_its_evaluations(tiny_seg_r
         encoders=[f"student:{student}@R18-Distill", "random:resnet18@R18-Rand"],
         protocols=["linear"],
         seeds=[0],
-        train=TrainSettings(seg_size=32, epochs=1, seg_batch=4, device="cpu"),
+        train=TrainSettings(seg_image_size=32, epochs=1, seg_batch=4, device="cpu"),
     )
     run_suite(cfg)
     distilled = tmp_path / "suite" / "runs" / "tiny__linear__R18-Distill__f1__s0.json"
@@ -105,5 +108,5 @@ def test_redistilling_into_the_same_run_folder_reruns_its_evaluations(tiny_seg_r
     assert distilled.stat().st_mtime_ns != stamps[distilled]  # evaluated again, not reused
     assert second["encoder_weights"]["sha256"] == sha256(weights)
     assert second["encoder_weights"]["sha256"] != first["encoder_weights"]["sha256"]
-    assert second["fingerprint"] != first["fingerprint"]
+    assert second["run_key"] != first["run_key"]
     assert rand.stat().st_mtime_ns == stamps[rand]  # the other encoder's results still stand

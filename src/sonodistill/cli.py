@@ -64,11 +64,28 @@ for _name, _command in {
     "distill": Command(
         "distil a DINOv3 teacher into a CNN", "sonodistill.distill.cli:distill_main"
     ),
-    "evaluate": Command("downstream seg/cls suites", "sonodistill.evaluate.cli:evaluate_main"),
-    "embed": Command(
-        "embeddings of frames with any encoder", "sonodistill.evaluate.cli:embed_main"
+    "evaluate": Command(
+        "downstream seg/cls suites",
+        "sonodistill.evaluate.cli:evaluate",
+        config="sonodistill.evaluate.config:SuiteConfig",
+        parse="sonodistill.evaluate.cli:parse_evaluate",
     ),
-    "analyze": Command("t-SNE/UMAP, silhouette and k-NN", "sonodistill.evaluate.cli:analyze_main"),
+    "evaluate audit": Command(
+        "audit a suite's splits (groups, near duplicates) without training",
+        "sonodistill.evaluate.cli:audit",
+        config="sonodistill.evaluate.config:SuiteConfig",
+        parse="sonodistill.evaluate.cli:parse_audit",
+    ),
+    "embed": Command(
+        "embeddings of frames with any encoder",
+        "sonodistill.evaluate.cli:embed",
+        config="sonodistill.evaluate.config:EmbedConfig",
+    ),
+    "analyze": Command(
+        "t-SNE/UMAP, silhouette and k-NN",
+        "sonodistill.evaluate.cli:analyze",
+        config="sonodistill.evaluate.config:AnalyzeConfig",
+    ),
     "export": Command(
         "ONNX (fp32, int8) checked against PyTorch", "sonodistill.deploy.cli:export_main"
     ),
@@ -96,6 +113,9 @@ for _name, _command in {
 
 REGISTRIES = {
     "families": "sonodistill.models.specs:FAMILIES",
+    "protocols": "sonodistill.evaluate.config:PROTOCOLS",
+    "seg_decoders": "sonodistill.evaluate.config:SEG_DECODERS",
+    "dataset_formats": "sonodistill.evaluate.config:DATASET_FORMATS",
     "commands": "sonodistill.cli:COMMANDS",
 }
 """What `sonodistill registry` shows: registry key -> where the registry is declared."""

@@ -49,8 +49,8 @@ class FrameRef:
 # --- listing ------------------------------------------------------------------------------------
 
 
-def _spread(count: int, k: int) -> list[int]:
-    """k evenly spaced indices in [0, count)."""
+def spread(count: int, k: int) -> list[int]:
+    """k evenly spaced indices in [0, count) (frames taken from a video)."""
     if count <= 0:
         return []
     k = min(k, count)
@@ -89,7 +89,7 @@ def list_source(
             if len(parts) > label_component:
                 dataset = f"{label}/{parts[label_component]}"
         if suffix in VIDEO_EXT:
-            for i in _spread(video_frame_count(file), frames_per_video):
+            for i in spread(video_frame_count(file), frames_per_video):
                 frames.append(FrameRef(dataset, str(file), i))
         else:
             frames.append(FrameRef(dataset, str(file)))
@@ -125,7 +125,7 @@ def list_manifest(path: Path, name: str | None, frames_per_video: int) -> list[F
         if frame is not None and not pd.isna(frame):
             frames.append(FrameRef(dataset, str(file), int(frame), anatomy))
         elif file.suffix.lower() in VIDEO_EXT:
-            for i in _spread(video_frame_count(file), frames_per_video):
+            for i in spread(video_frame_count(file), frames_per_video):
                 frames.append(FrameRef(dataset, str(file), i, anatomy))
         else:
             frames.append(FrameRef(dataset, str(file), -1, anatomy))
