@@ -270,6 +270,7 @@ SUITE = Layout(
         "data_root",  # the split files check that the same images are there
         "encoders",
         "tasks",
+        "datasets",  # compared as checked specs (suite.dataset_changes)
         "protocols",
         "fractions",
         "fraction_protocols",

@@ -376,7 +376,7 @@ def run_suite(cfg: SuiteConfig) -> list[Path]:
     runs, data = check_suite(cfg)
     with suite_dir(cfg).claim() as run_dir:
         if run_dir.resuming:
-            run_dir.check_resume(to_dict(cfg), cls=SuiteConfig)
+            run_dir.check_resume(to_dict(cfg), dataset_changes(run_dir, cfg), SuiteConfig)
         if cfg.tables_only and (
             cfg.overwrite or all(finished_result(out, r, cfg) is None for r in runs)
         ):
@@ -392,6 +392,19 @@ def run_suite(cfg: SuiteConfig) -> list[Path]:
 
 def suite_dir(cfg: SuiteConfig) -> RunDir:
     return RunDir(cfg.out, SUITE, resume=cfg.resume, overwrite=cfg.overwrite)
+
+
+def dataset_changes(run_dir: RunDir, cfg: SuiteConfig) -> dict[str, tuple]:
+    """{datasets.NAME.KEY: (stored, now)} for the datasets the stored suite and this one both
+    define, compared as checked specs (a key left out is its default, as 0.1 stored them);
+    datasets may be added or dropped, like tasks."""
+    stored = run_dir.stored_options(SuiteConfig).get("datasets") or {}
+    changes = {}
+    for name in sorted(set(stored) & set(cfg.datasets)):
+        before = to_dict(check_dataset(stored[name], name))
+        now = to_dict(check_dataset(cfg.datasets[name], name))
+        changes.update({f"datasets.{name}.{k}": (before[k], now[k]) for k in before})
+    return changes
 
 
 def _run_suite(cfg: SuiteConfig, out: Path, runs: list[Run], data: SuiteData) -> list[Path]:
