@@ -378,7 +378,7 @@ def test_missing_seed_is_said_in_its_cell(splits_dir, tmp_path, shared_data):
     assert "| All background (trivial) | 0.0000 | 0.0000 |" in table
 
 
-def test_suite_refuses_straddling_pairs(splits_dir, tmp_path, shared_data, fake_student):
+def test_suite_refuses_straddling_pairs(splits_dir, tmp_path, shared_data, fake_student, capsys):
     """A split file where DDTI 183 and 184 (99.3% identical) sit in train and test: the audit
     finds it and the suite stops before any training, unless told to accept it."""
     out = tmp_path / "suite"
@@ -399,5 +399,13 @@ def test_suite_refuses_straddling_pairs(splits_dir, tmp_path, shared_data, fake_
 
     argv = f"evaluate audit --out {out} --data_root {shared_data} --tasks [ddti_seg]"
     assert cli_main(argv.split()) == 1
-    argv += " --accept_leaks true"
+    capsys.readouterr()
+    argv += " --accept_leaks true --audit_loose 0.85"  # the 0.1 name of the option still works
     assert cli_main(argv.split()) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "sonodistill evaluate audit: --audit_loose is deprecated, use --audit_near_duplicate "
+        "(accepted until 0.3)"
+    ]
+    audit = json.loads((out / "splits" / "ddti_seg.audit.json").read_text())
+    assert audit["loose_threshold"] == 0.85

@@ -361,7 +361,7 @@ DATASET_FORMATS.register(
     DatasetFormat(
         lambda spec, name: load_ddti(spec.root),
         ("seg",),
-        "DDTI: image/ + mask/ (TN-SCUI) or CASE_K.jpg + CASE.xml",
+        "DDTI: image/ + mask/, or CASE_K.jpg + CASE.xml",
     ),
 )
 DATASET_FORMATS.register(

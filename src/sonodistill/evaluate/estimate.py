@@ -23,7 +23,7 @@ import timm
 import torch
 
 from sonodistill.errors import UserError
-from sonodistill.evaluate.config import SuiteConfig
+from sonodistill.evaluate.config import PROTOCOLS, SuiteConfig
 from sonodistill.evaluate.datasets import load_dataset
 from sonodistill.evaluate.heads import build_model
 from sonodistill.evaluate.splits import CLS_PROPORTIONS, DDTI_COUNTS
@@ -129,7 +129,7 @@ def run_flops(run: Run, cost: ModelCost, n: dict[str, int], cfg: SuiteConfig) ->
     train = min(n["train"], cfg.train.subset or n["train"])
     train = max(1, round(train * run.fraction))
     val, test = (min(n[s], cfg.train.subset or n[s]) for s in ("val", "test"))
-    if run.protocol == "linear" and cfg.train.feature_cache:
+    if PROTOCOLS.get(run.protocol).frozen and cfg.train.feature_cache:
         head_train, head_forward = cost.train - cost.encode, cost.forward - cost.encode
         return epochs * (train * head_train + val * head_forward) + test * head_forward
     return epochs * (train * cost.train + val * cost.forward) + test * cost.forward
@@ -149,7 +149,11 @@ def dry_run(cfg: SuiteConfig) -> str:
         size = cfg.train.seg_image_size if index.task_type == "seg" else cfg.train.cls_image_size
         # Probe features: once per (weights, dataset, size); a random encoder's change per seed.
         features = (run.label, run.seed if run.encoder.weights == RANDOM else None, run.task, size)
-        if run.protocol == "linear" and cfg.train.feature_cache and features not in encoded:
+        if (
+            PROTOCOLS.get(run.protocol).frozen
+            and cfg.train.feature_cache
+            and features not in encoded
+        ):
             encoded.add(features)
             flops[run.id] += cost.encode * sum(n.values())
     rate = measured_rate(device, cfg.train.precision) if todo else 0.0
