@@ -17,7 +17,7 @@ from sonodistill.evaluate.heads import Classifier, LinearSegProbe
 from sonodistill.evaluate.probe_cache import FeatureCache
 from sonodistill.evaluate.suite import SuiteConfig, plan
 from sonodistill.evaluate.train import run_one
-from sonodistill.models.encoders import parse_spec
+from sonodistill.models.encoders import EncoderSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -159,7 +159,7 @@ def test_dry_run_estimate_counts_cached_probe_features_once_per_weights(tmp_path
         )
         for s in (0, 1)
     )
-    encoder = estimate.meta_encoder(estimate.architecture(parse_spec("random:resnet18"))[0])
+    encoder = estimate.meta_encoder(estimate.architecture(EncoderSpec.parse("random:resnet18"))[0])
     finetune = estimate.model_cost(encoder, "seg", "finetune", 2, 64, "auto")
     probe = estimate.model_cost(encoder, "seg", "linear", 2, 64, "auto")
     assert ft0 == ft1 == 2 * (445 * finetune.train + 127 * finetune.forward) + 65 * finetune.forward

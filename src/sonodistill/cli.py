@@ -175,9 +175,10 @@ def _usage(group: str = "") -> str:
     width = max(map(len, tops))
 
     def text(name: str) -> str:
-        if name in COMMANDS:
-            return COMMANDS.get(name).help
-        return "commands: " + ", ".join(n.split(" ", 1)[1] for n in names if n.startswith(name))
+        subs = [n for n in names if n.startswith(name + " ")]
+        if name in COMMANDS:  # a command that also has sub-commands (evaluate, evaluate audit)
+            return COMMANDS.get(name).help + "".join(f"; also `{n}`" for n in subs)
+        return "commands: " + ", ".join(n.split(" ", 1)[1] for n in subs)
 
     rows = "\n".join(f"  {name:<{width}}  {text(name)}" for name in tops)
     prog = f"sonodistill {group}".strip()
