@@ -82,7 +82,7 @@ def main() -> None:
     packs = {256: work / "pack256", args.size: work / f"pack{args.size}"}
     for size, folder in packs.items():
         if not (folder / "pack.json").is_file():
-            pack_corpus(root, folder, size=size)
+            pack_corpus(root, folder, image_size=size)
     sources = {
         "png": open_training_images(root, args.size),
         "pack": open_training_images(packs[256], args.size),

@@ -72,7 +72,7 @@ def full_loop(args, data: Path, out: Path, steps: int) -> float:
         out=str(out),
         teacher=teacher_config(args.teacher),
         student=StudentConfig(name=args.student),
-        img_size=args.img_size,
+        image_size=args.img_size,
         batch_size=args.batch,
         max_steps=2 * steps,
         log_every=steps,
@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:

@@ -47,7 +47,7 @@ from torch.utils.data import default_collate
 from sonodistill.data.images import open_training_images
 from sonodistill.distill import DistillConfig
 from sonodistill.distill.augment import mixup
-from sonodistill.distill.loss import get_loss
+from sonodistill.distill.config import LOSSES
 from sonodistill.distill.recipe import (
     build_data,
     build_models,
@@ -137,10 +137,10 @@ class Parts:
         torch.manual_seed(0)
         self.teacher = Teacher(cfg.teacher)
         student = build_student(cfg, self.teacher.out_channels)
-        self.data = build_data(fabric, cfg)
+        self.dataset = open_training_images(cfg.data, cfg.image_size)
+        self.data = build_data(fabric, cfg, self.dataset)
         self.m = build_models(fabric, cfg, self.teacher, student, total_steps=10**9)
-        self.objective = get_loss(cfg.loss).fn
-        self.dataset = open_training_images(cfg.data, cfg.img_size)
+        self.objective = LOSSES.get(cfg.loss)
         self._batches = iter(self.data.loader)
         self.images = self.next_batch()
         self.x = self.augmented(self.images)
@@ -285,7 +285,7 @@ def config(args, data: Path) -> DistillConfig:
         out=str(data.parent / "unused-run"),
         teacher=teacher,
         student=StudentConfig(name=args.student or student),
-        img_size=args.img_size or size,
+        image_size=args.img_size or size,
         batch_size=args.batch or batch,
         num_workers=args.workers,
         accelerator=args.device,
@@ -311,7 +311,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="images per device (default 16)")
     parser.add_argument("--data", help="pack, corpus or image folder (default: lung frames)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
-    parser.add_argument("--precision", default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    parser.add_argument(
+        "--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU"
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
     parser.add_argument("--rounds", type=int, default=5)
@@ -370,7 +372,7 @@ def main() -> None:
     print(
         f"\n{device_name(fabric.device)}; {precision}; torch {torch.__version__}; "
         f"load average {load}\nteacher ViT (dim {t_cfg['embed_dim']}, depth {t_cfg['depth']}) "
-        f"-> student {cfg.student.name}, {cfg.img_size} px, batch {batch} per device, "
+        f"-> student {cfg.student.name}, {cfg.image_size} px, batch {batch} per device, "
         f"{cfg.num_workers} workers, channels_last {cfg.channels_last}, compile {cfg.compile}, "
         f"data {'the given ' + str(args.data) if args.data else 'real lung frames (PNG)'}; "
         f"medians of {args.rounds} rounds x {args.iters} calls\n"

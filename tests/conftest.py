@@ -217,7 +217,7 @@ def tiny_config(data, out, **overrides):
         out=str(out),
         teacher=TeacherConfig(random_init=True, model_kwargs=dict(TINY_TEACHER_KWARGS)),
         student=StudentConfig(name="resnet18"),
-        img_size=64,
+        image_size=64,
         batch_size=8,
         num_workers=0,
         log_every=1,
@@ -327,7 +327,7 @@ def busi_seg_head(shared_data, tmp_path_factory) -> Path:
 TEACHER = "{" + ", ".join(f"{k}: {v}" for k, v in TINY_TEACHER_KWARGS.items()) + "}"
 DISTILL = (
     "distill --data {frames} --out {tmp}/run --teacher.random_init true "
-    "--student.name test_resnet --img_size 64 --batch_size 8 --num_workers 0 --log_every 1"
+    "--student.name test_resnet --image_size 64 --batch_size 8 --num_workers 0 --log_every 1"
 )
 RESUME = DISTILL + " --resume true --max_steps 2"
 EVALUATE = (

@@ -12,7 +12,11 @@ from sonodistill.cli import COMMANDS, main
 def test_help_lists_every_command(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in COMMANDS)
+    assert all(name.split()[0] in out for name in COMMANDS)
+    assert main(["corpus"]) == 0  # a command of two words: its group lists them
+    out = capsys.readouterr().out
+    corpus = [name for name in COMMANDS if name.startswith("corpus ")]
+    assert len(corpus) == 4 and all(name in out for name in corpus)
 
 
 def test_unknown_command_is_one_line_with_its_close_match(capsys):
@@ -39,7 +43,7 @@ def test_wrong_teacher_weights_are_refused_naming_the_file(tmp_path, capsys):
     data = tmp_path / "frames"
     data.mkdir()
     Image.fromarray(np.full((64, 64), 128, np.uint8)).save(data / "frame.png")
-    small = ["--batch_size", "1", "--img_size", "64", "--data", str(data)]
+    small = ["--batch_size", "1", "--image_size", "64", "--data", str(data)]
     rc = main(["distill", "--teacher.weights", str(bad), *small, *tiny, *out])
     assert rc == 2
     err = capsys.readouterr().err

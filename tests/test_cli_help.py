@@ -30,7 +30,6 @@ HEAVY = (
 )
 # One line per command that is not light yet; the package that converts it deletes its line.
 NOT_LIGHT = {
-    "distill": "WP-B",
     "demo": "WP-B",
     "report": "WP-B",
     "export": "WP-D",
@@ -40,8 +39,6 @@ NOT_LIGHT = {
 }
 # Commands whose config is not a `Command.config` yet (they parse argv themselves).
 NO_CONFIG = {
-    "corpus": "WP-B",
-    "distill": "WP-B",
     "demo": "WP-B",
     "report": "WP-B",
     "export": "WP-D",

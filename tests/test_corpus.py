@@ -390,10 +390,8 @@ def test_build_real_corpus_pack_and_distill(corpus_data, tmp_path):
     assert {f.group for f in frames} == set(m.source[m.kept])
 
     pack = tmp_path / "pack"
-    assert (
-        main(["corpus", "pack", str(out), "--out", str(pack), "--size", "64", "--quiet", "true"])
-        == 0
-    )
+    argv = ["corpus", "pack", str(out), "--out", str(pack), "--image_size", "64", "--quiet", "true"]
+    assert main(argv) == 0
     frames, index = open_pack(pack)
     kept = m[m.kept].reset_index(drop=True)
     assert frames.shape == (len(kept), 64, 64)
@@ -406,8 +404,8 @@ def test_build_real_corpus_pack_and_distill(corpus_data, tmp_path):
 
     run = tmp_path / "run"
     flags = f"--data {out} --out {run} --teacher.random_init true --student.name resnet18"
-    flags += " --img_size 64 --batch_size 8 --max_steps 3 --num_workers 0 --accelerator cpu"
-    flags += " --log_every 1 --precision 32-true"
+    flags += " --image_size 64 --batch_size 8 --max_steps 3 --num_workers 0 --accelerator cpu"
+    flags += " --log_every 1 --precision fp32"
     tiny = ["--teacher.model_kwargs", "{embed_dim: 48, depth: 2, num_heads: 2}"]
     rc = main(["distill", *flags.split(), *tiny])
     assert not rc
@@ -545,3 +543,59 @@ def test_settings_precedence_and_saved_config(corpus_data, tmp_path):
     assert saved["settings"]["frames"]["max_per_clip"] == 3
     assert saved["settings"]["frames"]["crop_fov"] is False  # from the YAML
     assert saved["sources"][0]["path"] == str(cine)
+
+
+def test_old_setting_names_are_read_with_a_deprecation_line_each(corpus_data, tmp_path):
+    """corpus_near_duplicate (SOURCES.yaml settings: and the flag), check-leakage --similarity
+    and pack --size: read as their new names, one deprecation line each; nothing runs."""
+    from sonodistill import config
+    from sonodistill.cli import parse_command
+
+    clip = str(corpus_data / "covid_blues/lus_videos" / CLIPS[0])
+    sources = write_sources(
+        tmp_path / "s.yaml", [{"dataset": "lung", "path": clip}], corpus_near_duplicate=0.97
+    )
+    config.reset_deprecations()
+    cfg = parse_command("corpus build", [str(sources), "--out", str(tmp_path / "c")])
+    assert cfg.settings().near_duplicate == 0.97  # from the file
+    flag = ["--corpus_near_duplicate", "0.99", "--out", str(tmp_path / "c")]
+    assert parse_command("corpus build", [str(sources), *flag]).near_duplicate == 0.99
+    leakage = parse_command("corpus check-leakage", ["C", "--against+", "a=b", "--similarity", "1"])
+    assert leakage.near_duplicate == 1.0
+    assert parse_command("corpus pack", ["C", "--out", "P", "--size", "64"]).image_size == 64
+    lines = config.deprecation_lines("sonodistill corpus")
+    assert [line.split(": ")[-1] for line in lines] == [
+        "corpus_near_duplicate is deprecated, use near_duplicate (accepted until 0.3)",
+        "--corpus_near_duplicate is deprecated, use --near_duplicate (accepted until 0.3)",
+        "--similarity is deprecated, use --near_duplicate (accepted until 0.3)",
+        "--size is deprecated, use --image_size (accepted until 0.3)",
+    ]
+    config.reset_deprecations()
+
+
+def test_a_corpus_folder_owns_its_near_duplicate_table_and_resumes_across_the_rename(tmp_path):
+    """--overwrite removes neardup.parquet with the rest of the old build (it used to survive,
+    and did not mark the folder as a corpus); a corpus.yaml written with corpus_near_duplicate
+    resumes without changes."""
+    from sonodistill.config import to_dict
+    from sonodistill.data.config import CORPUS, BuildSettings, CorpusSpec, Source
+    from sonodistill.rundir import RunDir
+
+    out = tmp_path / "corpus"
+    out.mkdir()
+    (out / "neardup.parquet").write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")
+    assert RunDir(out, CORPUS).found() == ["neardup.parquet"]
+    with RunDir(out, CORPUS, overwrite=True).claim() as run:
+        run.clear()
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+    spec = CorpusSpec(BuildSettings(), [Source("lung", "lung", "/x")], [])
+    old = to_dict(spec)
+    old["settings"]["corpus_near_duplicate"] = old["settings"].pop("near_duplicate")
+    (out / "corpus.yaml").write_text(yaml.safe_dump(old))
+    run = RunDir(out, CORPUS, resume=True)
+    assert run.resume_changes(to_dict(spec), cls=CorpusSpec) == {}
+    spec.settings.near_duplicate = 0.9
+    changed = run.resume_changes(to_dict(spec), cls=CorpusSpec)
+    assert changed == {"settings.near_duplicate": (0.95, 0.9)}

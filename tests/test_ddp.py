@@ -23,7 +23,7 @@ TWO_CPU_PROCESSES = {
     "accelerator": "cpu",
     "devices": 2,
     "strategy": "ddp_fork",
-    "precision": "32-true",
+    "precision": "fp32",
 }
 
 
@@ -71,7 +71,7 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(
     per image), no augmentation and no mixup; the resume test below keeps all three."""
     common = {
         "max_steps": 6,
-        "img_size": 32,
+        "image_size": 32,
         "augment": "none",
         "mixup": False,
         "student": StudentConfig(name="convnext_atto"),
@@ -121,7 +121,7 @@ def test_a_ddp_run_resumed_after_a_crash_repeats_the_straight_run(
 
     def config(out):
         return tiny_config(
-            three_batches, out, max_steps=6, checkpoint_every=4, img_size=32, **TWO_CPU_PROCESSES
+            three_batches, out, max_steps=6, checkpoint_every=4, image_size=32, **TWO_CPU_PROCESSES
         )
 
     straight = distill(config(tmp_path / "straight"))

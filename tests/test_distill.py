@@ -7,18 +7,12 @@ import json
 
 import pytest
 import torch
+import yaml
 from conftest import TINY_TEACHER_KWARGS, tiny_config
 from safetensors.torch import load_file
 
-from sonodistill.config import load_config
-from sonodistill.distill import (
-    LOSSES,
-    DistillConfig,
-    OptimConfig,
-    distill,
-    read_metrics,
-    register_loss,
-)
+from sonodistill.config import checked
+from sonodistill.distill import LOSSES, DistillConfig, OptimConfig, distill, read_metrics
 from sonodistill.distill import recipe as recipe_module
 from sonodistill.errors import UserError
 
@@ -34,7 +28,7 @@ def test_tiny_run_on_real_frames_learns_the_teacher_on_held_out_frames(real_fram
     assert last.val_loss < 0.8 * first.val_loss
     assert last.val_cosine > first.val_cosine + 0.1
     # The run directory holds everything a user needs.
-    saved = load_config(DistillConfig, run / "config.yaml")
+    saved = checked(DistillConfig, yaml.safe_load((run / "config.yaml").read_text()), "config")
     assert saved.teacher.random_init and saved.student.name == "resnet18"
     assert json.loads((run / "run_info.json").read_text())["teacher_weights"]["file"] == "random"
     backbone = load_file(str(run / "student_backbone.safetensors"))
@@ -88,7 +82,7 @@ def test_resume_across_an_epoch_boundary_repeats_the_straight_run(
 def test_a_loss_registered_in_one_function_drives_a_three_step_run(three_batches, tmp_path):
     calls = []
 
-    @register_loss("test_token_l1", "token L1 loss (test)")
+    @LOSSES.register("test_token_l1", title="token L1 loss (test)")
     def token_l1(student, teacher):
         calls.append(tuple(student.shape))
         diff = (student.float() - teacher.float()).abs()
@@ -99,17 +93,75 @@ def test_a_loss_registered_in_one_function_drives_a_three_step_run(three_batches
         cfg.val_fraction = 0.25  # 6 held-out frames: one validation batch
         run = distill(cfg)
     finally:
-        LOSSES.pop("test_token_l1")
+        LOSSES.unregister("test_token_l1")
     rows = read_metrics(run)
     train, val = rows[rows["loss"].notna()], rows[rows["val_loss"].notna()]
     assert list(train.step) == [1, 2, 3] and train["max_abs"].notna().all()
     assert "cosine" not in rows  # the default objective's metric is not logged: it did not run
     assert list(val.step) == [0, 3] and val["val_max_abs"].notna().all()
     assert len(calls) == 3 + 2 and calls[0][1] == 2 * TINY_TEACHER_KWARGS["embed_dim"]
-    assert load_config(DistillConfig, run / "config.yaml").loss == "test_token_l1"
+    assert yaml.safe_load((run / "config.yaml").read_text())["loss"] == "test_token_l1"
 
 
 def test_an_unknown_loss_is_refused_before_anything_is_written(three_batches, tmp_path):
     with pytest.raises(UserError, match="--loss nope: unknown objective.*token_mse"):
         distill(tiny_config(three_batches, tmp_path / "run", loss="nope"))
     assert not (tmp_path / "run").exists()
+
+
+def test_old_option_names_still_parse_with_a_deprecation_line_each(three_batches):
+    from sonodistill import config
+    from sonodistill.cli import parse_command
+
+    config.reset_deprecations()
+    old = "--img_size 64 --precision 32-true --student.head mlp --augment none"
+    cfg = parse_command("distill", [*old.split(), "--data", str(three_batches)])
+    assert (cfg.image_size, cfg.precision, cfg.student.projection) == (64, "fp32", "mlp")
+    lines = config.deprecation_lines("sonodistill distill")
+    assert [line.split(": ", 1)[1].split(" is deprecated")[0] for line in lines] == [
+        "--img_size",
+        "--precision 32-true",
+        "--student.head",
+    ]
+    config.reset_deprecations()
+
+
+def test_a_run_folder_written_before_the_renames_resumes_without_changes(tmp_path):
+    """config.yaml of 0.1 (img_size, 32-true, student.head): a resume with today's names and
+    the same values changes nothing; fp32 is still Fabric's 32-true in run_info.json."""
+    from sonodistill.config import to_dict
+    from sonodistill.distill.config import DistillConfig
+    from sonodistill.distill.recipe import resolve_precision, run_dir
+
+    cfg = tiny_config(tmp_path / "data", tmp_path / "run", precision="fp32", resume=True)
+    old = to_dict(cfg)
+    old["img_size"] = old.pop("image_size")
+    old["precision"] = "32-true"
+    old["student"]["head"] = old["student"].pop("projection")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/config.yaml").write_text(yaml.safe_dump(old))
+    run = run_dir(cfg)
+    assert run.resume_changes(to_dict(cfg), cls=DistillConfig) == {}
+    cfg.image_size = 32
+    assert run.resume_changes(to_dict(cfg), cls=DistillConfig) == {"image_size": (64, 32)}
+    assert [resolve_precision(p, "cpu") for p in ("auto", "fp32", "bf16", "fp16")] == [
+        "32-true",
+        "32-true",
+        "bf16-mixed",
+        "16-mixed",
+    ]
+
+
+def test_the_student_checks_its_input_size_before_anything_is_written(tmp_path):
+    """A fixed-size ViT student (224 px) at --image_size 64: one line naming the option, not
+    a traceback from inside timm during the first step."""
+    from sonodistill.distill.recipe import build_student
+    from sonodistill.models import StudentConfig
+
+    vit = {"depth": 1, "embed_dim": 32, "num_heads": 2}
+    student = StudentConfig(family="vit", name="vit_tiny_patch16_224", model_kwargs=vit)
+    cfg = tiny_config(tmp_path, tmp_path / "run", student=student)
+    with pytest.raises(UserError, match="--image_size size 64x64 .* exactly 224x224"):
+        build_student(cfg, 96)
+    cfg.image_size = 224
+    assert build_student(cfg, 96).encoder.family == "vit"

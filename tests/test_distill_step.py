@@ -15,7 +15,7 @@ from sonodistill.data.images import ResumableSampler, open_training_images
 from sonodistill.distill import OptimConfig, distill, read_metrics
 from sonodistill.distill import recipe as recipe_module
 from sonodistill.distill.augment import build_augmentation, mixup
-from sonodistill.distill.loss import get_loss
+from sonodistill.distill.config import LOSSES
 from sonodistill.distill.recipe import build_student, lr_factor
 from sonodistill.errors import UserError
 from sonodistill.models import Student, Teacher, to_model_input
@@ -37,11 +37,11 @@ def previous_step_trajectory(cfg, steps: int) -> tuple[list[float], dict[str, to
         betas=tuple(cfg.optim.betas),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, steps))
-    dataset = open_training_images(cfg.data, cfg.img_size)
+    dataset = open_training_images(cfg.data, cfg.image_size)
     sampler = ResumableSampler(len(dataset), cfg.batch_size, cfg.seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True)
-    augment = build_augmentation(cfg.augment, cfg.img_size)
-    objective = get_loss(cfg.loss).fn
+    augment = build_augmentation(cfg.augment, cfg.image_size)
+    objective = LOSSES.get(cfg.loss)
     losses, step = [], 0
     while step < steps:
         sampler.set_position(*divmod(step, sampler.batches_per_epoch))

@@ -23,8 +23,7 @@ from sonodistill.config import packaged_configs, parse_config, save_config
 from sonodistill.data.listing import collect_frames, frames_tensor
 from sonodistill.deploy.onnx_utils import export_onnx
 from sonodistill.distill.augment import build_augmentation
-from sonodistill.distill.config import DistillConfig
-from sonodistill.distill.loss import get_loss
+from sonodistill.distill.config import LOSSES, DistillConfig
 from sonodistill.distill.recipe import train_step
 from sonodistill.errors import UserError
 from sonodistill.evaluate.embed import EmbedConfig, embed, load_embeddings
@@ -316,7 +315,7 @@ def test_distill_one_step_with_each_teacher_family(files, ddti, family):
     images = (ddti[0] * 255).to(torch.uint8)
     before = student.projection.weight.detach().clone()
     augment = build_augmentation("us", SIZE)
-    objective = get_loss("token_mse").fn
+    objective = LOSSES.get("token_mse")
     loss, metrics = train_step(fabric, teacher, student, augment, objective, images, True)
     optimizer.step()
     assert math.isfinite(loss.item()) and -1 <= metrics["cosine"].item() <= 1

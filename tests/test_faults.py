@@ -937,7 +937,7 @@ ONE_ERROR_PATH = [
     Row(
         "a choice not offered",
         DISTILL + " --augment usx",
-        ("--augment usx: must be one of 'us', 'default', 'none'",),
+        ("--augment usx: unknown augmentation policy; did you mean us?",),
     ),
     # -- numbers out of range, in every command, before anything is written
     Row(
@@ -973,9 +973,9 @@ ONE_ERROR_PATH = [
         "sources_max_per_clip_negative",
     ),
     Row(
-        "check-leakage similarity 0",
-        "corpus check-leakage {corpus} --against+ ddti={mini}/images --similarity 0",
-        ("--similarity 0: must be > 0",),
+        "check-leakage near_duplicate 0",
+        "corpus check-leakage {corpus} --against+ ddti={mini}/images --near_duplicate 0",
+        ("--near_duplicate 0: must be > 0",),
     ),
     Row("evaluate fraction 0", EVALUATE + " --fractions [1,0]", ("--fractions 0: must be > 0",)),
     Row("evaluate 1 fold", EVALUATE + " --folds 1", ("--folds 1: must be == 0 or >= 2",)),

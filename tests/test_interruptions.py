@@ -41,7 +41,7 @@ TEACHER = "{" + ", ".join(f"{k}: {v}" for k, v in TINY_TEACHER_KWARGS.items()) +
 def distill_argv(data, out, *extra) -> list[str]:
     flags = (
         f"distill --data {data} --out {out} --teacher.random_init true --student.name test_resnet "
-        "--img_size 64 --batch_size 8 --num_workers 0 --log_every 1 --checkpoint_every 2 "
+        "--image_size 64 --batch_size 8 --num_workers 0 --log_every 1 --checkpoint_every 2 "
         "--optim.lr 0.001"
     )
     return [*shlex.split(flags), "--teacher.model_kwargs", TEACHER, *extra]

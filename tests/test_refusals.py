@@ -70,7 +70,10 @@ ROWS = [
         "run",
     ),
     Row(
-        "resume with another image size", RESUME + " --img_size 32", ("--img_size 64 -> 32",), "run"
+        "resume with another image size",
+        RESUME + " --image_size 32",
+        ("--image_size 64 -> 32",),
+        "run",
     ),
     Row("resume with another seed", RESUME + " --seed 1", ("--seed 0 -> 1",), "run"),
     Row(
@@ -89,8 +92,12 @@ ROWS = [
     # -- tracebacks instead of messages
     Row("batch size 0", DISTILL + " --batch_size 0", ("--batch_size 0", "> 0")),
     Row("batch size -4", DISTILL + " --batch_size -4", ("--batch_size -4",)),
-    Row("image size 50", DISTILL + " --img_size 50", ("--img_size size 50x50", "multiples of 16")),
-    Row("image size 0", DISTILL + " --img_size 0", ("--img_size 0",)),
+    Row(
+        "image size 50",
+        DISTILL + " --image_size 50",
+        ("--image_size size 50x50", "multiples of 16"),
+    ),
+    Row("image size 0", DISTILL + " --image_size 0", ("--image_size 0",)),
     Row("unknown student", DISTILL + " --student.name notanet", ("--student.name notanet",)),
     Row("misspelt student", DISTILL + " --student.name resnt18", ("did you mean resnet18",)),
     Row("negative lr", DISTILL + " --optim.lr -1", ("--optim.lr -1",)),
@@ -159,7 +166,10 @@ ROWS = [
     ),
     Row("corpus workers 0", CORPUS + " --workers 0", ("--workers 0",), "sources"),
     Row(
-        "pack size 4", "corpus pack {tmp}/corpus --out {tmp}/pack --size 4", ("--size 4",), "corpus"
+        "pack size 4",
+        "corpus pack {tmp}/corpus --out {tmp}/pack --image_size 4",
+        ("--image_size 4",),
+        "corpus",
     ),
 ]
 

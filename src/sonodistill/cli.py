@@ -58,11 +58,35 @@ class Command:
 COMMANDS: Registry[Command] = Registry("command", key="commands")
 """`sonodistill` commands by name (`corpus build`: two words)."""
 for _name, _command in {
-    "corpus": Command(
-        "build, check and pack an unlabeled corpus", "sonodistill.data.cli:corpus_main"
+    "corpus build": Command(
+        "SOURCES.yaml --out DIR: videos, volumes, DICOM, images -> a clean frame corpus",
+        config="sonodistill.data.config:BuildConfig",
+        run="sonodistill.data.cli:build",
+        positional={"sources": "SOURCES.yaml"},
+        parse="sonodistill.data.cli:parse_build",
+    ),
+    "corpus check-leakage": Command(
+        "CORPUS --against+ NAME=PATH ...: exact/near duplicates with evaluation sets",
+        config="sonodistill.data.config:LeakageConfig",
+        run="sonodistill.data.cli:check_leakage",
+        positional={"corpus": "corpus folder, its manifest.parquet, or an image folder"},
+    ),
+    "corpus pack": Command(
+        "CORPUS --out DIR --image_size N: kept frames as a memory-mapped uint8 array",
+        config="sonodistill.data.config:PackConfig",
+        run="sonodistill.data.cli:pack",
+        positional={"corpus": "corpus folder (or its manifest.parquet)"},
+    ),
+    "corpus summary": Command(
+        "CORPUS: counts per dataset, kind and drop reason",
+        config="sonodistill.data.config:SummaryConfig",
+        run="sonodistill.data.cli:summary",
+        positional={"corpus": "corpus folder (or its manifest.parquet)"},
     ),
     "distill": Command(
-        "distil a DINOv3 teacher into a CNN", "sonodistill.distill.cli:distill_main"
+        "distil a DINOv3 teacher into a CNN",
+        config="sonodistill.distill.config:DistillConfig",
+        run="sonodistill.distill.cli:distill",
     ),
     "evaluate": Command(
         "downstream seg/cls suites",
@@ -113,6 +137,8 @@ for _name, _command in {
 
 REGISTRIES = {
     "families": "sonodistill.models.specs:FAMILIES",
+    "losses": "sonodistill.distill.config:LOSSES",
+    "augmentations": "sonodistill.distill.config:AUGMENTATIONS",
     "protocols": "sonodistill.evaluate.config:PROTOCOLS",
     "seg_decoders": "sonodistill.evaluate.config:SEG_DECODERS",
     "dataset_formats": "sonodistill.evaluate.config:DATASET_FORMATS",
@@ -207,19 +233,19 @@ def main(argv: list[str] | None = None) -> int:
         if not rest or rest[0] in ("-h", "--help"):
             print(_usage(name))
             return 0
-        return _refuse("command", rest[0], group, f"sonodistill {name} --help")
+        return _refuse("command", rest[0], group, f"sonodistill {name}")
     if name not in COMMANDS:
         tops = dict.fromkeys(n.split()[0] for n in COMMANDS.names())
-        return _refuse("command", name, tops, "sonodistill --help")
+        return _refuse("command", name, tops, "sonodistill")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return run_command(name, rest)
 
 
-def _refuse(what: str, name: str, known, see: str) -> int:
+def _refuse(what: str, name: str, known, prog: str) -> int:
     from sonodistill.errors import USER_ERROR, unknown_name
 
-    error = unknown_name(what, name, known, see=f"see {see}")
-    print(f"sonodistill: error: {error}", file=sys.stderr)
+    error = unknown_name(what, name, known, see=f"see {prog} --help")
+    print(f"{prog}: error: {error}", file=sys.stderr)
     return USER_ERROR
 
 

@@ -13,10 +13,11 @@ Output folder:
     summary.json, summary.md, contact_sheet.png, corpus.yaml (resolved sources and settings),
     build.log, parts/ (per-file results: what makes the build resumable)
 
-The folder belongs to one build (locked while it runs); building into a folder that holds a
-corpus needs --resume (the same sources and settings; more workers, a different contact sheet
-and sources appended at the end are fine) or --overwrite. A resumed build reads only the files
-without a part; a killed build redoes only the files in flight.
+The folder belongs to one build (locked while it runs; `data.config.CORPUS` lists what it owns);
+building into a folder that holds a corpus needs --resume (the same sources and settings; more
+workers, a different contact sheet and sources appended at the end are fine) or --overwrite. A
+resumed build reads only the files without a part; a killed build redoes only the files in
+flight.
 
 Failures are the build's or the source's. A file that cannot be read is the source's: a row
 with the reason, and the build goes on. A file that ends before its declared frames (a cut
@@ -31,7 +32,6 @@ is an error too.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections import deque
@@ -44,41 +44,21 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from sonodistill.config import check_fields, config_changes, describe_changes, save_config, to_dict
+from sonodistill.config import check_fields, to_dict
 from sonodistill.data import frames as fr
 from sonodistill.data import neardup as nd
+from sonodistill.data.config import CORPUS, MANIFEST, NEARDUP_FILE, CorpusSpec, Source
 from sonodistill.data.files import list_files, worker_pool
-from sonodistill.data.leakage import NEARDUP_FILE, exclude_matches
-from sonodistill.data.manifest import (
-    MANIFEST,
-    file_key,
-    safe_name,
-    short_hash,
-    typed,
-    unreadable_row,
-)
+from sonodistill.data.leakage import exclude_matches
+from sonodistill.data.manifest import file_key, safe_name, short_hash, typed, unreadable_row
 from sonodistill.data.readers import ReadError, TruncatedFile, detect_kind, read_frames
-from sonodistill.data.sources import BuildSettings, CorpusSpec, Source
 from sonodistill.data.summary import contact_sheet, write_summary
 from sonodistill.errors import UserError
-from sonodistill.io import claim_run_dir, remove_owned, sync_files, write_bytes, write_parquet
+from sonodistill.io import sync_files, write_bytes, write_parquet
 from sonodistill.progress import progress_bar
+from sonodistill.rundir import RunDir
 
 log = logging.getLogger("sonodistill.corpus")
-
-SPEC = "corpus.yaml"
-OWNED = (
-    "frames",
-    "parts",
-    MANIFEST,
-    "summary.json",
-    "summary.md",
-    "contact_sheet.png",
-    SPEC,
-    "build.log",
-)
-"""What a corpus folder's build consists of: `--overwrite` removes these and nothing else."""
-FREE_ON_RESUME = ("settings.workers", "settings.contact_sheet", "settings.force")
 
 
 class WriteError(UserError):
@@ -198,11 +178,6 @@ def _source_key(src: Source, frames: dict) -> str:
     return f"{safe_name(src.dataset)}-{digest}"
 
 
-def check_settings(settings: BuildSettings) -> None:
-    """The build settings, before anything is written (UserError naming the first bad one)."""
-    check_fields(settings)
-
-
 def build_corpus(
     spec: CorpusSpec,
     out: str | Path,
@@ -213,63 +188,54 @@ def build_corpus(
     """Build a corpus into `out` (or continue it with `resume`, or replace the one there with
     `overwrite`); see the module docstring."""
     out = Path(out)
-    check_settings(spec.settings)
+    check_fields(spec.settings)  # a spec built in Python: the checks of the command line
     files = {id(src): _source_files(src, spec) for src in spec.sources}  # none missing
-    with claim_run_dir(out, "corpus build", OWNED, resume, overwrite) as resuming:
-        if resuming:
-            _check_resume(spec, out)
-        if overwrite:
-            remove_owned(out, OWNED)
+    run = RunDir(out, CORPUS, resume=resume, overwrite=overwrite)
+    with run.claim():
+        if run.resuming:
+            _check_resume(run, spec)
+        run.clear()
         handler = logging.FileHandler(out / "build.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
         try:
-            return _build(spec, out, files, progress)
+            return _build(spec, run, files, progress)
         finally:
             log.removeHandler(handler)
             handler.close()
 
 
 def _source_files(src: Source, spec: CorpusSpec) -> list[Path]:
-    frames = {**dataclasses.asdict(spec.settings.frames), **src.frames}
+    frames = {**to_dict(spec.settings.frames), **src.frames}
     found = list_files(src.path, frames.get("skip_patterns", []))
     if not found:
         raise UserError(f"source {src.dataset!r}: no file matches {src.path}")
     return found
 
 
-def _check_resume(spec: CorpusSpec, out: Path) -> None:
-    """Refuse to continue a corpus with other sources or settings (appending sources is fine)."""
-    import yaml
-
-    try:
-        old = yaml.safe_load((out / SPEC).read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        old = {}
+def _check_resume(run: RunDir, spec: CorpusSpec) -> None:
+    """Refuse to continue a corpus with other sources or settings than its corpus.yaml: the
+    settings CORPUS does not free and the exclusions must stay, sources may only be appended."""
+    old = run.stored_options(CorpusSpec)
     if not old:
         return  # stopped before its spec was written
     new = to_dict(spec)
-    changes = {
-        k: v
-        for k, v in config_changes(old.get("settings", {}), new["settings"]).items()
-        if f"settings.{k}" not in FREE_ON_RESUME
-    }
-    changes = {f"settings.{k}": v for k, v in changes.items()}
     before, after = old.get("sources", []), new["sources"]
+    derived = {}
     if after[: len(before)] != before:
-        changes["sources (appending is fine)"] = (len(before), len(after))
-    if old.get("exclude", []) != new["exclude"]:
-        changes["exclude"] = (old.get("exclude", []), new["exclude"])
-    if changes:
-        raise UserError(
-            f"{out}: --resume with other sources or settings than its corpus.yaml: "
-            f"{describe_changes(changes)}; keep them, or build anew (--overwrite true or "
-            "another --out)"
-        )
+        i = next(i for i, s in enumerate(before) if i >= len(after) or after[i] != s)
+        shown = [f"{s['dataset']}: {s['path']}" if s else None for s in _at(before, after, i)]
+        derived[f"source #{i + 1} (appending is fine)"] = tuple(shown)
+    run.check_resume(new, derived, cls=CorpusSpec)
 
 
-def _build(spec: CorpusSpec, out: Path, files: dict, progress: bool) -> BuildResult:
-    save_config(spec, out / SPEC)
+def _at(before: list, after: list, i: int) -> tuple[dict | None, dict | None]:
+    return (before[i] if i < len(before) else None, after[i] if i < len(after) else None)
+
+
+def _build(spec: CorpusSpec, run: RunDir, files: dict, progress: bool) -> BuildResult:
+    run.save_options(spec)
+    out = run.path
     t0 = time.perf_counter()
     settings = spec.settings
     tasks, parts = _plan(spec, out, files)
@@ -310,7 +276,7 @@ def _plan(spec: CorpusSpec, out: Path, files: dict, force: set[str] = frozenset(
     part the manifest is made of."""
     tasks, parts = [], []
     for src in spec.sources:
-        frames = {**dataclasses.asdict(spec.settings.frames), **src.frames}
+        frames = {**to_dict(spec.settings.frames), **src.frames}
         part_dir = out / "parts" / _source_key(src, frames)
         for f in files[id(src)]:
             part = part_dir / f"{file_key(f)}.parquet"
@@ -434,7 +400,7 @@ def _finish(spec: CorpusSpec, out: Path, parts: list[Path]) -> pd.DataFrame:
     df = typed(df)
     kept_rows = df.index[df.kept].to_numpy()  # the rows of fps, in order
     settings = spec.settings
-    dedup_corpus(df, settings.corpus_near_duplicate, fps)
+    dedup_corpus(df, settings.near_duplicate, fps)
     if spec.exclude:
         alive = np.flatnonzero(df.kept.to_numpy()[kept_rows])
         exclude_matches(

@@ -1,26 +1,20 @@
 """Frame cleaning and selection: B-mode checks, blank/low-information frames, coloured marks,
 field-of-view crop, and the near-duplicate filter of a clip.
 
-`FrameSettings` holds every threshold; `FrameSelector` applies them to the frames of one file in
-order and says, for each frame, either "keep" (with the cleaned grey frame) or why it is dropped.
+`FrameSettings` (in the light `data.config`) holds every threshold; `FrameSelector` applies them
+to the frames of one file in order and says, for each frame, either "keep" (with the cleaned grey
+frame) or why it is dropped.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-from sonodistill.config import (
-    Axis3D,
-    ClosedUnitInterval,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveInt,
-)
 from sonodistill.data import hashing
-from sonodistill.errors import UserError
+from sonodistill.data.config import FrameSettings
 
 # Drop reasons (the manifest's `reason` column; "" for kept frames).
 COLOUR = "colour"  # colour-dominated: Doppler, elastography or a colour UI
@@ -34,35 +28,6 @@ CORPUS_DUP = "corpus_duplicate"  # exact or near copy of a kept frame of another
 UNREADABLE = "unreadable"  # the file (row with frame -1) or the rest of it
 TRUNCATED = "truncated"  # the file ends before its declared frames (row with frame -1)
 EXCLUDED = "excluded"  # matches an evaluation set (reason "excluded:NAME")
-
-
-@dataclass
-class FrameSettings:
-    """How frames are cleaned and selected (per source overridable in SOURCES.yaml)."""
-
-    frame_step: PositiveInt = 1  # look at every n-th frame of a video/sequence
-    max_per_clip: NonNegativeInt = 64  # cap of kept frames per file (0: no cap)
-    dup_method: str = "phash"  # near-duplicate test within a file: phash | diff
-    dup_threshold: NonNegativeFloat = 2.0
-    """phash: max Hamming bits; diff: max mean abs diff (32x32 grey)."""
-    blank_std: NonNegativeFloat = 4.0  # grey std below this: blank
-    min_content: ClosedUnitInterval = 0.05  # fraction of pixels > 16 below this: blank
-    min_entropy: NonNegativeFloat = 2.5  # grey-histogram entropy (bits) below this: low information
-    max_colour: ClosedUnitInterval = 0.03
-    """Fraction of non-dark pixels that are coloured above which a frame is colour."""
-    colour_saturation: NonNegativeInt = 40  # max(R,G,B) - min(R,G,B) above this: a coloured pixel
-    remove_marks: bool = True  # inpaint coloured marks of frames kept as B-mode
-    crop_fov: bool = True  # crop to the ultrasound field of view (largest bright region)
-    min_size: PositiveInt = 32  # frames smaller than this (either side, after crop) are dropped
-    volume_axis: Axis3D = 0  # volumes: slice axis of the (z, y, x) array
-    layout: str = "auto"  # 3D files: auto | sequence | volume
-    skip_patterns: list[str] = field(default_factory=lambda: ["*mask*"])  # files to ignore
-
-    def __post_init__(self) -> None:
-        if self.dup_method not in ("phash", "diff"):
-            raise UserError(f"--frames.dup_method {self.dup_method}: use phash or diff")
-        if self.layout not in ("auto", "sequence", "volume"):
-            raise UserError(f"--frames.layout {self.layout}: use auto, sequence or volume")
 
 
 def _channel_range(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

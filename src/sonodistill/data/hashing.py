@@ -51,20 +51,3 @@ def _popcount(x: np.ndarray) -> np.ndarray:
     for shift in range(0, 64, 8):
         out += table[((x >> np.uint64(shift)) & np.uint64(255)).astype(np.intp)]
     return out
-
-
-def near_pairs(
-    a: np.ndarray, b: np.ndarray, threshold: int, same: bool = False, chunk: int = 2048
-) -> list[tuple[int, int, int]]:
-    """(i, j, distance) for every pair with distance <= threshold. `same`: a is b, so only
-    pairs i < j are returned. Chunked so that memory stays at chunk x len(b)."""
-    pairs: list[tuple[int, int, int]] = []
-    for start in range(0, len(a), chunk):
-        d = hamming_matrix(a[start : start + chunk], b)
-        ii, jj = np.nonzero(d <= threshold)
-        for i, j in zip(ii.tolist(), jj.tolist(), strict=True):
-            i += start
-            if same and j <= i:
-                continue
-            pairs.append((i, j, int(d[i - start, j])))
-    return pairs

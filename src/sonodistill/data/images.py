@@ -59,9 +59,18 @@ class PackedFrames(Dataset):
     """Frames from `sonodistill corpus pack`: a memory-mapped (N, S, S) uint8 array."""
 
     def __init__(self, pack_dir: str | Path, size: int):
+        self.pack_dir, self.size = Path(pack_dir), size
         self.frames, index = open_pack(pack_dir)
         self.names = index["id"].astype(str).tolist()
-        self.size = size
+
+    def __getstate__(self) -> dict:
+        # Sent to spawned processes (ddp_spawn ranks, spawn workers) without the frames: each
+        # maps the file again instead of receiving a copy of the whole array.
+        return {k: v for k, v in self.__dict__.items() if k != "frames"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.frames, _ = open_pack(self.pack_dir)
 
     def __len__(self) -> int:
         return self.frames.shape[0]
@@ -71,9 +80,9 @@ class PackedFrames(Dataset):
         return torch.from_numpy(resize_square(self.frames[index], self.size))[None]
 
 
-def fingerprint(dataset: Dataset) -> dict:
+def dataset_identity(dataset: Dataset) -> dict:
     """{"images": N, "names": hash of the image names}: whether two runs see the same images,
-    wherever the folder was copied or mounted."""
+    wherever the folder was copied or mounted (run_info.json's `data`)."""
     if isinstance(dataset, ImageFiles):
         names = ["/".join(p.parts[-3:]) for p in dataset.files]
     else:

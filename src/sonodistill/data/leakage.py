@@ -23,6 +23,7 @@ import pandas as pd
 
 from sonodistill.data import frames as fr
 from sonodistill.data import neardup as nd
+from sonodistill.data.config import NEARDUP_FILE, THRESHOLD
 from sonodistill.data.files import list_files, worker_pool
 from sonodistill.data.greys import read_grey
 from sonodistill.data.manifest import is_corpus, load_manifest
@@ -33,8 +34,6 @@ from sonodistill.io import write_parquet
 log = logging.getLogger("sonodistill.corpus")
 
 VERSIONS = ("raw", "clean")
-NEARDUP_FILE = "neardup.parquet"
-"""Fingerprints of a corpus's kept frames (id + data.neardup columns), beside its manifest."""
 
 
 def fingerprint_file(path: str) -> pd.DataFrame:
@@ -145,7 +144,7 @@ def match(a: pd.DataFrame, b: pd.DataFrame, threshold: float, same: bool = False
 
 
 def check_leakage(
-    corpus: str | Path, against: dict[str, str], threshold: float = nd.THRESHOLD, workers: int = 2
+    corpus: str | Path, against: dict[str, str], threshold: float = THRESHOLD, workers: int = 2
 ) -> pd.DataFrame:
     """Report of exact/near duplicates between a corpus and each evaluation set, and inside
     each evaluation set (columns: set, scope, a, b, similarity, match)."""

@@ -50,7 +50,8 @@ class FrameRef:
 
 
 def spread(count: int, k: int) -> list[int]:
-    """k evenly spaced indices in [0, count) (frames taken from a video)."""
+    """k evenly spaced indices in [0, count) (the frames a video gives when it is listed: here,
+    and in evaluation's dataset formats)."""
     if count <= 0:
         return []
     k = min(k, count)

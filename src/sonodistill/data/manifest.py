@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from sonodistill.data.config import MANIFEST
 from sonodistill.data.frames import UNREADABLE
 
-MANIFEST = "manifest.parquet"
 MANIFEST_COLUMNS = [
     "id",
     "dataset",

@@ -55,19 +55,6 @@ _PROJECTION = np.random.default_rng(20250611).standard_normal((64, _HASH_SIDE * 
 
 
 @dataclass
-class NearDupSettings:
-    """What counts as a near duplicate (shared by splits, corpus dedup and leakage checks)."""
-
-    threshold: float = THRESHOLD
-    """Similarity (0-1, correlation of aligned thumbnails) from which two images are near
-    duplicates; > 1 links exact copies only."""
-    loose: float = LOOSE
-    """A looser similarity for reports (audit): pairs worth a look that are not linked."""
-    candidate_bits: int = CANDIDATE_BITS
-    """Candidate pairs: SimHashes within this many bits (of 64) in either view."""
-
-
-@dataclass
 class Fingerprints:
     """Fingerprints of N frames (row i = frame i)."""
 

@@ -1,10 +1,11 @@
 """Training cache: the kept frames of a corpus, resized, in one memory-mapped uint8 array.
 
-    PACK_DIR/frames.u8      np.memmap, uint8, shape (N, size, size), grey
+    PACK_DIR/frames.u8      np.memmap, uint8, shape (N, S, S), grey
     PACK_DIR/index.parquet  one row per frame, in array order: id, dataset, anatomy, source, frame
-    PACK_DIR/pack.json      {"count": N, "size": size, "dtype": "uint8", "layout": "N,H,W"}
+    PACK_DIR/pack.json      {"count": N, "size": S, "dtype": "uint8", "layout": "N,H,W"}
 
-Each frame is resized to size x size by `data.greys.resize_square` (the project's one resize: a
+The folder's rules are `data.config.PACK` (a pack there needs --overwrite). Each frame is
+resized to S x S (`--image_size`) by `data.greys.resize_square` (the project's one resize: a
 plain resize, no crop, no letterbox, area interpolation when shrinking).
 """
 
@@ -17,39 +18,37 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from sonodistill.config import ImageSize, check
+from sonodistill.data.config import PACK
 from sonodistill.data.greys import resize_square
 from sonodistill.data.manifest import load_manifest
-from sonodistill.errors import UserError, check
-from sonodistill.io import atomic_path, claim_run_dir, remove_owned, write_json, write_parquet
+from sonodistill.errors import UserError
+from sonodistill.io import atomic_path, write_json, write_parquet
 from sonodistill.progress import track
+from sonodistill.rundir import RunDir
 
 INDEX_COLUMNS = ["id", "dataset", "anatomy", "source", "frame"]
-
-
-OWNED = ("frames.u8", "index.parquet", "pack.json")
-"""What a pack folder holds: `--overwrite` removes these and nothing else."""
 
 
 def pack_corpus(
     corpus: str | Path,
     out: str | Path,
-    size: int = 256,
+    image_size: int = 256,
     progress: bool = True,
     overwrite: bool = False,
 ) -> Path:
-    """Write the pack of a corpus folder (or manifest file); returns the pack folder. A pack
-    already in `out` needs `overwrite`."""
-    check(size >= 8, "--size", size, "must be at least 8")
+    """Write the pack of a corpus folder (or manifest file) at `image_size` pixels; returns the
+    pack folder. A pack already in `out` needs `overwrite`."""
+    image_size = check(ImageSize, image_size, "--image_size")
     manifest, root = load_manifest(corpus)
     kept = manifest[manifest.kept].reset_index(drop=True)
     if kept.empty:
         raise UserError(f"{corpus}: the corpus has no kept frame to pack")
-    out = Path(out)
-    with claim_run_dir(out, "corpus pack", OWNED, overwrite=overwrite):
-        if overwrite:
-            remove_owned(out, OWNED)
-        _write_pack(corpus, out, root, kept, size, progress)
-    return out
+    run = RunDir(out, PACK, overwrite=overwrite)
+    with run.claim():
+        run.clear()
+        _write_pack(corpus, run.path, root, kept, image_size, progress)
+    return run.path
 
 
 def _write_pack(corpus, out: Path, root: Path, kept: pd.DataFrame, size: int, progress: bool):

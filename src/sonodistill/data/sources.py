@@ -7,63 +7,29 @@
       - {name: BUSI, path: data/busi}
     settings: {workers: 2, frames: {max_per_clip: 32}}
 
-Relative paths are resolved against the file's folder.
+Relative paths are resolved against the file's folder. The entries are the light dataclasses
+of `sonodistill.data.config` (`Source`, `EvalSet`, `BuildSettings`), each read through
+`config.checked`/`check_fields`: a misspelt key is one line with its close match, a value out
+of its type's range one line naming it; renamed settings are accepted for one release.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from sonodistill.config import NonNegativeInt, PositiveFloat, PositiveInt, check_fields, from_dict
+from sonodistill.config import check_fields, checked, from_dict, to_dict, upgrade
+from sonodistill.data.config import (  # noqa: F401  (re-exported: where they were)
+    BuildSettings,
+    CorpusSpec,
+    EvalSet,
+    FrameSettings,
+    Source,
+)
 from sonodistill.data.files import list_files
-from sonodistill.data.frames import FrameSettings
-from sonodistill.data.neardup import CORPUS_THRESHOLD, THRESHOLD
 from sonodistill.errors import UserError, unknown_name
-
-
-@dataclass
-class BuildSettings:
-    """Settings of a corpus build (the `settings:` section of SOURCES.yaml, or flags)."""
-
-    workers: PositiveInt = 2  # processes reading files in parallel (1: in this process)
-    frames: FrameSettings = field(default_factory=FrameSettings)
-    corpus_near_duplicate: PositiveFloat = CORPUS_THRESHOLD
-    """Similarity (data.neardup, 0-1) from which a frame of another file is a duplicate
-    (above 1: exact copies only); higher than the evaluation splits' 0.92, where grouping too
-    much is safe and dropping frames of other patients is not (docs/near_duplicates.md)."""
-    exclude_near_duplicate: PositiveFloat = THRESHOLD
-    """Similarity from which a frame matches an evaluation image (`exclude:`)."""
-    contact_sheet: NonNegativeInt = 48  # random kept frames on the contact sheet
-    seed: NonNegativeInt = 0
-    force: bool = False  # rebuild every source, ignoring finished parts
-
-
-@dataclass
-class Source:
-    dataset: str
-    anatomy: str
-    path: str  # file, folder (read recursively) or glob; relative to SOURCES.yaml
-    kind: str = "auto"  # auto | image | video | dicom | nifti | itk
-    frames: dict = field(default_factory=dict)  # FrameSettings overrides for this source
-
-
-@dataclass
-class EvalSet:
-    name: str
-    path: str
-
-
-@dataclass
-class CorpusSpec:
-    settings: BuildSettings
-    sources: list[Source]
-    exclude: list[EvalSet]
-
 
 SECTIONS = ("sources", "exclude", "settings")
 
@@ -84,8 +50,10 @@ def read_sources_yaml(path: str | Path) -> dict:
     settings = raw.get("settings") or {}
     if not isinstance(settings, dict):
         raise UserError(f"{path}: settings: expected a mapping of build settings")
+    # Renamed settings (corpus_near_duplicate) are upgraded, with a deprecation line each.
+    settings = upgrade(BuildSettings, settings, record=True, where=f"{path}: settings: ")
     _within(path, "settings", lambda: check_fields(from_dict(BuildSettings, settings), ""))
-    return raw
+    return {**raw, "settings": settings}
 
 
 def load_sources(path: str | Path, overrides: BuildSettings | None = None) -> CorpusSpec:
@@ -100,12 +68,9 @@ def load_sources(path: str | Path, overrides: BuildSettings | None = None) -> Co
         if not isinstance(item, dict) or "path" not in item or "dataset" not in item:
             raise UserError(f"{path}: source #{i + 1} needs at least `dataset:` and `path:`")
         where = f"source {item['dataset']!r}"
-        for key in item:
-            if key not in (keys := [f.name for f in dataclasses.fields(Source)]):
-                raise unknown_name("key", str(key), keys, f"{path}: {where}:")
-        src = Source(**{"anatomy": "unknown", **item})
+        src = checked(Source, item, f"{path}: {where}")
         src.path = _resolve(base, src.path)
-        frames = {**dataclasses.asdict(settings.frames), **src.frames}
+        frames = {**to_dict(settings.frames), **src.frames}
         _within(path, where, lambda f=frames: check_fields(from_dict(FrameSettings, f), "frames."))
         sources.append(src)
     exclude = []
@@ -118,7 +83,7 @@ def load_sources(path: str | Path, overrides: BuildSettings | None = None) -> Co
         if not isinstance(item, dict) or "path" not in item or set(item) - {"name", "path"}:
             raise UserError(f"{path}: exclude entries are {{name: NAME, path: PATH}}, got {item!r}")
         eval_set = EvalSet(
-            item.get("name") or Path(item["path"]).name, _resolve(base, item["path"])
+            item.get("name") or Path(item["path"]).name, _resolve(base, str(item["path"]))
         )
         if not list_files(eval_set.path):
             raise UserError(f"{path}: exclude {eval_set.name!r}: no file at {eval_set.path}")

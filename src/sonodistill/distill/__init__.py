@@ -9,17 +9,14 @@ import importlib
 _EXPORTS = {
     "build_augmentation": "sonodistill.distill.augment",
     "mixup": "sonodistill.distill.augment",
+    "AUGMENTATIONS": "sonodistill.distill.config",
     "DistillConfig": "sonodistill.distill.config",
+    "LOSSES": "sonodistill.distill.config",
     "OptimConfig": "sonodistill.distill.config",
-    "LOSSES": "sonodistill.distill.loss",
-    "get_loss": "sonodistill.distill.loss",
-    "register_loss": "sonodistill.distill.loss",
     "token_cosine": "sonodistill.distill.loss",
     "token_mse": "sonodistill.distill.loss",
     "distill": "sonodistill.distill.recipe",
-    "load_encoder": "sonodistill.distill.run",
     "read_metrics": "sonodistill.distill.run",
-    "resolve_encoder": "sonodistill.distill.run",
 }
 __all__ = sorted(_EXPORTS)
 

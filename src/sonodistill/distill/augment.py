@@ -1,40 +1,53 @@
 """Batch augmentation on the training device (workers only decode) and mixup (Eq. 7).
 
-Two policies (Sec. 3.4, Table 6): `us` keeps to what a probe can do (zoom/field of view, left-right
-flip, mild defocus blur); `default` is the ImageNet-style baseline (strong crop, flip, colour
-jitter, blur). Randomness comes from torch's global generator, which the recipe seeds per step.
+Two policies (Sec. 3.4, Table 6), registered in `AUGMENTATIONS` (a plugin adds one with the same
+decorator): `us` keeps to what a probe can do (zoom/field of view, left-right flip, mild defocus
+blur); `default` is the ImageNet-style baseline (strong crop, flip, colour jitter, blur); `none`
+only resizes. Randomness comes from torch's global generator, which the recipe seeds per step.
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 import kornia.augmentation as K
 import torch
 from torch import nn
 
-Policy = Literal["us", "default", "none"]
+from sonodistill.distill.config import AUGMENTATIONS
+from sonodistill.models.specs import AUGMENT_TITLES
 
 
-def build_augmentation(policy: Policy, size: int) -> nn.Module:
-    """(B, 1, H, W) floats in [0, 1] -> augmented (B, C, size, size); C=3 for `default`."""
-    if policy == "us":
-        return nn.Sequential(
-            K.RandomResizedCrop((size, size), scale=(0.5, 1.0), ratio=(0.8, 1.25)),
-            K.RandomHorizontalFlip(),
-            K.RandomGaussianBlur(_odd(size // 16), sigma=(0.1, 1.0), p=0.3),
-        )
-    if policy == "default":
-        return nn.Sequential(
-            K.RandomResizedCrop((size, size), scale=(0.08, 1.0)),
-            K.RandomHorizontalFlip(),
-            _ToRGB(),  # colour jitter needs three channels
-            K.ColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8),
-            K.RandomGaussianBlur(_odd(size // 10), sigma=(0.1, 2.0), p=0.5),
-        )
-    if policy == "none":
-        return K.Resize((size, size))
-    raise ValueError(f"unknown augmentation policy {policy!r}: use 'us', 'default' or 'none'")
+def build_augmentation(policy: str, size: int) -> nn.Module:
+    """The registered policy `policy` for `size` x `size` outputs: (B, 1, H, W) floats in
+    [0, 1] -> augmented (B, C, size, size)."""
+    return AUGMENTATIONS.get(policy, "--augment")(size)
+
+
+@AUGMENTATIONS.register("us", title=AUGMENT_TITLES["us"])
+def ultrasound(size: int) -> nn.Module:
+    """What a probe can do: zoom/field of view, left-right flip, mild defocus blur."""
+    return nn.Sequential(
+        K.RandomResizedCrop((size, size), scale=(0.5, 1.0), ratio=(0.8, 1.25)),
+        K.RandomHorizontalFlip(),
+        K.RandomGaussianBlur(_odd(size // 16), sigma=(0.1, 1.0), p=0.3),
+    )
+
+
+@AUGMENTATIONS.register("default", title=AUGMENT_TITLES["default"])
+def imagenet(size: int) -> nn.Module:
+    """The ImageNet-style baseline: strong crop, flip, colour jitter, blur (three channels)."""
+    return nn.Sequential(
+        K.RandomResizedCrop((size, size), scale=(0.08, 1.0)),
+        K.RandomHorizontalFlip(),
+        _ToRGB(),  # colour jitter needs three channels
+        K.ColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8),
+        K.RandomGaussianBlur(_odd(size // 10), sigma=(0.1, 2.0), p=0.5),
+    )
+
+
+@AUGMENTATIONS.register("none", title=AUGMENT_TITLES["none"])
+def resize_only(size: int) -> nn.Module:
+    """No augmentation: a resize to the training size."""
+    return K.Resize((size, size))
 
 
 def _odd(n: int) -> int:

@@ -1,15 +1,14 @@
 """`sonodistill distill`: every DistillConfig field is a flag; --config reads a YAML file or a
-packaged config (paper_distill_r50)."""
+packaged config (paper_distill_r50). The config lives in the light `distill.config`; the
+recipe (torch, Fabric, kornia) is imported only to run."""
 
 from __future__ import annotations
 
-from sonodistill.config import parse_config
 from sonodistill.distill.config import DistillConfig
-from sonodistill.distill.recipe import distill
 
 
-def distill_main(argv: list[str]) -> int:
-    cfg = parse_config(DistillConfig, argv, "sonodistill distill", DistillConfig.__doc__ or "")
-    run_dir = distill(cfg)
-    print(f"run directory: {run_dir}")
+def distill(cfg: DistillConfig) -> int:
+    from sonodistill.distill.recipe import distill as run
+
+    print(f"run directory: {run(cfg)}")
     return 0

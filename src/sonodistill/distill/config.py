@@ -1,21 +1,94 @@
-"""The distillation recipe's typed configuration (defaults: the paper, Sec. 3.5)."""
+"""The distillation recipe's typed configuration (defaults: the paper, Sec. 3.5), its
+registries and its run folder. Light (no torch): `sonodistill distill --help` reads it alone.
+
+    LOSSES          objectives by name (`--loss`), filled by `sonodistill.distill.loss`
+    AUGMENTATIONS   augmentation policies by name (`--augment`), filled by `.augment`
+    DISTILL         the run folder's layout: what --overwrite removes, what --resume may change
+
+A plugin adds an objective or a policy with the decorator at its definition
+(`@LOSSES.register("token_l1", title="token L1 loss")`), in a module named by an entry point of
+`sonodistill.plugins` or by `--import MODULE` (see `sonodistill.registry`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from sonodistill.config import (
+    ImageSize,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    Renamed,
     RightOpenUnitInterval,
+    TrainingPrecision,
     check_fields,
+    registered,
 )
-from sonodistill.errors import UserError, unknown_name
-from sonodistill.models import StudentConfig, TeacherConfig
+from sonodistill.errors import UserError
+from sonodistill.models.specs import (
+    CHECKPOINTS,
+    LOGS,
+    RUN_CONFIG,
+    RUN_INFO,
+    STUDENT_WEIGHTS,
+    StudentConfig,
+    TeacherConfig,
+)
+from sonodistill.registry import Registry
+from sonodistill.rundir import Layout
+
+LOSSES: Registry = Registry(
+    "objective",
+    key="losses",
+    modules=("sonodistill.distill.loss",),
+    validate=lambda name, fn: callable(fn),
+)
+"""Objectives: name -> fn(student map, teacher tokens) -> (loss, {metric: value}); the entry's
+title names the loss in plots ("token MSE loss (Eq. 6)")."""
+LossName = registered(LOSSES, name="LossName")
+
+AUGMENTATIONS: Registry = Registry(
+    "augmentation policy",
+    key="augmentations",
+    modules=("sonodistill.distill.augment",),
+    validate=lambda name, fn: callable(fn),
+)
+"""Augmentation policies: name -> builder(size) -> module mapping (B, 1, H, W) floats in [0, 1]
+to (B, C, size, size); the entry's title names the policy in tables ("US-aware")."""
+AugmentationName = registered(AUGMENTATIONS, name="AugmentationName")
+
+DISTILL = Layout(
+    "distill",
+    owned=(RUN_CONFIG, RUN_INFO, CHECKPOINTS, LOGS, STUDENT_WEIGHTS),
+    config=RUN_CONFIG,
+    # Device options may change as long as the world size and the resolved precision do not
+    # (derived checks); data may move as long as it holds the same images; schedules may only
+    # get longer; logging, checkpoints and data-loading speed are free.
+    free_on_resume=(
+        "log_every",
+        "val_every",
+        "checkpoint_every",
+        "num_workers",
+        "prefetch_factor",
+        "accelerator",
+        "devices",
+        "num_nodes",
+        "strategy",
+        "precision",
+        "data",
+        "epochs",
+        "max_steps",
+    ),
+    resumable=True,
+)
+"""A distill run folder (file names: `sonodistill.models.specs`, which the `student:` family
+reads)."""
+
+Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps"]
 
 
 @dataclass
@@ -23,12 +96,17 @@ class OptimConfig:
     """AdamW and the learning-rate schedule."""
 
     lr: PositiveFloat = 1e-4
+    """AdamW learning rate (the paper's 1e-4)."""
     weight_decay: NonNegativeFloat = 0.05
+    """AdamW weight decay."""
     betas: tuple[RightOpenUnitInterval, RightOpenUnitInterval] = (0.9, 0.999)
+    """AdamW betas, each in [0, 1)."""
     schedule: Literal["constant", "cosine"] = "constant"
     """The paper states a fixed AdamW lr; cosine decays to min_lr after warm-up."""
     warmup_steps: NonNegativeInt = 0
+    """Steps of linear warm-up from 0 to lr (0: none)."""
     min_lr: NonNegativeFloat = 0.0
+    """Where the cosine schedule ends."""
     grad_clip: PositiveFloat | None = None
     """Clip the global gradient norm to this value (off by default)."""
 
@@ -44,15 +122,20 @@ class DistillConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: str = "token_mse"
-    """Objective, by its name in sonodistill.distill.loss: token_mse (Eq. 6), token_cosine,
-    token_smooth_l1, or one you register with `register_loss`."""
-    img_size: PositiveInt = 224
-    augment: Literal["us", "default", "none"] = "us"
+    loss: LossName = "token_mse"
+    """Objective: token_mse (Eq. 6), token_cosine, token_smooth_l1, or a registered one
+    (`sonodistill registry losses`)."""
+    image_size: ImageSize = 224
+    """Side of the square training input in pixels (a multiple of the teacher's patch, 16)."""
+    augment: AugmentationName = "us"
+    """Augmentation policy (Sec. 3.4): us (zoom, flip, mild blur: what a probe can do),
+    default (ImageNet-style crop, colour jitter, blur), none, or a registered one."""
     mixup: bool = True
+    """Mix each image with another of the batch, lambda ~ U(0, 1) (Eq. 7)."""
     batch_size: PositiveInt = 512
     """Global batch, split evenly across devices and nodes."""
     epochs: PositiveInt = 1
+    """Passes over the training images (unless max_steps is set)."""
     max_steps: PositiveInt | None = None
     """Stop after this many optimiser steps (replaces epochs when set)."""
     val_fraction: RightOpenUnitInterval = 0.0
@@ -60,13 +143,18 @@ class DistillConfig:
     val_every: NonNegativeInt = 0
     """Evaluate the held-out images every N steps (0: only at the start and the end)."""
     seed: NonNegativeInt = 0
-    accelerator: str = "auto"
+    """Seeds the student's initialisation, the data order and every augmentation draw."""
+    accelerator: Accelerator = "auto"
+    """Fabric accelerator: auto (a GPU when there is one), cpu, gpu, cuda or mps."""
     devices: int | str = 1
+    """Fabric devices per node: a count, a list such as "0,1", or auto."""
     num_nodes: PositiveInt = 1
+    """Machines taking part (the world size is devices x num_nodes)."""
     strategy: str = "auto"
     """Fabric strategy: auto, ddp, ddp_spawn (CPU tests), ..."""
-    precision: str = "auto"
-    """auto: bf16-mixed on GPU, 32-true on CPU; or set 32-true, bf16-mixed, 16-mixed."""
+    precision: TrainingPrecision = "auto"
+    """auto: bf16 on a GPU, fp32 on a CPU; or fp32, bf16, fp16 (mixed precision: the weights
+    stay fp32, the objectives sum in fp32)."""
     num_workers: NonNegativeInt = 4
     """Decoding processes per device; they stay alive across epochs (persistent workers)."""
     prefetch_factor: PositiveInt = 4
@@ -78,7 +166,9 @@ class DistillConfig:
     """torch.compile the teacher and the student (off until measured on your GPU:
     benchmarks/distill_throughput.py --compile compares both)."""
     log_every: PositiveInt = 10
+    """Log loss, cosine, lr and images/s every N steps."""
     checkpoint_every: PositiveInt = 500
+    """Save checkpoints/last.pt every N steps (and at the end and on a stop signal)."""
     resume: bool = False
     """Continue the run in OUT (from checkpoints/last.pt, else previous.pt); a new run when OUT
     holds none. Options that change the run's trajectory must stay as they were; longer
@@ -86,33 +176,17 @@ class DistillConfig:
     overwrite: bool = False
     """Replace the run in OUT (its config, logs, checkpoints and student) by a new one."""
 
-
-# Options a resumed run may change (recorded in run_info.json); any other change is refused.
-# Device options may change as long as the world size and the resolved precision do not; data
-# may move as long as it holds the same images; schedules may only get longer.
-FREE_ON_RESUME = (
-    "out",
-    "resume",
-    "overwrite",
-    "log_every",
-    "val_every",
-    "checkpoint_every",
-    "num_workers",
-    "accelerator",
-    "devices",
-    "num_nodes",
-    "strategy",
-    "precision",
-    "data",
-    "epochs",
-    "max_steps",
-)
+    deprecated: ClassVar = (
+        Renamed("img_size", "image_size"),
+        Renamed("precision", values={"32-true": "fp32", "bf16-mixed": "bf16", "16-mixed": "fp16"}),
+    )
 
 
 def check_config(cfg: DistillConfig) -> None:
     """Every option that can be checked without reading the data or building a model: a
-    UserError naming the first bad one, before anything is written."""
-    from sonodistill.distill.loss import LOSSES
+    UserError naming the first bad one, before anything is written. Ranges and registered names
+    are the fields' types (`check_fields`: the same checks as the command line); what is left
+    is what crosses fields or reaches files."""
     from sonodistill.models.specs import FAMILIES
 
     if not cfg.data:
@@ -120,8 +194,6 @@ def check_config(cfg: DistillConfig) -> None:
     if not Path(cfg.data).exists():
         raise UserError(f"--data {cfg.data}: no such file or folder")
     check_fields(cfg)
-    if cfg.loss not in LOSSES:
-        raise unknown_name("objective", cfg.loss, LOSSES, "--loss")
     family = FAMILIES.get(cfg.student.family, "--student.family")  # the teacher's checks itself
     family.check_name(cfg.student.name, "--student.name")
     for option, path in (

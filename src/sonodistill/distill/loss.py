@@ -1,11 +1,11 @@
-"""Distillation objectives, looked up by the name in `DistillConfig.loss`.
+"""Distillation objectives, registered in `LOSSES` under the name `DistillConfig.loss` takes.
 
 An objective takes the student's projected map and the teacher's tokens, both (B, C, h, w) on
 the same grid, and returns its value (a scalar to minimise) and the metrics it logs beside it
 (detached scalars; training logs them under their names, validation as `val_NAME`). Adding one
-is one function and one decorator:
+is one function and one decorator (in a plugin module too: `sonodistill.registry`):
 
-    @register_loss("token_l1", title="token L1 loss")
+    @LOSSES.register("token_l1", title="token L1 loss")
     def token_l1(student, teacher):
         loss = (student.float() - teacher.float()).abs().sum(1).mean()
         return loss, {"cosine": token_cosine(student, teacher)}
@@ -19,41 +19,13 @@ mean token cosine, so that runs with different objectives stay comparable.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from sonodistill.distill.config import LOSSES
+
 Objective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-
-
-@dataclass(frozen=True)
-class Loss:
-    name: str
-    fn: Objective
-    title: str
-    """How plots and reports name the loss, e.g. "token MSE loss (Eq. 6)"."""
-
-
-LOSSES: dict[str, Loss] = {}
-
-
-def register_loss(name: str, title: str | None = None) -> Callable[[Objective], Objective]:
-    """Decorator: make `fn` the objective called `name` (`--loss name`)."""
-
-    def add(fn: Objective) -> Objective:
-        if name in LOSSES:
-            raise ValueError(f"a loss named {name!r} is already registered")
-        LOSSES[name] = Loss(name, fn, title or name.replace("_", " "))
-        return fn
-
-    return add
-
-
-def get_loss(name: str) -> Loss:
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; registered: {', '.join(sorted(LOSSES))}")
-    return LOSSES[name]
 
 
 def _check(student: torch.Tensor, teacher: torch.Tensor) -> None:
@@ -77,19 +49,19 @@ def token_cosine(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(student.float(), teacher.float(), dim=1).mean()
 
 
-@register_loss("token_mse", "token MSE loss (Eq. 6)")
+@LOSSES.register("token_mse", title="token MSE loss (Eq. 6)")
 def token_mse_loss(student: torch.Tensor, teacher: torch.Tensor):
     return token_mse(student, teacher), {"cosine": token_cosine(student, teacher)}
 
 
-@register_loss("token_cosine", "token cosine loss (1 - cosine)")
+@LOSSES.register("token_cosine", title="token cosine loss (1 - cosine)")
 def token_cosine_loss(student: torch.Tensor, teacher: torch.Tensor):
     _check(student, teacher)
     cosine = F.cosine_similarity(student.float(), teacher.float(), dim=1).mean()
     return 1 - cosine, {"cosine": cosine.detach()}
 
 
-@register_loss("token_smooth_l1", "token smooth-L1 loss")
+@LOSSES.register("token_smooth_l1", title="token smooth-L1 loss")
 def token_smooth_l1_loss(student: torch.Tensor, teacher: torch.Tensor):
     _check(student, teacher)
     per_channel = F.smooth_l1_loss(student.float(), teacher.float(), reduction="none", beta=1.0)

@@ -13,8 +13,8 @@
              checkpoint stays the last good one)
     finish   a last validation, the exported student backbone, closed logs
 
-The objective is the one `DistillConfig.loss` names (`sonodistill.distill.loss`, token MSE of
-Eq. 6 by default); the run folder's layout is `sonodistill.distill.run`'s.
+The objective is the one `DistillConfig.loss` names (`distill.config.LOSSES`, token MSE of
+Eq. 6 by default); the run folder's rules are `distill.config.DISTILL`'s.
 
 Shaped for GPUs without changing the maths: uint8 batches cross the wire (pinned, copied
 non-blocking, from persistent workers that prefetch), are normalised on the device, the student
@@ -43,27 +43,26 @@ from lightning_fabric.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from sonodistill.config import config_changes, describe_changes, save_config, to_dict
-from sonodistill.data.images import ResumableSampler, fingerprint, open_training_images
+from sonodistill.config import config_changes, describe_changes, to_dict
+from sonodistill.data.images import ResumableSampler, dataset_identity, open_training_images
 from sonodistill.distill.augment import build_augmentation, mixup
 from sonodistill.distill.checkpoint import load_latest, save_checkpoint, save_weights
-from sonodistill.distill.config import FREE_ON_RESUME, DistillConfig, OptimConfig, check_config
-from sonodistill.distill.loss import Objective, get_loss
-from sonodistill.distill.run import (
-    CONFIG,
-    LAST_CHECKPOINT,
-    LOGS,
-    OWNED,
-    RUN_INFO,
-    STUDENT_WEIGHTS,
-    next_log_version,
-    read_config,
+from sonodistill.distill.config import (
+    DISTILL,
+    LOSSES,
+    DistillConfig,
+    OptimConfig,
+    check_config,
 )
+from sonodistill.distill.loss import Objective
+from sonodistill.distill.run import next_log_version
 from sonodistill.distill.signals import StopRequest, ignore_stop_signals
 from sonodistill.errors import Interrupted, UserError, check
-from sonodistill.io import claim_run_dir, read_json, remove_owned, write_json
+from sonodistill.io import read_json, write_json
 from sonodistill.models import Student, Teacher, to_model_input
+from sonodistill.models.specs import LAST_CHECKPOINT, LOGS, RUN_INFO, STUDENT_WEIGHTS
 from sonodistill.progress import progress_bar
+from sonodistill.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +79,11 @@ def distill(cfg: DistillConfig) -> Path:
     dataset = _check_data(cfg, fabric.world_size)
     claim = contextlib.nullcontext()
     if _launcher_is_rank_zero():  # the other ranks follow rank 0's claim
-        claim = _claim(cfg, fabric, dataset)
+        # The claim checks the folder under its lock (a run in use is named as such) and
+        # leaves nothing behind when it refuses.
+        claim = _claim(run_dir(cfg), cfg, fabric, dataset)
     with claim:
-        outcome = fabric.launch(_run, cfg)
+        outcome = fabric.launch(_run, cfg, dataset)
     if outcome["stopped"]:
         raise Interrupted(
             f"stopped by {outcome['stopped']} at step {outcome['step']} of {outcome['total']}: "
@@ -90,6 +91,11 @@ def distill(cfg: DistillConfig) -> Path:
             outcome["exit_code"],
         )
     return Path(cfg.out)
+
+
+def run_dir(cfg: DistillConfig) -> RunDir:
+    """The run folder OUT under the rules of `distill.config.DISTILL`."""
+    return RunDir(cfg.out, DISTILL, resume=cfg.resume, overwrite=cfg.overwrite)
 
 
 def _fabric(cfg: DistillConfig) -> Fabric:
@@ -107,16 +113,17 @@ def _fabric(cfg: DistillConfig) -> Fabric:
 
 
 def _check_data(cfg: DistillConfig, world_size: int) -> Dataset:
-    """The training images, checked against the batch size and read until one decodes (the
-    loader skips unreadable ones; a folder of only unreadable images fails here, before the run
-    folder is claimed, not after the run wrote its config and logs)."""
+    """The training images (listed once per run: the loop trains on this dataset), checked
+    against the batch size and read until one decodes (the loader skips unreadable ones; a
+    folder of only unreadable images fails here, before the run folder is claimed, not after the
+    run wrote its config and logs)."""
     check(
         cfg.batch_size % world_size == 0,
         "--batch_size",
         cfg.batch_size,
         f"must be divisible by the world size {world_size} (devices x nodes)",
     )
-    dataset = open_training_images(cfg.data, cfg.img_size)
+    dataset = open_training_images(cfg.data, cfg.image_size)
     n_train = len(dataset) - _n_val(len(dataset), cfg)
     check(
         n_train >= cfg.batch_size,
@@ -138,44 +145,35 @@ def _launcher_is_rank_zero() -> bool:
 
 
 @contextlib.contextmanager
-def _claim(cfg: DistillConfig, fabric: Fabric, dataset: Dataset):
+def _claim(run: RunDir, cfg: DistillConfig, fabric: Fabric, dataset: Dataset):
     """Lock OUT for the run; refuse a run there without --resume/--overwrite, and a resume
     that changes the run's trajectory (with the list of changes)."""
-    with claim_run_dir(cfg.out, "distill", OWNED, cfg.resume, cfg.overwrite) as resuming:
-        if resuming:
-            _check_resume(cfg, fabric, dataset)
+    with run.claim():
+        if run.resuming:
+            _check_resume(run, cfg, fabric, dataset)
         yield
 
 
-def _check_resume(cfg: DistillConfig, fabric: Fabric, dataset: Dataset) -> None:
-    out = Path(cfg.out)
-    old = read_config(out)
+def _check_resume(run: RunDir, cfg: DistillConfig, fabric: Fabric, dataset: Dataset) -> None:
+    """The options DISTILL does not free must stay; of the free device and data options, what
+    they lead to must stay too (world size, resolved precision, the images), and the schedule
+    may only get longer."""
+    old = run.stored_options(DistillConfig)
     if not old:
         return  # stopped before its config was written: nothing to compare
-    info = read_json(out / RUN_INFO, "run info") or {}
-    changes = {
-        k: v
-        for k, v in config_changes(old, to_dict(cfg)).items()
-        if k.split(".")[0] not in FREE_ON_RESUME
-    }
-    derived = {  # run_info.json key: (how the message names it, its value now)
+    info = read_json(run / RUN_INFO, "run info") or {}
+    now = {  # run_info.json key: (how the message names it, its value now)
         "world_size": ("world size (devices x nodes)", fabric.world_size),
         "precision": ("precision (resolved)", resolve_precision(cfg.precision, cfg.accelerator)),
-        "data": ("training images (--data)", fingerprint(dataset)),
+        "data": ("training images (--data)", dataset_identity(dataset)),
     }
-    for key, (name, value) in derived.items():
-        if key in info and info[key] != value:
-            changes[name] = (info[key], value)
+    derived = {name: (info[key], value) for key, (name, value) in now.items() if key in info}
     batches = (len(dataset) - _n_val(len(dataset), cfg)) // cfg.batch_size
     before = _total_steps(old.get("max_steps"), old.get("epochs", 1), batches)
     after = _total_steps(cfg.max_steps, cfg.epochs, batches)
     if after < before:  # longer schedules are fine, shorter ones are another run
-        changes["total steps (--epochs/--max_steps)"] = (before, after)
-    if changes:
-        raise UserError(
-            f"{out}: --resume with options that change the run: {describe_changes(changes)}; "
-            "keep them, or start a new run (--overwrite true or another --out)"
-        )
+        derived["total steps (--epochs/--max_steps)"] = (before, after)
+    run.check_resume(to_dict(cfg), derived, cls=DistillConfig)
 
 
 def _total_steps(max_steps: int | None, epochs: int, batches_per_epoch: int) -> int:
@@ -190,13 +188,18 @@ def _loggers(out: str) -> list:
     ]
 
 
+FABRIC_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
+"""`--precision` -> Lightning Fabric's name (what run_info.json records)."""
+
+
 def resolve_precision(precision: str, accelerator: str = "auto") -> str:
-    """auto: bf16-mixed on a GPU; fp32 on a CPU, where bf16 autocast measured slower here
-    (benchmarks/distill_step.py compares both on your machine)."""
-    if precision != "auto":
-        return precision
-    on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    return "bf16-mixed" if on_gpu else "32-true"
+    """Fabric's precision for `--precision`. auto: bf16 mixed precision on a GPU; fp32 on a
+    CPU, where bf16 autocast measured slower here (benchmarks/distill_step.py compares both on
+    your machine)."""
+    if precision == "auto":
+        on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        precision = "bf16" if on_gpu else "fp32"
+    return FABRIC_PRECISION[precision]
 
 
 @dataclass
@@ -218,13 +221,13 @@ class Models:
     """The student's: channels_last (default) or contiguous; its inputs follow it."""
 
 
-def _run(fabric: Fabric, cfg: DistillConfig) -> dict:
+def _run(fabric: Fabric, cfg: DistillConfig, dataset: Dataset) -> dict:
     """Every rank's work; returns how it ended: {"stopped": signal name or "", "step", ...}."""
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank and every attempt
     teacher = Teacher(cfg.teacher)  # models first: a bad file or size stops before any write
-    teacher.check_input_size(cfg.img_size)
+    teacher.check_input_size(cfg.image_size, "--image_size")
     student = build_student(cfg, teacher.out_channels, fabric.world_size)
-    data = build_data(fabric, cfg)
+    data = build_data(fabric, cfg, dataset)
     total_steps = _total_steps(cfg.max_steps, cfg.epochs, data.sampler.batches_per_epoch)
     models = build_models(fabric, cfg, teacher, student, total_steps)
     step = _resume(fabric, cfg, models, total_steps)
@@ -233,7 +236,7 @@ def _run(fabric: Fabric, cfg: DistillConfig) -> dict:
         _write_run_files(fabric, cfg, teacher, data, step)
     fabric.barrier()
     fabric.loggers.extend(_loggers(cfg.out))
-    objective = get_loss(cfg.loss).fn
+    objective = LOSSES.get(cfg.loss, "--loss")
     control = dist.new_group(backend="gloo") if fabric.world_size > 1 else None
     status = "failed"
     try:
@@ -264,11 +267,10 @@ def _check_devices(fabric: Fabric, cfg: DistillConfig) -> None:
 
 def _write_run_files(fabric: Fabric, cfg: DistillConfig, teacher: Teacher, data: Data, step: int):
     """config.yaml, and run_info.json with one entry per start (what changed since the last)."""
-    out = Path(cfg.out)
-    if cfg.overwrite:
-        remove_owned(out, OWNED)
-    previous = read_config(out) if cfg.resume else {}
-    info = (read_json(out / RUN_INFO, "run info") or {}) if cfg.resume else {}
+    run = run_dir(cfg)
+    run.clear()  # --overwrite: the old run's own files (the claim checked and kept the folder)
+    previous = run.stored_options(DistillConfig) if cfg.resume else {}
+    info = (read_json(run / RUN_INFO, "run info") or {}) if cfg.resume else {}
     changes = config_changes(previous, to_dict(cfg)) if previous else {}
     changes = {k: v for k, v in changes.items() if k not in ("resume", "overwrite")}
     attempts = info.get("attempts", []) + [
@@ -286,16 +288,16 @@ def _write_run_files(fabric: Fabric, cfg: DistillConfig, teacher: Teacher, data:
         "device": str(fabric.device),
         "fused_adamw": _fused_adamw(fabric),
         "torch": torch.__version__,
-        "data": fingerprint(data.dataset),
+        "data": dataset_identity(data.dataset),
         "attempts": attempts,
     }
-    save_config(cfg, out / CONFIG)
-    write_json(out / RUN_INFO, info)
+    run.save_options(cfg)
+    write_json(run / RUN_INFO, info)
 
 
-def build_data(fabric: Fabric, cfg: DistillConfig) -> Data:
-    """Training images sharded by a resumable sampler; held-out images without augmentation."""
-    dataset = open_training_images(cfg.data, cfg.img_size)
+def build_data(fabric: Fabric, cfg: DistillConfig, dataset: Dataset) -> Data:
+    """The training images (`_check_data`'s dataset) sharded by a resumable sampler; held-out
+    images without augmentation."""
     train_set, val_set = _split(dataset, cfg)
     per_device = cfg.batch_size // fabric.world_size
     sampler = ResumableSampler(
@@ -341,27 +343,30 @@ def build_models(
     if cfg.compile:  # Fabric re-applies the compilation around its DDP wrapper
         teacher, student = torch.compile(teacher), torch.compile(student)
     student, optimizer = fabric.setup(student, optimizer)
-    augment = build_augmentation(cfg.augment, cfg.img_size).to(fabric.device)
+    augment = build_augmentation(cfg.augment, cfg.image_size).to(fabric.device)
     return Models(teacher, student, optimizer, scheduler, augment, _memory_format(cfg))
 
 
 def build_student(cfg: DistillConfig, out_channels: int, world_size: int = 1) -> nn.Module:
     """The student as the loop trains it: BatchNorm synchronised across processes with
-    --student.sync_bn (on more than one), in channels_last unless --channels_last false."""
+    --student.sync_bn (on more than one), in channels_last unless --channels_last false. Its
+    encoder checks the input size (a ViT or Hiera student has a fixed grid)."""
     student = Student(cfg.student, out_channels)
-    _freeze_unreached(student)
+    student.encoder.check_input_size(cfg.image_size, cfg.image_size, "--image_size")
+    _freeze_unreached(student, cfg.image_size)
     if cfg.student.sync_bn and world_size > 1:
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     return student.to(memory_format=_memory_format(cfg))
 
 
-def _freeze_unreached(student: Student) -> None:
+def _freeze_unreached(student: Student, size: int) -> None:
     """Freeze the parameters distillation never reaches (timm ConvNeXt's head norm acts after
     pooling, outside the feature map): DDP would wait for their gradients and fail. Found by
-    one backward in eval mode (no BatchNorm update); they stay in the exported backbone."""
+    one backward in eval mode (no BatchNorm update, no random draw) at the run's input size;
+    they stay in the exported backbone."""
     training = student.training
     student.eval()
-    student(torch.zeros(1, 3, 64, 64), (1, 1)).sum().backward()
+    student(torch.zeros(1, 3, size, size), (1, 1)).sum().backward()
     for param in student.parameters():
         if param.grad is None:
             param.requires_grad_(False)

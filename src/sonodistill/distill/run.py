@@ -1,4 +1,4 @@
-"""A distillation run folder: the one place that knows its layout.
+"""A distillation run's logs: the attempts' metrics merged, and how plots name its objective.
 
     OUT/config.yaml                    the resolved DistillConfig
     OUT/run_info.json                  teacher weights, world size, precision, device, torch
@@ -8,8 +8,7 @@
     OUT/student_backbone.safetensors   the distilled backbone: a timm state dict, no classifier
 
 The file names live in `sonodistill.models.specs` (the `student:RUN_DIR` encoder family reads
-them: `models.build_encoder("student:RUN")`); this module keeps what only distillation and its
-reports read (logs, metrics, the objective's title).
+them: `models.build_encoder("student:RUN")`), the folder's rules in `distill.config.DISTILL`.
 """
 
 from __future__ import annotations
@@ -18,45 +17,18 @@ from pathlib import Path
 
 import pandas as pd
 
-from sonodistill.models.encoders import (
-    Encoder,
-    EncoderSpec,
-    build_encoder,
-    encoder_recipe,
-    resolve_spec,
-)
 from sonodistill.models.specs import AUGMENT_TITLES as AUGMENT_NAMES  # noqa: F401 (bridge)
-from sonodistill.models.specs import LAST_CHECKPOINT, LOGS, RUN_INFO, STUDENT_WEIGHTS  # noqa: F401
-from sonodistill.models.specs import RUN_CONFIG as CONFIG
+from sonodistill.models.specs import LOGS
 from sonodistill.models.specs import read_run_config as read_config
-
-OWNED = (CONFIG, RUN_INFO, "checkpoints", LOGS, STUDENT_WEIGHTS)
-"""What a run folder's run consists of: `--overwrite` removes these and nothing else."""
 
 
 def loss_title(run_dir: str | Path) -> str:
     """How to name a run's objective in plots: its registered title (token MSE by default,
     the objective of runs older than the `loss` option)."""
-    from sonodistill.distill.loss import LOSSES
+    from sonodistill.distill.config import LOSSES
 
     name = read_config(run_dir).get("loss", "token_mse")
-    return LOSSES[name].title if name in LOSSES else f"{name} loss"
-
-
-def load_encoder(spec: EncoderSpec | str) -> Encoder:
-    """Bridge to `models.build_encoder` (which builds `student:RUN` itself)."""
-    return build_encoder(spec)
-
-
-def resolve_encoder(spec: EncoderSpec | str) -> EncoderSpec:
-    """Bridge to `models.encoders.resolve_spec`."""
-    return resolve_spec(spec)
-
-
-def student_recipe(run_dir: str | Path) -> dict:
-    """Bridge to `models.encoder_recipe` of `student:RUN_DIR` (without its `init`)."""
-    recipe = encoder_recipe(EncoderSpec(family="student", weights=str(run_dir)))
-    return {k: v for k, v in recipe.items() if k != "init"}
+    return LOSSES.entry(name).title if name in LOSSES else f"{name} loss"
 
 
 def next_log_version(run_dir: str | Path) -> int:
@@ -81,3 +53,28 @@ def read_metrics(run_dir: str | Path) -> pd.DataFrame:
     rows["_val"] = is_val
     rows = rows.drop_duplicates(["_val", "step"], keep="last").drop(columns=["_val"])
     return rows.sort_values(["step", "attempt"]).reset_index(drop=True)
+
+
+# --- bridges for evaluate, deploy and the demo until they call models directly (issue 20) ------
+
+
+def load_encoder(spec):
+    """Bridge to `models.build_encoder` (which builds `student:RUN` itself)."""
+    from sonodistill.models.encoders import build_encoder
+
+    return build_encoder(spec)
+
+
+def resolve_encoder(spec):
+    """Bridge to `models.encoders.resolve_spec`."""
+    from sonodistill.models.encoders import resolve_spec
+
+    return resolve_spec(spec)
+
+
+def student_recipe(run_dir: str | Path) -> dict:
+    """Bridge to `models.encoder_recipe` of `student:RUN_DIR` (without its `init`)."""
+    from sonodistill.models.encoders import EncoderSpec, encoder_recipe
+
+    recipe = encoder_recipe(EncoderSpec(family="student", weights=str(run_dir)))
+    return {k: v for k, v in recipe.items() if k != "init"}

@@ -50,7 +50,7 @@ class Teacher(nn.Module):
             **(report.as_dict() if report else {"file": RANDOM}),
         }
 
-    def check_input_size(self, size: int, what: str = "--img_size") -> None:
+    def check_input_size(self, size: int, what: str = "--image_size") -> None:
         self.encoder.check_input_size(size, size, what)
 
     def train(self, mode: bool = True) -> Teacher:
