@@ -31,10 +31,10 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from sonodistill.evaluate.config import SplitConfig, SuiteConfig, TrainSettings
 from sonodistill.evaluate.datasets import builtin_datasets, load_dataset
-from sonodistill.evaluate.splits import SplitConfig, load_or_make_splits
-from sonodistill.evaluate.suite import SuiteConfig, run_suite
-from sonodistill.evaluate.train import TrainSettings
+from sonodistill.evaluate.splits import load_or_make_splits
+from sonodistill.evaluate.suite import run_suite
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -48,7 +48,7 @@ def suite(out: Path, args, cache: bool) -> SuiteConfig:
         protocols=["linear"],
         seeds=args.seeds,
         train=TrainSettings(
-            seg_size=args.size,
+            seg_image_size=args.size,
             epochs=args.epochs,
             lr=args.lr,
             feature_cache=cache,

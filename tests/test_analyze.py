@@ -99,12 +99,19 @@ def test_cli_and_umap_option(real_embeddings, tmp_path, capsys):
     argv = ["--embeddings", str(real_embeddings), "--out", str(tmp_path), "--models", "[R18-Rand]"]
     assert main(["analyze", *argv, "--tsne_iter", "250", "--threads", "1"]) == 0
     assert "R18-Rand" in capsys.readouterr().out
-    if importlib.util.find_spec("umap") is None:
-        with pytest.raises(ImportError, match=r"sonodistill\[umap\]"):
-            main(["analyze", *argv, "--method", "umap"])
+    assert main(["analyze", *argv, "--tsne_iter", "250"]) == 2  # a folder holds one analysis
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a sonodistill analyze run" in err[0], err
+    assert "--overwrite true" in err[0] and "--resume" not in err[0]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    again = [*argv, "--method", "umap", "--overwrite", "true"]
+    if importlib.util.find_spec("umap") is None:  # refused before the old analysis is touched
+        assert main(["analyze", *again]) == 2
+        assert "sonodistill[umap]" in capsys.readouterr().err
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
     else:
-        assert main(["analyze", *argv, "--method", "umap"]) == 0
-        assert (tmp_path / "umap.png").is_file()
+        assert main(["analyze", *again]) == 0
+        assert (tmp_path / "umap.png").is_file() and not (tmp_path / "tsne.png").exists()
     with pytest.raises(UserError, match="--models nope: unknown model"):  # before any write
         analyze(AnalyzeConfig(str(real_embeddings), str(tmp_path / "nope"), models=["nope"]))
     assert not (tmp_path / "nope").exists()

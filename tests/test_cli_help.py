@@ -32,17 +32,11 @@ HEAVY = (
 NOT_LIGHT = {
     "demo": "WP-B",
     "report": "WP-B",
-    "evaluate": "WP-C",
-    "embed": "WP-C",
-    "analyze": "WP-C",
 }
 # Commands whose config is not a `Command.config` yet (they parse argv themselves).
 NO_CONFIG = {
     "demo": "WP-B",
     "report": "WP-B",
-    "evaluate": "WP-C",
-    "embed": "WP-C",
-    "analyze": "WP-C",
 }
 
 

@@ -17,9 +17,10 @@ from PIL import Image
 from sonodistill.cli import main
 from sonodistill.data.listing import collect_frames, list_source, load_frames
 from sonodistill.data.masks import is_mask
-from sonodistill.distill.run import load_encoder
-from sonodistill.evaluate.embed import EmbedConfig, embed, load_embeddings
+from sonodistill.evaluate.config import EmbedConfig
+from sonodistill.evaluate.embed import embed, load_embeddings
 from sonodistill.models import to_model_input
+from sonodistill.models.encoders import build_encoder
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +126,7 @@ def test_embed_three_real_sources_three_encoders(shared_data, lung_png, tmp_path
     grey = np.array(Image.open(row.file).convert("L"))
     img = cv2.resize(grey, (64, 64), interpolation=cv2.INTER_AREA)
     x = torch.from_numpy(img).float().div(255)[None, None]
-    enc = load_encoder(f"student:{student}").eval()
+    enc = build_encoder(f"student:{student}").eval()
     with torch.no_grad():
         expected = enc.pooled(to_model_input(x))[0].numpy()
     np.testing.assert_allclose(arrays["R18-Distill"][7], expected, rtol=1e-4, atol=1e-5)
@@ -133,11 +134,18 @@ def test_embed_three_real_sources_three_encoders(shared_data, lung_png, tmp_path
     assert not np.allclose(arrays["R18-Distill"], arrays["R18-Rand"])
 
 
-def test_cli(shared_data, tmp_path):
-    flags = f"--sources+ ddti={shared_data / 'ddti'} --encoders [random:resnet18@r18]"
-    rc = main(
-        ["embed"]
-        + [*flags.split(), *f"--max_per_source 3 --image_size 32 --out {tmp_path / 'e'}".split()]
-    )
-    assert rc == 0
-    assert np.load(tmp_path / "e" / "r18.npy").shape == (3, 512)
+def test_cli_labels_and_one_run_per_folder(shared_data, tmp_path, capsys):
+    out = tmp_path / "e"
+    flags = f"--sources+ ddti={shared_data / 'ddti'} --max_per_source 3 --image_size 32 --out {out}"
+    argv = ["embed", *flags.split()]
+    assert main([*argv, "--encoders", "[random:resnet18@r18, random:resnet18]"]) == 0
+    assert np.load(out / "r18.npy").shape == (3, 512)
+    assert np.load(out / "resnet18-rand.npy").shape == (3, 512)  # the suite's label of the spec
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    assert main([*argv, "--encoders", "[random:resnet18@other]"]) == 2  # the folder holds a run
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a sonodistill embed run" in err[0], err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    assert main([*argv, "--encoders", "[random:resnet18@other]", "--overwrite", "true"]) == 0
+    assert sorted(p.name for p in out.glob("*.npy")) == ["other.npy"]  # no stale arrays

@@ -405,7 +405,7 @@ def test_every_suite_has_a_dinov3_convnext_baseline_and_fm_compare_lays_out_tabl
         "student",
     }
     assert table8.tasks == ["ddti_seg"] and table8.protocols == ["finetune"]
-    assert (table8.train.seg_size, table8.train.epochs, table8.train.lr) == (256, 50, 1e-4)
+    assert (table8.train.seg_image_size, table8.train.epochs, table8.train.lr) == (256, 50, 1e-4)
     usfm = next(e for e in table8.encoders if isinstance(e, dict))
     assert usfm["name"] == "beit_base_patch16_224" and usfm["options"]["key_map"]
 

@@ -19,6 +19,7 @@ from PIL import Image
 from sonodistill.data.greys import read_grey
 from sonodistill.errors import UserError
 from sonodistill.evaluate.audit import LeakError
+from sonodistill.evaluate.config import TrainSettings
 from sonodistill.evaluate.datasets import SegDataset, load_mask
 from sonodistill.evaluate.head_checkpoint import load_head
 from sonodistill.evaluate.splits import (
@@ -29,7 +30,6 @@ from sonodistill.evaluate.splits import (
     make_splits,
 )
 from sonodistill.evaluate.suite import SuiteConfig, run_suite
-from sonodistill.evaluate.train import TrainSettings
 from sonodistill.io import write_json
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -265,7 +265,9 @@ def _suite(out, shared_data, student, seeds=(0,), tasks=None, **kw) -> SuiteConf
         protocols=["linear", "finetune"],
         fractions=[1.0, 0.5],
         seeds=list(seeds),
-        train=TrainSettings(seg_size=32, cls_size=32, epochs=1, seg_batch=8, cls_batch=8, subset=8),
+        train=TrainSettings(
+            seg_image_size=32, cls_image_size=32, epochs=1, seg_batch=8, cls_batch=8, subset=8
+        ),
         **kw,
     )
 
@@ -359,7 +361,7 @@ def test_missing_seed_is_said_in_its_cell(splits_dir, tmp_path, shared_data):
         tasks=["ddti_seg"],
         protocols=["linear"],
         seeds=[0, 1],
-        train=TrainSettings(seg_size=32, epochs=1, seg_batch=8, subset=8),
+        train=TrainSettings(seg_image_size=32, epochs=1, seg_batch=8, subset=8),
     )
     run_suite(cfg)
     table = (out / "tables" / "table2_linear_probe.md").read_text()
@@ -376,7 +378,7 @@ def test_missing_seed_is_said_in_its_cell(splits_dir, tmp_path, shared_data):
     assert "| All background (trivial) | 0.0000 | 0.0000 |" in table
 
 
-def test_suite_refuses_straddling_pairs(splits_dir, tmp_path, shared_data, fake_student):
+def test_suite_refuses_straddling_pairs(splits_dir, tmp_path, shared_data, fake_student, capsys):
     """A split file where DDTI 183 and 184 (99.3% identical) sit in train and test: the audit
     finds it and the suite stops before any training, unless told to accept it."""
     out = tmp_path / "suite"
@@ -397,5 +399,13 @@ def test_suite_refuses_straddling_pairs(splits_dir, tmp_path, shared_data, fake_
 
     argv = f"evaluate audit --out {out} --data_root {shared_data} --tasks [ddti_seg]"
     assert cli_main(argv.split()) == 1
-    argv += " --accept_leaks true"
+    capsys.readouterr()
+    argv += " --accept_leaks true --audit_loose 0.85"  # the 0.1 name of the option still works
     assert cli_main(argv.split()) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "sonodistill evaluate audit: --audit_loose is deprecated, use --audit_near_duplicate "
+        "(accepted until 0.3)"
+    ]
+    audit = json.loads((out / "splits" / "ddti_seg.audit.json").read_text())
+    assert audit["loose_threshold"] == 0.85

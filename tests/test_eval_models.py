@@ -97,3 +97,45 @@ def test_timm_weights_file_reaches_the_classifier(tmp_path):
     model = build_model(f"timm:resnet18={path}", "cls", "finetune", num_classes=3)
     assert torch.equal(model.encoder.backbone.layer2[0].conv1.weight, net.layer2[0].conv1.weight)
     assert model.head.out_features == 3  # the file's 10-class fc is not reused
+
+
+def test_build_model_looks_protocols_and_decoders_up_in_their_registries():
+    from sonodistill.errors import UserError
+    from sonodistill.evaluate.config import PROTOCOLS, SEG_DECODERS, Protocol
+
+    assert SEG_DECODERS.get("unet") is UNetSeg and SEG_DECODERS.get("light") is LightSegModel
+    with pytest.raises(UserError, match="seg_decoder unte: unknown segmentation decoder.*unet"):
+        build_model("random:resnet18", "seg", "finetune", 2, "unte")
+    PROTOCOLS.register("frozen_toy", Protocol(frozen=True, title="a plugin's frozen protocol"))
+    try:
+        model = build_model("random:resnet18", "seg", "frozen_toy", 2)
+        assert isinstance(model, LinearSegProbe) and not trainable_parameters(model.encoder)
+    finally:
+        PROTOCOLS.unregister("frozen_toy")
+
+
+def test_a_model_folders_spec_is_read_without_torch(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from sonodistill.errors import UserError
+    from sonodistill.evaluate.head_checkpoint import read_head_spec
+
+    spec = {"task_type": "segmentation", "encoder": "random:resnet18", "image_size": 64}
+    (tmp_path / "head.yaml").write_text(yaml.safe_dump(spec))
+    code = (
+        "import sys\n"
+        "from sonodistill.evaluate.head_checkpoint import HEAD_WEIGHTS, read_head_spec\n"
+        f"spec = read_head_spec({str(tmp_path)!r})\n"
+        "print(spec.task_type, spec.image_size, HEAD_WEIGHTS, 'torch' in sys.modules)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["seg", "64", "model.safetensors", "False"]
+    (tmp_path / "head.yaml").write_text("task_type: seg\nnum_clases: 3\n")
+    with pytest.raises(UserError, match="head.yaml: num_clases: unknown key; did you mean num_c"):
+        read_head_spec(tmp_path)
+    (tmp_path / "head.yaml").write_text("task_type: depth\n")
+    with pytest.raises(UserError, match="task_type depth: must be one of seg, cls"):
+        read_head_spec(tmp_path)

@@ -11,12 +11,13 @@ import torch
 from sonodistill.cli import main
 from sonodistill.config import parse_config
 from sonodistill.evaluate import estimate
+from sonodistill.evaluate.config import TrainSettings
 from sonodistill.evaluate.datasets import load_busi, load_ddti
 from sonodistill.evaluate.heads import Classifier, LinearSegProbe
 from sonodistill.evaluate.probe_cache import FeatureCache
 from sonodistill.evaluate.suite import SuiteConfig, plan
-from sonodistill.evaluate.train import TrainSettings, run_one
-from sonodistill.models.encoders import parse_spec
+from sonodistill.evaluate.train import run_one
+from sonodistill.models.encoders import EncoderSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,8 +70,8 @@ def compare(cached: dict, plain: dict) -> None:
 def test_cached_probe_repeats_the_uncached_run(tasks, encoded, task, hflip):
     index, splits = tasks[task]
     settings = TrainSettings(
-        seg_size=64,
-        cls_size=64,
+        seg_image_size=64,
+        cls_image_size=64,
         epochs=3,
         seg_batch=8,
         cls_batch=8,
@@ -103,7 +104,7 @@ def test_cached_probe_repeats_the_uncached_run(tasks, encoded, task, hflip):
 def test_seeds_of_a_fixed_encoder_share_features_random_ones_do_not(tasks, fake_student):
     index, splits = tasks["ddti"]
     student = f"student:{fake_student}"
-    settings = TrainSettings(seg_size=64, epochs=1, seg_batch=8, device="cpu", num_workers=0)
+    settings = TrainSettings(seg_image_size=64, epochs=1, seg_batch=8, device="cpu", num_workers=0)
     cache = FeatureCache()
     for seed in (0, 1):
         run_one(index, splits, student, "linear", 1.0, seed, settings, cache=cache)
@@ -147,7 +148,7 @@ def test_dry_run_estimate_counts_cached_probe_features_once_per_weights(tmp_path
         encoders=["random:resnet18"],
         tasks=["ddti_seg"],
         seeds=[0, 1],
-        train=TrainSettings(seg_size=64, epochs=2),
+        train=TrainSettings(seg_image_size=64, epochs=2),
     )
     estimate.dry_run(cfg)
     flops = totals[0]
@@ -158,7 +159,7 @@ def test_dry_run_estimate_counts_cached_probe_features_once_per_weights(tmp_path
         )
         for s in (0, 1)
     )
-    encoder = estimate.meta_encoder(estimate.architecture(parse_spec("random:resnet18"))[0])
+    encoder = estimate.meta_encoder(estimate.architecture(EncoderSpec.parse("random:resnet18"))[0])
     finetune = estimate.model_cost(encoder, "seg", "finetune", 2, 64, "auto")
     probe = estimate.model_cost(encoder, "seg", "linear", 2, 64, "auto")
     assert ft0 == ft1 == 2 * (445 * finetune.train + 127 * finetune.forward) + 65 * finetune.forward

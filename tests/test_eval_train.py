@@ -14,9 +14,10 @@ from conftest import fake_student_run
 from PIL import Image
 
 from sonodistill.evaluate import train as train_module
+from sonodistill.evaluate.config import TrainSettings
 from sonodistill.evaluate.datasets import load_seg_folder
 from sonodistill.evaluate.suite import SuiteConfig, run_suite
-from sonodistill.evaluate.train import TrainSettings, run_one
+from sonodistill.evaluate.train import run_one
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,7 +63,9 @@ def test_the_best_validation_epoch_is_the_one_tested(tiny_seg, monkeypatch, scor
         return {"dice": -1.0, "iou": -1.0, "per_image": per_image}  # the test
 
     monkeypatch.setattr(train_module, "evaluate", scripted)
-    settings = TrainSettings(seg_size=32, epochs=len(scores), seg_batch=4, lr=1e-2, device="cpu")
+    settings = TrainSettings(
+        seg_image_size=32, epochs=len(scores), seg_batch=4, lr=1e-2, device="cpu"
+    )
     result = run_one(index, splits, "random:resnet18", "linear", 1.0, 0, settings)
 
     assert result["best_epoch"] == best and result["val_best"] == max(scores)  # ties: earliest
@@ -85,7 +88,7 @@ def test_redistilling_into_the_same_run_folder_reruns_its_evaluations(tiny_seg_r
         encoders=[f"student:{student}@R18-Distill", "random:resnet18@R18-Rand"],
         protocols=["linear"],
         seeds=[0],
-        train=TrainSettings(seg_size=32, epochs=1, seg_batch=4, device="cpu"),
+        train=TrainSettings(seg_image_size=32, epochs=1, seg_batch=4, device="cpu"),
     )
     run_suite(cfg)
     distilled = tmp_path / "suite" / "runs" / "tiny__linear__R18-Distill__f1__s0.json"
@@ -105,5 +108,104 @@ def test_redistilling_into_the_same_run_folder_reruns_its_evaluations(tiny_seg_r
     assert distilled.stat().st_mtime_ns != stamps[distilled]  # evaluated again, not reused
     assert second["encoder_weights"]["sha256"] == sha256(weights)
     assert second["encoder_weights"]["sha256"] != first["encoder_weights"]["sha256"]
-    assert second["fingerprint"] != first["fingerprint"]
+    assert second["run_key"] != first["run_key"]
     assert rand.stat().st_mtime_ns == stamps[rand]  # the other encoder's results still stand
+
+
+# The suite.yaml and the run key that sonodistill 0.1 (main before issue 20) wrote for
+# `sonodistill evaluate --out OUT --encoders [random:resnet18] --tasks [mini] --seeds [0]
+# --protocols [linear] --train.seg_size 32 --train.cls_size 48 --train.epochs 1
+# --train.seg_batch 4 --train.precision 32 --audit_loose 0.85 --datasets {mini: {format:
+# seg_folder, root: MINI}}`: old option names, precision `32`, the key under `fingerprint`.
+SUITE_0_1 = """\
+out: OUT
+data_root: ../shared/data
+encoders:
+- random:resnet18
+tasks:
+- mini
+datasets:
+  mini:
+    format: seg_folder
+    root: MINI
+protocols:
+- linear
+fractions:
+- 1.0
+fraction_protocols:
+- finetune
+seeds:
+- 0
+folds: 0
+reference: null
+ablation: []
+split:
+  seed: 0
+  near_duplicate: 0.92
+  label_conflicts: drop
+  seg_counts: null
+  proportions: null
+train:
+  seg_size: 32
+  cls_size: 48
+  epochs: 1
+  seg_batch: 4
+  cls_batch: 16
+  lr: 0.0001
+  weight_decay: 0.01
+  restart_epochs: 10
+  subset: null
+  hflip: false
+  seg_decoder: auto
+  metric_resolution: original
+  empty_mask: one
+  feature_cache: true
+  precision: '32'
+  device: auto
+  num_workers: null
+accept_leaks: false
+audit_loose: 0.85
+tables_only: false
+save_models: false
+dry_run: false
+resume: false
+overwrite: false
+"""
+RUN_0_1 = {"id": "mini__linear__resnet18-rand__f1__s0", "fingerprint": "eb8f40820516b5a2"}
+
+
+@pytest.mark.parametrize("names", ["new", "old"])
+def test_a_suite_of_0_1_resumes_without_redoing_its_runs(tmp_path, names, capsys):
+    from sonodistill.cli import parse_command
+    from sonodistill.config import to_dict
+    from sonodistill.evaluate.config import SUITE
+    from sonodistill.evaluate.suite import dataset_changes, finished_result, plan
+    from sonodistill.rundir import RunDir
+
+    out, mini = tmp_path / "suite", tmp_path / "mini"
+    (out / "runs").mkdir(parents=True)
+    (out / "suite.yaml").write_text(SUITE_0_1.replace("OUT", str(out)).replace("MINI", str(mini)))
+    (out / "runs" / f"{RUN_0_1['id']}.json").write_text(json.dumps(RUN_0_1))
+    flags = (
+        f"--out {out} --encoders [random:resnet18] --tasks [mini] --seeds [0] --protocols [linear] "
+        "--train.seg_size 32 --train.cls_size 48 --train.epochs 1 --train.seg_batch 4 "
+        "--train.precision 32 --audit_loose 0.85 --resume true"
+    )
+    if names == "new":  # today's names for the same options
+        for old, new in (("seg_size", "seg_image_size"), ("cls_size", "cls_image_size")):
+            flags = flags.replace(f"--train.{old} ", f"--train.{new} ")
+        flags = flags.replace("precision 32", "precision fp32").replace(
+            "audit_loose", "audit_near_duplicate"
+        )
+    datasets = f"{{mini: {{format: seg_folder, root: {mini}}}}}"
+    cfg = parse_command("evaluate", [*flags.split(), "--datasets", datasets])
+    run_dir = RunDir(out, SUITE, resume=True)
+    options = to_dict(cfg)
+    assert run_dir.resume_changes(options, dataset_changes(run_dir, cfg), type(cfg)) == {}
+    [run] = plan(cfg)
+    assert run.id == RUN_0_1["id"] and finished_result(out, run, cfg) == RUN_0_1
+    cfg.train.lr = 1e-3  # another setting: another run
+    assert finished_result(out, run, cfg) is None
+    cfg.train.lr, cfg.datasets["mini"]["root"] = 1e-4, str(tmp_path / "other")
+    changes = run_dir.resume_changes(options, dataset_changes(run_dir, cfg), type(cfg))
+    assert list(changes) == ["datasets.mini.root"]

@@ -25,7 +25,9 @@ from sonodistill.data.images import ImageFiles
 from sonodistill.data.listing import FrameRef, list_source, load_frames
 from sonodistill.data.masks import MaskError
 from sonodistill.distill.config import DistillConfig
+from sonodistill.errors import UserError
 from sonodistill.evaluate.audit import mask_report
+from sonodistill.evaluate.config import TrainSettings
 from sonodistill.evaluate.datasets import (
     ClsDataset,
     DatasetSpec,
@@ -36,14 +38,9 @@ from sonodistill.evaluate.datasets import (
 )
 from sonodistill.evaluate.splits import SPLITS, SplitConfig, make_splits
 from sonodistill.evaluate.stats import holm, interval, paired
-from sonodistill.evaluate.suite import (
-    SuiteConfig,
-    check_labels,
-    encoder_label,
-    encoder_spec,
-    run_suite,
-)
-from sonodistill.evaluate.train import TrainSettings, evaluate, trivial_scores
+from sonodistill.evaluate.suite import SuiteConfig, check_labels, run_suite
+from sonodistill.evaluate.train import evaluate, trivial_scores
+from sonodistill.models.encoders import EncoderSpec, encoder_label
 
 BUSI = Path("busi/Dataset_BUSI_with_GT")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -306,7 +303,7 @@ def test_six_students_have_configs_and_labels_match(tmp_path):
     ablation = yaml.safe_load(Path(resolve_config("suites/paper_ablation")).read_text())
     for suite in ("suites/paper", "suites/paper_ablation", "suites/paper_fm_compare"):
         encoders = _fake_runs(tmp_path, suite)
-        specs = [encoder_spec(e) for e in encoders]
+        specs = [EncoderSpec.parse(e) for e in encoders]
         labels = [encoder_label(s) for s in specs]
         rows = ablation["ablation"] if suite.endswith("ablation") else []
         recipes = check_labels(specs, labels, rows)
@@ -326,13 +323,13 @@ def test_six_students_have_configs_and_labels_match(tmp_path):
     encoders = _fake_runs(tmp_path, "suites/paper_ablation")
     default = next(e for e in encoders if e.endswith("@R50-Distill-Default"))
     wrong = default.replace("@R50-Distill-Default", "@R50-Distill-US")
-    with pytest.raises(ValueError, match="says augmentation 'US-aware'"):
-        check_labels([encoder_spec(wrong)], ["R50-Distill-US"], [])
+    with pytest.raises(UserError, match="says augmentation 'US-aware'"):
+        check_labels([EncoderSpec.parse(wrong)], ["R50-Distill-US"], [])
     row = {"encoder": "R50-Distill-Default", "augmentation": "Default", "mixup": True}
-    with pytest.raises(ValueError, match="says mixup True"):
-        check_labels([encoder_spec(default)], ["R50-Distill-Default"], [row])
-    with pytest.raises(ValueError, match="says student 'resnet18'"):
-        check_labels([encoder_spec("random:resnet50")], ["R18-Rand"], [])
+    with pytest.raises(UserError, match="says mixup True"):
+        check_labels([EncoderSpec.parse(default)], ["R50-Distill-Default"], [row])
+    with pytest.raises(UserError, match="says student 'resnet18'"):
+        check_labels([EncoderSpec.parse("random:resnet50")], ["R18-Rand"], [])
 
 
 # ---------------------------------------------------------------- statistics
@@ -377,13 +374,13 @@ class _Replay(nn.Module):
 def test_metrics_at_the_original_resolution(shared_data):
     ddti = load_ddti(shared_data / "ddti")
     records = ddti.records[:3]
-    s = TrainSettings(seg_size=64, seg_batch=2)
+    s = TrainSettings(seg_image_size=64, seg_batch=2)
     data = SegDataset.of(ddti, records, 64)
     # a model that predicts the training-size mask exactly
     logits = torch.stack(
         [torch.from_numpy(data.load(k)[1]).float()[None] * 20 - 10 for k in range(3)]
     )
-    at_train = TrainSettings(seg_size=64, seg_batch=2, metric_resolution="train")
+    at_train = TrainSettings(seg_image_size=64, seg_batch=2, metric_resolution="train")
     batches = DataLoader(data, batch_size=2)
     train = evaluate(_Replay(logits, 2), batches, "seg", 2, "cpu", settings=at_train)
     assert train["dice"] == pytest.approx(1.0)
@@ -409,7 +406,7 @@ def test_group_cross_validation_suite(shared_data, tmp_path):
         protocols=["linear"],
         seeds=[0],
         folds=3,
-        train=TrainSettings(seg_size=32, epochs=1, seg_batch=8, subset=6),
+        train=TrainSettings(seg_image_size=32, epochs=1, seg_batch=8, subset=6),
     )
     tables = run_suite(cfg)
     runs = sorted((tmp_path / "cv" / "runs").glob("*.json"))

@@ -979,6 +979,32 @@ ONE_ERROR_PATH = [
     Row("evaluate 1 fold", EVALUATE + " --folds 1", ("--folds 1: must be == 0 or >= 2",)),
     Row("evaluate seed -2", EVALUATE + " --seeds [0,-2]", ("--seeds -2: must be >= 0",)),
     Row("evaluate lr 0", EVALUATE + " --train.lr 0", ("--train.lr 0: must be > 0",)),
+    Row(
+        "evaluate a misspelt protocol",
+        EVALUATE.replace("[linear]", "[linaer]"),
+        ("--protocols linaer: unknown protocol; did you mean linear?",),
+    ),
+    Row(
+        "evaluate an unknown decoder",
+        EVALUATE + " --train.seg_decoder unet2",
+        ("--train.seg_decoder unet2: unknown segmentation decoder; did you mean unet?",),
+    ),
+    Row(
+        "evaluate precision 32-true",
+        EVALUATE + " --train.precision 32-true",
+        ("--train.precision 32-true: must be one of 'auto', 'fp32', 'bf16'",),
+    ),
+    Row(
+        "evaluate a misspelt dataset key",
+        EVALUATE.replace("format: seg_folder", "fromat: seg_folder"),
+        ("--datasets: fromat: unknown key; did you mean format",),
+    ),
+    Row(
+        "evaluate a classification layout for a segmentation task",
+        EVALUATE.replace("format: seg_folder", "format: cls_folder"),
+        ("datasets.mini: format cls_folder holds cls tasks, not task_type seg",),
+    ),
+    Row("embed device gpu", EMBED + " --device gpu", ("--device gpu: must be auto, cpu",)),
     Row("export opset 99", EXPORT + " --opset 99", ("--opset 99: must be >= 7 and <= 23",)),
     Row("export tolerance -1", EXPORT + " --tolerance -1", ("--tolerance -1: must be > 0",)),
     Row("bench runs 0", BENCH + " --runs 0", ("--runs 0: must be > 0",)),

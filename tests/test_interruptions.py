@@ -436,7 +436,7 @@ def test_an_evaluation_result_on_a_full_disk_and_the_resumed_suite(
     assert "ignoring unreadable run result" in caplog.text
     for path in sorted((clean_suite / "runs").glob("*.json")):
         got, expected = (pd.read_json(p, typ="series") for p in (out / "runs" / path.name, path))
-        assert got["test"] == expected["test"] and got["fingerprint"] == expected["fingerprint"]
+        assert got["test"] == expected["test"] and got["run_key"] == expected["run_key"]
     assert main(evaluate_argv(mini, out, "--resume", "true")) == 0
     assert "2 of 2 runs already done (skipped)" in capsys.readouterr().out
 

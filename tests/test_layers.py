@@ -202,7 +202,7 @@ def distill_users(graph: dict[str, set[str]], package: str) -> list[str]:
 @pytest.mark.parametrize(
     "package",
     [
-        pytest.param("evaluate", marks=pytest.mark.xfail(strict=True, reason="WP-C converts")),
+        "evaluate",
         "deploy",
     ],
 )

@@ -181,7 +181,6 @@ def test_a_module_given_with_import_registers_without_being_installed(tmp_path):
     assert "toy_l2" not in sonodistill_cli("registry", "losses", path=[tmp_path]).stdout
 
 
-@pytest.mark.xfail(strict=True, reason="WP-D: the Backend record and BACKENDS registry (b2)")
 def test_an_installed_plugin_s_backend_exports_the_plugin_s_student(
     site, toy_run, shared_data, tmp_path
 ):

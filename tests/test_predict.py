@@ -400,7 +400,6 @@ def test_bad_options_are_one_line_errors_before_anything_is_written(
     assert not [p for p in out.rglob("*") if ".tmp" in p.name or p.name == ".partial"]
 
 
-@pytest.mark.xfail(strict=True, reason="WP-C: evaluate.head_checkpoint's HeadSpec without torch")
 def test_an_onnx_runtime_backend_imports_no_torch(busi_export, shared_data, tmp_path):
     code = (
         "import sys\n"

@@ -88,11 +88,28 @@ for _name, _command in {
         config="sonodistill.distill.config:DistillConfig",
         run="sonodistill.distill.cli:distill",
     ),
-    "evaluate": Command("downstream seg/cls suites", "sonodistill.evaluate.cli:evaluate_main"),
-    "embed": Command(
-        "embeddings of frames with any encoder", "sonodistill.evaluate.cli:embed_main"
+    "evaluate": Command(
+        "downstream seg/cls suites",
+        "sonodistill.evaluate.cli:evaluate",
+        config="sonodistill.evaluate.config:SuiteConfig",
+        parse="sonodistill.evaluate.cli:parse_evaluate",
     ),
-    "analyze": Command("t-SNE/UMAP, silhouette and k-NN", "sonodistill.evaluate.cli:analyze_main"),
+    "evaluate audit": Command(
+        "audit a suite's splits (groups, near duplicates) without training",
+        "sonodistill.evaluate.cli:audit",
+        config="sonodistill.evaluate.config:SuiteConfig",
+        parse="sonodistill.evaluate.cli:parse_audit",
+    ),
+    "embed": Command(
+        "embeddings of frames with any encoder",
+        "sonodistill.evaluate.cli:embed",
+        config="sonodistill.evaluate.config:EmbedConfig",
+    ),
+    "analyze": Command(
+        "t-SNE/UMAP, silhouette and k-NN",
+        "sonodistill.evaluate.cli:analyze",
+        config="sonodistill.evaluate.config:AnalyzeConfig",
+    ),
     "export": Command(
         "ONNX, ExecuTorch, ... models checked against PyTorch",
         "sonodistill.deploy.cli:export",
@@ -133,6 +150,9 @@ REGISTRIES = {
     "losses": "sonodistill.distill.config:LOSSES",
     "augmentations": "sonodistill.distill.config:AUGMENTATIONS",
     "backends": "sonodistill.deploy.runtimes:BACKENDS",
+    "protocols": "sonodistill.evaluate.config:PROTOCOLS",
+    "seg_decoders": "sonodistill.evaluate.config:SEG_DECODERS",
+    "dataset_formats": "sonodistill.evaluate.config:DATASET_FORMATS",
     "commands": "sonodistill.cli:COMMANDS",
 }
 """What `sonodistill registry` shows: registry key -> where the registry is declared."""
@@ -192,9 +212,10 @@ def _usage(group: str = "") -> str:
     width = max(map(len, tops))
 
     def text(name: str) -> str:
-        if name in COMMANDS:
-            return COMMANDS.get(name).help
-        return "commands: " + ", ".join(n.split(" ", 1)[1] for n in names if n.startswith(name))
+        subs = [n for n in names if n.startswith(name + " ")]
+        if name in COMMANDS:  # a command that also has sub-commands (evaluate, evaluate audit)
+            return COMMANDS.get(name).help + "".join(f"; also `{n}`" for n in subs)
+        return "commands: " + ", ".join(n.split(" ", 1)[1] for n in subs)
 
     rows = "\n".join(f"  {name:<{width}}  {text(name)}" for name in tops)
     prog = f"sonodistill {group}".strip()

@@ -26,6 +26,7 @@ new form depends on its value (`--int8 false` is `--backends` without ort_int8) 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 import typing
 from collections.abc import Callable
@@ -187,6 +188,18 @@ def parse_error(message: str, parser: ArgumentParser, argv: list[str]) -> UserEr
         if not configs:
             return unknown_name("option", f"--{key}", flags, see=see)
         return unknown_name("key", key, keys, f"--config {' '.join(configs)}:", see)
+    if m := re.match(
+        r'Parser key "(.+?)":\s*Problem with given class_path \'(.+?)\':\s*(.*)', message, re.S
+    ):
+        key, path, rest = m.groups()  # a mapping given for a dataclass (`--datasets {a: {...}}`)
+        if o := re.match(r"Option '(.+?)' is not accepted", rest.strip()):
+            module, _, name = path.rpartition(".")
+            fields = [
+                f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))
+            ]
+            return unknown_name("key", o.group(1), fields, f"--{key}:")
+        if inner := re.match(r'Parser key "(.+?)":\s*(.*)', rest, re.S):
+            return parse_error(f'Parser key "{key}.{inner[1]}": {inner[2]}', parser, argv)
     if m := re.match(r'Parser key "(.+?)":\s*(.*)', message, re.S):
         key, rest = m.groups()
         given = re.search(r"(?:Given|Got) value: (.*)", rest)

@@ -7,9 +7,17 @@ module in it) loads no torch.
 import importlib
 
 _EXPORTS = {
+    "AnalyzeConfig": "sonodistill.evaluate.config",
+    "DATASET_FORMATS": "sonodistill.evaluate.config",
+    "DatasetSpec": "sonodistill.evaluate.config",
+    "EmbedConfig": "sonodistill.evaluate.config",
+    "PROTOCOLS": "sonodistill.evaluate.config",
+    "SEG_DECODERS": "sonodistill.evaluate.config",
+    "SplitConfig": "sonodistill.evaluate.config",
+    "SuiteConfig": "sonodistill.evaluate.config",
+    "TrainSettings": "sonodistill.evaluate.config",
     "ClsDataset": "sonodistill.evaluate.datasets",
     "DatasetIndex": "sonodistill.evaluate.datasets",
-    "DatasetSpec": "sonodistill.evaluate.datasets",
     "SegDataset": "sonodistill.evaluate.datasets",
     "load_busi": "sonodistill.evaluate.datasets",
     "load_cls_folder": "sonodistill.evaluate.datasets",
@@ -19,12 +27,9 @@ _EXPORTS = {
     "EMPTY_RULE": "sonodistill.evaluate.metrics",
     "classification_scores": "sonodistill.evaluate.metrics",
     "dice_iou": "sonodistill.evaluate.metrics",
-    "SplitConfig": "sonodistill.evaluate.splits",
     "load_or_make_splits": "sonodistill.evaluate.splits",
     "make_splits": "sonodistill.evaluate.splits",
-    "SuiteConfig": "sonodistill.evaluate.suite",
     "run_suite": "sonodistill.evaluate.suite",
-    "TrainSettings": "sonodistill.evaluate.train",
     "run_one": "sonodistill.evaluate.train",
 }
 __all__ = sorted(_EXPORTS)

@@ -12,60 +12,22 @@ Reads an `embed` output folder and writes:
 
 from __future__ import annotations
 
+import importlib.util
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
 
-from sonodistill.config import (
-    NonNegativeInt,
-    PositiveFloat,
-    PositiveInt,
-    check_fields,
-    restricted_number_type,
-    save_config,
-)
-from sonodistill.errors import unknown_name
+from sonodistill.config import check_fields
+from sonodistill.errors import UserError, unknown_name
+from sonodistill.evaluate.config import ANALYZE, AnalyzeConfig
 from sonodistill.evaluate.embed import load_embeddings
-from sonodistill.io import atomic_path, lock_run_dir, write_parquet, write_table
+from sonodistill.io import atomic_path, write_parquet, write_table
+from sonodistill.rundir import RunDir
 
 log = logging.getLogger(__name__)
-
-TsneSteps = restricted_number_type("TsneSteps", int, (">=", 250), docstring="int >= 250")
-AtLeastTwo = restricted_number_type("AtLeastTwo", int, (">=", 2), docstring="int >= 2")
-
-
-@dataclass
-class AnalyzeConfig:
-    """2-D maps and separation metrics of the embeddings written by `sonodistill embed`."""
-
-    embeddings: str = "runs/embed"
-    """An `embed` output folder."""
-    out: str | None = None
-    """Default: <embeddings>/analysis."""
-    models: list[str] = field(default_factory=list)
-    """Model labels, in panel order (default: all; a teacher's CLS token is `LABEL.cls`)."""
-    method: Literal["tsne", "umap"] = "tsne"
-    """UMAP needs the optional extra: pip install 'sonodistill[umap]'."""
-    color_by: str = "dataset"
-    top_k: PositiveInt = 10
-    """Datasets named in the legend; the others are drawn in grey as 'other'."""
-    perplexity: PositiveFloat = 30.0
-    tsne_iter: TsneSteps = 1000
-    """t-SNE optimisation steps (at least 250)."""
-    pca_dim: PositiveInt = 50
-    """PCA before t-SNE/UMAP (standard practice: denoises and speeds up)."""
-    knn_k: PositiveInt = 5
-    folds: AtLeastTwo = 5
-    max_points: PositiveInt | None = 5000
-    """Random subset for the projection (t-SNE is quadratic); metrics use all points."""
-    seed: NonNegativeInt = 0
-    threads: PositiveInt | None = None
-    """BLAS/OpenMP threads for PCA, t-SNE and k-NN (1 is much faster on a busy machine)."""
-
+UMAP_HINT = "UMAP needs the optional dependency: pip install 'sonodistill[umap]'"
 
 # --- metrics ------------------------------------------------------------------------------------
 
@@ -126,9 +88,7 @@ def project(
         try:
             import umap
         except ImportError as err:
-            raise ImportError(
-                "UMAP needs the optional dependency: pip install 'sonodistill[umap]'"
-            ) from err
+            raise ImportError(UMAP_HINT) from err
         n = min(15, len(x) - 1)
         return umap.UMAP(n_neighbors=n, random_state=seed).fit_transform(x)
     from sklearn.manifold import TSNE
@@ -195,6 +155,8 @@ def analyze(cfg: AnalyzeConfig) -> Path:
     from threadpoolctl import threadpool_limits
 
     check_fields(cfg)
+    if cfg.method == "umap" and importlib.util.find_spec("umap") is None:
+        raise UserError(f"--method umap: {UMAP_HINT}")
     # OpenMP/BLAS pools spin-wait: on a shared CPU, oversubscription costs 10-50x on t-SNE.
     with threadpool_limits(limits=cfg.threads):
         return _analyze(cfg)
@@ -208,15 +170,18 @@ def _analyze(cfg: AnalyzeConfig) -> Path:
             raise unknown_name("model (no embeddings of it)", model, arrays, "--models")
     if cfg.color_by not in meta.columns:
         raise unknown_name("metadata column", cfg.color_by, meta.columns, "--color_by")
-    out = Path(cfg.out) if cfg.out else Path(cfg.embeddings) / "analysis"
-    with lock_run_dir(out, "analyze"):  # one analysis at a time writes a folder
-        return _analyze_into(cfg, out, meta, arrays, models)
+    run = RunDir(cfg.out or Path(cfg.embeddings) / "analysis", ANALYZE, overwrite=cfg.overwrite)
+    run.precheck()
+    with run.claim():  # one analysis at a time writes a folder
+        run.clear()
+        return _analyze_into(cfg, run, meta, arrays, models)
 
 
 def _analyze_into(
-    cfg: AnalyzeConfig, out: Path, meta: pd.DataFrame, arrays: dict, models: list[str]
+    cfg: AnalyzeConfig, run: RunDir, meta: pd.DataFrame, arrays: dict, models: list[str]
 ) -> Path:
-    save_config(cfg, out / "config.yaml")
+    out = run.path
+    run.save_options(cfg)
     labels = meta[cfg.color_by].astype(str).to_numpy()
     groups = meta["group"].astype(str).to_numpy() if "group" in meta else np.arange(len(meta))
 

@@ -1,6 +1,7 @@
-"""`sonodistill evaluate` (and `sonodistill evaluate audit`), `sonodistill embed` and
-`sonodistill analyze`: each a typed config (YAML via --config, flags override) handed to the
-library function of the same name."""
+"""`sonodistill evaluate`, `sonodistill evaluate audit`, `sonodistill embed` and `sonodistill
+analyze`: the command descriptions and parsers (light: their configs are in
+`sonodistill.evaluate.config`) and the runners, which import the library functions of the same
+name when they run."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from sonodistill.config import parse_config
 from sonodistill.errors import unknown_name
+from sonodistill.evaluate.config import SuiteConfig
 
 EVALUATE = (
     "Downstream evaluation (paper Tables 2, 3, 4, 6, 7): encoders x tasks x protocols x label "
@@ -24,11 +26,36 @@ AUDIT = (
 )
 
 
-def audit_main(argv: list[str]) -> int:
-    from sonodistill.evaluate.audit import LeakError
-    from sonodistill.evaluate.suite import SuiteConfig, run_audit
+def parse_evaluate(argv: list[str], prog: str) -> SuiteConfig:
+    """The suite's options; a word where an option belongs is a misspelt `audit`."""
+    if argv and not argv[0].startswith("-"):
+        raise unknown_name("command", argv[0], ["audit"], see="see sonodistill evaluate --help")
+    return parse_config(SuiteConfig, argv, prog, EVALUATE)
 
-    cfg = parse_config(SuiteConfig, argv, "sonodistill evaluate audit", AUDIT)
+
+def parse_audit(argv: list[str], prog: str) -> SuiteConfig:
+    return parse_config(SuiteConfig, argv, prog, AUDIT)
+
+
+def evaluate(cfg: SuiteConfig) -> int:
+    """Run the suite (or, with --dry_run, print its estimate); prints the table files."""
+    if cfg.dry_run:
+        from sonodistill.evaluate.estimate import dry_run
+
+        print(dry_run(cfg))
+        return 0
+    from sonodistill.evaluate.suite import run_suite
+
+    for path in run_suite(cfg):
+        print(path)
+    return 0
+
+
+def audit(cfg: SuiteConfig) -> int:
+    """Exit code 1 when pairs or groups straddle the splits (the reports are written)."""
+    from sonodistill.evaluate.audit import LeakError
+    from sonodistill.evaluate.suite import run_audit
+
     try:
         reports = run_audit(cfg)
     except LeakError as err:
@@ -39,37 +66,17 @@ def audit_main(argv: list[str]) -> int:
     return 0
 
 
-def evaluate_main(argv: list[str]) -> int:
-    from sonodistill.evaluate.suite import SuiteConfig, run_suite
+def embed(cfg) -> int:
+    from sonodistill.evaluate.embed import embed as run
 
-    if argv and argv[0] == "audit":
-        return audit_main(argv[1:])
-    if argv and not argv[0].startswith("-"):  # no positional argument: a misspelt `audit`
-        raise unknown_name("command", argv[0], ["audit"], see="see sonodistill evaluate --help")
-    cfg = parse_config(SuiteConfig, argv, "sonodistill evaluate", EVALUATE)
-    if cfg.dry_run:
-        from sonodistill.evaluate.estimate import dry_run
-
-        print(dry_run(cfg))
-        return 0
-    for path in run_suite(cfg):
-        print(path)
+    print(f"embeddings written to {run(cfg)}")
     return 0
 
 
-def embed_main(argv: list[str]) -> int:
-    from sonodistill.evaluate import embed as module
+def analyze(cfg) -> int:
+    from sonodistill.evaluate.analyze import analyze as run
 
-    cfg = parse_config(module.EmbedConfig, argv, "sonodistill embed", module.__doc__)
-    print(f"embeddings written to {module.embed(cfg)}")
-    return 0
-
-
-def analyze_main(argv: list[str]) -> int:
-    from sonodistill.evaluate import analyze as module
-
-    cfg = parse_config(module.AnalyzeConfig, argv, "sonodistill analyze", module.__doc__)
-    out = module.analyze(cfg)
+    out = run(cfg)
     print((out / "metrics.md").read_text())
     print(f"figure and tables written to {out}")
     return 0

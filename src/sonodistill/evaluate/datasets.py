@@ -23,14 +23,15 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from sonodistill.config import checked
 from sonodistill.data.greys import read_grey, read_greys, resize_mask, resize_square
+from sonodistill.data.listing import spread
 from sonodistill.data.masks import (
     MASK_THRESHOLD,
     Outline,
@@ -42,12 +43,10 @@ from sonodistill.data.masks import (
 )
 from sonodistill.data.readers import IMAGE_EXT, VIDEO_EXT, ReadError, video_frame_count
 from sonodistill.errors import UserError
+from sonodistill.evaluate.config import DATASET_FORMATS, DatasetFormat, DatasetSpec, TaskType
 
 BUSI_CLASSES = ("normal", "benign", "malignant")
 DDTI_CLASSES = ("background", "nodule")
-TaskType = Literal["seg", "cls"]
-"""What a task predicts: a segmentation mask or a class label (a task's *name* is its key in a
-suite, e.g. busi_seg)."""
 
 
 @dataclass(frozen=True)
@@ -88,37 +87,6 @@ class DatasetIndex:
     def load_mask(self, record: Record, shape: tuple[int, int]) -> np.ndarray:
         """The record's masks merged (binary sets: {0, 1}; multi-class: class indices)."""
         return load_mask(record, shape, self.num_classes == 2, self.mask_threshold, self.outline)
-
-
-@dataclass
-class DatasetSpec:
-    """A dataset in a suite file: built-in (busi, ddti) or a user's folder layout."""
-
-    format: Literal["busi", "ddti", "seg_folder", "cls_folder"] = "seg_folder"
-    """The folder layout: busi, ddti (their published layouts), seg_folder (images/ + masks/,
-    or masks beside their images), cls_folder (one sub-folder per class)."""
-    root: str = ""
-    task_type: TaskType = "seg"
-    """seg or cls (BUSI has both)."""
-    classes: list[str] | None = None
-    """seg_folder: class names by mask value (default binary)."""
-    groups_csv: str | None = None
-    """CSV with columns `id,group` (e.g. patient): a group never spans two splits."""
-    group_by: str | None = None
-    """Group rule for folders: `folder` (the image's folder, e.g. frames extracted one folder
-    per clip), `clip` (file names CLIP_0012.png: the name without its trailing frame number),
-    or `regex:PATTERN` (on the path under root; the named group `group`, else group 1, else
-    the match). Frames read from a video file always share the video's group."""
-    images: str = "images"
-    masks: str = "masks"
-    """seg_folder: the masks folder; the images folder itself (or "") for masks beside their
-    images with a suffix (`NAME_mask.png`, `NAME_Annotation.png`, ...; see data.masks)."""
-    mask_threshold: int = MASK_THRESHOLD
-    """Binary masks: foreground where the value exceeds this (index masks 0/1: where 1)."""
-    outline: Outline = "fill"
-    """Masks drawn as closed outlines: fill them, or refuse the dataset."""
-    frames_per_video: int = 8
-    """cls_folder with videos: evenly spaced frames taken from each clip."""
 
 
 # --------------------------------------------------------------------------- reading pixels
@@ -302,13 +270,6 @@ def load_seg_folder(
     )
 
 
-def _spread(count: int, k: int) -> list[int]:
-    """k evenly spaced indices in [0, count)."""
-    if count <= 0:
-        return []
-    return sorted({int(round(i)) for i in np.linspace(0, count - 1, min(k, count))})
-
-
 def load_cls_folder(
     root: str | Path, name: str | None = None, frames_per_video: int = 8
 ) -> DatasetIndex:
@@ -326,7 +287,7 @@ def load_cls_folder(
                 records.append(Record(id=f"{cls}/{p.stem}", image=p, label=label))
             elif suffix in VIDEO_EXT:
                 clip = f"clip:{cls}/{p.stem}"
-                for k in _spread(video_frame_count(p), frames_per_video):
+                for k in spread(video_frame_count(p), frames_per_video):
                     rid = f"{cls}/{p.stem}#{k}"
                     records.append(Record(id=rid, image=p, label=label, group=clip, frame=k))
     videos = any(r.frame >= 0 for r in records)
@@ -385,17 +346,63 @@ def check_index_sizes(index: DatasetIndex) -> None:
             check_sizes(r.image, r.masks)
 
 
-def load_dataset(spec: DatasetSpec, name: str | None = None) -> DatasetIndex:
-    if spec.format == "busi":
-        index = load_busi(spec.root, spec.task_type)
-    elif spec.format == "ddti":
-        index = load_ddti(spec.root)
-    elif spec.format == "seg_folder":
-        index = load_seg_folder(spec.root, spec.images, spec.masks, spec.classes, name)
-    elif spec.format == "cls_folder":
-        index = load_cls_folder(spec.root, name, spec.frames_per_video)
-    else:
-        raise UserError(f"dataset {name}: unknown format {spec.format!r}")
+# --------------------------------------------------------------------------- formats
+
+DATASET_FORMATS.register(
+    "busi",
+    DatasetFormat(
+        lambda spec, name: load_busi(spec.root, spec.task_type),
+        ("seg", "cls"),
+        "BUSI's layout: CLASS/NAME.png + NAME_mask.png",
+    ),
+)
+DATASET_FORMATS.register(
+    "ddti",
+    DatasetFormat(
+        lambda spec, name: load_ddti(spec.root),
+        ("seg",),
+        "DDTI: image/ + mask/, or CASE_K.jpg + CASE.xml",
+    ),
+)
+DATASET_FORMATS.register(
+    "seg_folder",
+    DatasetFormat(
+        lambda spec, name: load_seg_folder(spec.root, spec.images, spec.masks, spec.classes, name),
+        ("seg",),
+        "images/ + masks/, or masks beside their images",
+    ),
+)
+DATASET_FORMATS.register(
+    "cls_folder",
+    DatasetFormat(
+        lambda spec, name: load_cls_folder(spec.root, name, spec.frames_per_video),
+        ("cls",),
+        "one sub-folder of images or videos per class",
+    ),
+)
+
+
+def check_dataset(spec: DatasetSpec | dict, name: str | None = None) -> DatasetSpec:
+    """A dataset spec (or its mapping) checked, as `config.checked` checks a spec (an unknown key
+    with its close match, every value by its type), its task type one its format holds; a
+    UserError line starting `datasets.NAME:` otherwise."""
+    where = f"datasets.{name}" if name else "dataset"
+    spec = checked(DatasetSpec, spec, where)
+    layout = DATASET_FORMATS.get(spec.format, f"{where}: format")
+    if spec.task_type not in layout.task_types:
+        raise UserError(
+            f"{where}: format {spec.format} holds {' or '.join(layout.task_types)} tasks, not "
+            f"task_type {spec.task_type}"
+        )
+    return spec
+
+
+def load_dataset(spec: DatasetSpec | dict, name: str | None = None) -> DatasetIndex:
+    """The index of a dataset: its format's loader (`DATASET_FORMATS`), then its groups
+    (`group_by`, `groups_csv`), then the checks that need no pixels (every class found, masks
+    the size of their images)."""
+    spec = check_dataset(spec, name)
+    index = DATASET_FORMATS.get(spec.format).load(spec, name)
     if name:
         index.name = name
     index.mask_threshold, index.outline = spec.mask_threshold, spec.outline

@@ -7,11 +7,12 @@ Encoders: any family's spec (`sonodistill.models.encoders`), as a string or a ma
 EncoderSpec fields. Each gives the vectors its family offers (`Encoder.vectors`).
 
 Output folder: `metadata.parquet` (one row per frame: dataset, anatomy, file, frame, group),
-`<model>.npy` (N, C) the global average of each encoder's last feature map (a ViT's mean patch
-token), `<model>.cls.npy` (N, D) a CLS vector where the family has one (ViT: the CLS token;
+`LABEL.npy` (N, C) the global average of each encoder's last feature map (a ViT's mean patch
+token), `LABEL.cls.npy` (N, D) a CLS vector where the family has one (ViT: the CLS token;
 DINOv3 ConvNeXt: its normed average), `embeddings.json` (index of models) and `config.yaml`.
-Everything is validated (sources, encoders and their weights, the image size) before the first
-file is written.
+LABEL is the encoder's label (`@LABEL`, else ARCH-rand, ARCH-WEIGHTSSTEM or RUN-distill, as in
+the suite's tables). Everything is validated (sources, encoders and their weights, the image
+size) before the first file is written; a folder that holds embeddings needs --overwrite.
 """
 
 from __future__ import annotations
@@ -20,49 +21,24 @@ import dataclasses
 import json
 import logging
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from sonodistill.config import NonNegativeInt, PositiveInt, check_fields, save_config
+from sonodistill.config import check_fields
 from sonodistill.data.listing import collect_frames, frames_tensor
-from sonodistill.distill.run import load_encoder
 from sonodistill.errors import UserError
-from sonodistill.io import atomic_path, lock_run_dir, write_json, write_parquet
+from sonodistill.evaluate.config import EMBED, EmbedConfig
+from sonodistill.evaluate.train import pick_device
+from sonodistill.io import atomic_path, write_json, write_parquet
 from sonodistill.models import to_model_input
-from sonodistill.models.encoders import Encoder, EncoderSpec, parse_spec
-from sonodistill.models.student import StudentConfig
+from sonodistill.models.encoders import Encoder, build_encoder, encoder_label
 from sonodistill.progress import track
+from sonodistill.rundir import RunDir
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EmbedConfig:
-    """Embeddings of frames from folders, videos or a corpus manifest, for several encoders."""
-
-    sources: list[str] = field(default_factory=list)
-    """`NAME=PATH` or `PATH` (folder, image, video, or a .parquet corpus manifest)."""
-    encoders: list[str | dict] = field(default_factory=lambda: [f"random:{StudentConfig.name}"])
-    """Encoder specs: random:ARCH, student:RUN_DIR, timm:ARCH=FILE, dinov3:FILE, teacher:FILE,
-    dinov3-convnext:ARCH=FILE, sam2:ARCH=FILE, vit:ARCH=FILE (`@LABEL`), or EncoderSpec fields
-    as a mapping (options, model_kwargs)."""
-    out: str = "runs/embed"
-    image_size: PositiveInt = 224
-    """Frames are resized (bilinear) to image_size x image_size grey, as in distillation."""
-    batch_size: PositiveInt = 32
-    max_per_source: PositiveInt | None = 500
-    """Frames kept per source (random, seeded) so that no dataset swamps the plots."""
-    frames_per_video: PositiveInt = 8
-    label_component: int | None = None
-    """Append this path component (under the source folder) to the dataset label."""
-    anatomy: list[str] = field(default_factory=list)
-    """`DATASET=ANATOMY` pairs, e.g. busi=breast ddti=thyroid lung=lung."""
-    seed: NonNegativeInt = 0
-    device: str = "cpu"
 
 
 # --- embedding ----------------------------------------------------------------------------------
@@ -79,8 +55,7 @@ def build_encoders(items: list[str | dict], image_size: int) -> list[Encoder]:
     """Every encoder of the config, weights loaded and input size checked."""
     encoders = []
     for item in items:
-        spec = parse_spec(item) if isinstance(item, str) else EncoderSpec(**item)
-        encoder = load_encoder(spec)
+        encoder = build_encoder(item, "--encoders")
         encoder.check_input_size(image_size, image_size, "--image_size")
         encoders.append(encoder)
     return encoders
@@ -95,10 +70,12 @@ def embed(cfg: EmbedConfig) -> Path:
     check_fields(cfg)
     if not cfg.sources:
         raise UserError("--sources: give at least one source (--sources+ NAME=PATH)")
-    out = Path(cfg.out)
+    run = RunDir(cfg.out, EMBED, overwrite=cfg.overwrite)
+    run.precheck()
+    device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)  # random encoders: the same init for a given seed
-    encoders = [e.eval().to(cfg.device) for e in build_encoders(cfg.encoders, cfg.image_size)]
-    labels = [slug(e.name) for e in encoders]
+    encoders = [e.eval().to(device) for e in build_encoders(cfg.encoders, cfg.image_size)]
+    labels = [slug(encoder_label(item)) for item in cfg.encoders]
     if len(set(labels)) != len(labels):
         raise UserError(f"--encoders: labels must differ (add @LABEL): {labels}")
     frames = collect_frames(
@@ -119,20 +96,21 @@ def embed(cfg: EmbedConfig) -> Path:
         }
     )
     log.info("embed: %d frames from %d datasets", len(frames), meta.dataset.nunique())
-    with lock_run_dir(out, "embed"):  # frames and encoders ready: one embed writes at a time
-        vectors = _embed_all(cfg, frames, encoders)  # an unreadable frame: nothing written
-        save_config(cfg, out / "config.yaml")
-        write_parquet(out / "metadata.parquet", meta)
-        return _write_embeddings(out, frames, encoders, labels, vectors, cfg.image_size)
+    with run.claim():  # frames and encoders ready: one embed writes at a time
+        vectors = _embed_all(cfg, frames, encoders, device)  # an unreadable frame: nothing written
+        run.clear()
+        run.save_options(cfg)
+        write_parquet(run / "metadata.parquet", meta)
+        return _write_embeddings(run.path, frames, encoders, labels, vectors, cfg.image_size)
 
 
-def _embed_all(cfg: EmbedConfig, frames, encoders) -> list[dict[str, list[np.ndarray]]]:
+def _embed_all(cfg: EmbedConfig, frames, encoders, device) -> list[dict[str, list[np.ndarray]]]:
     """Per encoder, {vector name: batches}; every frame is read once for all encoders."""
     vectors: list[dict[str, list[np.ndarray]]] = [{} for _ in encoders]
     starts = range(0, len(frames), cfg.batch_size)
     for start in track(starts, "embedding", total=len(starts)):
         images = frames_tensor(frames[start : start + cfg.batch_size], cfg.image_size)
-        images = images.to(cfg.device)
+        images = images.to(device)
         for k, encoder in enumerate(encoders):
             for name, v in embed_batch(encoder, images).items():
                 vectors[k].setdefault(name, []).append(v)

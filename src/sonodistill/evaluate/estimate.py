@@ -22,23 +22,18 @@ from pathlib import Path
 import timm
 import torch
 
-from sonodistill.distill.run import resolve_encoder
 from sonodistill.errors import UserError
+from sonodistill.evaluate.config import PROTOCOLS, SuiteConfig
 from sonodistill.evaluate.datasets import load_dataset
 from sonodistill.evaluate.heads import build_model
 from sonodistill.evaluate.splits import CLS_PROPORTIONS, DDTI_COUNTS
-from sonodistill.evaluate.suite import (
-    Run,
-    SuiteConfig,
-    check_options,
-    finished_result,
-    task_specs,
-)
+from sonodistill.evaluate.suite import Run, check_options, finished_result, task_specs
 from sonodistill.evaluate.train import autocast_for, pick_device
-from sonodistill.models.encoders import RANDOM, Encoder, EncoderSpec, build_encoder
+from sonodistill.models.encoders import RANDOM, Encoder, EncoderSpec, build_encoder, resolve_spec
 from sonodistill.models.flops import flops_of
+from sonodistill.models.specs import DEFAULT_STUDENT
 
-ASSUMED_STUDENT = "resnet50"
+ASSUMED_STUDENT = DEFAULT_STUDENT
 """The architecture assumed for a student whose run folder does not exist yet (the default of
 `sonodistill distill`)."""
 
@@ -56,14 +51,14 @@ class ModelCost:
 
 def architecture(spec: EncoderSpec) -> tuple[EncoderSpec, str]:
     """A randomly initialised twin of the encoder (same family and architecture) and a note;
-    a student's architecture comes from its run folder."""
+    a student's architecture comes from its run folder (a run not there yet: the default
+    student's)."""
     note = ""
-    if spec.family == "student":
-        try:
-            spec = resolve_encoder(spec)
-        except (FileNotFoundError, ValueError, UserError):
-            note = f"run folder {spec.weights} not found: assumed {ASSUMED_STUDENT}"
-            spec = EncoderSpec(family="timm", name=ASSUMED_STUDENT, label=spec.label)
+    try:
+        spec = resolve_spec(spec)
+    except (FileNotFoundError, ValueError, UserError):
+        note = f"run folder {spec.weights} not found: assumed {ASSUMED_STUDENT}"
+        spec = EncoderSpec(family="timm", name=ASSUMED_STUDENT, label=spec.label)
     return spec.replace(weights=RANDOM), note
 
 
@@ -134,7 +129,7 @@ def run_flops(run: Run, cost: ModelCost, n: dict[str, int], cfg: SuiteConfig) ->
     train = min(n["train"], cfg.train.subset or n["train"])
     train = max(1, round(train * run.fraction))
     val, test = (min(n[s], cfg.train.subset or n[s]) for s in ("val", "test"))
-    if run.protocol == "linear" and cfg.train.feature_cache:
+    if PROTOCOLS.get(run.protocol).frozen and cfg.train.feature_cache:
         head_train, head_forward = cost.train - cost.encode, cost.forward - cost.encode
         return epochs * (train * head_train + val * head_forward) + test * head_forward
     return epochs * (train * cost.train + val * cost.forward) + test * cost.forward
@@ -151,10 +146,14 @@ def dry_run(cfg: SuiteConfig) -> str:
     for run in todo:
         index, n, cost = costs.of(run)
         flops[run.id] = run_flops(run, cost, n, cfg)
-        size = cfg.train.seg_size if index.task_type == "seg" else cfg.train.cls_size
+        size = cfg.train.seg_image_size if index.task_type == "seg" else cfg.train.cls_image_size
         # Probe features: once per (weights, dataset, size); a random encoder's change per seed.
         features = (run.label, run.seed if run.encoder.weights == RANDOM else None, run.task, size)
-        if run.protocol == "linear" and cfg.train.feature_cache and features not in encoded:
+        if (
+            PROTOCOLS.get(run.protocol).frozen
+            and cfg.train.feature_cache
+            and features not in encoded
+        ):
             encoded.add(features)
             flops[run.id] += cost.encode * sum(n.values())
     rate = measured_rate(device, cfg.train.precision) if todo else 0.0
@@ -184,7 +183,7 @@ class _Costs:
         arch = json.dumps(dataclasses.asdict(twin.replace(label=None)), sort_keys=True)
         if arch not in self.encoders:
             self.encoders[arch] = meta_encoder(twin)
-        size = cfg.train.seg_size if index.task_type == "seg" else cfg.train.cls_size
+        size = cfg.train.seg_image_size if index.task_type == "seg" else cfg.train.cls_image_size
         key = (arch, index.task_type, run.protocol, size)
         if key not in self.costs:
             self.costs[key] = model_cost(
@@ -228,8 +227,8 @@ def _report(cfg, runs, todo, flops, rate, notes, device) -> str:
     lines = [
         f"{len(runs)} runs in {cfg.out} ({len(runs) - len(todo)} done, {len(todo)} to run): "
         f"{len({r.label for r in runs})} encoders x {len(cfg.tasks)} tasks x protocols and "
-        f"label fractions x {len(cfg.seeds)} seeds; {t.epochs} epochs, {t.seg_size}/"
-        f"{t.cls_size} px, linear probes {probes}.",
+        f"label fractions x {len(cfg.seeds)} seeds; {t.epochs} epochs, {t.seg_image_size}/"
+        f"{t.cls_image_size} px, linear probes {probes}.",
         "",
         "| task | protocol | label fractions | runs | estimated time |",
         "|---|---|---|---|---|",

@@ -14,6 +14,8 @@ strictly) and `head.yaml` saying what to build, in one of two forms:
   take ImageNet-normalised input and are wrapped so that every head takes grey [0, 1] frames.
 
 `save_head` writes the format from a module and its HeadSpec, `load_head` reads it back.
+`HeadSpec`, `read_head_spec` and the file names are light (no torch): an ONNX deployment reads
+a model folder's head.yaml without importing what builds the PyTorch module.
 """
 
 from __future__ import annotations
@@ -21,52 +23,67 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-import timm
 import yaml
-from torch import nn
 
+from sonodistill.config import Renamed, checked
 from sonodistill.errors import UserError
-from sonodistill.evaluate.heads import WithPreprocess, build_model
+from sonodistill.evaluate.config import ProtocolName
+from sonodistill.fields import ImageSize, PositiveInt
 from sonodistill.io import write_bytes, write_text
-from sonodistill.models.encoders import Encoder, EncoderSpec
-from sonodistill.models.weights import load_strict, read_state_dict
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from sonodistill.models.encoders import Encoder
 
 HEAD_YAML = "head.yaml"
 HEAD_WEIGHTS = "model.safetensors"
-_TASK_TYPES = {"cls": "cls", "classification": "cls", "seg": "seg", "segmentation": "seg"}
+_TASK_TYPES = {"classification": "cls", "segmentation": "seg"}
 
 
 @dataclass
 class HeadSpec:
-    task_type: str
+    """What a model folder's module is (its head.yaml)."""
+
+    task_type: Literal["seg", "cls"]
     """seg | cls (segmentation | classification accepted and normalised)."""
     encoder: str | dict = ""
     """Encoder spec string, or EncoderSpec fields as a dict (see `portable_encoder`)."""
-    protocol: str = "finetune"
+    protocol: ProtocolName = "finetune"
+    """How the encoder was trained: linear (frozen, a linear layer on it) or finetune."""
     seg_decoder: str = "auto"
-    """Fine-tuned segmentation decoder: unet, light (auto: the encoder family's default)."""
-    num_classes: int = 2
+    """Fine-tuned segmentation decoder: unet, light (auto: the encoder family's default);
+    checked when the module is built."""
+    num_classes: PositiveInt = 2
+    """Classes (segmentation: mask values, background included)."""
     class_names: list[str] = field(default_factory=list)
+    """Class names, by index."""
     arch: str = ""
+    """Plain timm classifier: its architecture."""
     smp: dict = field(default_factory=dict)
-    image_size: int | None = None
+    """Plain segmentation_models_pytorch model: `smp.create_model` arguments."""
+    image_size: ImageSize | None = None
     """Side of the square frames it was trained (or exported) at; `predict` resizes to it."""
 
+    deprecated: ClassVar = (Renamed("task_type", values=_TASK_TYPES),)
+
     def __post_init__(self) -> None:
-        if self.task_type not in _TASK_TYPES:
-            raise ValueError(f"head task_type must be seg or cls, not {self.task_type!r}")
-        self.task_type = _TASK_TYPES[self.task_type]
+        self.task_type = _TASK_TYPES.get(self.task_type, self.task_type)
 
 
 def build_head_model(spec: HeadSpec) -> nn.Module:
     """The (untrained) module of a head spec, taking grey (B, 1, H, W) frames in [0, 1]."""
+    from sonodistill.evaluate.heads import WithPreprocess, build_model
+
     if spec.encoder:
-        encoder = EncoderSpec(**spec.encoder) if isinstance(spec.encoder, dict) else spec.encoder
         return build_model(
-            encoder, spec.task_type, spec.protocol, spec.num_classes, spec.seg_decoder
+            spec.encoder, spec.task_type, spec.protocol, spec.num_classes, spec.seg_decoder
         )
     if spec.task_type == "cls" and spec.arch:
+        import timm
+
         return WithPreprocess(
             timm.create_model(spec.arch, pretrained=False, num_classes=spec.num_classes)
         )
@@ -82,13 +99,21 @@ def read_head_spec(folder: str | Path) -> HeadSpec:
     folder = Path(folder)
     if not (folder / HEAD_YAML).is_file():
         raise FileNotFoundError(f"{folder}: no {HEAD_YAML} (a head checkpoint folder)")
+    path = folder / HEAD_YAML
     try:
-        return HeadSpec(**yaml.safe_load((folder / HEAD_YAML).read_text()))
-    except (yaml.YAMLError, TypeError) as err:
-        raise UserError(f"{folder / HEAD_YAML}: not a head description ({err})") from err
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not a head description ({err})") from err
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: not a head description (a mapping of HeadSpec fields)")
+    return checked(HeadSpec, values, str(path))
 
 
 def load_head(folder: str | Path) -> tuple[nn.Module, HeadSpec]:
+    """The module of a model folder, every weight loaded strictly, in eval mode."""
+    from sonodistill.evaluate.heads import WithPreprocess
+    from sonodistill.models.weights import load_strict, read_state_dict
+
     folder = Path(folder)
     spec = read_head_spec(folder)
     model = build_head_model(spec)
@@ -103,10 +128,12 @@ def save_head(model: nn.Module, spec: HeadSpec, folder: str | Path) -> Path:
     """The weights, then head.yaml: a folder with its head.yaml holds a whole head."""
     from safetensors.torch import save
 
+    from sonodistill.evaluate.heads import WithPreprocess
+    from sonodistill.models.weights import cpu_state_dict
+
     folder = Path(folder)
     module = model.model if isinstance(model, WithPreprocess) else model
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    write_bytes(folder / HEAD_WEIGHTS, save(state))
+    write_bytes(folder / HEAD_WEIGHTS, save(cpu_state_dict(module)))
     write_text(folder / HEAD_YAML, yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
     return folder
 

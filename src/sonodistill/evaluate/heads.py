@@ -6,8 +6,6 @@ All models take grey images (B, 1, H, W) in [0, 1] and apply the shared input co
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from segmentation_models_pytorch.base import SegmentationHead
@@ -15,11 +13,9 @@ from segmentation_models_pytorch.base import initialization as smp_init
 from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
 from torch import nn
 
-from sonodistill.distill.run import load_encoder
+from sonodistill.evaluate.config import PROTOCOLS, SEG_DECODERS
 from sonodistill.models import to_model_input
-from sonodistill.models.encoders import Encoder, EncoderSpec
-
-Protocol = Literal["linear", "finetune"]
+from sonodistill.models.encoders import Encoder, EncoderSpec, build_encoder
 
 
 class WithPreprocess(nn.Module):
@@ -107,6 +103,7 @@ def _conv_bn_relu(in_ch: int, out_ch: int) -> nn.Sequential:
     )
 
 
+@SEG_DECODERS.register("light", title="light upsampling head on the last feature map")
 class LightSegModel(EncoderModel):
     """An encoder fine-tuned end to end with `LightSegHead` on its last map (plain ViTs)."""
 
@@ -120,6 +117,7 @@ class LightSegModel(EncoderModel):
         return self.head(self.features(x), x.shape[-2:])
 
 
+@SEG_DECODERS.register("unet", title="smp's U-Net decoder on the encoder's pyramid")
 class UNetSeg(EncoderModel):
     """smp's U-Net decoder and segmentation head on the encoder's pyramid (strides 2-32), the
     encoder fine-tuned with it: `smp.Unet` for any family, its weights the encoder's own."""
@@ -159,27 +157,27 @@ class Classifier(EncoderModel):
         return self.head(features)
 
 
-SEG_DECODERS = {"unet": UNetSeg, "light": LightSegModel}
-
-
 def build_model(
-    spec: EncoderSpec | str | Encoder,
+    spec: EncoderSpec | str | dict | Encoder,
     task_type: str,
-    protocol: Protocol,
+    protocol: str,
     num_classes: int,
     seg_decoder: str = "auto",
 ) -> nn.Module:
-    """The downstream model of one run: (task type, protocol) x encoder. Fine-tuned segmentation
-    uses `seg_decoder`: unet, light, or auto (the encoder family's default)."""
-    encoder = spec if isinstance(spec, Encoder) else load_encoder(spec)
+    """The downstream model of one run: (task type, protocol) x encoder. A frozen protocol
+    (`linear`) trains a linear layer on the encoder's features; the others fine-tune it with a
+    classifier, or for segmentation with `seg_decoder` (a `SEG_DECODERS` name, or auto: the
+    encoder family's default)."""
+    frozen = PROTOCOLS.get(protocol, "protocol").frozen
+    if seg_decoder != "auto":  # an unknown name stops before the encoder is built
+        SEG_DECODERS.get(seg_decoder, "seg_decoder")
+    encoder = spec if isinstance(spec, Encoder) else build_encoder(spec)
     if task_type == "cls":
-        return Classifier(encoder, num_classes, frozen=protocol == "linear")
-    if protocol == "linear":
+        return Classifier(encoder, num_classes, frozen=frozen)
+    if frozen:
         return LinearSegProbe(encoder, num_classes)
     name = encoder.default_decoder if seg_decoder == "auto" else seg_decoder
-    if name not in SEG_DECODERS:
-        raise ValueError(f"seg_decoder {seg_decoder!r}: use auto, {', '.join(SEG_DECODERS)}")
-    return SEG_DECODERS[name](encoder, num_classes)
+    return SEG_DECODERS.get(name, "seg_decoder")(encoder, num_classes)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -20,9 +20,7 @@ import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from sonodistill.config import NonNegativeFloat, NonNegativeInt, PositiveFloat
 from sonodistill.data.neardup import (
     CANDIDATE_BITS,
     THRESHOLD,
@@ -33,6 +31,7 @@ from sonodistill.data.neardup import (
     near_duplicates,
 )
 from sonodistill.errors import UserError
+from sonodistill.evaluate.config import SplitConfig
 from sonodistill.evaluate.datasets import DatasetIndex, read_records
 from sonodistill.io import read_json, write_json
 
@@ -42,22 +41,6 @@ CLS_PROPORTIONS = (0.7, 0.1, 0.2)
 """BUSI classification: the paper's tables imply a 157-image test set (about 20%)."""
 SPLITS = ("train", "val", "test")
 FRACTIONS = (0.05, 0.1, 0.2, 0.5)
-
-
-@dataclass
-class SplitConfig:
-    seed: NonNegativeInt = 0
-    near_duplicate: PositiveFloat = THRESHOLD
-    """Similarity (data.neardup, 0-1) from which two images are near duplicates and share a
-    split; above 1: exact copies only."""
-    label_conflicts: Literal["drop", "keep"] = "drop"
-    """Classification: images of a duplicate group with different labels are left out (drop)
-    or kept (keep: one image, two labels, possibly in train and test)."""
-    seg_counts: list[NonNegativeInt] | None = None
-    """Segmentation (train, val, test) proportions as counts; default DDTI's 445/127/65, which
-    a 637-image set gets exactly and other sets get scaled to their size."""
-    proportions: list[NonNegativeFloat] | None = None
-    """(train, val, test) proportions; overrides the defaults above."""
 
 
 def image_fingerprints(index: DatasetIndex) -> Fingerprints:

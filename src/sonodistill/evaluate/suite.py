@@ -24,30 +24,18 @@ import hashlib
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from sonodistill.config import (
-    LeftOpenUnitInterval,
-    NonNegativeInt,
-    PositiveFloat,
-    check_fields,
-    config_changes,
-    describe_changes,
-    restricted_number_type,
-    save_config,
-    to_dict,
-)
-from sonodistill.data.neardup import LOOSE, Fingerprints
-from sonodistill.distill.run import AUGMENT_NAMES, load_encoder, resolve_encoder, student_recipe
+from sonodistill.config import check_fields, to_dict
+from sonodistill.data.neardup import Fingerprints
 from sonodistill.errors import UserError, check, unknown_name
 from sonodistill.evaluate.audit import LeakError, audit_task, summary_line
+from sonodistill.evaluate.config import AUDIT, SUITE, DatasetSpec, SuiteConfig, TrainSettings
 from sonodistill.evaluate.datasets import (
     DatasetIndex,
-    DatasetSpec,
     builtin_datasets,
+    check_dataset,
     load_dataset,
 )
 from sonodistill.evaluate.head_checkpoint import save_evaluate_head
@@ -56,7 +44,6 @@ from sonodistill.evaluate.probe_cache import FeatureCache
 from sonodistill.evaluate.splits import (
     DDTI_COUNTS,
     FRACTIONS,
-    SplitConfig,
     fold_path,
     image_fingerprints,
     make_folds,
@@ -64,92 +51,25 @@ from sonodistill.evaluate.splits import (
     read_splits,
 )
 from sonodistill.evaluate.tables import cell_key, paper_tables
-from sonodistill.evaluate.train import TrainSettings, run_one
-from sonodistill.io import claim_run_dir, lock_run_dir, read_json, remove_owned, write_json
-from sonodistill.models.encoders import RANDOM, EncoderSpec, family_of, parse_spec
-from sonodistill.models.student import StudentConfig
+from sonodistill.evaluate.train import run_one
+from sonodistill.io import read_json, write_json
+from sonodistill.models.encoders import (
+    EncoderSpec,
+    build_encoder,
+    encoder_label,
+    encoder_recipe,
+    weights_file,
+)
+from sonodistill.models.specs import AUGMENT_TITLES
 from sonodistill.progress import progress_bar
+from sonodistill.rundir import RunDir
 
-Folds = restricted_number_type(
-    "Folds", int, [("==", 0), (">=", 2)], join="or", docstring="0 or an int >= 2"
-)
-
-
-@dataclass
-class SuiteConfig:
-    """Downstream evaluation suite (paper Sec. 4-5): every combination is one run."""
-
-    out: str = "runs/evaluate"
-    data_root: str = "../shared/data"
-    """Folder holding busi/ and ddti/ (the built-in tasks ddti_seg, busi_seg, busi_cls)."""
-    encoders: list[str | dict] = field(default_factory=lambda: [f"random:{StudentConfig.name}"])
-    """Shorthand (`random:resnet18`, `student:RUN_DIR@R18-Distill`, `teacher:W.pth`) or
-    EncoderSpec fields as a mapping."""
-    tasks: list[str] = field(default_factory=lambda: ["ddti_seg", "busi_seg", "busi_cls"])
-    datasets: dict[str, dict] = field(default_factory=dict)
-    """Your own tasks: name -> DatasetSpec fields (kind seg_folder|cls_folder|busi|ddti, root)."""
-    protocols: list[str] = field(default_factory=lambda: ["linear", "finetune"])
-    fractions: list[LeftOpenUnitInterval] = field(default_factory=lambda: [1.0])
-    """Label fractions of the training split (nested subsets): 1.0, 0.5, 0.2, 0.1, 0.05."""
-    fraction_protocols: list[str] = field(default_factory=lambda: ["finetune"])
-    """Protocols run at fractions below 1 (the paper's Table 4 is fine-tuning only)."""
-    seeds: list[NonNegativeInt] = field(default_factory=lambda: [0, 1, 2])
-    folds: Folds = 0
-    """0: the paper's fixed train/val/test split; K >= 2: group K-fold cross-validation (every
-    image tested once per seed; val carved from the training folds)."""
-    reference: str | None = None
-    """Encoder label the others are compared with in comparisons.md (default: the first)."""
-    ablation: list[dict] = field(default_factory=list)
-    """Table 6 rows: {encoder: LABEL, augmentation: Default|US-aware, mixup: bool}; checked
-    against each run's config.yaml (the table's columns are read from the configs)."""
-    split: SplitConfig = field(default_factory=SplitConfig)
-    train: TrainSettings = field(default_factory=TrainSettings)
-    accept_leaks: bool = False
-    """Start even when the audit finds near-duplicate pairs or groups across splits."""
-    audit_loose: PositiveFloat = LOOSE
-    """The audit's looser similarity: pairs listed for a look, not grouped."""
-    tables_only: bool = False
-    """Only rebuild the tables from the run JSONs already in `out`."""
-    save_models: bool = False
-    """Keep each run's selected model as OUT/models/RUN_ID (for `sonodistill export --head`)."""
-    dry_run: bool = False
-    """Only print how many runs the suite holds and an estimate of their time; nothing runs or
-    is written (sonodistill.evaluate.estimate.dry_run)."""
-    resume: bool = False
-    """Continue the suite in OUT: its finished runs are kept and skipped. Training and split
-    settings must stay; encoders, tasks, protocols, fractions and seeds may change."""
-    overwrite: bool = False
-    """Replace the suite in OUT (its runs, splits, tables and models) by a new one."""
-
-
-MARKERS = ("suite.yaml", "runs")
-"""What shows a suite in a folder (splits alone may be copied there to be reused)."""
-OWNED = ("suite.yaml", "runs", "splits", "tables", "models")
-"""What `--overwrite` removes, and nothing else."""
-FREE_ON_RESUME = (
-    "out",
-    "data_root",  # the split files check that the same images are there
-    "encoders",
-    "tasks",
-    "protocols",
-    "fractions",
-    "fraction_protocols",
-    "seeds",
-    "reference",
-    "ablation",
-    "accept_leaks",
-    "audit_loose",
-    "tables_only",
-    "save_models",
-    "resume",
-    "overwrite",
-    "train.device",
-    "train.num_workers",
-    "train.feature_cache",
-)
-
-
-PROTOCOLS = ("linear", "finetune")
+SPEED_ONLY = tuple(k.removeprefix("train.") for k in SUITE.free_on_resume if k.startswith("train."))
+"""Training settings that change how fast a run goes, not its results (left out of run keys)."""
+RUN_KEY_NAMES = {"seg_image_size": "seg_size", "cls_image_size": "cls_size"}
+RUN_KEY_VALUES = {"precision": {"fp32": "32"}}
+"""The 0.1 names and values of training settings renamed since: run keys hash the settings as
+0.1 named them, so that runs finished by 0.1 stay valid."""
 
 
 @dataclass
@@ -174,35 +94,6 @@ class Run:
         return cell_key(self.task, self.protocol, self.label, self.fraction)
 
 
-def encoder_spec(item: str | dict) -> EncoderSpec:
-    if isinstance(item, str):
-        return parse_spec(item)
-    return EncoderSpec(**item)
-
-
-def encoder_label(spec: EncoderSpec) -> str:
-    """Display name: the spec's label, else the architecture and where its weights come from."""
-    if spec.label:
-        return spec.label
-    if spec.family == "student":
-        return f"{Path(spec.weights or 'student').name}-distill"
-    name = spec.name or family_of(spec).default_name
-    if spec.weights == RANDOM:
-        return f"{name}-rand"
-    return f"{name}-{Path(spec.weights or spec.family).stem}"
-
-
-def encoder_recipe(spec: EncoderSpec) -> dict:
-    """How an encoder was made: a student's run config, or its initialisation and
-    architecture."""
-    if spec.family == "student":
-        return {"init": "distilled", **student_recipe(spec.weights or "")}
-    name = spec.name or family_of(spec).default_name
-    if spec.weights == RANDOM:
-        return {"init": "random", "student": name}
-    return {"init": "pretrained", "student": name}
-
-
 _ARCH = {"r18": "resnet18", "r34": "resnet34", "r50": "resnet50", "r101": "resnet101"}
 
 
@@ -218,9 +109,9 @@ def label_claims(label: str) -> dict:
         elif t == "distill":
             claims["init"] = "distilled"
         elif t == "us":
-            claims["augmentation"] = AUGMENT_NAMES["us"]
+            claims["augmentation"] = AUGMENT_TITLES["us"]
         elif t == "default":
-            claims["augmentation"] = AUGMENT_NAMES["default"]
+            claims["augmentation"] = AUGMENT_TITLES["default"]
         elif t == "nomixup":
             claims["mixup"] = False
         elif t == "mixup":
@@ -231,23 +122,23 @@ def label_claims(label: str) -> dict:
 
 
 def check_labels(specs: list[EncoderSpec], labels: list[str], ablation: list[dict]) -> dict:
-    """{label: recipe}; ValueError when a label or an ablation row contradicts the run."""
+    """{label: recipe}; a UserError when a label or an ablation row contradicts the run."""
     recipes = {label: encoder_recipe(s) for s, label in zip(specs, labels, strict=True)}
     for spec, label in zip(specs, labels, strict=True):
         where = f"{spec.weights}/config.yaml" if spec.family == "student" else "its spec"
         for key, value in label_claims(label).items():
             if key in recipes[label] and recipes[label][key] != value:
-                raise ValueError(
+                raise UserError(
                     f"encoder {label!r} says {key} {value!r} but {where} has "
                     f"{recipes[label][key]!r}: fix the label or the run"
                 )
     for row in ablation:
         label = row.get("encoder")
         if label not in recipes:
-            raise ValueError(f"ablation row {row}: no encoder labelled {label!r}")
+            raise UserError(f"ablation row {row}: no encoder labelled {label!r}")
         for key in ("augmentation", "mixup"):
             if key in row and recipes[label].get(key) != row[key]:
-                raise ValueError(
+                raise UserError(
                     f"ablation row {label!r} says {key} {row[key]!r} but the run's config.yaml "
                     f"has {recipes[label].get(key)!r}"
                 )
@@ -255,7 +146,8 @@ def check_labels(specs: list[EncoderSpec], labels: list[str], ablation: list[dic
 
 
 def plan(cfg: SuiteConfig) -> list[Run]:
-    specs = [encoder_spec(e) for e in cfg.encoders]
+    """Every run of the suite, in the order they are done."""
+    specs = [EncoderSpec.parse(e, "--encoders") for e in cfg.encoders]
     labels = [encoder_label(s) for s in specs]
     if len(set(labels)) != len(labels):
         raise UserError(f"--encoders: labels must be unique (add @LABEL): {labels}")
@@ -263,8 +155,6 @@ def plan(cfg: SuiteConfig) -> list[Run]:
     runs = []
     for task in cfg.tasks:
         for protocol in cfg.protocols:
-            if protocol not in PROTOCOLS:
-                raise unknown_name("protocol", protocol, PROTOCOLS, "--protocols")
             fractions = cfg.fractions if protocol in cfg.fraction_protocols else [1.0]
             for fraction in sorted(set(fractions), reverse=True):
                 for spec, label in zip(specs, labels, strict=True):
@@ -276,21 +166,14 @@ def plan(cfg: SuiteConfig) -> list[Run]:
 
 
 def task_specs(cfg: SuiteConfig) -> dict[str, DatasetSpec]:
+    """The datasets of the suite's tasks by name (built-in and `datasets`), each checked."""
     specs = builtin_datasets(cfg.data_root)
-    specs.update({name: DatasetSpec(**d) for name, d in cfg.datasets.items()})
+    specs.update({name: check_dataset(d, name) for name, d in cfg.datasets.items()})
     for task in cfg.tasks:
         if task not in specs:
             err = unknown_name("task", task, specs, "--tasks")
             raise UserError(f"{err} (define your own under `datasets`)")
     return specs
-
-
-def weights_file(spec: EncoderSpec) -> Path | None:
-    """The file (or folder) an encoder's weights are read from, `student:RUN_DIR` resolved;
-    None for a random initialisation."""
-    spec = resolve_encoder(spec)
-    weights = spec.weights if spec.weights is not None else family_of(spec).default_weights(spec)
-    return None if not weights or weights == RANDOM else Path(weights)
 
 
 _DIGESTS: dict[tuple, str] = {}
@@ -318,18 +201,11 @@ def weights_digest(spec: EncoderSpec) -> str | None:
     return _DIGESTS[key]
 
 
-# Settings that change how fast a run goes, not its results.
-SPEED_ONLY = ("device", "num_workers", "feature_cache")
-
-
 def check_options(cfg: SuiteConfig) -> list[Run]:
     """The suite's options (not its encoders or datasets): the runs to do, or a UserError
     naming the first bad option."""
     check_fields(cfg)
     check(bool(cfg.seeds), "--seeds", cfg.seeds, "give at least one seed")
-    for protocol in cfg.fraction_protocols:
-        if protocol not in PROTOCOLS:
-            raise unknown_name("protocol", protocol, PROTOCOLS, "--fraction_protocols")
     return plan(cfg)
 
 
@@ -337,6 +213,7 @@ def check_suite(cfg: SuiteConfig) -> tuple[list[Run], SuiteData]:
     """Every option, encoder and dataset, before anything is written: the runs to do and the
     datasets (indexed, not read), or a UserError naming the first bad option or file."""
     runs = check_options(cfg)
+    suite_dir(cfg).precheck()
     specs = {r.label: r.encoder for r in runs}
     data = SuiteData(cfg, Path(cfg.out))
     data.recipes = check_labels(list(specs.values()), list(specs), cfg.ablation)
@@ -347,8 +224,20 @@ def check_suite(cfg: SuiteConfig) -> tuple[list[Run], SuiteData]:
     return runs, data
 
 
-def fingerprint(run: Run, cfg: SuiteConfig) -> str:
-    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in SPEED_ONLY}
+def settings_key(cfg: SuiteConfig) -> dict:
+    """The training settings a run's results depend on, as 0.1 named them (see RUN_KEY_NAMES)."""
+    train = {}
+    for name, value in to_dict(cfg.train).items():
+        if name not in SPEED_ONLY:
+            train[RUN_KEY_NAMES.get(name, name)] = RUN_KEY_VALUES.get(name, {}).get(value, value)
+    return train
+
+
+def run_key(run: Run, cfg: SuiteConfig) -> str:
+    """The identity of a run's result: task, protocol, encoder spec and the digest of its
+    weights, fraction, seed, fold, training settings and split settings. A finished run with
+    the same key is not redone."""
+    train = settings_key(cfg)
     key = [
         run.task,
         run.protocol,
@@ -423,7 +312,7 @@ class SuiteData:
             self.out / "splits",
             task,
             self.cfg.split.near_duplicate,
-            self.cfg.audit_loose,
+            self.cfg.audit_near_duplicate,
         )
 
 
@@ -431,15 +320,15 @@ def check_encoders(cfg: SuiteConfig, runs: list[Run], specs: dict[str, DatasetSp
     """Build each encoder once (its weights file must load) and check that it takes the image
     sizes of the suite, so that a bad file or size stops the suite before anything is written."""
     sizes = {
-        ("--train.seg_size", cfg.train.seg_size)
+        ("--train.seg_image_size", cfg.train.seg_image_size)
         if specs[t].task_type == "seg"
-        else ("--train.cls_size", cfg.train.cls_size)
+        else ("--train.cls_image_size", cfg.train.cls_image_size)
         for t in cfg.tasks
     }
     for spec in {
         json.dumps(dataclasses.asdict(r.encoder), sort_keys=True): r.encoder for r in runs
     }.values():
-        encoder = load_encoder(spec)
+        encoder = build_encoder(spec)
         for option, size in sorted(sizes):
             encoder.check_input_size(size, size, option)
 
@@ -469,7 +358,7 @@ def run_audit(cfg: SuiteConfig) -> list[dict]:
     data = SuiteData(cfg, out)
     for task in cfg.tasks:
         data.splits(task)
-    with lock_run_dir(out, "evaluate audit"):  # never beside a suite writing its splits
+    with RunDir(out, AUDIT).lock():  # never beside a suite writing its splits
         data.writable = True
         data.save()
         return audit_suite(cfg, data)
@@ -485,16 +374,15 @@ def run_suite(cfg: SuiteConfig) -> list[Path]:
         raise ValueError("dry_run: call sonodistill.evaluate.estimate.dry_run(cfg) instead")
     out = Path(cfg.out)
     runs, data = check_suite(cfg)
-    with claim_run_dir(out, "evaluate", MARKERS, cfg.resume, cfg.overwrite) as resuming:
-        if resuming:
-            _check_resume(cfg, out)
+    with suite_dir(cfg).claim() as run_dir:
+        if run_dir.resuming:
+            run_dir.check_resume(to_dict(cfg), dataset_changes(run_dir, cfg), SuiteConfig)
         if cfg.tables_only and (
             cfg.overwrite or all(finished_result(out, r, cfg) is None for r in runs)
         ):
             raise UserError(f"{out / 'runs'}: no finished run of this suite to tabulate")
-        if cfg.overwrite:
-            remove_owned(out, OWNED)
-        save_config(cfg, out / "suite.yaml")
+        run_dir.clear()
+        run_dir.save_options(cfg)
         data.writable = True
         data.save()
         if not cfg.tables_only:
@@ -502,21 +390,21 @@ def run_suite(cfg: SuiteConfig) -> list[Path]:
         return _run_suite(cfg, out, runs, data)
 
 
-def _check_resume(cfg: SuiteConfig, out: Path) -> None:
-    try:
-        old = yaml.safe_load((out / "suite.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return  # nothing to compare: every run's fingerprint still guards its results
-    changes = {
-        k: v
-        for k, v in config_changes(old, to_dict(cfg)).items()
-        if k not in FREE_ON_RESUME and k.split(".")[0] not in FREE_ON_RESUME
-    }
-    if changes:
-        raise UserError(
-            f"{out}: --resume with settings that change its runs: {describe_changes(changes)}; "
-            "keep them, or start a new suite (--overwrite true or another --out)"
-        )
+def suite_dir(cfg: SuiteConfig) -> RunDir:
+    return RunDir(cfg.out, SUITE, resume=cfg.resume, overwrite=cfg.overwrite)
+
+
+def dataset_changes(run_dir: RunDir, cfg: SuiteConfig) -> dict[str, tuple]:
+    """{datasets.NAME.KEY: (stored, now)} for the datasets the stored suite and this one both
+    define, compared as checked specs (a key left out is its default, as 0.1 stored them);
+    datasets may be added or dropped, like tasks."""
+    stored = run_dir.stored_options(SuiteConfig).get("datasets") or {}
+    changes = {}
+    for name in sorted(set(stored) & set(cfg.datasets)):
+        before = to_dict(check_dataset(stored[name], name))
+        now = to_dict(check_dataset(cfg.datasets[name], name))
+        changes.update({f"datasets.{name}.{k}": (before[k], now[k]) for k in before})
+    return changes
 
 
 def _run_suite(cfg: SuiteConfig, out: Path, runs: list[Run], data: SuiteData) -> list[Path]:
@@ -533,7 +421,7 @@ def _run_suite(cfg: SuiteConfig, out: Path, runs: list[Run], data: SuiteData) ->
         epoch_task = bar.add_task("  epochs", total=cfg.train.epochs, info="")
         for run in runs:
             path = out / "runs" / f"{run.id}.json"
-            fp = fingerprint(run, cfg)
+            key = run_key(run, cfg)
             done = done_runs.get(run.id)
             if done is None:
                 if cfg.tables_only:
@@ -580,7 +468,7 @@ def _run_suite(cfg: SuiteConfig, out: Path, runs: list[Run], data: SuiteData) ->
                     "folds": run.folds,
                     "settings": dataclasses.asdict(cfg.train),
                     "split_file": str(split_path(out / "splits", run)),
-                    "fingerprint": fp,
+                    "run_key": key,
                     **result,
                 }
                 write_json(path, done, indent=1)
@@ -603,10 +491,12 @@ def _run_suite(cfg: SuiteConfig, out: Path, runs: list[Run], data: SuiteData) ->
 
 
 def finished_result(out: Path, run: Run, cfg: SuiteConfig) -> dict | None:
-    """The result of a finished run with this run's fingerprint, else None."""
+    """The result of a finished run with this run's key, else None (results of 0.1 keep the
+    key under `fingerprint`)."""
     done = read_json(out / "runs" / f"{run.id}.json", "run result")
-    ok = isinstance(done, dict) and done.get("fingerprint") == fingerprint(run, cfg)
-    return done if ok else None
+    if not isinstance(done, dict):
+        return None
+    return done if done.get("run_key", done.get("fingerprint")) == run_key(run, cfg) else None
 
 
 def _model_saver(run: Run, index: DatasetIndex, out: Path, train: TrainSettings):
@@ -618,7 +508,7 @@ def _model_saver(run: Run, index: DatasetIndex, out: Path, train: TrainSettings)
             index.num_classes,
             out / "models" / run.id,
             index.classes,
-            train.seg_size if index.task_type == "seg" else train.cls_size,
+            train.seg_image_size if index.task_type == "seg" else train.cls_image_size,
         )
 
     return save
@@ -649,10 +539,10 @@ def table_note(cfg: SuiteConfig) -> str:
     resolution = (
         "at each image's original resolution (predictions resized back)"
         if t.metric_resolution == "original"
-        else f"at the training size {t.seg_size} px"
+        else f"at the training size {t.seg_image_size} px"
     )
     return (
-        f"Image size: segmentation {t.seg_size} px, classification {t.cls_size} px; "
+        f"Image size: segmentation {t.seg_image_size} px, classification {t.cls_image_size} px; "
         f"{t.epochs} epochs; batch {t.seg_batch}/{t.cls_batch}; AdamW lr {t.lr:g}; "
         f"seeds {seeds}; {split}{subset}; groups and near duplicates (similarity >= "
         f"{cfg.split.near_duplicate}) never straddle splits. Dice/IoU per image, foreground, "

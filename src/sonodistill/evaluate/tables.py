@@ -33,7 +33,7 @@ RECIPE_COLUMNS = {
     "init": "Init",
     "augmentation": "Augmentation",
     "mixup": "Mixup",
-    "head": "Head",
+    "head": "Projection",
     "student": "Student",
     "teacher": "Teacher",
 }

@@ -9,8 +9,6 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
-from dataclasses import dataclass
-from typing import Literal
 
 import lightning_fabric
 import numpy as np
@@ -20,9 +18,9 @@ from segmentation_models_pytorch.losses import DiceLoss, FocalLoss
 from torch import nn
 from torch.utils.data import DataLoader
 
-from sonodistill.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from sonodistill.evaluate import config
 from sonodistill.evaluate.datasets import ClsDataset, DatasetIndex, Record, SegDataset
-from sonodistill.evaluate.heads import Protocol, build_model, trainable_parameters
+from sonodistill.evaluate.heads import build_model, trainable_parameters
 from sonodistill.evaluate.metrics import (
     EMPTY_RULES,
     classification_scores,
@@ -35,45 +33,18 @@ from sonodistill.evaluate.splits import split_ids
 from sonodistill.models.encoders import Encoder, EncoderSpec
 
 
-@dataclass
-class TrainSettings:
-    """The paper's recipe (Sec. 4.3); lower sizes, epochs and subset for CPU smoke runs."""
+class TrainSettings(config.TrainSettings):
+    """`evaluate.config.TrainSettings` that also takes the 0.1 keywords `seg_size` and
+    `cls_size`: a bridge for demo.py, deleted with it once the demo calls the suite (issue 18,
+    WP-B of issue 20)."""
 
-    seg_size: PositiveInt = 256
-    cls_size: PositiveInt = 224
-    epochs: PositiveInt = 50
-    seg_batch: PositiveInt = 32
-    cls_batch: PositiveInt = 16
-    lr: PositiveFloat = 1e-4
-    weight_decay: NonNegativeFloat = 0.01
-    restart_epochs: PositiveInt = 10
-    """Cosine annealing with warm restarts: epochs per cycle (T_0)."""
-    subset: PositiveInt | None = None
-    """Use at most this many images per split (evenly spaced, so classes stay mixed)."""
-    hflip: bool = False
-    """Random horizontal flips while training (the paper states no downstream augmentation)."""
-    seg_decoder: str = "auto"
-    """Fine-tuned segmentation decoder: unet (smp's U-Net on the encoder's pyramid), light (a
-    light head on the last map), or auto: the family's default (light for plain ViTs, as the
-    paper's DINOv3 reference; unet otherwise)."""
-    metric_resolution: Literal["original", "train"] = "original"
-    """Segmentation metrics on the original image (predicted logits resized back, bilinear)
-    or at the training size (`seg_size` x `seg_size`, masks resized nearest)."""
-    empty_mask: Literal["one", "ignore"] = "one"
-    """Empty ground truth: `one` scores 1 when the prediction is empty too, 0 otherwise;
-    `ignore` leaves such images out of the mean (MONAI's ignore_empty)."""
-    feature_cache: bool = True
-    """Linear probes: encode each image once (per encoder, dataset and size) and train the head
-    on the cached features; the same results. false: recompute them every epoch."""
-    precision: Literal["auto", "32", "bf16"] = "auto"
-    """auto: bf16 autocast on a GPU (losses in fp32), fp32 on a CPU."""
-    device: str = "auto"
-    num_workers: NonNegativeInt | None = None
-    """DataLoader workers (persistent, pinned batches on a GPU); default: 4 on a GPU, 0 on a CPU,
-    where the cores are busy with the model."""
+    def __init__(self, **options):
+        renamed = {"seg_size": "seg_image_size", "cls_size": "cls_image_size"}
+        super().__init__(**{renamed.get(k, k): v for k, v in options.items()})
 
 
 def pick_device(name: str) -> torch.device:
+    """A `fields.Device` name as a torch device (auto: CUDA when there is one, else the CPU)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -85,7 +56,7 @@ def autocast_for(device: torch.device, precision: str) -> Callable[[], ContextMa
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-def loader_workers(settings: TrainSettings, device: torch.device) -> int:
+def loader_workers(settings: config.TrainSettings, device: torch.device) -> int:
     if settings.num_workers is not None:
         return settings.num_workers
     return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
@@ -127,13 +98,13 @@ def evaluate(
     device,
     forward: Callable | None = None,
     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-    settings: TrainSettings | None = None,
+    settings: config.TrainSettings | None = None,
 ) -> dict:
     """Scores of `model` on a loader's batches (in dataset order); `forward` replaces
     `model(x)` (cached features: the probe's head alone). `per_image`: every image's id and
     score (seg: Dice, IoU; cls: label and prediction). Segmentation follows the settings'
     `metric_resolution` and `empty_mask`."""
-    s = settings or TrainSettings()
+    s = settings or config.TrainSettings()
     model.eval()
     forward = forward or model
     data = getattr(loader.dataset, "base", loader.dataset)  # cached features wrap the images
@@ -174,7 +145,7 @@ def make_loaders(
     index: DatasetIndex,
     splits: dict,
     fraction: float,
-    s: TrainSettings,
+    s: config.TrainSettings,
     gen,
     device: torch.device | None = None,
 ):
@@ -185,13 +156,13 @@ def make_loaders(
     if index.task_type == "seg":
 
         def make(name, flip):
-            return SegDataset.of(index, records[name], s.seg_size, flip)
+            return SegDataset.of(index, records[name], s.seg_image_size, flip)
 
         batch = s.seg_batch
     else:
 
         def make(name, flip):
-            return ClsDataset(records[name], s.cls_size, flip)
+            return ClsDataset(records[name], s.cls_image_size, flip)
 
         batch = s.cls_batch
     device = device or pick_device(s.device)
@@ -213,10 +184,10 @@ def run_one(
     index: DatasetIndex,
     splits: dict,
     encoder: EncoderSpec | str,
-    protocol: Protocol,
+    protocol: str,
     fraction: float,
     seed: int,
-    settings: TrainSettings,
+    settings: config.TrainSettings,
     on_epoch: Callable[[int, dict], None] | None = None,
     on_end: Callable[[nn.Module], None] | None = None,
     cache: FeatureCache | None = None,
@@ -303,7 +274,7 @@ def run_one(
 def _on_cached_features(model, loaders, cache, index, settings, gen, device, autocast):
     """The run's loaders and forward on cached features: the same batches (the same shuffle
     generator), whose images are replaced by their frozen features, and the head alone."""
-    size = settings.seg_size if index.task_type == "seg" else settings.cls_size
+    size = settings.seg_image_size if index.task_type == "seg" else settings.cls_image_size
     sets = {name: loader.dataset for name, loader in loaders.items()}
     batch = loaders["train"].batch_size
     cache.prepare(model, list(sets.values()), index.name, size, batch, device, autocast)
@@ -328,7 +299,7 @@ def backbone_info(encoder: Encoder) -> dict:
     }
 
 
-def trivial_scores(index: DatasetIndex, sets: dict, s: TrainSettings) -> dict:
+def trivial_scores(index: DatasetIndex, sets: dict, s: config.TrainSettings) -> dict:
     """Test scores of the trivial predictors on the same images, resolution and rule: all
     background and all foreground (segmentation), the training split's majority class
     (classification). The floor a trained model must clear."""
