@@ -305,3 +305,12 @@ def busi_seg_head(shared_data, tmp_path_factory) -> Path:
         opt.step()
     torch.set_num_threads(threads)
     return save_head(model.eval(), spec, tmp_path_factory.mktemp("busi_head") / "head")
+
+
+@pytest.fixture(scope="session")
+def simulated_teacher_file(_fingerprint_cache) -> Path:
+    """The demo's simulated pretrained teacher (models.simulated_teacher), built once per
+    session into the session's cache folder (about a minute on two cores)."""
+    from sonodistill.models.simulated_teacher import SimTeacherConfig, simulated_teacher
+
+    return simulated_teacher(SimTeacherConfig())
