@@ -576,3 +576,12 @@ def running_app(models: Path, work: Path, address: str = "127.0.0.1", **options)
     finally:
         instance.should_exit = True
         thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def simulated_teacher_file(_fingerprint_cache) -> Path:
+    """The demo's simulated pretrained teacher (models.simulated_teacher), built once per
+    session into the session's cache folder (about a minute on two cores)."""
+    from sonodistill.models.simulated_teacher import SimTeacherConfig, simulated_teacher
+
+    return simulated_teacher(SimTeacherConfig())

@@ -215,3 +215,17 @@ def test_tables_statistics_baselines_and_recipes(tmp_path):
     summary = pd.read_csv(tmp_path / "summary.csv")
     cell = summary[(summary.model == "B") & (summary.metric == "dice")].iloc[0]
     assert (cell.n, cell.expected, bool(cell.flagged)) == (1, 2, True)
+
+
+def test_linear_probes_at_label_fractions_get_their_own_table4(tmp_path):
+    results = []
+    for fraction in (0.1, 1.0):
+        for r in _result("A", 0, 0.5 + fraction / 10, 0.75) + _result("B", 0, 0.2, 0.25):
+            results.append({**r, "protocol": "linear", "fraction": fraction})
+    tasks = {"ddti_seg": "seg", "busi_cls": "cls"}
+    paths = paper_tables(results, ["A", "B"], tasks, tmp_path, "NOTE", num_classes={"busi_cls": 3})
+    names = {p.name for p in paths}
+    assert "table4_label_fractions_linear.md" in names and "table4_label_fractions.md" not in names
+    table = (tmp_path / "table4_label_fractions_linear.md").read_text()
+    assert "linear probe" in table and "| ddti_seg Dice 10% | busi_cls Acc 10% |" in table
+    assert "| A | 0.5100 [" in table  # the 10 % runs, not the 100 % ones

@@ -112,6 +112,8 @@ def test_seeds_of_a_fixed_encoder_share_features_random_ones_do_not(tasks, fake_
     for seed in (0, 1):
         run_one(index, splits, "random:resnet18", "linear", 1.0, seed, settings, cache=cache)
     assert cache.images_encoded == 24 + 2 * 24  # a random encoder has new weights per seed
+    run_one(index, splits, student, "linear", 1.0, 2, settings, cache=cache)
+    assert cache.images_encoded == 72  # the student's features were kept beside the others
     finetuned = run_one(index, splits, "random:resnet18", "finetune", 1.0, 0, settings)
     assert finetuned["trainable_params"] > 11_000_000 and cache.images_encoded == 72
     assert torch.get_num_threads() == 1  # the one_thread fixture is active

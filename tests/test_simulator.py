@@ -132,3 +132,10 @@ def test_write_sets(tmp_path) -> None:
     assert len(list((lab / "seg" / "masks").glob("*.png"))) == 8
     assert {p.name for p in (lab / "cls").iterdir()} == set(LESIONS)
     assert (lab / "labels.csv").read_text().count("\n") == 9
+
+
+def test_labelled_set_of_chosen_presets_keeps_lesion_types_balanced(tmp_path) -> None:
+    lab = write_labelled(tmp_path / "lab", n=16, size=32, presets=["breast", "thyroid"])
+    rows = [line.split(",") for line in (lab / "labels.csv").read_text().splitlines()[1:]]
+    for preset in ("breast", "thyroid"):
+        assert sorted(r[2] for r in rows if r[1] == preset) == sorted(LESIONS * 2)

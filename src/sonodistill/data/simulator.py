@@ -21,7 +21,8 @@ scan lines; a convex/sector probe is scan-converted at the end):
    (a fan of scan lines, black outside the sector).
 
 Everything is deterministic from the seed. `simulate_frame` returns the image, the lesion mask
-(scan-converted with the same map as the image, so they align) and the pre-log envelope.
+and the tissue-layer map (both scan-converted with the same map as the image, so they align) and
+the pre-log envelope.
 """
 
 from __future__ import annotations
@@ -96,6 +97,13 @@ class Frame:
     preset: str
     geometry: str
     info: dict = field(default_factory=dict)
+    layers: np.ndarray | None = None
+    """(size, size) uint8: the preset's tissue layer at each pixel (0 = the skin line, then
+    deeper; the lesion does not change it), OUTSIDE beyond a convex probe's sector."""
+
+
+OUTSIDE = 255
+"""`Frame.layers` value outside a convex probe's sector."""
 
 
 def simulate_frame(
@@ -119,11 +127,12 @@ def simulate_frame(
     n = cfg.size if geometry == "linear" else int(cfg.size * 1.25)  # convex: oversample the fan
     depth = np.linspace(0.0, 1.0, n, dtype=np.float32)[:, None] * np.ones((1, n), np.float32)
 
+    layers = np.zeros((n, n), np.uint8)
     if cfg.homogeneous:
         echo, alpha, lesion_mask = np.ones((n, n), np.float32), np.zeros((n, n), np.float32), None
         lesion = "none"
     else:
-        echo, alpha, lesion_mask, info = _tissue(rng, n, preset, lesion, cfg, shadow)
+        echo, alpha, lesion_mask, info = _tissue(rng, n, preset, lesion, cfg, shadow, layers)
     field_ = _speckle(rng, echo, cfg)
     if not cfg.homogeneous:
         # Round trip: the echo from depth z went down and back through all tissue above it.
@@ -138,8 +147,9 @@ def simulate_frame(
     mask = lesion_mask if lesion_mask is not None else np.zeros((n, n), np.uint8)
     if geometry == "convex":
         image, mask = scan_convert(image, mask, cfg.size, cfg.fan_deg)
+        layers = _fan(layers, cfg.size, cfg.fan_deg, cv2.INTER_NEAREST, OUTSIDE)
     info = {} if cfg.homogeneous else info
-    return Frame(image, mask, envelope, lesion, preset, geometry, info)
+    return Frame(image, mask, envelope, lesion, preset, geometry, info, layers)
 
 
 def log_compress(envelope: np.ndarray, dynamic_range_db: float) -> np.ndarray:
@@ -200,8 +210,10 @@ def _tissue(
     lesion: str,
     cfg: SimConfig,
     shadow: bool | None,
+    layer_map: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
-    """Echogenicity and attenuation maps of layered tissue with at most one lesion."""
+    """Echogenicity and attenuation maps of layered tissue with at most one lesion; each
+    pixel's layer index is written into `layer_map` (no random draw: frames stay as they were)."""
     yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) / n
     echo = np.zeros((n, n), np.float32)
     top = np.zeros(n, np.float32)
@@ -218,6 +230,7 @@ def _tissue(
             angle = rng.uniform(-0.4, 0.4)
             value = value * (1 + 0.6 * np.sin(2 * np.pi * 14 * (yy + angle * xx)))
         echo = np.where(inside, value, echo)
+        layer_map[inside] = i
         if i > 0:  # specular reflection at the interface
             echo = echo + 2.5 * np.exp(-(((yy - top[None, :]) * n) ** 2) / 1.5)
         top = bottom
@@ -266,6 +279,13 @@ def scan_convert(
     beam: np.ndarray, mask: np.ndarray, size: int, fan_deg: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Beam grid (depth x angle) -> Cartesian fan of a convex probe; black outside the sector."""
+    image = _fan(beam, size, fan_deg, cv2.INTER_LINEAR, 0)
+    out_mask = _fan(mask, size, fan_deg, cv2.INTER_NEAREST, 0)
+    return image.astype(np.float32), out_mask.astype(np.uint8)
+
+
+def _fan(beam: np.ndarray, size: int, fan_deg: float, interpolation: int, outside) -> np.ndarray:
+    """One beam-grid map scan-converted into the fan; `outside` beyond the sector."""
     n_r, n_t = beam.shape
     half = np.deg2rad(fan_deg) / 2
     r0 = 0.35  # virtual apex above the skin line: the convex footprint's radius
@@ -278,13 +298,9 @@ def scan_convert(
     t = np.arctan2(x, y)
     map_r = ((r - r0) / (r_max - r0) * (n_r - 1)).astype(np.float32)
     map_t = ((t + half) / (2 * half) * (n_t - 1)).astype(np.float32)
-    image = cv2.remap(
-        beam, map_t, map_r, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+    return cv2.remap(
+        beam, map_t, map_r, interpolation, borderMode=cv2.BORDER_CONSTANT, borderValue=outside
     )
-    out_mask = cv2.remap(
-        mask, map_t, map_r, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0
-    )
-    return image.astype(np.float32), out_mask.astype(np.uint8)
 
 
 # --- datasets on disk -----------------------------------------------------------------------------
@@ -309,18 +325,27 @@ def write_corpus(out: Path, n: int, size: int = 96, seed: int = 0, progress=None
     return out
 
 
-def write_labelled(out: Path, n: int, size: int = 96, seed: int = 1, progress=None) -> Path:
+def write_labelled(
+    out: Path,
+    n: int,
+    size: int = 96,
+    seed: int = 1,
+    progress=None,
+    presets: list[str] | None = None,
+) -> Path:
     """Labelled set: out/seg/{images,masks}/<i>.png (masks 0/255) and out/cls/<lesion>/<i>.png.
 
     The same frames serve both tasks: segment the lesion, classify its type (4 balanced classes).
-    labels.csv lists file, preset, lesion, shadow.
+    presets: the anatomies to draw from, in turn, each with the four lesion types (None: drawn
+    from each frame's seed). labels.csv lists file, preset, lesion, shadow.
     """
     out = Path(out)
     cfg = SimConfig(size=size)
     rows = ["file,preset,lesion,shadow"]
     for i in range(n):
         lesion = LESIONS[i % len(LESIONS)]
-        frame = simulate_frame(seed * 1_000_003 + 7919 * i, lesion=lesion, cfg=cfg)
+        preset = presets[(i // len(LESIONS)) % len(presets)] if presets else None
+        frame = simulate_frame(seed * 1_000_003 + 7919 * i, preset, lesion, cfg)
         name = f"{i:05d}.png"
         write_png(out / "seg" / "images" / name, frame.image)
         write_png(out / "seg" / "masks" / name, frame.mask * 255)

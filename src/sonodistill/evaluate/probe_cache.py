@@ -8,8 +8,8 @@ The same images, draws and head updates follow, so the results are those of the 
 to float rounding (tests/test_probe_cache.py); `--train.feature_cache false` is the old path.
 
 The key holds a digest of the encoder's weights, so seeds of a random encoder (new weights per
-seed) get their own features, while a distilled student's seeds share them. One key is kept at
-a time: a suite runs the seeds of an encoder one after the other.
+seed) get their own features, while a distilled student's seeds share them. The last `KEEP`
+keys are kept: a suite runs the encoders in turn at every label fraction, so each comes back.
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+
+KEEP = 8
+"""Feature sets kept at once (the least recently used is dropped); a few MB each at the
+sizes linear probes run at."""
 
 
 def cacheable(model: nn.Module) -> bool:
@@ -41,6 +45,7 @@ class FeatureCache:
     def __init__(self):
         self.key: tuple | None = None
         self.features: dict[tuple[str, bool], torch.Tensor] = {}
+        self._kept: dict[tuple, dict[tuple[str, bool], torch.Tensor]] = {}
         self.images_encoded = 0
         """How many images went through an encoder (tests and benchmarks read it)."""
 
@@ -55,10 +60,13 @@ class FeatureCache:
         autocast: Callable,
     ) -> None:
         """Encode every image of `datasets` not cached yet (as is, and mirrored if a dataset
-        flips); a new encoder, dataset or size replaces the cache."""
+        flips); a new encoder, dataset or size selects its own features (kept or empty)."""
         key = (state_digest(model.encoder), type(model).__name__, dataset_name, size)
         if key != self.key:
-            self.key, self.features = key, {}
+            self.key, self.features = key, self._kept.pop(key, {})
+            self._kept[key] = self.features  # the most recently used last
+            while len(self._kept) > KEEP:
+                del self._kept[next(iter(self._kept))]
         todo: dict[tuple[str, bool], torch.Tensor] = {}
         for ds in datasets:
             for i, record in enumerate(ds.records):

@@ -336,13 +336,19 @@ def paper_tables(
     for protocol, (stem, title) in titles.items():
         if ((df.protocol == protocol) & (df.fraction == 1.0)).any():
             emit(*metric_table(res, encoders, cols(protocol, list(tasks))), stem, title)
-    fractions = sorted(f for f in df.fraction.unique() if f < 1.0)
-    if fractions:
+    label_fractions = {
+        "finetune": ("table4_label_fractions", "fine-tuning"),
+        "linear": ("table4_label_fractions_linear", "linear probe, frozen encoder"),
+    }
+    for protocol, (stem, what) in label_fractions.items():
+        fractions = sorted(df[(df.protocol == protocol) & (df.fraction < 1.0)].fraction.unique())
+        if not fractions:
+            continue
         first = {"seg": ("dice",), "cls": ("acc",)}
-        columns = [c for f in fractions for c in cols("finetune", list(tasks), f, first)]
+        columns = [c for f in fractions for c in cols(protocol, list(tasks), f, first)]
         columns.sort(key=lambda c: (list(tasks).index(c[1]), c[4]))
-        title = "Table 4: limited labels (fine-tuning on a fraction of the training split)"
-        emit(*metric_table(res, encoders, columns), "table4_label_fractions", title)
+        title = f"Table 4: limited labels ({what} on a fraction of the training split)"
+        emit(*metric_table(res, encoders, columns), stem, title)
     paper = [t for t in ("busi_cls", "ddti_seg") if t in tasks] or list(tasks)
     tuned = [e for e in encoders if (df[df.protocol == "finetune"].encoder == e).any()]
     if tuned:

@@ -247,6 +247,24 @@ def official_schema(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return schema
 
 
+def timm_to_official(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors in Meta's checkpoint layout (the inverse of `official_to_timm`): q/v
+    biases fused into `qkv.bias` with a zero k bias and the `bias_mask` that masks it, the RoPE
+    periods, and an all-zero `mask_token` (used only by masked training, as in Meta's files)."""
+    own = model.state_dict()
+    state = {official: own[key] for key, official in official_names(model).items()}
+    d = model.embed_dim
+    for i, block in enumerate(model.blocks):
+        if block.attn.q_bias is None:
+            continue
+        zero = torch.zeros(d, dtype=block.attn.q_bias.dtype)
+        state[f"blocks.{i}.attn.qkv.bias"] = torch.cat([block.attn.q_bias, zero, block.attn.v_bias])
+        state[f"blocks.{i}.attn.qkv.bias_mask"] = torch.cat([zero + 1, zero, zero + 1])
+    state[_PERIODS] = model.rope.periods.float()
+    state["mask_token"] = torch.zeros(1, d)
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
 def official_to_timm(
     state: dict, model: nn.Module, source: str, report: LoadReport, rope_periods: str
 ) -> dict[str, torch.Tensor]:
