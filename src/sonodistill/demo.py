@@ -27,7 +27,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sonodistill.config import NonNegativeInt, PositiveFloat, PositiveInt, check_fields, save_config
+from sonodistill.config import (
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    TrainingPrecision,
+    check_fields,
+    save_config,
+)
 from sonodistill.errors import unknown_name
 from sonodistill.io import atomic_path, claim_run_dir, remove_owned, write_json
 from sonodistill.models.teacher import WEIGHTS_ENV, TeacherConfig
@@ -73,8 +80,8 @@ class DemoConfig:
     """Timed forward passes per model in the bench."""
     bench_backends: list[str] = field(default_factory=lambda: ["torch", "ort_fp32"])
     """Bench backends: torch, torch_bf16, ort_fp32, ort_int8 (`sonodistill registry backends`)."""
-    precision: str = "auto"
-    """Distillation precision; auto: bf16-mixed on a GPU, 32-true on a CPU (CPU bf16 autocast
+    precision: TrainingPrecision = "auto"
+    """Distillation precision; auto: bf16 on a GPU, fp32 on a CPU (CPU bf16 autocast
     pays off only with AMX, and is slower than fp32 on most laptops)."""
     threads: NonNegativeInt = 0
     """torch CPU threads (0: torch's default)."""
@@ -155,7 +162,7 @@ def step_distill(cfg: DemoConfig, run: Path, state: dict) -> str:
         out=str(run / "distill"),
         teacher=state["teacher"],
         student=StudentConfig(name=cfg.student),
-        img_size=state["img_size"],
+        image_size=state["img_size"],
         batch_size=cfg.batch_size,
         max_steps=cfg.distill_steps,
         seed=cfg.seed,
