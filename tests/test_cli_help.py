@@ -29,15 +29,9 @@ HEAVY = (
     "matplotlib",
 )
 # One line per command that is not light yet; the package that converts it deletes its line.
-NOT_LIGHT = {
-    "demo": "WP-B",
-    "report": "WP-B",
-}
+NOT_LIGHT: dict[str, str] = {}
 # Commands whose config is not a `Command.config` yet (they parse argv themselves).
-NO_CONFIG = {
-    "demo": "WP-B",
-    "report": "WP-B",
-}
+NO_CONFIG: dict[str, str] = {}
 
 
 def marked(table: dict[str, str]) -> list:

@@ -29,7 +29,6 @@ options print one deprecation line each after the command (`config.deprecation_l
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 import sys
@@ -131,10 +130,15 @@ for _name, _command in {
         config="sonodistill.deploy.config:AppConfig",
     ),
     "demo": Command(
-        "the whole method on an embedded simulated corpus", "sonodistill.cli:demo_main"
+        "the whole method in a simulated world, with a teacher that knows it",
+        "sonodistill.demo:main",
+        config="sonodistill.demo:DemoConfig",
     ),
     "report": Command(
-        "a self-contained HTML report of a run folder", "sonodistill.cli:report_main"
+        "a self-contained HTML report of a run folder",
+        "sonodistill.report:main",
+        config="sonodistill.report:ReportConfig",
+        positional={"run_dir": "a run folder (e.g. runs/demo)"},
     ),
     "registry": Command(
         "the registered names: families, losses, backends, ... (plugins too)",
@@ -178,31 +182,6 @@ def list_registered(cfg: RegistryConfig) -> int:
         for entry in registry.list():
             title = getattr(entry.obj, "help", None) or entry.title
             print(f"  {entry.name:<18} {title:<48} {entry.origin}")
-    return 0
-
-
-def demo_main(argv: list[str]) -> int:
-    """Exit code 1 when a step failed (the others still run and the report is written)."""
-    from sonodistill import demo
-    from sonodistill.config import parse_config
-
-    cfg = parse_config(demo.DemoConfig, argv, "sonodistill demo", demo.__doc__)
-    run = demo.run_demo(cfg)
-    summary = json.loads((run / "demo.json").read_text())
-    failed = [s["name"] for s in summary["steps"] if s["status"] != "ok"]
-    if failed:
-        print(f"steps failed: {', '.join(failed)} (see the log above)")
-    return 1 if failed else 0
-
-
-def report_main(argv: list[str]) -> int:
-    from sonodistill import report
-    from sonodistill.config import parse_config
-
-    positional = {"run_dir": "a run folder (e.g. runs/demo)"}
-    cfg = parse_config(report.ReportConfig, argv, "sonodistill report", report.__doc__, positional)
-    path = report.build_report(cfg.run_dir, cfg.out)
-    print(f"report: {path}  (open it in a browser: file://{path.resolve()})")
     return 0
 
 

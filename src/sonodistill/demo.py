@@ -1,17 +1,25 @@
-"""`sonodistill demo`: the whole method in minutes on a laptop CPU, on an embedded simulated corpus.
+"""`sonodistill demo`: the whole method in minutes on a laptop CPU, in a simulated world.
 
-corpus (simulated B-mode) -> distillation -> linear probe + fine-tune (random vs distilled) ->
-embeddings + t-SNE -> deployment bench -> report.html. No download, no weights, no dataset.
+simulated corpus -> a teacher that knows the simulated world -> distillation -> linear probe and
+fine-tune on presets the teacher never saw (random init vs distilled vs the teacher, through the
+evaluation suite) -> embeddings + t-SNE -> deployment bench -> report.html. No download, no
+weights, no dataset.
+
+The teacher, unless you pass real DINOv3 weights, is `models.simulated_teacher`: a small DINOv3
+ViT trained with labels on the presets of its pretraining world (muscle, abdomen), loaded from
+Meta's official file layout like any DINOv3 file. The downstream tasks (lesion segmentation,
+lesion type) use the other presets (breast, thyroid), whose frames the teacher never saw.
 
 Run folder (default runs/demo):
     demo.yaml, demo.json     resolved config; summary (teacher, per-step status and seconds)
-    corpus/<preset>/*.png    unlabeled simulated frames; the preset names the 'dataset'
-    labelled/                seg/{images,masks}/, cls/<lesion type>/, labels.csv
+    corpus/<preset>/*.png    unlabeled simulated frames of every preset (distillation, t-SNE)
+    labelled/                held-out presets: seg/{images,masks}/, cls/<lesion type>/, labels.csv
     distill/                 the distillation run (config.yaml, metrics.csv, student backbone)
-    evaluate/                linear-probe and fine-tune tables (random vs distilled)
-    analysis/                t-SNE figure and embedding table
+    evaluate/linear/         `sonodistill evaluate` suite: linear probes at 5-100 % of the labels
+    evaluate/finetune/       `sonodistill evaluate` suite: full fine-tuning (its models kept)
+    embeddings/, analysis/   embeddings of the corpus; t-SNE figure and separation metrics
     bench/                   teacher vs student cost table (paper Table 5)
-    samples/                 frames with ground-truth and predicted masks
+    samples/                 test frames with ground-truth and predicted masks
     report.html              everything above on one page (`sonodistill report`)
 """
 
@@ -20,90 +28,138 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import platform
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Literal
 
 from sonodistill.config import (
+    ImageSize,
+    LeftOpenUnitInterval,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    Renamed,
     TrainingPrecision,
     check_fields,
     save_config,
 )
-from sonodistill.errors import unknown_name
-from sonodistill.io import atomic_path, claim_run_dir, remove_owned, write_json
-from sonodistill.models.teacher import WEIGHTS_ENV, TeacherConfig
+from sonodistill.deploy.runtimes import BackendName
+from sonodistill.errors import UserError
+from sonodistill.io import atomic_path, write_json
+from sonodistill.models.specs import WEIGHTS_ENV, SimTeacherConfig, TeacherConfig
+from sonodistill.rundir import Layout, RunDir
 
 log = logging.getLogger(__name__)
 
-# A DINOv3 architecture (RoPE, registers, q/v biases) small enough to distil from on a laptop CPU.
-TINY_TEACHER = {"embed_dim": 192, "depth": 4, "num_heads": 3}
-
-
-def _tiny_teacher() -> TeacherConfig:
-    return TeacherConfig(random_init=True, model_kwargs=dict(TINY_TEACHER))
+StepName = Literal[
+    "corpus", "labelled", "teacher", "distill", "evaluate", "samples", "analysis", "bench"
+]
+"""The demo's steps, in order (`--skip` names some of them)."""
 
 
 @dataclass
 class DemoConfig:
-    """The demo's knobs; defaults take about five minutes on two CPU cores."""
+    """The whole method in a simulated world, on a CPU: simulated frames, a small DINOv3 ViT
+    teacher that learned the world from labels on some presets, distillation into a CNN, linear
+    probes and fine-tuning on presets the teacher never saw (random vs distilled vs teacher,
+    with intervals and paired tests), t-SNE, a deployment bench and report.html. The defaults
+    take a few minutes on two idle CPU cores."""
 
     out: str = "runs/demo"
     """Run folder (a demo already there needs --overwrite true)."""
     seed: NonNegativeInt = 0
+    """Seed of the simulated frames, the splits and the distillation."""
     corpus_frames: PositiveInt = 400
-    """Unlabeled simulated frames for distillation (and the t-SNE)."""
+    """Unlabeled simulated frames of every preset, for distillation (and the t-SNE)."""
     labelled_frames: PositiveInt = 160
-    """Labelled frames (lesion masks + lesion type) for the downstream tasks."""
-    img_size: PositiveInt = 64
+    """Labelled frames of the held-out presets (lesion masks + lesion type), for the downstream
+    tasks: split 40/10/50 % train/val/test, so that the test set makes narrow intervals."""
+    image_size: ImageSize = 128
     """Frame size and distillation input size (224 with a real ViT-B/16 teacher)."""
-    teacher: TeacherConfig = field(default_factory=_tiny_teacher)
-    """Teacher: a random tiny DINOv3 unless weights are given (then the real ViT-B/16)."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """Teacher: the simulated pretrained teacher, unless weights are given (then the real
+    ViT-B/16 of that file) or random_init is set (a random tiny DINOv3: mechanics only)."""
+    simulated_teacher: SimTeacherConfig = field(default_factory=SimTeacherConfig)
+    """How the simulated teacher is made (cached: built once per machine and settings)."""
     student: str = "resnet18"
     """Student architecture (any timm CNN)."""
-    distill_steps: PositiveInt = 60
+    distill_steps: PositiveInt = 50
+    """Distillation steps."""
     batch_size: PositiveInt = 32
-    eval_epochs: PositiveInt = 4
-    """Epochs of each downstream run (linear probe and fine-tune)."""
-    eval_lr: PositiveFloat = 1e-3
+    """Distillation batch (frames per step)."""
+    distill_lr: PositiveFloat = 1e-3
+    """AdamW lr of the distillation: 10x the paper's 1e-4, which is tuned for 1000 epochs."""
+    fractions: list[LeftOpenUnitInterval] = field(
+        default_factory=lambda: [0.05, 0.1, 0.2, 0.5, 1.0]
+    )
+    """Label fractions of the linear probes (nested subsets of the training split)."""
+    linear_epochs: PositiveInt = 20
+    """Epochs of each linear probe."""
+    linear_lr: PositiveFloat = 1e-2
+    """AdamW lr of the linear probes (a head on frozen features, a few steps per epoch)."""
+    linear_seeds: list[NonNegativeInt] = field(default_factory=lambda: [0, 1])
+    """Seeds of the linear probes (a random encoder is drawn anew for each)."""
+    finetune_epochs: PositiveInt = 3
+    """Epochs of each fine-tuning run (every weight trains: the costly part)."""
+    finetune_lr: PositiveFloat = 1e-3
     """Downstream AdamW lr: 10x the paper's 1e-4, which is tuned for 50 epochs, not a few."""
-    tsne_frames: PositiveInt = 240
+    finetune_seeds: list[NonNegativeInt] = field(default_factory=lambda: [0])
+    """Seeds of the fine-tuning runs."""
+    tsne_frames: PositiveInt = 200
     """Corpus frames embedded for the t-SNE."""
-    bench_size: PositiveInt = 112
+    bench_image_size: ImageSize = 112
     """Bench input size (the paper: 224)."""
-    bench_runs: PositiveInt = 10
+    bench_runs: PositiveInt = 5
     """Timed forward passes per model in the bench."""
-    bench_backends: list[str] = field(default_factory=lambda: ["torch", "ort_fp32"])
+    bench_backends: list[BackendName] = field(default_factory=lambda: ["torch", "ort_fp32"])
     """Bench backends: torch, torch_bf16, ort_fp32, ort_int8 (`sonodistill registry backends`)."""
     precision: TrainingPrecision = "auto"
     """Distillation precision; auto: bf16 on a GPU, fp32 on a CPU (CPU bf16 autocast
     pays off only with AMX, and is slower than fp32 on most laptops)."""
-    threads: NonNegativeInt = 0
-    """torch CPU threads (0: torch's default)."""
-    skip: list[str] = field(default_factory=list)
+    threads: PositiveInt | None = None
+    """torch CPU threads (default: torch's)."""
+    skip: list[StepName] = field(default_factory=list)
     """Steps to skip, e.g. [bench, analysis]."""
     overwrite: bool = False
-    """Replace a demo already in `out`."""
+    """Replace a demo already in `out` (its own files and folders, nothing else)."""
+
+    deprecated: ClassVar = (
+        Renamed("img_size", "image_size"),
+        Renamed("bench_size", "bench_image_size"),
+        Renamed("threads", values={0: None}),
+        Renamed("precision", values={"32-true": "fp32", "bf16-mixed": "bf16", "16-mixed": "fp16"}),
+    )
 
 
-MARKERS = ("demo.yaml", "demo.json")
-OWNED = (
-    *MARKERS,
-    "corpus",
-    "labelled",
-    "distill",
-    "evaluate",
-    "analysis",
-    "bench",
-    "samples",
-    "report.html",
+DEMO = Layout(
+    "demo",
+    owned=(
+        "demo.yaml",
+        "demo.json",
+        "corpus",
+        "labelled",
+        "distill",
+        "evaluate",
+        "embeddings",
+        "analysis",
+        "bench",
+        "samples",
+        "report.html",
+    ),
+    markers=("demo.yaml", "demo.json"),
+    config="demo.yaml",
 )
-"""What a demo folder holds: `--overwrite` removes these and nothing else."""
+"""A demo folder: `--overwrite` removes these and nothing else."""
+SPLIT = [0.4, 0.1, 0.5]
+"""Train/val/test shares of the labelled set: a large test set for narrow intervals."""
+TEACHER_KINDS = {
+    "simulated": "Teacher (simulated DINOv3 ViT)",
+    "random": "Teacher (random DINOv3 ViT)",
+    "weights": "Teacher (DINOv3 ViT-B/16)",
+}
+"""How tables and plots name the teacher of each kind."""
 
 
 @dataclass
@@ -114,22 +170,58 @@ class Step:
     about: str
 
 
-def resolve_teacher(cfg: DemoConfig) -> tuple[TeacherConfig, int, bool]:
-    """(teacher, image size, teacher is random): the real ViT-B/16 at 224 px when weights exist."""
+def teacher_kind(cfg: DemoConfig) -> str:
+    """simulated (the default), weights (a DINOv3 file: --teacher.weights or the environment
+    variable) or random (--teacher.random_init true)."""
+    if cfg.teacher.weights or os.environ.get(WEIGHTS_ENV):
+        return "weights"
+    return "random" if cfg.teacher.random_init else "simulated"
+
+
+def held_out_presets(cfg: DemoConfig) -> list[str]:
+    """The presets of the downstream tasks: those whose labels the simulated teacher never saw."""
+    from sonodistill.data.simulator import PRESETS
+
+    return [p for p in PRESETS if p not in cfg.simulated_teacher.presets]
+
+
+def check_demo(cfg: DemoConfig) -> None:
+    """The options that would stop the demo minutes in, checked before anything is written."""
+    from sonodistill.models.simulated_teacher import check
+
+    check_fields(cfg)
+    kind = teacher_kind(cfg)
     weights = cfg.teacher.weights or os.environ.get(WEIGHTS_ENV)
-    if not weights:
-        t = cfg.teacher
-        return TeacherConfig(**{**t.__dict__, "random_init": True}), cfg.img_size, True
-    kwargs = {} if cfg.teacher.model_kwargs == TINY_TEACHER else cfg.teacher.model_kwargs
-    teacher = TeacherConfig(
-        **{
-            **cfg.teacher.__dict__,
-            "weights": str(weights),
-            "random_init": False,
-            "model_kwargs": kwargs,
-        }
-    )
-    return teacher, max(cfg.img_size, 224), False
+    if kind == "weights" and not Path(weights).is_file():
+        raise FileNotFoundError(f"teacher weights not found: {weights}")
+    try:
+        check(cfg.simulated_teacher)
+    except ValueError as err:
+        raise UserError(f"--simulated_teacher: {err}") from err
+    if not held_out_presets(cfg):
+        raise UserError(
+            f"--simulated_teacher.presets {cfg.simulated_teacher.presets}: leave at least one "
+            "preset out for the downstream tasks"
+        )
+    if kind == "simulated" and cfg.image_size % cfg.simulated_teacher.patch_size:
+        raise UserError(
+            f"--image_size {cfg.image_size}: not a multiple of the teacher's patch size "
+            f"{cfg.simulated_teacher.patch_size}"
+        )
+
+
+def resolve_teacher(cfg: DemoConfig) -> tuple[TeacherConfig | None, int]:
+    """(teacher, image size): the real ViT-B/16 at 224 px when weights exist; a random teacher
+    when asked for; None for the simulated teacher, which the `teacher` step builds or reads
+    from the cache."""
+    kind = teacher_kind(cfg)
+    if kind == "simulated":
+        return None, cfg.image_size
+    if kind == "random":
+        return cfg.teacher, cfg.image_size
+    weights = cfg.teacher.weights or os.environ.get(WEIGHTS_ENV)
+    teacher = dataclasses.replace(cfg.teacher, weights=str(weights), random_init=False)
+    return teacher, max(cfg.image_size, 224)
 
 
 # --- steps ----------------------------------------------------------------------------------------
@@ -139,30 +231,54 @@ def step_corpus(cfg: DemoConfig, run: Path, state: dict) -> str:
     from sonodistill.data.simulator import write_corpus
 
     with _bar("simulate corpus", cfg.corpus_frames) as advance:
-        write_corpus(run / "corpus", cfg.corpus_frames, state["img_size"], cfg.seed, advance)
-    return f"{cfg.corpus_frames} frames, {state['img_size']} px"
+        write_corpus(run / "corpus", cfg.corpus_frames, state["image_size"], cfg.seed, advance)
+    return f"{cfg.corpus_frames} unlabeled frames of every preset, {state['img_size']} px"
 
 
 def step_labelled(cfg: DemoConfig, run: Path, state: dict) -> str:
     from sonodistill.data.simulator import write_labelled
 
+    presets = held_out_presets(cfg)
     with _bar("simulate labelled set", cfg.labelled_frames) as advance:
         write_labelled(
-            run / "labelled", cfg.labelled_frames, state["img_size"], cfg.seed + 1, advance
+            run / "labelled",
+            cfg.labelled_frames,
+            state["image_size"],
+            cfg.seed + 1,
+            advance,
+            presets,
         )
-    return f"{cfg.labelled_frames} frames with lesion masks and 4 lesion types"
+    return f"{cfg.labelled_frames} frames of {' and '.join(presets)}: lesion masks, 4 lesion types"
+
+
+def step_teacher(cfg: DemoConfig, run: Path, state: dict) -> str:
+    """The simulated teacher from the cache, else trained (about a minute) and cached."""
+    from sonodistill.models.simulated_teacher import cache_path, simulated_teacher, teacher_config
+
+    if state["teacher"] is not None:
+        return f"given: {state['teacher'].weights or 'random initialisation'}"
+    sim = cfg.simulated_teacher
+    path = cache_path(sim)
+    how = "read from the cache"
+    if not path.is_file():
+        with _bar("train the simulated teacher", sim.steps) as advance:
+            simulated_teacher(sim, lambda step, steps, loss: advance(info=f"loss {loss:.3f}"))
+        how = f"trained ({sim.steps} steps) and cached"
+    state["teacher"] = teacher_config(path, sim, n_blocks=cfg.teacher.n_blocks)
+    return f"{how}: {path}"
 
 
 def step_distill(cfg: DemoConfig, run: Path, state: dict) -> str:
-    from sonodistill.distill import DistillConfig, distill
+    from sonodistill.distill import DistillConfig, OptimConfig, distill
     from sonodistill.models import StudentConfig
 
     dcfg = DistillConfig(
         data=str(run / "corpus"),
         out=str(run / "distill"),
-        teacher=state["teacher"],
+        teacher=_teacher(state),
         student=StudentConfig(name=cfg.student),
-        image_size=state["img_size"],
+        optim=OptimConfig(lr=cfg.distill_lr),
+        image_size=state["image_size"],
         batch_size=cfg.batch_size,
         max_steps=cfg.distill_steps,
         seed=cfg.seed,
@@ -176,135 +292,88 @@ def step_distill(cfg: DemoConfig, run: Path, state: dict) -> str:
     return f"{cfg.distill_steps} steps of batch {cfg.batch_size}, {cfg.student} student"
 
 
-def _encoders(cfg: DemoConfig, state: dict) -> dict[str, str]:
-    """Downstream encoder specs: the same architecture, random vs distilled initialisation."""
+def _teacher(state: dict) -> TeacherConfig:
+    if state.get("teacher") is None:
+        raise RuntimeError("no teacher: the teacher step did not run")
+    return state["teacher"]
+
+
+def encoders(cfg: DemoConfig, state: dict) -> dict[str, str | dict]:
+    """Downstream encoder specs: the student architecture at random and distilled
+    initialisation, and the teacher itself."""
     if "distill_dir" not in state:
         raise RuntimeError("no distilled student: the distill step did not run")
     short = _short(cfg.student)
+    teacher = {**dataclasses.asdict(_teacher(state).spec()), "label": TEACHER_KINDS[state["kind"]]}
     return {
         "random": f"random:{cfg.student}@{short}-Rand",
         "distilled": f"student:{state['distill_dir']}@{short}-Distill",
+        "teacher": teacher,
     }
+
+
+def suite_config(cfg: DemoConfig, run: Path, state: dict, protocol: str):
+    """The `sonodistill evaluate` suite of one protocol over the demo's labelled set: linear
+    probes at every label fraction, or full fine-tuning on all labels (its models kept for the
+    sample figure). The two differ in epochs and lr, hence two suites."""
+    from sonodistill.evaluate.splits import SplitConfig
+    from sonodistill.evaluate.suite import SuiteConfig
+    from sonodistill.evaluate.train import TrainSettings
+
+    linear = protocol == "linear"
+    epochs = cfg.linear_epochs if linear else cfg.finetune_epochs
+    lab = run / "labelled"
+    specs = encoders(cfg, state)
+    return SuiteConfig(
+        out=str(run / "evaluate" / protocol),
+        encoders=list(specs.values()),
+        datasets={
+            "sim_lesion_seg": {"format": "seg_folder", "root": str(lab / "seg")},
+            "sim_lesion_type": {
+                "format": "cls_folder",
+                "root": str(lab / "cls"),
+                "task_type": "cls",
+            },
+        },
+        tasks=["sim_lesion_seg", "sim_lesion_type"],
+        protocols=[protocol],
+        fractions=list(cfg.fractions) if linear else [1.0],
+        fraction_protocols=["linear"],
+        seeds=list(cfg.linear_seeds if linear else cfg.finetune_seeds),
+        reference=specs["random"].split("@")[-1],
+        split=SplitConfig(seed=cfg.seed, proportions=list(SPLIT)),
+        train=TrainSettings(
+            seg_image_size=state["image_size"],
+            cls_image_size=state["image_size"],
+            epochs=epochs,
+            seg_batch=16 if linear else 8,  # fine-tuning: more, smaller steps in few epochs
+            cls_batch=16 if linear else 8,
+            lr=cfg.linear_lr if linear else cfg.finetune_lr,
+            restart_epochs=epochs,
+            empty_mask="ignore",  # segmentation Dice over the frames with a lesion
+            device="auto",
+        ),
+        save_models=not linear,
+    )
 
 
 def step_evaluate(cfg: DemoConfig, run: Path, state: dict) -> str:
-    """Linear probe and fine-tune, segmentation and classification, random vs distilled."""
-    from sonodistill.evaluate.datasets import load_cls_folder, load_seg_folder
-    from sonodistill.evaluate.splits import SplitConfig, load_or_make_splits
-    from sonodistill.evaluate.train import TrainSettings
+    """Linear probes (every label fraction) and fine-tuning, random vs distilled vs teacher,
+    through `sonodistill evaluate`: tables with intervals, paired tests (comparisons.md)."""
+    from sonodistill.evaluate.suite import check_options, run_suite
 
-    out = run / "evaluate"
-    lab = run / "labelled"
-    tasks = {
-        "seg": load_seg_folder(lab / "seg", name="sim-lesion-seg"),
-        "cls": load_cls_folder(lab / "cls", name="sim-lesion-type"),
-    }
-    splits = {
-        t: load_or_make_splits(
-            index,
-            out / f"splits_{t}.json",
-            SplitConfig(seed=cfg.seed, proportions=(0.6, 0.2, 0.2)),
-            fractions=(),
-        )
-        for t, index in tasks.items()
-    }
-    size = state["img_size"]
-    settings = TrainSettings(
-        seg_size=size,
-        cls_size=size,
-        epochs=cfg.eval_epochs,
-        seg_batch=8,
-        cls_batch=16,
-        lr=cfg.eval_lr,
-        restart_epochs=cfg.eval_epochs,
-        device="auto",
-    )
-    encoders = _encoders(cfg, state)
-    runs = [(p, t, e) for p in ("linear", "finetune") for t in tasks for e in encoders]
-    results: dict[tuple[str, str, str], dict] = {}
-    seg_models = {}
-    with _bar("evaluate (epochs)", len(runs) * cfg.eval_epochs) as advance:
-        for protocol, task, enc in runs:
-
-            def on_epoch(epoch: int, row: dict, what=f"{protocol} {task} {enc}") -> None:
-                advance(info=what)
-
-            keep = protocol == "finetune" and task == "seg"
-            result, model = _run_one(
-                tasks[task],
-                splits[task],
-                encoders[enc],
-                protocol,
-                cfg.seed,
-                settings,
-                on_epoch,
-                keep,
-            )
-            results[(protocol, task, enc)] = result
-            if keep:
-                seg_models[enc] = model
-    _write_eval_tables(out, results, encoders, cfg.seed)
-    runs_json = [
-        {"protocol": p, "task": t, "encoder": encoders[e], **r} for (p, t, e), r in results.items()
-    ]
-    write_json(out / "runs.json", runs_json, indent=1, default=str)
-    _sample_figure(run, tasks["seg"], splits["seg"], seg_models, encoders, size)
-    return f"{len(runs)} runs x {cfg.eval_epochs} epochs at {size} px"
+    counts = []
+    for protocol in ("linear", "finetune"):
+        suite = suite_config(cfg, run, state, protocol)
+        counts.append(f"{len(check_options(suite))} {protocol}")
+        run_suite(suite)
+    return f"{' + '.join(counts)} runs at {state['img_size']} px"
 
 
-def _run_one(index, splits, spec, protocol, seed, settings, on_epoch, keep_model: bool):
-    """evaluate.train.run_one; with keep_model, also the trained model (best-val checkpoint)."""
-    from sonodistill.evaluate.train import run_one
-
-    kept: list = []
-    result = run_one(
-        index,
-        splits,
-        spec,
-        protocol,
-        1.0,
-        seed,
-        settings,
-        on_epoch,
-        on_end=kept.append if keep_model else None,
-    )
-    return result, (kept[0].eval().cpu() if kept else None)
-
-
-def _write_eval_tables(out: Path, results: dict, encoders: dict[str, str], seed: int) -> None:
-    """Paper-style tables (those of `sonodistill evaluate`): one per protocol, a row per encoder,
-    Dice/IoU and accuracy/macro-F1."""
-    from sonodistill.evaluate.tables import HEAD, METRICS, STATS_NOTE, Results, metric_table
-    from sonodistill.io import write_table
-
-    labels = {enc: spec.split("@")[-1] for enc, spec in encoders.items()}
-    runs = [
-        {"task": t, "task_type": t, "protocol": p, "encoder": labels[e], "fraction": 1.0, **r}
-        for (p, t, e), r in results.items()
-    ]
-    res = Results([{**r, "seed": seed} for r in runs])
-    n = results[("linear", "seg", "random")]["n"]
-    note = (
-        "Simulated lesions: segmentation (Dice/IoU per image, averaged) and 4-class lesion type "
-        "(accuracy, macro-F1); test metrics of the best-validation epoch; splits "
-        f"train/val/test = {n['train']}/{n['val']}/{n['test']}. {STATS_NOTE}"
-    )
-    tables = {
-        "linear": ("table2_linear_probe", "Linear probe, frozen encoder (cf. paper Table 2)"),
-        "finetune": ("table3_finetune", "Full fine-tuning (cf. paper Table 3)"),
-    }
-    for protocol, (stem, title) in tables.items():
-        columns = [
-            (f"{task} {HEAD[m]}", task, task, m, 1.0, protocol)
-            for task in METRICS
-            for m in METRICS[task]
-        ]
-        table, _ = metric_table(res, list(labels.values()), columns)
-        write_table(table, out / stem, title, note)
-
-
-def _sample_figure(run: Path, index, splits: dict, models: dict, encoders: dict, size: int) -> None:
+def step_samples(cfg: DemoConfig, run: Path, state: dict) -> str:
     """Test frames (one per lesion type) with ground truth and each fine-tuned model's mask."""
+    import json
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -312,28 +381,36 @@ def _sample_figure(run: Path, index, splits: dict, models: dict, encoders: dict,
     import numpy as np
     import torch
 
-    from sonodistill.evaluate.datasets import SegDataset
+    from sonodistill.evaluate.datasets import SegDataset, load_seg_folder
+    from sonodistill.evaluate.head_checkpoint import load_head
     from sonodistill.evaluate.metrics import predict_mask
 
+    suite = run / "evaluate" / "finetune"
+    runs = [json.loads(p.read_text()) for p in sorted((suite / "runs").glob("*.json"))]
+    runs = [r for r in runs if r["task_type"] == "seg" and r["seed"] == min(cfg.finetune_seeds)]
+    if not runs:
+        raise RuntimeError(f"{suite}: no fine-tuned segmentation run")
     labels = dict(_read_labels(run / "labelled" / "labels.csv"))
-    test = index.subset(splits["ids"]["test"])
+    index = load_seg_folder(run / "labelled" / "seg")
+    test = index.subset(runs[0]["per_image"]["id"])
     picked = []
     for lesion in ("hypoechoic", "hyperechoic", "cyst", "none"):
         picked += [r for r in test if labels.get(r.image.name) == lesion][:1]
-    data = SegDataset(picked, size)
+    data = SegDataset.of(index, picked, state["image_size"])
     x = torch.stack([data[i][0] for i in range(len(data))])
     y = torch.stack([data[i][1] for i in range(len(data))])
     preds = {}
     with torch.no_grad():
-        for enc, model in models.items():
-            preds[enc] = predict_mask(model(x)).numpy()
-    cols = ["frame", "ground truth", *(encoders[e].split("@")[-1] for e in models)]
+        for r in runs:
+            model, _ = load_head(suite / "models" / r["id"])
+            preds[r["encoder"]] = predict_mask(model(x)).numpy()
+    cols = ["frame", "ground truth", *preds]
     fig, axes = plt.subplots(
         len(picked), len(cols), figsize=(2.3 * len(cols), 2.3 * len(picked)), squeeze=False
     )
     for i, rec in enumerate(picked):
         img = x[i, 0].numpy()
-        masks = [None, y[i].numpy(), *(preds[e][i] for e in models)]
+        masks = [None, y[i].numpy(), *(p[i] for p in preds.values())]
         for j, mask in enumerate(masks):
             ax = axes[i, j]
             ax.imshow(img, cmap="gray", vmin=0, vmax=1)
@@ -351,6 +428,7 @@ def _sample_figure(run: Path, index, splits: dict, models: dict, encoders: dict,
     with atomic_path(out / "segmentation_samples.png") as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)
+    return f"{len(picked)} test frames, {len(preds)} fine-tuned models"
 
 
 def _read_labels(path: Path) -> list[tuple[str, str]]:
@@ -364,17 +442,14 @@ def step_analysis(cfg: DemoConfig, run: Path, state: dict) -> str:
     from sonodistill.evaluate.analyze import AnalyzeConfig, analyze
     from sonodistill.evaluate.embed import EmbedConfig, embed
 
-    teacher: TeacherConfig = state["teacher"]
-    label = "DINOv3-random" if state["random_teacher"] else "DINOv3-ViT-B16"
-    teacher_spec = {**dataclasses.asdict(teacher.spec()), "label": label}
     presets = sorted(p for p in (run / "corpus").iterdir() if p.is_dir())
     per_source = max(1, cfg.tsne_frames // max(len(presets), 1))
-    encoders = [*_encoders(cfg, state).values(), teacher_spec]
+    specs = list(encoders(cfg, state).values())
     ecfg = EmbedConfig(
         sources=[f"{p.name}={p}" for p in presets],
-        encoders=encoders,
+        encoders=specs,
         out=str(run / "embeddings"),
-        image_size=state["img_size"],
+        image_size=state["image_size"],
         batch_size=32,
         max_per_source=per_source,
         seed=cfg.seed,
@@ -390,19 +465,18 @@ def step_analysis(cfg: DemoConfig, run: Path, state: dict) -> str:
             seed=cfg.seed,
         )
     )
-    return f"{n} corpus frames, {len(encoders)} encoders, coloured by simulated anatomy"
+    return f"{n} corpus frames, {len(specs)} encoders, coloured by simulated anatomy"
 
 
 def step_bench(cfg: DemoConfig, run: Path, state: dict) -> str:
     """Table 5 at a small input size: the real ViT-B/16 architecture vs the distilled student."""
     from sonodistill.deploy.bench import BenchConfig, bench
 
-    encoders = _encoders(cfg, state)
-    size = cfg.bench_size
+    size = cfg.bench_image_size
     bench(
         BenchConfig(
             teacher="teacher:random@ViT-B/16 (DINOv3 architecture)",
-            student=encoders["distilled"],
+            student=encoders(cfg, state)["distilled"],
             image_size=size,
             warmup=2,
             runs=cfg.bench_runs,
@@ -421,10 +495,12 @@ def _short(name: str) -> str:
 
 
 STEPS = [
-    Step("corpus", step_corpus, "simulate the unlabeled corpus"),
-    Step("labelled", step_labelled, "simulate the labelled set"),
+    Step("corpus", step_corpus, "simulate the unlabeled corpus (every preset)"),
+    Step("labelled", step_labelled, "simulate the labelled set (held-out presets)"),
+    Step("teacher", step_teacher, "the pretrained teacher of the simulated world"),
     Step("distill", step_distill, "distil the teacher into the student"),
-    Step("evaluate", step_evaluate, "linear probe + fine-tune, random vs distilled"),
+    Step("evaluate", step_evaluate, "linear probes and fine-tuning: random, distilled, teacher"),
+    Step("samples", step_samples, "test frames with each fine-tuned model's mask"),
     Step("analysis", step_analysis, "embeddings and t-SNE of the corpus"),
     Step("bench", step_bench, "teacher vs student deployment cost (Table 5)"),
 ]
@@ -439,32 +515,43 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     from sonodistill.report import build_report
 
-    check_fields(cfg)
-    for name in cfg.skip:
-        if name not in [s.name for s in STEPS]:
-            raise unknown_name("step", name, [s.name for s in STEPS], "--skip")
+    check_demo(cfg)  # fail before minutes of work
+    run = RunDir(cfg.out, DEMO, overwrite=cfg.overwrite)
+    run.precheck()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run = Path(cfg.out)
-    teacher, img_size, random_teacher = resolve_teacher(cfg)
-    if teacher.weights and not Path(teacher.weights).is_file():  # fail before minutes of work
-        raise FileNotFoundError(f"teacher weights not found: {teacher.weights}")
-    with claim_run_dir(run, "demo", MARKERS, overwrite=cfg.overwrite):
-        if cfg.overwrite:
-            remove_owned(run, OWNED)
-        save_config(cfg, run / "demo.yaml")
-        _run_steps(cfg, run, teacher, img_size, random_teacher)
-        report = build_report(run)
+    teacher, image_size = resolve_teacher(cfg)
+    with run.claim():
+        run.clear()
+        save_config(cfg, run / DEMO.config)
+        state = {"teacher": teacher, "image_size": image_size, "kind": teacher_kind(cfg)}
+        _run_steps(cfg, run.path, state)
+        report = build_report(run.path)
     print(f"\nreport: {report}\nopen file://{report.resolve()} in a browser", flush=True)
-    return run
+    return run.path
 
 
-def _run_steps(cfg: DemoConfig, run: Path, teacher, img_size: int, random_teacher: bool) -> None:
-    state: dict = {"teacher": teacher, "img_size": img_size, "random_teacher": random_teacher}
-    summary = _summary(cfg, teacher, img_size, random_teacher)
-    _banner(random_teacher, teacher)
-    for i, step in enumerate(s for s in STEPS if s.name not in cfg.skip):
-        print(f"\n[{i + 1}/{len(STEPS) - len(cfg.skip)}] {step.name}: {step.about}", flush=True)
+def main(cfg: DemoConfig) -> int:
+    """`sonodistill demo`: exit code 1 when a step failed (the others still run and the report
+    is written)."""
+    import json
+
+    run = run_demo(cfg)
+    summary = json.loads((run / "demo.json").read_text())
+    failed = [s["name"] for s in summary["steps"] if s["status"] != "ok"]
+    if failed:
+        print(f"steps failed: {', '.join(failed)} (see the log above)")
+    return 1 if failed else 0
+
+
+def _run_steps(cfg: DemoConfig, run: Path, state: dict) -> None:
+    import traceback
+
+    summary = _summary(cfg, state)
+    print(NOTES[state["kind"]], flush=True)
+    steps = [s for s in STEPS if s.name not in cfg.skip]
+    for i, step in enumerate(steps):
+        print(f"\n[{i + 1}/{len(steps)}] {step.name}: {step.about}", flush=True)
         start = time.perf_counter()
         record = {"name": step.name, "status": "ok", "detail": ""}
         try:
@@ -478,48 +565,55 @@ def _run_steps(cfg: DemoConfig, run: Path, teacher, img_size: int, random_teache
             flush=True,
         )
         summary["steps"].append(record)
+        if state.get("teacher") is not None:
+            summary["teacher"]["source"] = state["teacher"].weights or "random"
         write_json(run / "demo.json", summary)
 
 
-def _summary(cfg: DemoConfig, teacher: TeacherConfig, img_size: int, random_teacher: bool) -> dict:
+NOTES = {
+    "simulated": (
+        "A simulated world: the teacher is a small DINOv3 ViT trained with labels on simulated "
+        "frames of some presets (its 'natural images'); the downstream tasks use presets it "
+        "never saw. The numbers show whether distillation carries what a teacher knows into the "
+        "student, in this world; they are not results on real ultrasound. For the real "
+        f"ViT-B/16 pass --teacher.weights FILE or set {WEIGHTS_ENV}."
+    ),
+    "random": (
+        "Teacher randomly initialised: the numbers show the mechanics only (it knows nothing "
+        "to transfer)."
+    ),
+    "weights": (
+        "Teacher: real DINOv3 weights (at 224 px; on a CPU this run is much slower than the "
+        "simulated-teacher demo). The data is still the simulated world."
+    ),
+}
+"""What the run's numbers mean, by kind of teacher: printed first, kept in demo.json."""
+
+
+def _summary(cfg: DemoConfig, state: dict) -> dict:
+    import platform
+
     import torch
 
-    note = (
-        "Teacher randomly initialised: the numbers show the mechanics only."
-        if random_teacher
-        else "Teacher: real DINOv3 weights."
-    )
+    teacher = state["teacher"]
+    kind = state["kind"]
     return {
         "teacher": {
-            "random": random_teacher,
-            "source": teacher.weights or "random",
-            "name": teacher.name,
-            "model_kwargs": teacher.model_kwargs,
+            "kind": kind,
+            "random": kind == "random",
+            "source": teacher.weights if teacher else "",
+            "name": TEACHER_KINDS[kind],
+            "pretraining_presets": cfg.simulated_teacher.presets if kind == "simulated" else [],
         },
-        "note": note,
+        "downstream_presets": held_out_presets(cfg),
+        "note": NOTES[kind],
         "student": cfg.student,
-        "img_size": img_size,
+        "image_size": state["image_size"],
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"cuda {torch.cuda.is_available()}",
         "steps": [],
     }
-
-
-def _banner(random_teacher: bool, teacher: TeacherConfig) -> None:
-    if random_teacher:
-        print(
-            f"teacher: randomly initialised small DINOv3 ({teacher.model_kwargs}); the numbers "
-            f"will show the mechanics only. For the real ViT-B/16 pass --teacher.weights FILE "
-            f"or set {WEIGHTS_ENV}.",
-            flush=True,
-        )
-    else:
-        print(
-            f"teacher: DINOv3 {teacher.name} from {teacher.weights} at 224 px; on a CPU this "
-            "run is much slower than the random-teacher demo.",
-            flush=True,
-        )
 
 
 class _bar:

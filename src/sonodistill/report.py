@@ -5,9 +5,13 @@ a partial run or on a plain distill run dir:
 
     demo.json / demo.yaml        summary (teacher, per-step times) and resolved demo config
     distill/config.yaml          distillation config      distill/logs/        loss/cosine curves
-    evaluate/**/*.{csv,md}       evaluation tables        analysis/*.png       t-SNE figure(s)
-    analysis/**/*.{csv,md}       embedding tables         bench/*.{csv,md}     Table 5
-    samples/*.png                frames with ground-truth and predicted masks
+    evaluate/*/tables/*.md       evaluation suites' tables (else evaluate/**/*.{csv,md})
+    analysis/*.png               t-SNE figure(s)          analysis/**/*.{csv,md} embedding tables
+    bench/*.{csv,md}             Table 5                  samples/*.png        predicted masks
+
+A demo with the simulated teacher opens with what the run is (a simulated world), what each
+section's numbers show, and the transfer at a glance: the suites' paired comparisons of the
+distilled student and the teacher against random initialisation.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from sonodistill.distill.run import loss_title, read_config, read_metrics
 from sonodistill.io import write_text
+from sonodistill.models.specs import read_run_config
 
 TITLE = "sonodistill report"
 
@@ -32,6 +36,7 @@ class ReportConfig:
     """One self-contained HTML page (images inlined) of a run folder."""
 
     run_dir: str = ""
+    """A run folder: a demo (runs/demo) or a distill run."""
     out: str | None = None
     """Output HTML file (default RUN_DIR/report.html)."""
 
@@ -52,6 +57,13 @@ nav a{margin-right:14px}
 """
 
 
+def main(cfg: ReportConfig) -> int:
+    """`sonodistill report RUN_DIR`."""
+    path = build_report(cfg.run_dir, cfg.out)
+    print(f"report: {path}  (open it in a browser: file://{path.resolve()})")
+    return 0
+
+
 def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write RUN_DIR/report.html (or `out`) and return its path."""
     run = Path(run_dir)
@@ -62,7 +74,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ("Overview", _overview(run, summary)),
         ("Configuration", _configs(run)),
         ("Distillation curves", _curves(run)),
-        ("Downstream evaluation", _tables(run / "evaluate")),
+        ("Downstream evaluation", _evaluation(run / "evaluate")),
         ("Embeddings (t-SNE)", _figures(run / "analysis") + _tables(run / "analysis")),
         ("Deployment (Table 5)", _tables(run / "bench")),
         ("Sample frames and predicted masks", _figures(run / "samples")),
@@ -89,8 +101,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
 def _overview(run: Path, summary: dict) -> str:
     parts = []
     teacher = summary.get("teacher", {})
-    random_teacher = teacher.get("random", _distill_teacher_is_random(run))
-    if random_teacher:
+    kind = teacher.get("kind") or ("random" if _distill_teacher_is_random(run) else "")
+    if teacher.get("random") or kind == "random":
         parts.append(
             "<p class='warn'><b>The teacher was randomly initialised</b> "
             "(no DINOv3 weights given): the numbers below show the mechanics of the method only, "
@@ -98,6 +110,9 @@ def _overview(run: Path, summary: dict) -> str:
             "<code>--teacher.weights FILE</code> or set <code>SONODISTILL_TEACHER_WEIGHTS</code> "
             "to distil from the real DINOv3 ViT-B/16.</p>"
         )
+    elif kind == "simulated":
+        parts.append(_simulated_world(teacher, summary))
+        parts.append(_at_a_glance(run / "evaluate"))
     elif teacher:
         source = html.escape(str(teacher.get("source")))
         parts.append(f"<p class='ok'>Teacher: DINOv3 weights <code>{source}</code></p>")
@@ -124,6 +139,97 @@ def _overview(run: Path, summary: dict) -> str:
     return "\n".join(parts)
 
 
+SECTIONS_SHOW = [
+    (
+        "Distillation curves",
+        "how closely the student's projected map matches the teacher's tokens on the same view "
+        "(loss, Eq. 6; token cosine) while it trains on unlabeled frames.",
+    ),
+    (
+        "Linear probe (Table 2, Table 4 linear)",
+        "what the frozen features already contain: a 1x1 conv (segmentation) or a linear layer "
+        "(lesion type) trained on 5-100 % of the labels. Random init: what the architecture "
+        "alone gives; distilled: what the student learned from the teacher without a label; "
+        "teacher: what there was to learn.",
+    ),
+    (
+        "Fine-tuning (Table 3)",
+        "every weight trained on all labels for a few epochs: the start a distilled "
+        "initialisation gives.",
+    ),
+    (
+        "Intervals and tests",
+        "[low, high] is a 95 % bootstrap interval over test images; comparisons.md pairs each "
+        "encoder with random init on the same test images (Wilcoxon signed-rank, Holm-adjusted).",
+    ),
+    (
+        "t-SNE",
+        "how each encoder separates the simulated anatomies (silhouette, k-NN accuracy).",
+    ),
+    (
+        "Table 5",
+        "the deployment cost of the real ViT-B/16 architecture vs the student (not the "
+        "simulated teacher).",
+    ),
+]
+"""What each section's numbers show, for a demo in the simulated world."""
+
+
+def _simulated_world(teacher: dict, summary: dict) -> str:
+    seen = ", ".join(teacher.get("pretraining_presets") or []) or "some presets"
+    held = ", ".join(summary.get("downstream_presets") or []) or "the others"
+    items = "".join(
+        f"<li><b>{html.escape(t)}</b>: {html.escape(text)}</li>" for t, text in SECTIONS_SHOW
+    )
+    return (
+        "<p class='warn'><b>A simulated world.</b> The teacher is a small DINOv3 ViT trained "
+        f"with labels on simulated frames of {html.escape(seen)} (its 'natural images'), saved "
+        "in Meta's file layout and loaded like any DINOv3 file; distillation uses unlabeled "
+        f"frames of every preset; the downstream tasks use {html.escape(held)}, which the "
+        "teacher never saw. The numbers show whether distillation carries what a teacher knows "
+        "into the student, here; they are not results on real ultrasound, and the teacher is "
+        "not DINOv3 (pass <code>--teacher.weights FILE</code> for the real one).</p>"
+        f"<p>What each number shows:</p><ul>{items}</ul>"
+    )
+
+
+def _at_a_glance(evaluate: Path) -> str:
+    """The suites' paired comparisons against random init (Dice, accuracy): a row per protocol,
+    task and encoder, a column per label fraction."""
+    cells: dict[tuple, dict[float, str]] = {}
+    for path in sorted(evaluate.glob("*/tables/comparisons.csv")):
+        for r in csv.DictReader(path.open()):
+            if r["metric"] not in ("Dice", "Acc"):  # the tables hold IoU and F1 too
+                continue
+            low, high = float(r["low"]), float(r["high"])
+            sure = float(r["p_holm"]) < 0.05 and low > 0
+            text = f"{float(r['delta']):+.3f} [{low:+.3f}, {high:+.3f}]" + (" ✓" if sure else "")
+            key = (r["protocol"], r["task"], r["encoder"], r["metric"])
+            cells.setdefault(key, {})[float(r["fraction"])] = text
+    if not cells:
+        return ""
+    fractions = sorted({f for row in cells.values() for f in row})
+    header = ["protocol", "task", "encoder", "metric", *(f"{f:.0%} labels" for f in fractions)]
+    order = sorted(cells, key=lambda k: (k[0] != "linear", k[1], k[2]))  # probes first
+    rows = [[*key, *(cells[key].get(f, "") for f in fractions)] for key in order]
+    return (
+        "<h3>Transfer at a glance: each encoder minus random initialisation</h3>"
+        + _html_table(header, rows)
+        + "<p class='muted'>Mean difference in test score against the same architecture at "
+        "random initialisation, on the same test images, with its 95% paired bootstrap interval; "
+        "✓: significant (Wilcoxon signed-rank, Holm-adjusted p &lt; 0.05, interval above 0). "
+        "From evaluate/*/tables/comparisons.md.</p>"
+    )
+
+
+def _evaluation(folder: Path) -> str:
+    """Each suite's tables (evaluate/<protocol>/tables), else every table under the folder."""
+    suites = sorted(folder.glob("*/tables"))
+    if not suites:
+        return _tables(folder)
+    return "\n".join(f"<h3>{html.escape(t.parent.name)}</h3>{_tables(t)}" for t in suites)
+
+
 def _distill_run(run: Path) -> Path:
     """The distill run of a demo folder (run/distill), else the folder itself."""
     return run / "distill" if (run / "distill").is_dir() else run
@@ -131,7 +237,7 @@ def _distill_run(run: Path) -> Path:
 
 def _distill_teacher_is_random(run: Path) -> bool:
     """A distill config without weights and with random_init: the teacher was random."""
-    teacher = read_config(_distill_run(run)).get("teacher") or {}
+    teacher = read_run_config(_distill_run(run)).get("teacher") or {}
     return bool(teacher.get("random_init")) and not teacher.get("weights")
 
 
@@ -149,6 +255,8 @@ def _configs(run: Path) -> str:
 
 
 def _curves(run: Path) -> str:
+    from sonodistill.distill.run import loss_title, read_metrics  # pandas: not for --help
+
     folder = _distill_run(run)
     try:
         rows = read_metrics(folder)  # every attempt of a resumed run, in version order

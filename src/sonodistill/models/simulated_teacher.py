@@ -34,7 +34,6 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +46,7 @@ from sonodistill.data.simulator import LESIONS, OUTSIDE, PRESETS, SimConfig, sim
 from sonodistill.io import atomic_path
 from sonodistill.models.families.dinov3_vit import timm_to_official
 from sonodistill.models.preprocess import to_model_input
-from sonodistill.models.teacher import TeacherConfig
+from sonodistill.models.specs import SimTeacherConfig, TeacherConfig
 
 log = logging.getLogger(__name__)
 
@@ -57,43 +56,6 @@ VERSION = 1
 LESION_CLASS, OUTSIDE_CLASS, N_CLASSES = 4, 5, 6
 LESION_WEIGHT = 4.0
 """Weight of the lesion class in the per-patch loss: lesion patches are a few percent."""
-
-
-@dataclass
-class SimTeacherConfig:
-    """How the simulated teacher is made (every field is part of its cache key)."""
-
-    image_size: int = 128
-    """Frame side in pixels; the teacher's token grid is image_size / patch_size."""
-    patch_size: int = 16
-    """ViT patch size (DINOv3's is 16)."""
-    embed_dim: int = 192
-    """Token width (ViT-S: 384, ViT-B: 768)."""
-    depth: int = 4
-    """Transformer blocks."""
-    num_heads: int = 3
-    """Attention heads (embed_dim / num_heads must be a multiple of 4 for RoPE)."""
-    presets: list[str] = field(default_factory=lambda: ["muscle", "abdomen"])
-    """The presets whose labels the teacher learns (its 'natural images')."""
-    frames: int = 1024
-    """Labelled pretraining frames (lesion types balanced), flipped at random while training."""
-    steps: int = 300
-    """AdamW steps (one-cycle lr schedule)."""
-    batch_size: int = 32
-    """Frames per step."""
-    lr: float = 2e-3
-    """Peak AdamW lr."""
-    seed: int = 0
-    """Seed of the frames, the initialisation and the batches."""
-
-    def model_kwargs(self) -> dict:
-        """The architecture as TeacherConfig.model_kwargs (timm overrides of ARCH)."""
-        return {
-            "embed_dim": self.embed_dim,
-            "depth": self.depth,
-            "num_heads": self.num_heads,
-            "patch_size": self.patch_size,
-        }
 
 
 def check(cfg: SimTeacherConfig) -> None:

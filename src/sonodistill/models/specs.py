@@ -32,7 +32,7 @@ import yaml
 
 from sonodistill.config import Renamed, checked
 from sonodistill.errors import UserError, unknown_name
-from sonodistill.fields import PositiveInt, registered
+from sonodistill.fields import NonNegativeInt, PositiveFloat, PositiveInt, registered
 from sonodistill.registry import Registry
 
 RANDOM = "random"
@@ -232,3 +232,41 @@ class TeacherConfig:
             model_kwargs=dict(self.model_kwargs),
             options=dict(self.options),
         )
+
+
+@dataclass
+class SimTeacherConfig:
+    """How the simulated pretrained teacher is made (`sonodistill.models.simulated_teacher`,
+    which builds it; every field is part of its cache key)."""
+
+    image_size: PositiveInt = 128
+    """Frame side in pixels; the teacher's token grid is image_size / patch_size."""
+    patch_size: PositiveInt = 16
+    """ViT patch size (DINOv3's is 16)."""
+    embed_dim: PositiveInt = 192
+    """Token width (ViT-S: 384, ViT-B: 768)."""
+    depth: PositiveInt = 4
+    """Transformer blocks."""
+    num_heads: PositiveInt = 3
+    """Attention heads (embed_dim / num_heads must be a multiple of 4 for RoPE)."""
+    presets: list[str] = field(default_factory=lambda: ["muscle", "abdomen"])
+    """The presets whose labels the teacher learns (its 'natural images')."""
+    frames: PositiveInt = 1024
+    """Labelled pretraining frames (lesion types balanced), flipped at random while training."""
+    steps: PositiveInt = 300
+    """AdamW steps (one-cycle lr schedule)."""
+    batch_size: PositiveInt = 32
+    """Frames per step."""
+    lr: PositiveFloat = 2e-3
+    """Peak AdamW lr."""
+    seed: NonNegativeInt = 0
+    """Seed of the frames, the initialisation and the batches."""
+
+    def model_kwargs(self) -> dict:
+        """The architecture as TeacherConfig.model_kwargs (timm overrides of ARCH)."""
+        return {
+            "embed_dim": self.embed_dim,
+            "depth": self.depth,
+            "num_heads": self.num_heads,
+            "patch_size": self.patch_size,
+        }
