@@ -13,7 +13,7 @@ import torch
 from sonodistill import io
 from sonodistill.cli import main
 from sonodistill.config import config_changes, describe_changes
-from sonodistill.errors import UserError, check_positive, unknown_name, user_message
+from sonodistill.errors import UserError, check, unknown_name, user_message
 
 
 def test_atomic_write_replaces_whole_files_and_leaves_no_temp_on_failure(tmp_path):
@@ -61,7 +61,7 @@ def test_read_json_treats_empty_or_garbage_files_as_missing(tmp_path, caplog):
 
 def test_option_checks_and_config_diffs_read_as_one_line():
     with pytest.raises(UserError, match=r"^--batch_size -4: must be > 0$"):
-        check_positive({"--batch_size": -4, "--epochs": 1})
+        check(-4 > 0, "--batch_size", -4, "must be > 0")
     err = unknown_name(
         "timm model", "resnt18", ["resnet18", "resnet50", "vit_base"], "--student.name"
     )

@@ -133,12 +133,3 @@ def check(ok: bool, option: str, value, why: str) -> None:
     """Raise the user error `--option value: why` unless `ok`."""
     if not ok:
         raise UserError(f"{option} {value}: {why}")
-
-
-def check_positive(values: dict[str, float | int | None], allow_zero: bool = False) -> None:
-    """Each `{--option: value}` must be > 0 (>= 0 with allow_zero); None is left alone."""
-    for option, value in values.items():
-        if value is None:
-            continue
-        ok = value >= 0 if allow_zero else value > 0
-        check(ok, option, value, "must be >= 0" if allow_zero else "must be > 0")

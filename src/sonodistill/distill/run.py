@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from sonodistill.models.specs import AUGMENT_TITLES as AUGMENT_NAMES  # noqa: F401 (bridge)
 from sonodistill.models.specs import LOGS
 from sonodistill.models.specs import read_run_config as read_config
 
@@ -53,28 +52,3 @@ def read_metrics(run_dir: str | Path) -> pd.DataFrame:
     rows["_val"] = is_val
     rows = rows.drop_duplicates(["_val", "step"], keep="last").drop(columns=["_val"])
     return rows.sort_values(["step", "attempt"]).reset_index(drop=True)
-
-
-# --- bridges for evaluate, deploy and the demo until they call models directly (issue 20) ------
-
-
-def load_encoder(spec):
-    """Bridge to `models.build_encoder` (which builds `student:RUN` itself)."""
-    from sonodistill.models.encoders import build_encoder
-
-    return build_encoder(spec)
-
-
-def resolve_encoder(spec):
-    """Bridge to `models.encoders.resolve_spec`."""
-    from sonodistill.models.encoders import resolve_spec
-
-    return resolve_spec(spec)
-
-
-def student_recipe(run_dir: str | Path) -> dict:
-    """Bridge to `models.encoder_recipe` of `student:RUN_DIR` (without its `init`)."""
-    from sonodistill.models.encoders import EncoderSpec, encoder_recipe
-
-    recipe = encoder_recipe(EncoderSpec(family="student", weights=str(run_dir)))
-    return {k: v for k, v in recipe.items() if k != "init"}

@@ -14,7 +14,6 @@ _EXPORTS = {
     "build_encoder": "sonodistill.models.encoders",
     "encoder_label": "sonodistill.models.encoders",
     "encoder_recipe": "sonodistill.models.encoders",
-    "parse_spec": "sonodistill.models.encoders",
     "resolve_spec": "sonodistill.models.encoders",
     "weights_file": "sonodistill.models.encoders",
     "EncoderSpec": "sonodistill.models.specs",

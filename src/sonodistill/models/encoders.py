@@ -28,7 +28,6 @@ __all__ = [
     "encoder_label",
     "encoder_recipe",
     "family_of",
-    "parse_spec",
     "resolve_spec",
     "weights_file",
 ]
@@ -39,12 +38,6 @@ Spec = EncoderSpec | str | dict
 def family_of(spec: EncoderSpec, option: str = "") -> type[Encoder]:
     """The family (Encoder subclass) of a spec; an unknown one is one line with close matches."""
     return FAMILIES.get(spec.family, option)
-
-
-def parse_spec(text: str) -> EncoderSpec:
-    """`FAMILY:NAME=FILE@LABEL` -> EncoderSpec (bridge: `EncoderSpec.parse` is the checked
-    constructor of strings and mappings)."""
-    return EncoderSpec.parse(text, "encoder spec")
 
 
 def build_encoder(spec: Spec, option: str = "--encoders") -> Encoder:
