@@ -578,10 +578,25 @@ def running_app(models: Path, work: Path, address: str = "127.0.0.1", **options)
         thread.join(10)
 
 
+MACHINE_CACHE = os.environ.get("SONODISTILL_CACHE")
+"""The machine's cache folder as the session found it (`_fingerprint_cache` replaces it)."""
+
+
 @pytest.fixture(scope="session")
 def simulated_teacher_file(_fingerprint_cache) -> Path:
-    """The demo's simulated pretrained teacher (models.simulated_teacher), built once per
-    session into the session's cache folder (about a minute on two cores)."""
-    from sonodistill.models.simulated_teacher import SimTeacherConfig, simulated_teacher
+    """The demo's simulated pretrained teacher (models.simulated_teacher): read from the
+    machine's cache, as the demo does (built there once per machine and settings: minutes on
+    two cores), and copied into the session's cache folder, where the code under test looks."""
+    from sonodistill.models.simulated_teacher import SimTeacherConfig, cache_path, simulated_teacher
 
-    return simulated_teacher(SimTeacherConfig())
+    cfg = SimTeacherConfig()
+    with pytest.MonkeyPatch.context() as mp:
+        if MACHINE_CACHE is None:
+            mp.delenv("SONODISTILL_CACHE")
+        else:
+            mp.setenv("SONODISTILL_CACHE", MACHINE_CACHE)
+        built = simulated_teacher(cfg)
+    session = cache_path(cfg)
+    session.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(built, session)
+    return session

@@ -23,7 +23,7 @@ def demo_run(tmp_path_factory, simulated_teacher_file) -> Path:
         out=str(tmp_path_factory.mktemp("demo") / "run"),
         corpus_frames=32,
         labelled_frames=40,
-        img_size=64,  # the teacher's 8x8 token grid at its own 128 px, 4x4 here
+        image_size=64,  # the teacher's 8x8 token grid at its own 128 px, 4x4 here
         distill_steps=3,
         batch_size=8,
         fractions=[0.5, 1.0],
@@ -31,7 +31,7 @@ def demo_run(tmp_path_factory, simulated_teacher_file) -> Path:
         linear_seeds=[0],
         finetune_epochs=1,
         tsne_frames=32,
-        bench_size=32,
+        bench_image_size=32,
         bench_runs=1,
         bench_backends=["torch_fp32"],
     )
@@ -121,11 +121,47 @@ def test_missing_teacher_weights_fail_fast(tmp_path: Path) -> None:
             },
             "leave at least one preset out",
         ),
-        ({"img_size": 100}, "--img_size 100: not a multiple"),
+        ({"image_size": 100}, "--image_size 100: not a multiple"),
     ],
 )
 def test_bad_settings_fail_before_anything_is_written(tmp_path, change, message) -> None:
     cfg = DemoConfig(out=str(tmp_path / "run"), **change)
     with pytest.raises(UserError, match=message):
         run_demo(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_old_option_names_are_accepted_with_a_deprecation_line(capsys) -> None:
+    from sonodistill.cli import parse_command
+    from sonodistill.config import deprecation_lines, reset_deprecations
+
+    reset_deprecations()
+    argv = ["--img_size", "64", "--bench_size", "32", "--threads", "0", "--precision", "32-true"]
+    cfg = parse_command("demo", argv)
+    assert (cfg.image_size, cfg.bench_image_size, cfg.threads, cfg.precision) == (
+        64,
+        32,
+        None,
+        "fp32",
+    )
+    lines = deprecation_lines("sonodistill demo")
+    assert any("--img_size is deprecated, use --image_size" in line for line in lines)
+    assert any("--bench_size is deprecated, use --bench_image_size" in line for line in lines)
+    reset_deprecations()
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["--skip", "[sampels]"], "--skip"),
+        (["--fractions", "[0.0, 1.0]"], "--fractions"),
+        (["--bench_backends", "[onnx]"], "--bench_backends"),
+        (["--corpus_frames", "0"], "--corpus_frames"),
+    ],
+)
+def test_bad_values_are_refused_by_their_type(argv, option, tmp_path) -> None:
+    from sonodistill.cli import parse_command
+
+    with pytest.raises(UserError, match=option):
+        parse_command("demo", [*argv, "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()

@@ -128,7 +128,7 @@ class DemoConfig:
     deprecated: ClassVar = (
         Renamed("img_size", "image_size"),
         Renamed("bench_size", "bench_image_size"),
-        Renamed("threads", values={0: None}),
+        Renamed("threads", values={"0": "null", 0: None}),  # 0 meant "torch's default"
         Renamed("precision", values={"32-true": "fp32", "bf16-mixed": "bf16", "16-mixed": "fp16"}),
     )
 

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sonodistill.models.specs import LOGS
-from sonodistill.models.specs import read_run_config as read_config
+from sonodistill.models.specs import LOGS, read_run_config
 
 
 def loss_title(run_dir: str | Path) -> str:
@@ -26,7 +25,7 @@ def loss_title(run_dir: str | Path) -> str:
     the objective of runs older than the `loss` option)."""
     from sonodistill.distill.config import LOSSES
 
-    name = read_config(run_dir).get("loss", "token_mse")
+    name = read_run_config(run_dir).get("loss", "token_mse")
     return LOSSES.entry(name).title if name in LOSSES else f"{name} loss"
 
 
