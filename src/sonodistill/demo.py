@@ -232,7 +232,7 @@ def step_corpus(cfg: DemoConfig, run: Path, state: dict) -> str:
 
     with _bar("simulate corpus", cfg.corpus_frames) as advance:
         write_corpus(run / "corpus", cfg.corpus_frames, state["image_size"], cfg.seed, advance)
-    return f"{cfg.corpus_frames} unlabeled frames of every preset, {state['img_size']} px"
+    return f"{cfg.corpus_frames} unlabeled frames of every preset, {state['image_size']} px"
 
 
 def step_labelled(cfg: DemoConfig, run: Path, state: dict) -> str:
@@ -367,7 +367,7 @@ def step_evaluate(cfg: DemoConfig, run: Path, state: dict) -> str:
         suite = suite_config(cfg, run, state, protocol)
         counts.append(f"{len(check_options(suite))} {protocol}")
         run_suite(suite)
-    return f"{' + '.join(counts)} runs at {state['img_size']} px"
+    return f"{' + '.join(counts)} runs at {state['image_size']} px"
 
 
 def step_samples(cfg: DemoConfig, run: Path, state: dict) -> str:
