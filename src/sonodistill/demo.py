@@ -252,7 +252,7 @@ def step_labelled(cfg: DemoConfig, run: Path, state: dict) -> str:
 
 
 def step_teacher(cfg: DemoConfig, run: Path, state: dict) -> str:
-    """The simulated teacher from the cache, else trained (about a minute) and cached."""
+    """The simulated teacher from the cache, else trained (minutes, once per machine), cached."""
     from sonodistill.models.simulated_teacher import cache_path, simulated_teacher, teacher_config
 
     if state["teacher"] is not None:

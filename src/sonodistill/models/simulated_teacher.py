@@ -17,10 +17,10 @@ ultrasound of BUSI or DDTI. Distillation then uses unlabeled frames of every pre
 
 The weights are saved in Meta's official .pth layout (`timm_to_official`) and read back by the
 normal teacher loader, `TeacherConfig(weights=FILE, name=..., model_kwargs=...)`, like any
-user's DINOv3 file. Deterministic from the seed (on one machine and thread count); built in
-about a minute on two CPU cores and cached in `$SONODISTILL_CACHE` (default
-~/.cache/sonodistill/hashes) under a hash of its settings and `VERSION`, written atomically, so
-the demo and the tests build it once.
+user's DINOv3 file. Deterministic from the seed (on one machine and thread count); built once
+(about 600 s of CPU time: a few minutes on two cores) and cached in `$SONODISTILL_CACHE`
+(default ~/.cache/sonodistill/hashes) under a hash of its settings and `VERSION`, written
+atomically, so the demo and the tests build it once per machine.
 
 What it is not: a foundation model. It knows one simulated world, learned from labels in a
 minute; it shows that distillation carries such knowledge into a CNN, not how much a real
