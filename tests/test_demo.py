@@ -165,3 +165,26 @@ def test_bad_values_are_refused_by_their_type(argv, option, tmp_path) -> None:
     with pytest.raises(UserError, match=option):
         parse_command("demo", [*argv, "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
+
+
+def test_a_stop_signal_stops_the_demo(monkeypatch, tmp_path) -> None:
+    import sonodistill.demo as demo
+    from sonodistill.errors import Interrupted
+
+    ran = []
+
+    def stopped(cfg, run, state):
+        raise Interrupted("stopped by SIGTERM at step 3 of 50", 143)
+
+    monkeypatch.setattr(
+        demo,
+        "STEPS",
+        [
+            demo.Step("corpus", stopped, "stopped by a signal"),
+            demo.Step("labelled", lambda *a: ran.append("labelled") or "", "never runs"),
+        ],
+    )
+    with pytest.raises(Interrupted):
+        run_demo(DemoConfig(out=str(tmp_path / "run")))
+    steps = json.loads((tmp_path / "run" / "demo.json").read_text())["steps"]
+    assert [(s["name"], s["status"]) for s in steps] == [("corpus", "stopped")] and not ran

@@ -46,7 +46,7 @@ from sonodistill.config import (
     save_config,
 )
 from sonodistill.deploy.runtimes import BackendName
-from sonodistill.errors import UserError
+from sonodistill.errors import Interrupted, UserError
 from sonodistill.io import atomic_path, write_json
 from sonodistill.models.specs import WEIGHTS_ENV, SimTeacherConfig, TeacherConfig
 from sonodistill.rundir import Layout, RunDir
@@ -556,6 +556,11 @@ def _run_steps(cfg: DemoConfig, run: Path, state: dict) -> None:
         record = {"name": step.name, "status": "ok", "detail": ""}
         try:
             record["detail"] = step.run(cfg, run, state)
+        except Interrupted as err:  # a stop signal stops the demo, not just this step
+            record.update(status="stopped", detail=str(err))
+            summary["steps"].append(record)
+            write_json(run / "demo.json", summary)
+            raise
         except Exception as err:  # one failing step must not hide the others' results
             record.update(status="failed", detail=f"{type(err).__name__}: {err}")
             log.error("step %s failed:\n%s", step.name, traceback.format_exc())
