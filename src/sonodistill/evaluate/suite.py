@@ -255,14 +255,14 @@ def run_key(run: Run, cfg: SuiteConfig) -> str:
 
 class SuiteData:
     """Datasets, fingerprints, splits (or folds) and audits, made once per suite; images are
-    fingerprinted once per dataset root. New splits are kept in memory until `writable` (the
+    fingerprinted once per set of image files. New splits are kept in memory until `writable` (the
     folder claimed), then saved."""
 
     def __init__(self, cfg: SuiteConfig, out: Path):
         self.cfg, self.out, self.specs = cfg, out, task_specs(cfg)
         self._index: dict[str, DatasetIndex] = {}
         self._splits: dict[str, list[dict]] = {}
-        self._fps: dict[str, Fingerprints] = {}
+        self._fps: dict[tuple, Fingerprints] = {}
         self._unsaved: dict[Path, dict] = {}
         self.writable = False
         self.recipes: dict[str, dict] = {}
@@ -273,10 +273,12 @@ class SuiteData:
         return self._index[task]
 
     def fingerprints(self, task: str) -> Fingerprints:
-        root = self.specs[task].root
-        if root not in self._fps:
-            self._fps[root] = image_fingerprints(self.index(task))
-        return self._fps[root]
+        """Keyed by the image files themselves (path and frame of every record), never by a
+        dataset's root or name: two datasets under one root with other images get their own."""
+        key = tuple((str(r.image), r.frame) for r in self.index(task).records)
+        if key not in self._fps:
+            self._fps[key] = image_fingerprints(self.index(task))
+        return self._fps[key]
 
     def splits(self, task: str) -> list[dict]:
         """[the fixed split] or the K folds of a task: read, else made (saved once writable)."""
