@@ -249,7 +249,8 @@ class SuiteConfig:
     tasks: list[str] = field(default_factory=lambda: ["ddti_seg", "busi_seg", "busi_cls"])
     """Tasks to run: the built-in ddti_seg, busi_seg, busi_cls, or names under `datasets`."""
     datasets: dict[str, DatasetSpec] = field(default_factory=dict)
-    """Your own tasks: name -> dataset (format, root, task_type, group_by, ...)."""
+    """Your own tasks: name -> dataset (format, root, task_type, images, masks, folders, split,
+    group_by, groups_csv, ...; `--datasets.help DatasetSpec` lists every key)."""
     protocols: list[ProtocolName] = field(default_factory=lambda: ["linear", "finetune"])
     """linear: a linear layer on the frozen encoder (Table 2); finetune: the encoder trained
     with a decoder or classifier (Table 3)."""
