@@ -2,12 +2,14 @@
 
 For each task (and each fold of a cross-validation): images per split and their class
 balance, the groups used (the rules that made them, how many, the largest), near-duplicate
-pairs within and across splits at the chosen similarity and at a looser one, explicit groups
-that straddle splits, conflicting-label duplicates, masks that are not binary (with the
+pairs within and across splits at the chosen similarity (the split's own decision,
+`data.neardup.near_duplicates`: across splits they are leaks) and close pairs at a looser one
+(never leaks), explicit groups that straddle splits, names sharing a leading id across splits
+(possibly one patient), conflicting-label duplicates, masks that are not binary (with the
 threshold used) or were drawn as outlines, and a contact sheet of the closest cross-split
-pairs. Written beside the split files (`TASK.audit.md|json`, `TASK.pairs.png`); a suite runs
-it first and refuses to start while pairs straddle splits (`accept_leaks: true` overrides).
-"""
+pairs. `audit_report` computes it in memory (a suite does so for every task before writing
+anything, and refuses to start while pairs or groups straddle splits unless `accept_leaks`);
+`write_audit` writes it beside the split files (`TASK.audit.md|json`, `TASK.pairs.png`)."""
 
 from __future__ import annotations
 
@@ -242,20 +244,6 @@ def write_audit(report: dict, index: DatasetIndex, out: Path) -> dict:
     write_json(out / f"{task}.audit.json", report, indent=1)
     write_text(out / f"{task}.audit.md", audit_markdown(report))
     return report
-
-
-def audit_task(
-    index: DatasetIndex,
-    split_list: list[dict],
-    fps: Fingerprints,
-    out: Path,
-    task: str,
-    threshold: float,
-    loose: float = LOOSE,
-) -> dict:
-    """Audit one task's split(s); writes TASK.audit.json|md and TASK.pairs.png into `out`."""
-    report = audit_report(index, split_list, fps, task, threshold, loose)
-    return write_audit(report, index, out)
 
 
 def leak_summary(report: dict) -> dict:
