@@ -315,8 +315,9 @@ def test_smoke_suite_on_real_data(splits_dir, tmp_path, shared_data, fake_studen
     assert "| Majority class (trivial) |" in table3 and "(n=1)" in table3
     cell = table3.split("| R18-Rand | ")[1].split(" | ")[0]  # one seed: no std
     mean, rest = cell.split(" [")
-    low, high = (float(v) for v in rest.split("]")[0].split(", "))
-    assert low <= float(mean) <= high
+    inside, images = rest.split("]")[0].split("; ")
+    low, high = (float(v) for v in inside.split(", "))
+    assert low <= float(mean) <= high and images.endswith(" images")
     assert "Paired comparisons against R18-Rand" in (out / "tables" / "comparisons.md").read_text()
     assert yaml.safe_load((out / "suite.yaml").read_text())["seeds"] == [0]
     # the selected models are kept in the format `sonodistill export --head` reads
@@ -390,15 +391,16 @@ def test_suite_refuses_straddling_pairs(splits_dir, tmp_path, shared_data, fake_
     split["ids"]["test" if where[moved] != "test" else "train"].append(moved)
     write_json(out / "splits" / "ddti_seg.json", split)
     cfg = _suite(out, shared_data, fake_student, tasks=["ddti_seg"])
-    with pytest.raises(LeakError, match="ddti_seg"):
+    before = sorted(p.name for p in out.rglob("*"))
+    with pytest.raises(LeakError, match=r"ddti_seg \(1\), e.g. 18[34] / 18[34]"):
         run_suite(cfg)
-    assert not list((out / "runs").glob("*.json"))
-    report = (out / "splits" / "ddti_seg.audit.md").read_text()
-    assert "183" in report and "184" in report and "**Leaks" in report
+    assert sorted(p.name for p in out.rglob("*")) == before  # a refusal leaves nothing behind
     from sonodistill.cli import main as cli_main
 
     argv = f"evaluate audit --out {out} --data_root {shared_data} --tasks [ddti_seg]"
-    assert cli_main(argv.split()) == 1
+    assert cli_main(argv.split()) == 1  # the audit writes its report, and says so
+    report = (out / "splits" / "ddti_seg.audit.md").read_text()
+    assert "183" in report and "184" in report and "**Leaks" in report
     capsys.readouterr()
     argv += " --accept_leaks true --audit_loose 0.85"  # the 0.1 name of the option still works
     assert cli_main(argv.split()) == 0
