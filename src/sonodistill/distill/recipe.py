@@ -55,7 +55,7 @@ from sonodistill.distill.config import (
     check_config,
 )
 from sonodistill.distill.loss import Objective
-from sonodistill.distill.run import next_log_version
+from sonodistill.distill.run import next_log_version, record_ending
 from sonodistill.distill.signals import StopRequest, ignore_stop_signals
 from sonodistill.errors import Interrupted, UserError, check
 from sonodistill.io import read_json, write_json
@@ -254,7 +254,7 @@ def _run(fabric: Fabric, cfg: DistillConfig, dataset: Dataset) -> dict:
     fabric.loggers.extend(_loggers(cfg.out))
     objective = LOSSES.get(cfg.loss, "--loss")
     control = dist.new_group(backend="gloo") if fabric.world_size > 1 else None
-    status = "failed"
+    status, ending = "failed", "crashed"
     try:
         with StopRequest() as stop:
             step, stopped = _loop(
@@ -263,9 +263,15 @@ def _run(fabric: Fabric, cfg: DistillConfig, dataset: Dataset) -> dict:
         if not stopped:
             _finish(fabric, cfg, objective, data, models, step)
         status = "interrupted" if stopped else "success"
+        ending = "stopped" if stopped else "finished"
+    except UserError:
+        ending = "user error"
+        raise
     finally:
         for logger in fabric.loggers:
             logger.finalize(status)
+        if fabric.is_global_zero:
+            record_ending(cfg.out, ending)
     return {
         "stopped": (stop.name or "a signal to another rank") if stopped else "",
         "exit_code": stop.exit_code,
