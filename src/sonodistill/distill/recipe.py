@@ -33,6 +33,7 @@ import math
 import os
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,7 @@ def distill(cfg: DistillConfig) -> Path:
     a signal stopped the run (its checkpoint saved), UserError when the loss stopped being finite.
     """
     check_config(cfg)
+    _check_gpu_usable(cfg)
     fabric = _fabric(cfg)
     _check_devices(fabric, cfg)
     dataset = _check_data(cfg, fabric.world_size)
@@ -110,6 +112,35 @@ def _fabric(cfg: DistillConfig) -> Fabric:
     except (ValueError, TypeError, RuntimeError) as err:  # Fabric's word on the device options
         options = "--accelerator/--devices/--num_nodes/--strategy/--precision"
         raise UserError(f"{options}: {str(err).splitlines()[0]}") from err
+
+
+def _check_gpu_usable(cfg: DistillConfig) -> None:
+    """With --accelerator auto, a GPU that the machine shows but torch cannot use (a driver too
+    old for torch's CUDA build, a CPU-only torch) is an error naming the fix, not a silent fp32
+    run on the CPU of a GPU node. --accelerator cpu, or GPUs hidden on purpose
+    (CUDA_VISIBLE_DEVICES empty or -1), train on the CPU."""
+    if cfg.accelerator != "auto" or os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return
+    devices = _nvidia_devices()
+    if not devices:
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if torch.cuda.is_available():
+            return
+    said = "; ".join(str(w.message).strip().splitlines()[0] for w in caught)
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    raise UserError(
+        f"--accelerator auto: this machine has an NVIDIA GPU ({devices[0]}) that torch "
+        f"{torch.__version__} ({build}) cannot use ({said or 'torch.cuda.is_available() is false'}"
+        "); update the NVIDIA driver (CUDA 13 builds need driver 580 or newer) or install the "
+        "torch build for your driver, or pass --accelerator cpu to train on the CPU"
+    )
+
+
+def _nvidia_devices() -> list[str]:
+    """The NVIDIA GPUs the kernel driver shows (/dev/nvidia0, ...)."""
+    return sorted(str(p) for p in Path("/dev").glob("nvidia[0-9]*"))
 
 
 def _check_data(cfg: DistillConfig, world_size: int) -> Dataset:
