@@ -269,6 +269,8 @@ class Models:
 
 def _run(fabric: Fabric, cfg: DistillConfig, dataset: Dataset) -> dict:
     """Every rank's work; returns how it ended: {"stopped": signal name or "", "step", ...}."""
+    if fabric.world_size > 1 and fabric.device.type == "cpu":
+        _cpu_rank_threads()
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank and every attempt
     # Models first: a bad file or size stops before any write. The teacher sees one input size.
     teacher = Teacher(cfg.teacher, cfg.image_size)
@@ -309,6 +311,16 @@ def _run(fabric: Fabric, cfg: DistillConfig, dataset: Dataset) -> dict:
         "step": step,
         "total": total_steps,
     }
+
+
+def _cpu_rank_threads() -> None:
+    """A CPU rank takes the intra-op threads OMP_NUM_THREADS gives it. Lightning sets them only
+    when the variable is unset; a forked rank (ddp_fork) otherwise keeps its parent's count, and
+    GNU OpenMP's thread team, copied by the fork without its threads, hangs the rank's first
+    parallel op (seen with OMP_NUM_THREADS=1 exported after torch.set_num_threads(2))."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))
 
 
 def _check_devices(fabric: Fabric, cfg: DistillConfig) -> None:
