@@ -19,10 +19,11 @@ Eq. 6 by default); the run folder's rules are `distill.config.DISTILL`'s.
 Shaped for GPUs without changing the maths: uint8 batches cross the wire (pinned, copied
 non-blocking, from persistent workers that prefetch), are normalised on the device, the student
 and its input are channels_last, bf16 autocast runs the models while objectives sum in fp32,
-AdamW is fused on CUDA, and the host waits for the device only at log and checkpoint steps (the
-progress bar shows the last logged loss; a non-finite loss is noted on the device and read
-there). Ranks agree on a stop signal every step over a small CPU (gloo) group, which never waits
-for the GPU. `--compile` and `--student.sync_bn` are opt-in.
+AdamW is fused on CUDA, the augmentation and the gradient clip read nothing back, and the host
+waits for the device only at log and checkpoint steps, once (`read_back`: the progress bar shows
+the last logged loss; a non-finite loss is noted on the device and read there). Ranks agree on a
+stop signal every --stop_check_every steps over a small CPU (gloo) group, which never waits for
+the GPU. `--compile` (CUDA graphs, static shapes) and `--student.sync_bn` are opt-in.
 """
 
 from __future__ import annotations
