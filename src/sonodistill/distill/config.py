@@ -175,7 +175,8 @@ class DistillConfig:
     then and at checkpoints)."""
     stop_check_every: PositiveInt = 10
     """Ranks agree on a stop signal (SIGUSR1/SIGTERM/SIGINT) every N steps, over a CPU (gloo)
-    group across the network; a stopped run ends at most N steps after the signal."""
+    group across the network: a run of several processes stops at most N steps after the signal
+    (one process stops at the next step)."""
     checkpoint_every: PositiveInt = 500
     """Save checkpoints/last.pt every N steps (and at the end and on a stop signal)."""
     resume: bool = False

@@ -526,7 +526,7 @@ def _loop(
                 update(fabric, m, cfg.optim.grad_clip)
                 step += 1
                 images_seen += images.shape[0] * fabric.world_size
-                if step % cfg.stop_check_every == 0 or step == total_steps:
+                if control is None or step % cfg.stop_check_every == 0 or step == total_steps:
                     stopping = _agree(control, stop.signum is not None)
                 checkpoint = step % cfg.checkpoint_every == 0 or step == total_steps or stopping
                 logging_step = step % cfg.log_every == 0 or step == total_steps
