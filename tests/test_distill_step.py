@@ -126,6 +126,30 @@ def test_the_host_waits_for_the_device_once_per_log_step_and_never_between(
     assert marks[0] == 0 and per_step == {1: [], 2: [], 3: one, 4: [], 5: [], 6: one, 7: one}
 
 
+def test_ranks_vote_on_a_stop_signal_every_n_steps(three_batches, tmp_path, monkeypatch):
+    """The stop vote crosses the network: every --stop_check_every steps (and the last), not
+    every step. A stand-in group makes one process vote as a rank of several would."""
+    votes: list[int] = []
+    real_step, steps = recipe_module.train_step, {"n": 0}
+
+    def step(*args, **kwargs):
+        steps["n"] += 1
+        return real_step(*args, **kwargs)
+
+    def agree(control, stopping):
+        assert control == "group"
+        votes.append(steps["n"])
+        return stopping
+
+    monkeypatch.setattr(recipe_module, "train_step", step)
+    monkeypatch.setattr(recipe_module, "_control_group", lambda fabric: "group")
+    monkeypatch.setattr(recipe_module, "_agree", agree)
+    cfg = tiny_config(three_batches, tmp_path / "run", max_steps=7, augment="none")
+    cfg.stop_check_every, cfg.log_every = 3, 10
+    distill(cfg)
+    assert votes == [3, 6, 7]
+
+
 def test_student_is_channels_last_and_sync_bn_spans_processes():
     cfg = tiny_config("unused", "unused")
     single = build_student(cfg, 96, world_size=1)

@@ -287,7 +287,7 @@ def _run(fabric: Fabric, cfg: DistillConfig, dataset: Dataset) -> dict:
     fabric.barrier()
     fabric.loggers.extend(_loggers(cfg.out))
     objective = LOSSES.get(cfg.loss, "--loss")
-    control = dist.new_group(backend="gloo") if fabric.world_size > 1 else None
+    control = _control_group(fabric)
     status, ending = "failed", "crashed"
     try:
         with StopRequest() as stop:
@@ -552,6 +552,11 @@ def _loop(
                 if step >= total_steps or stopping:
                     break
     return step, stopping
+
+
+def _control_group(fabric: Fabric):
+    """The CPU (gloo) group the ranks vote over (`_agree`); None for one process."""
+    return dist.new_group(backend="gloo") if fabric.world_size > 1 else None
 
 
 def update(fabric: Fabric, m: Models, grad_clip: float | None) -> None:
