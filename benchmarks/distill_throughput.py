@@ -20,6 +20,10 @@ drifting machine load falls on every part alike):
   step      the recipe's train_step + AdamW on a batch already on the device
   loop      data + step, as the recipe runs them: its DataLoader with --workers persistent
             workers, timed after the prefetched batches are used up
+Host syncs per step (`sonodistill.distill.host_sync`: torch's sync debug mode on CUDA, a count
+of the calls that read a tensor's values on a CPU) in a step between log steps and at a log
+step; and the ops one step launches from Python, part by part (aten calls: each is a kernel
+launch, or more, on a GPU), which set the host time per step whatever the batch size.
 MFU = the FLOPs of one step (torch's FlopCounterMode: teacher forward, student forward and
 backward; 1 MAC = 2 FLOPs) / its time / the device's peak (known GPUs below; CPUs estimated from
 cores x clock x FLOPs per cycle of their vector units; `--peak-tflops` overrides).
@@ -35,25 +39,29 @@ import platform
 import statistics
 import tempfile
 import time
-import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from distill_step import extract_frames  # the same real lung frames as distill_step.py
 from lightning_fabric import Fabric
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import default_collate
 
 from sonodistill.data.images import open_training_images
 from sonodistill.distill import DistillConfig
 from sonodistill.distill.augment import mixup
 from sonodistill.distill.config import LOSSES
+from sonodistill.distill.host_sync import count_host_syncs
 from sonodistill.distill.recipe import (
     build_data,
     build_models,
     build_student,
+    read_back,
     resolve_precision,
     train_step,
+    update,
 )
 from sonodistill.models import StudentConfig, Teacher, TeacherConfig, to_model_input
 from sonodistill.models.flops import flops_of
@@ -135,7 +143,7 @@ class Parts:
     def __init__(self, fabric: Fabric, cfg: DistillConfig):
         self.fabric, self.cfg = fabric, cfg
         torch.manual_seed(0)
-        self.teacher = Teacher(cfg.teacher)
+        self.teacher = Teacher(cfg.teacher, cfg.image_size)
         student = build_student(cfg, self.teacher.out_channels)
         self.dataset = open_training_images(cfg.data, cfg.image_size)
         self.data = build_data(fabric, cfg, self.dataset)
@@ -200,8 +208,24 @@ class Parts:
             self.cfg.mixup,
             m.memory_format,
         )
-        m.optimizer.step()
-        m.optimizer.zero_grad(set_to_none=True)
+        update(self.fabric, m, self.cfg.optim.grad_clip)
+
+    def log_step(self) -> None:
+        """A step followed by what the loop does at a log step (`read_back`)."""
+        m = self.m
+        loss, metrics = train_step(
+            self.fabric,
+            m.teacher,
+            m.student,
+            m.augment,
+            self.objective,
+            self.images,
+            self.cfg.mixup,
+            m.memory_format,
+        )
+        update(self.fabric, m, self.cfg.optim.grad_clip)
+        first_bad = torch.tensor(-1, device=self.fabric.device)
+        read_back(self.fabric, first_bad, 1, 0, self.cfg, {"loss": loss, **metrics})
 
     def step_flops(self) -> tuple[int, int]:
         """FLOPs of one step (teacher forward + student forward and backward) and of the
@@ -256,19 +280,22 @@ def time_rounds(
     return times
 
 
-def count_host_syncs(fn) -> int | None:
-    """Host-device synchronisations in one call on CUDA (torch's sync debug mode), else None."""
-    if not torch.cuda.is_available():
-        return None
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+class OpCount(TorchDispatchMode):
+    """aten ops called within the block (what reaches the device from Python)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn: Callable[[], object]) -> int:
+    with OpCount() as ops:
+        fn()
+    return ops.count
 
 
 def config(args, data: Path) -> DistillConfig:
@@ -351,7 +378,17 @@ def main() -> None:
         }
         preludes = {"loop": parts.drain}
         times = time_rounds(timed, preludes, sync, args.rounds, args.iters, args.warmup)
-        syncs = count_host_syncs(parts.step)
+        optimizers = [parts.m.optimizer]
+        syncs = (
+            count_host_syncs(parts.step, fabric.device, optimizers),
+            count_host_syncs(parts.log_step, fabric.device, optimizers),
+        )
+        ops = {
+            "augment": count_ops(lambda: parts.augmented(parts.images)),
+            "teacher": count_ops(parts.teacher_forward),
+            "student": count_ops(parts.student_update),
+            "step": count_ops(parts.step),
+        }
 
     ms = {name: statistics.median(t) for name, t in times.items()}
     batch = cfg.batch_size
@@ -398,8 +435,14 @@ def main() -> None:
     print(
         f"student update speed, channels_last / NCHW: {ms['student_nchw'] / ms['student']:.2f}x; "
         f"one decoding core feeds {ms['step'] / ms['data']:.2f}x the step's images/s "
-        f"(cores for the step: {ms['data'] / ms['step']:.2f}); host syncs per step: "
-        f"{'not measured (no CUDA)' if syncs is None else syncs}."
+        f"(cores for the step: {ms['data'] / ms['step']:.2f})."
+    )
+    how = "CUDA sync debug mode" if fabric.device.type == "cuda" else "reads counted on the CPU"
+    print(f"host syncs per step ({how}): {syncs[0]} between log steps, {syncs[1]} at a log step.")
+    print(
+        f"ops launched per step: {ops['step']} (augmentation + mixup + normalisation "
+        f"{ops['augment']}, teacher forward {ops['teacher']}, student forward + backward + "
+        f"AdamW {ops['student']}); {ms['step'] / ops['step'] * 1e3:.1f} us of step time per op."
     )
     per_device = batch / ms["loop"] * 1e3
     total_flops = PAPER_IMAGES * flops_step / batch

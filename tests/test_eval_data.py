@@ -11,6 +11,7 @@ import json
 from collections import Counter
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -21,6 +22,7 @@ from sonodistill.errors import UserError
 from sonodistill.evaluate.audit import LeakError
 from sonodistill.evaluate.config import TrainSettings
 from sonodistill.evaluate.datasets import SegDataset, load_mask
+from sonodistill.evaluate.estimate import dry_run
 from sonodistill.evaluate.head_checkpoint import load_head
 from sonodistill.evaluate.splits import (
     SPLITS,
@@ -377,6 +379,50 @@ def test_missing_seed_is_said_in_its_cell(splits_dir, tmp_path, shared_data):
     dice = row.split(" | ")[1]
     assert dice.rstrip(" †").endswith("(n=1 of 2)") and " ± " not in dice
     assert "| All background (trivial) | 0.0000 | 0.0000 |" in table
+
+
+def test_two_shards_make_the_tables_of_one_suite(splits_dir, tmp_path, shared_data):
+    """`--shard 1/2` and `--shard 2/2`, each in its own folder (and lock) under OUT/shards, then
+    `--tables_only true` on OUT: every table equals the one of the suite run in one folder.
+    `--dry_run` gives each shard's time."""
+
+    def suite(out, train=None, **kw):
+        return SuiteConfig(
+            out=str(out),
+            data_root=str(shared_data),
+            encoders=["random:resnet18@R18-Rand"],
+            tasks=["ddti_seg"],
+            protocols=["linear"],
+            seeds=[0, 1, 2],
+            train=train or TrainSettings(seg_image_size=32, epochs=1, seg_batch=8, subset=8),
+            **kw,
+        )
+
+    one, sharded = tmp_path / "one", tmp_path / "sharded"
+    for folder in (one, sharded / "shards/1-of-2", sharded / "shards/2-of-2"):
+        (folder / "splits").mkdir(parents=True)
+        (folder / "splits/ddti_seg.json").write_text((splits_dir / "ddti_seg.json").read_text())
+    report = dry_run(suite(sharded, train=TrainSettings(), shard="1/2"))  # sizes it can count
+    assert "Estimated time per shard (--shard I/2, one device each): 1 of 2: " in report
+    run_suite(suite(one))
+    for shard in ("1/2", "2/2"):
+        run_suite(suite(sharded, shard=shard))
+    done = {f.name for f in (sharded / "shards/1-of-2/runs").glob("*.json")}
+    assert len(done) == 2 and done.isdisjoint(
+        f.name for f in (sharded / "shards/2-of-2/runs").glob("*.json")
+    )  # seeds 0 and 2, then seed 1
+    run_suite(suite(sharded, tables_only=True))
+    tables = sorted(p.name for p in (one / "tables").iterdir())
+    assert tables and tables == sorted(p.name for p in (sharded / "tables").iterdir())
+    for name in tables:  # the runs' wall times aside
+        if name.endswith(".csv"):
+            got, expected = (pd.read_csv(d / "tables" / name) for d in (sharded, one))
+            got, expected = (f.drop(columns=["wall_s"], errors="ignore") for f in (got, expected))
+            pd.testing.assert_frame_equal(got, expected)
+        else:
+            assert (sharded / "tables" / name).read_text() == (one / "tables" / name).read_text()
+    with pytest.raises(UserError, match="--shard 3/2"):
+        run_suite(suite(sharded, shard="3/2"))
 
 
 def test_suite_refuses_straddling_pairs(splits_dir, tmp_path, shared_data, fake_student, capsys):

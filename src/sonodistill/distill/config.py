@@ -70,6 +70,7 @@ DISTILL = Layout(
     # get longer; logging, checkpoints and data-loading speed are free.
     free_on_resume=(
         "log_every",
+        "stop_check_every",
         "val_every",
         "checkpoint_every",
         "num_workers",
@@ -130,6 +131,10 @@ class DistillConfig:
     augment: AugmentationName = "us"
     """Augmentation policy (Sec. 3.4): us (zoom, flip, mild blur: what a probe can do),
     default (ImageNet-style crop, colour jitter, blur), none, or a registered one."""
+    augment_batched: bool = True
+    """Crop the batch in one op, blur with per-image kernels and colour-jitter in a fixed order:
+    no host sync (the same draws; `us` equals the per-image path within 1e-5). false: kornia's
+    per-image path of earlier runs, which reads the device back every step."""
     mixup: bool = True
     """Mix each image with another of the batch, lambda ~ U(0, 1) (Eq. 7)."""
     batch_size: PositiveInt = 512
@@ -166,7 +171,12 @@ class DistillConfig:
     """torch.compile the teacher and the student (off until measured on your GPU:
     benchmarks/distill_throughput.py --compile compares both)."""
     log_every: PositiveInt = 10
-    """Log loss, cosine, lr and images/s every N steps."""
+    """Log loss, cosine, lr and images/s every N steps (the host waits for the device only
+    then and at checkpoints)."""
+    stop_check_every: PositiveInt = 10
+    """Ranks agree on a stop signal (SIGUSR1/SIGTERM/SIGINT) every N steps, over a CPU (gloo)
+    group across the network: a run of several processes stops at most N steps after the signal
+    (one process stops at the next step)."""
     checkpoint_every: PositiveInt = 500
     """Save checkpoints/last.pt every N steps (and at the end and on a stop signal)."""
     resume: bool = False

@@ -19,10 +19,11 @@ Eq. 6 by default); the run folder's rules are `distill.config.DISTILL`'s.
 Shaped for GPUs without changing the maths: uint8 batches cross the wire (pinned, copied
 non-blocking, from persistent workers that prefetch), are normalised on the device, the student
 and its input are channels_last, bf16 autocast runs the models while objectives sum in fp32,
-AdamW is fused on CUDA, and the host waits for the device only at log and checkpoint steps (the
-progress bar shows the last logged loss; a non-finite loss is noted on the device and read
-there). Ranks agree on a stop signal every step over a small CPU (gloo) group, which never waits
-for the GPU. `--compile` and `--student.sync_bn` are opt-in.
+AdamW is fused on CUDA, the augmentation and the gradient clip read nothing back, and the host
+waits for the device only at log and checkpoint steps, once (`read_back`: the progress bar shows
+the last logged loss; a non-finite loss is noted on the device and read there). Ranks agree on a
+stop signal every --stop_check_every steps over a small CPU (gloo) group, which never waits for
+the GPU. `--compile` (CUDA graphs, static shapes) and `--student.sync_bn` are opt-in.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import math
 import os
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +57,7 @@ from sonodistill.distill.config import (
     check_config,
 )
 from sonodistill.distill.loss import Objective
-from sonodistill.distill.run import next_log_version
+from sonodistill.distill.run import next_log_version, record_ending
 from sonodistill.distill.signals import StopRequest, ignore_stop_signals
 from sonodistill.errors import Interrupted, UserError, check
 from sonodistill.io import read_json, write_json
@@ -74,6 +76,7 @@ def distill(cfg: DistillConfig) -> Path:
     a signal stopped the run (its checkpoint saved), UserError when the loss stopped being finite.
     """
     check_config(cfg)
+    _check_gpu_usable(cfg)
     fabric = _fabric(cfg)
     _check_devices(fabric, cfg)
     dataset = _check_data(cfg, fabric.world_size)
@@ -110,6 +113,35 @@ def _fabric(cfg: DistillConfig) -> Fabric:
     except (ValueError, TypeError, RuntimeError) as err:  # Fabric's word on the device options
         options = "--accelerator/--devices/--num_nodes/--strategy/--precision"
         raise UserError(f"{options}: {str(err).splitlines()[0]}") from err
+
+
+def _check_gpu_usable(cfg: DistillConfig) -> None:
+    """With --accelerator auto, a GPU that the machine shows but torch cannot use (a driver too
+    old for torch's CUDA build, a CPU-only torch) is an error naming the fix, not a silent fp32
+    run on the CPU of a GPU node. --accelerator cpu, or GPUs hidden on purpose
+    (CUDA_VISIBLE_DEVICES empty or -1), train on the CPU."""
+    if cfg.accelerator != "auto" or os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return
+    devices = _nvidia_devices()
+    if not devices:
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if torch.cuda.is_available():
+            return
+    said = "; ".join(str(w.message).strip().splitlines()[0] for w in caught)
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    raise UserError(
+        f"--accelerator auto: this machine has an NVIDIA GPU ({devices[0]}) that torch "
+        f"{torch.__version__} ({build}) cannot use ({said or 'torch.cuda.is_available() is false'}"
+        "); update the NVIDIA driver (CUDA 13 builds need driver 580 or newer) or install the "
+        "torch build for your driver, or pass --accelerator cpu to train on the CPU"
+    )
+
+
+def _nvidia_devices() -> list[str]:
+    """The NVIDIA GPUs the kernel driver shows (/dev/nvidia0, ...)."""
+    return sorted(str(p) for p in Path("/dev").glob("nvidia[0-9]*"))
 
 
 def _check_data(cfg: DistillConfig, world_size: int) -> Dataset:
@@ -156,14 +188,27 @@ def _claim(run: RunDir, cfg: DistillConfig, fabric: Fabric, dataset: Dataset):
 
 def _check_resume(run: RunDir, cfg: DistillConfig, fabric: Fabric, dataset: Dataset) -> None:
     """The options DISTILL does not free must stay; of the free device and data options, what
-    they lead to must stay too (world size, resolved precision, the images), and the schedule
-    may only get longer."""
+    they lead to must stay too (resolved precision, the images), and the schedule may only get
+    longer.
+
+    The world size may change: the global batch (--batch_size, fixed) holds the same images
+    at every step whatever the number of processes (`ResumableSampler`). What changes is what
+    each process does with its share: BatchNorm statistics over fewer or more images (unless
+    --student.sync_bn), mixup partners within the share, and the random draws (seeded per step
+    and rank). run_info.json records each attempt's world size."""
     old = run.stored_options(DistillConfig)
     if not old:
         return  # stopped before its config was written: nothing to compare
     info = read_json(run / RUN_INFO, "run info") or {}
+    if info.get("world_size", fabric.world_size) != fabric.world_size:
+        log.warning(
+            "resuming with world size %d (was %d): the same global batch of %d; BatchNorm "
+            "groups, mixup partners and random draws follow the new per-device share",
+            fabric.world_size,
+            info["world_size"],
+            cfg.batch_size,
+        )
     now = {  # run_info.json key: (how the message names it, its value now)
-        "world_size": ("world size (devices x nodes)", fabric.world_size),
         "precision": ("precision (resolved)", resolve_precision(cfg.precision, cfg.accelerator)),
         "data": ("training images (--data)", dataset_identity(dataset)),
     }
@@ -219,12 +264,17 @@ class Models:
     augment: nn.Module
     memory_format: torch.memory_format
     """The student's: channels_last (default) or contiguous; its inputs follow it."""
+    compiled: bool = False
+    """Whether teacher and student are compiled (`--compile`)."""
 
 
 def _run(fabric: Fabric, cfg: DistillConfig, dataset: Dataset) -> dict:
     """Every rank's work; returns how it ended: {"stopped": signal name or "", "step", ...}."""
+    if fabric.world_size > 1 and fabric.device.type == "cpu":
+        _cpu_rank_threads()
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank and every attempt
-    teacher = Teacher(cfg.teacher)  # models first: a bad file or size stops before any write
+    # Models first: a bad file or size stops before any write. The teacher sees one input size.
+    teacher = Teacher(cfg.teacher, cfg.image_size)
     teacher.check_input_size(cfg.image_size, "--image_size")
     student = build_student(cfg, teacher.out_channels, fabric.world_size)
     data = build_data(fabric, cfg, dataset)
@@ -237,8 +287,8 @@ def _run(fabric: Fabric, cfg: DistillConfig, dataset: Dataset) -> dict:
     fabric.barrier()
     fabric.loggers.extend(_loggers(cfg.out))
     objective = LOSSES.get(cfg.loss, "--loss")
-    control = dist.new_group(backend="gloo") if fabric.world_size > 1 else None
-    status = "failed"
+    control = _control_group(fabric)
+    status, ending = "failed", "crashed"
     try:
         with StopRequest() as stop:
             step, stopped = _loop(
@@ -247,15 +297,31 @@ def _run(fabric: Fabric, cfg: DistillConfig, dataset: Dataset) -> dict:
         if not stopped:
             _finish(fabric, cfg, objective, data, models, step)
         status = "interrupted" if stopped else "success"
+        ending = "stopped" if stopped else "finished"
+    except UserError:
+        ending = "user error"
+        raise
     finally:
         for logger in fabric.loggers:
             logger.finalize(status)
+        if fabric.is_global_zero:
+            record_ending(cfg.out, ending)
     return {
         "stopped": (stop.name or "a signal to another rank") if stopped else "",
         "exit_code": stop.exit_code,
         "step": step,
         "total": total_steps,
     }
+
+
+def _cpu_rank_threads() -> None:
+    """A CPU rank takes the intra-op threads OMP_NUM_THREADS gives it. Lightning sets them only
+    when the variable is unset; a forked rank (ddp_fork) otherwise keeps its parent's count, and
+    GNU OpenMP's thread team, copied by the fork without its threads, hangs the rank's first
+    parallel op (seen with OMP_NUM_THREADS=1 exported after torch.set_num_threads(2))."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))
 
 
 def _check_devices(fabric: Fabric, cfg: DistillConfig) -> None:
@@ -278,6 +344,7 @@ def _write_run_files(fabric: Fabric, cfg: DistillConfig, teacher: Teacher, data:
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "host": socket.gethostname(),
             "from_step": step,
+            "world_size": fabric.world_size,
             "changes": describe_changes(changes),
         }
     ]
@@ -341,10 +408,18 @@ def build_models(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, total_steps))
     if cfg.compile:  # Fabric re-applies the compilation around its DDP wrapper
-        teacher, student = torch.compile(teacher), torch.compile(student)
+        teacher, student = compile_model(teacher), compile_model(student)
     student, optimizer = fabric.setup(student, optimizer)
-    augment = build_augmentation(cfg.augment, cfg.image_size).to(fabric.device)
-    return Models(teacher, student, optimizer, scheduler, augment, _memory_format(cfg))
+    augment = build_augmentation(cfg.augment, cfg.image_size, cfg.augment_batched)
+    augment = augment.to(fabric.device)
+    return Models(teacher, student, optimizer, scheduler, augment, _memory_format(cfg), cfg.compile)
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """torch.compile for small per-GPU batches: CUDA graphs (`reduce-overhead`) replay the whole
+    forward with one launch, and static shapes (`dynamic=False`: every batch, validation ones
+    padded, has the training shape) keep it to one compilation per model."""
+    return torch.compile(model, mode="reduce-overhead", dynamic=False)
 
 
 def build_student(cfg: DistillConfig, out_channels: int, world_size: int = 1) -> nn.Module:
@@ -434,6 +509,8 @@ def _loop(
                 # Every random draw of a step is a function of (seed, step, rank): a resumed run
                 # repeats the interrupted one exactly without storing generator states.
                 torch.manual_seed(hash((cfg.seed, step, fabric.global_rank)) % 2**63)
+                if cfg.compile:  # the CUDA graphs' outputs of the last step may be reused
+                    torch.compiler.cudagraph_mark_step_begin()
                 loss, metrics = train_step(
                     fabric,
                     m.teacher,
@@ -446,21 +523,19 @@ def _loop(
                 )
                 bad = (first_bad < 0) & ~torch.isfinite(loss.detach())
                 first_bad = torch.where(bad, step + 1, first_bad)
-                if cfg.optim.grad_clip:
-                    fabric.clip_gradients(m.student, m.optimizer, max_norm=cfg.optim.grad_clip)
-                m.optimizer.step()
-                m.optimizer.zero_grad(set_to_none=True)
-                m.scheduler.step()
+                update(fabric, m, cfg.optim.grad_clip)
                 step += 1
                 images_seen += images.shape[0] * fabric.world_size
-                stopping = _agree(control, stop.signum is not None)
+                if control is None or step % cfg.stop_check_every == 0 or step == total_steps:
+                    stopping = _agree(control, stop.signum is not None)
                 checkpoint = step % cfg.checkpoint_every == 0 or step == total_steps or stopping
-                if checkpoint or step % cfg.log_every == 0:
-                    # Where the host waits for the device: a diverged run stops before it logs
-                    # or saves anything (the checkpoint before is its last good one).
-                    _check_finite(fabric, first_bad, step, saved, cfg)
-                if step % cfg.log_every == 0 or step == total_steps:
-                    row = _mean_over_ranks(fabric, {"loss": loss, **metrics})
+                logging_step = step % cfg.log_every == 0 or step == total_steps
+                if checkpoint or logging_step:
+                    # Where the host waits for the device, once: a diverged run stops before it
+                    # logs or saves anything (the checkpoint before is its last good one).
+                    values = {"loss": loss, **metrics} if logging_step else {}
+                    row = read_back(fabric, first_bad, step, saved, cfg, values)
+                if logging_step:
                     elapsed = time.perf_counter() - tick
                     row["lr"] = m.scheduler.get_last_lr()[0]
                     row["images_per_s"] = images_seen / max(elapsed, 1e-9)
@@ -479,9 +554,27 @@ def _loop(
     return step, stopping
 
 
+def _control_group(fabric: Fabric):
+    """The CPU (gloo) group the ranks vote over (`_agree`); None for one process."""
+    return dist.new_group(backend="gloo") if fabric.world_size > 1 else None
+
+
+def update(fabric: Fabric, m: Models, grad_clip: float | None) -> None:
+    """AdamW and the lr schedule after a backward, clipping the global gradient norm first when
+    `grad_clip` is set. Nothing here reads the device: the clip does not check the norm on the
+    host (a non-finite loss is noted on the device and reported at the next log step, with the
+    tool's message). fp16 adds one read per step, the loss scaler's inf check."""
+    if grad_clip:
+        fabric.clip_gradients(m.student, m.optimizer, max_norm=grad_clip, error_if_nonfinite=False)
+    m.optimizer.step()
+    m.optimizer.zero_grad(set_to_none=True)
+    m.scheduler.step()
+
+
 def _agree(control, stopping: bool) -> bool:
     """Whether any rank got a stop signal: all ranks stop after the same step. The flag goes
-    over a CPU (gloo) group, so this never waits for the GPU."""
+    over a CPU (gloo) group, so this never waits for the GPU; it runs every
+    `--stop_check_every` steps, not every step, as it crosses the network."""
     if control is None:
         return stopping
     flag = torch.tensor([int(stopping)])
@@ -489,19 +582,34 @@ def _agree(control, stopping: bool) -> bool:
     return bool(flag.item())
 
 
-def _check_finite(fabric: Fabric, first_bad: torch.Tensor, step: int, saved: int, cfg) -> None:
-    """UserError naming the first step whose loss was not finite on any rank, if any."""
+def read_back(
+    fabric: Fabric,
+    first_bad: torch.Tensor,
+    step: int,
+    saved: int,
+    cfg,
+    values: dict[str, torch.Tensor],
+) -> dict[str, float]:
+    """The step's one host sync: `values` averaged over ranks, and a UserError naming the first
+    step whose loss was not finite on any rank, if any (both reduced on the device first, then
+    read in one copy)."""
     bad = fabric.all_reduce(first_bad.where(first_bad >= 0, step + 1).float(), reduce_op="min")
-    if int(bad.item()) <= step:
+    stacked = [bad.view(1)]
+    if values:
+        mean = torch.stack([v.detach().float() for v in values.values()])
+        stacked.append(fabric.all_reduce(mean, reduce_op="mean"))
+    first, *rest = torch.cat(stacked).tolist()
+    if int(first) <= step:
         kept = (
             f"its last good checkpoint (step {saved}) is kept in {Path(cfg.out) / LAST_CHECKPOINT}"
             if saved
             else "no checkpoint was saved before"
         )
         raise UserError(
-            f"the loss was not finite (nan or inf) at step {int(bad.item())}: run stopped; {kept}; "
+            f"the loss was not finite (nan or inf) at step {int(first)}: run stopped; {kept}; "
             "lower --optim.lr or set --optim.grad_clip and start over (--overwrite true)"
         )
+    return dict(zip(values, rest, strict=True))
 
 
 def _finish(fabric, cfg: DistillConfig, objective, data: Data, m: Models, step: int) -> None:
@@ -524,12 +632,6 @@ def _save_checkpoint(fabric: Fabric, cfg: DistillConfig, m: Models, step: int) -
         }
         save_checkpoint(state, Path(cfg.out) / LAST_CHECKPOINT)
     fabric.barrier()
-
-
-def _mean_over_ranks(fabric: Fabric, values: dict[str, torch.Tensor]) -> dict[str, float]:
-    stacked = torch.stack([v.detach().float() for v in values.values()])
-    stacked = fabric.all_reduce(stacked, reduce_op="mean")
-    return dict(zip(values, stacked.tolist(), strict=True))
 
 
 def train_step(
@@ -559,23 +661,33 @@ def train_step(
 @torch.no_grad()
 def _validate(fabric, m: Models, objective: Objective, loader) -> dict[str, float]:
     """The objective and its metrics on held-out images (no augmentation or mixup), averaged
-    over images and ranks, as val_loss, val_NAME."""
+    over images and ranks, as val_loss, val_NAME.
+
+    Every batch has the loader's batch size: the last one is padded with copies of its first
+    image, whose rows the objective skips (models in eval mode treat images one by one), so that
+    a compiled teacher sees one shape. A compiled student validates uncompiled: eval mode and no
+    gradients would be one more compilation of it."""
+    student = m.student.module if m.compiled else m.student
     m.student.eval()
     sums: dict[str, torch.Tensor] = {}
     count = 0
     for images in loader:
+        n, short = images.shape[0], loader.batch_size - images.shape[0]
+        if short > 0:
+            images = torch.cat([images, images[:1].expand(short, *images.shape[1:])])
         x = to_model_input(images.float().div_(255))
         with fabric.autocast():
             target = m.teacher(x)
-            pred = m.student(x.contiguous(memory_format=m.memory_format), target.shape[-2:])
-        loss, metrics = objective(pred, target)
+            pred = student(x.contiguous(memory_format=m.memory_format), target.shape[-2:])
+        loss, metrics = objective(pred[:n], target[:n])
         for name, value in {"loss": loss, **metrics}.items():
-            sums[name] = sums.get(name, 0) + value.float() * x.shape[0]
-        count += x.shape[0]
+            sums[name] = sums.get(name, 0) + value.float() * n
+        count += n
     m.student.train()
     count_t = torch.tensor(float(count), device=fabric.device)
     totals = fabric.all_reduce(torch.stack([*sums.values(), count_t]), reduce_op="sum")
-    return {f"val_{name}": (totals[i] / totals[-1]).item() for i, name in enumerate(sums)}
+    *totals, count = totals.tolist()
+    return {f"val_{name}": total / count for name, total in zip(sums, totals, strict=True)}
 
 
 def _n_val(n_images: int, cfg: DistillConfig) -> int:

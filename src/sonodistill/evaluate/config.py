@@ -275,7 +275,11 @@ class SuiteConfig:
     audit_near_duplicate: PositiveFloat = LOOSE
     """The audit's looser similarity: pairs listed for a look, not grouped."""
     tables_only: bool = False
-    """Only rebuild the tables from the run JSONs already in `out`."""
+    """Only rebuild the tables from the run JSONs already in `out` and its shards."""
+    shard: str = ""
+    """I/N: do only the I-th of N shares of the runs (every N-th in the plan's order, from the
+    I-th), in OUT/shards/I-of-N with its own lock: N jobs on N GPUs or nodes (an sbatch array,
+    docs/evaluate.md). `--tables_only true` on OUT then makes the tables of all shards."""
     save_models: bool = False
     """Keep each run's selected model as OUT/models/RUN_ID (for `sonodistill export --head`)."""
     dry_run: bool = False
@@ -292,7 +296,7 @@ class SuiteConfig:
 
 SUITE = Layout(
     "evaluate",
-    owned=("suite.yaml", "runs", "splits", "tables", "models"),
+    owned=("suite.yaml", "runs", "splits", "tables", "models", "shards"),
     markers=("suite.yaml", "runs"),  # splits alone may be copied there to be reused
     config="suite.yaml",
     free_on_resume=(

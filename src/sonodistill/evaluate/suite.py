@@ -212,7 +212,30 @@ def check_options(cfg: SuiteConfig) -> list[Run]:
     naming the first bad option."""
     check_fields(cfg)
     check(bool(cfg.seeds), "--seeds", cfg.seeds, "give at least one seed")
+    parse_shard(cfg.shard)
     return plan(cfg)
+
+
+def parse_shard(shard: str) -> tuple[int, int] | None:
+    """`--shard I/N` -> (I, N), 1 <= I <= N; "" -> None."""
+    if not shard:
+        return None
+    i, _, n = shard.partition("/")
+    ok = i.isdigit() and n.isdigit() and 1 <= int(i) <= int(n)
+    check(ok, "--shard", shard, "must be I/N with 1 <= I <= N, e.g. 1/4")
+    return int(i), int(n)
+
+
+def shard_runs(runs: list[Run], shard: str) -> list[Run]:
+    """The runs of shard I/N: every N-th run of the plan from the I-th (tasks, encoders and
+    seeds interleave, so shards take about the same time)."""
+    parsed = parse_shard(shard)
+    return runs if parsed is None else runs[parsed[0] - 1 :: parsed[1]]
+
+
+def shard_folder(out: str | Path, shard: str) -> Path:
+    i, n = parse_shard(shard)
+    return Path(out) / "shards" / f"{i}-of-{n}"
 
 
 def check_suite(cfg: SuiteConfig) -> tuple[list[Run], SuiteData]:
@@ -406,10 +429,14 @@ def run_suite(cfg: SuiteConfig) -> list[Path]:
     """Run what is not done yet, then write the tables; returns the table files."""
     if cfg.dry_run:
         raise ValueError("dry_run: call sonodistill.evaluate.estimate.dry_run(cfg) instead")
+    if cfg.shard:  # its own folder and lock below OUT, its share of the runs
+        check_options(cfg)
+        cfg = dataclasses.replace(cfg, out=str(shard_folder(cfg.out, cfg.shard)))
     out = Path(cfg.out)
     runs, data = check_suite(cfg)
     if not cfg.tables_only:  # a refusal for leaks leaves the folder as it was
         audit_suite(cfg, data)
+    runs = shard_runs(runs, cfg.shard)
     with suite_dir(cfg).claim() as run_dir:
         if run_dir.resuming:
             run_dir.check_resume(to_dict(cfg), dataset_changes(run_dir, cfg), SuiteConfig)
@@ -528,12 +555,15 @@ def _run_suite(cfg: SuiteConfig, out: Path, runs: list[Run], data: SuiteData) ->
 
 
 def finished_result(out: Path, run: Run, cfg: SuiteConfig) -> dict | None:
-    """The result of a finished run with this run's key, else None (results of 0.1 keep the
-    key under `fingerprint`)."""
-    done = read_json(out / "runs" / f"{run.id}.json", "run result")
-    if not isinstance(done, dict):
-        return None
-    return done if done.get("run_key", done.get("fingerprint")) == run_key(run, cfg) else None
+    """The result of a finished run with this run's key, in OUT/runs or in the folder of a
+    shard (OUT/shards/*/runs), else None (results of 0.1 keep the key under `fingerprint`)."""
+    for folder in [out / "runs", *sorted(out.glob("shards/*/runs"))]:
+        done = read_json(folder / f"{run.id}.json", "run result")
+        if isinstance(done, dict) and done.get("run_key", done.get("fingerprint")) == run_key(
+            run, cfg
+        ):
+            return done
+    return None
 
 
 def _model_saver(run: Run, index: DatasetIndex, out: Path, train: TrainSettings):
