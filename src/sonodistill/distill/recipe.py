@@ -28,6 +28,7 @@ for the GPU. `--compile` and `--student.sync_bn` are opt-in.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -57,6 +58,7 @@ from sonodistill.distill.config import (
 from sonodistill.distill.loss import Objective
 from sonodistill.distill.run import next_log_version
 from sonodistill.distill.signals import StopRequest, ignore_stop_signals
+from sonodistill.distill.teachers import TeacherSet, build_teachers, combined, estimate
 from sonodistill.errors import Interrupted, UserError, check
 from sonodistill.io import read_json, write_json
 from sonodistill.models import Student, Teacher, to_model_input
@@ -173,7 +175,8 @@ def _check_resume(run: RunDir, cfg: DistillConfig, fabric: Fabric, dataset: Data
     after = _total_steps(cfg.max_steps, cfg.epochs, batches)
     if after < before:  # longer schedules are fine, shorter ones are another run
         derived["total steps (--epochs/--max_steps)"] = (before, after)
-    run.check_resume(to_dict(cfg), derived, cls=DistillConfig)
+    # As YAML reads them back: tuples nested in --teachers entries are lists there.
+    run.check_resume(json.loads(json.dumps(to_dict(cfg))), derived, cls=DistillConfig)
 
 
 def _total_steps(max_steps: int | None, epochs: int, batches_per_epoch: int) -> int:
@@ -212,7 +215,7 @@ class Data:
 
 @dataclass
 class Models:
-    teacher: Teacher
+    teacher: Teacher | TeacherSet
     student: nn.Module  # Fabric-wrapped Student: `.module` is the Student itself
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -224,19 +227,24 @@ class Models:
 def _run(fabric: Fabric, cfg: DistillConfig, dataset: Dataset) -> dict:
     """Every rank's work; returns how it ended: {"stopped": signal name or "", "step", ...}."""
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank and every attempt
-    teacher = Teacher(cfg.teacher)  # models first: a bad file or size stops before any write
+    teacher = build_teachers(cfg)  # models first: a bad file or size stops before any write
     teacher.check_input_size(cfg.image_size, "--image_size")
     student = build_student(cfg, teacher.out_channels, fabric.world_size)
     data = build_data(fabric, cfg, dataset)
     total_steps = _total_steps(cfg.max_steps, cfg.epochs, data.sampler.batches_per_epoch)
     models = build_models(fabric, cfg, teacher, student, total_steps)
     step = _resume(fabric, cfg, models, total_steps)
+    standardization = _standardize(fabric, cfg, models.teacher, data)
     # Models built and the checkpoint read: from here on the run writes.
     if fabric.is_global_zero:
-        _write_run_files(fabric, cfg, teacher, data, step)
+        _write_run_files(fabric, cfg, teacher, data, step, standardization)
     fabric.barrier()
     fabric.loggers.extend(_loggers(cfg.out))
-    objective = LOSSES.get(cfg.loss, "--loss")
+    objective = (
+        combined(cfg, teacher)
+        if isinstance(teacher, TeacherSet)
+        else LOSSES.get(cfg.loss, "--loss")
+    )
     control = dist.new_group(backend="gloo") if fabric.world_size > 1 else None
     status = "failed"
     try:
@@ -265,12 +273,16 @@ def _check_devices(fabric: Fabric, cfg: DistillConfig) -> None:
     check(not (cfg.student.sync_bn and cpu_processes), "--student.sync_bn", "true", why)
 
 
-def _write_run_files(fabric: Fabric, cfg: DistillConfig, teacher: Teacher, data: Data, step: int):
-    """config.yaml, and run_info.json with one entry per start (what changed since the last)."""
+def _write_run_files(
+    fabric: Fabric, cfg: DistillConfig, teacher, data: Data, step: int, standardization=None
+):
+    """config.yaml, and run_info.json with one entry per start (what changed since the last);
+    with several teachers or standardised targets, the statistics too."""
     run = run_dir(cfg)
     run.clear()  # --overwrite: the old run's own files (the claim checked and kept the folder)
     previous = run.stored_options(DistillConfig) if cfg.resume else {}
     info = (read_json(run / RUN_INFO, "run info") or {}) if cfg.resume else {}
+    previous_info = info
     changes = config_changes(previous, to_dict(cfg)) if previous else {}
     changes = {k: v for k, v in changes.items() if k not in ("resume", "overwrite")}
     attempts = info.get("attempts", []) + [
@@ -291,6 +303,9 @@ def _write_run_files(fabric: Fabric, cfg: DistillConfig, teacher: Teacher, data:
         "data": dataset_identity(data.dataset),
         "attempts": attempts,
     }
+    standardization = standardization or previous_info.get("teacher_standardization")
+    if standardization is not None:
+        info["teacher_standardization"] = standardization
     run.save_options(cfg)
     write_json(run / RUN_INFO, info)
 
@@ -347,10 +362,13 @@ def build_models(
     return Models(teacher, student, optimizer, scheduler, augment, _memory_format(cfg))
 
 
-def build_student(cfg: DistillConfig, out_channels: int, world_size: int = 1) -> nn.Module:
+def build_student(
+    cfg: DistillConfig, out_channels: int | list[int], world_size: int = 1
+) -> nn.Module:
     """The student as the loop trains it: BatchNorm synchronised across processes with
     --student.sync_bn (on more than one), in channels_last unless --channels_last false. Its
-    encoder checks the input size (a ViT or Hiera student has a fixed grid)."""
+    encoder checks the input size (a ViT or Hiera student has a fixed grid). One projection
+    head per teacher when `out_channels` is a list (a TeacherSet's)."""
     student = Student(cfg.student, out_channels)
     student.encoder.check_input_size(cfg.image_size, cfg.image_size, "--image_size")
     _freeze_unreached(student, cfg.image_size)
@@ -366,7 +384,11 @@ def _freeze_unreached(student: Student, size: int) -> None:
     they stay in the exported backbone."""
     training = student.training
     student.eval()
-    student(torch.zeros(1, 3, size, size), (1, 1)).sum().backward()
+    heads = getattr(student, "projections", None)
+    grid = [(1, 1)] * len(heads) if heads is not None else (1, 1)
+    out = student(torch.zeros(1, 3, size, size), grid)
+    total = torch.stack([o.sum() for o in out]).sum() if heads is not None else out.sum()
+    total.backward()
     for param in student.parameters():
         if param.grad is None:
             param.requires_grad_(False)
@@ -401,6 +423,8 @@ def _resume(fabric: Fabric, cfg: DistillConfig, m: Models, total_steps: int) -> 
     m.student.module.load_state_dict(state["student"])
     m.optimizer.load_state_dict(state["optimizer"])
     m.scheduler.load_state_dict(state["scheduler"])
+    if "teacher_stats" in state:  # standardisation: the statistics the run started with
+        m.teacher.load_stats(state["teacher_stats"], state["teacher_stats_mode"])
     left = "nothing left to train" if step == total_steps else f"{total_steps - step} to go"
     fabric.print(f"resumed {path} at step {step} of {total_steps}: {step} steps skipped, {left}")
     return step
@@ -522,6 +546,9 @@ def _save_checkpoint(fabric: Fabric, cfg: DistillConfig, m: Models, step: int) -
             "step": step,
             "config": to_dict(cfg),
         }
+        if isinstance(m.teacher, TeacherSet):
+            state["teacher_stats"] = m.teacher.stats()
+            state["teacher_stats_mode"] = m.teacher.mode
         save_checkpoint(state, Path(cfg.out) / LAST_CHECKPOINT)
     fabric.barrier()
 
@@ -549,11 +576,35 @@ def train_step(
         x, _, _ = mixup(x)
     x = to_model_input(x)  # the same mixed view goes to teacher and student (Sec. 3.3)
     with fabric.autocast():
-        target = teacher(x)
-        pred = student(x.contiguous(memory_format=memory_format), target.shape[-2:])
+        target = teacher(x)  # a list with several teachers (distill.teachers), one per head
+        pred = student(x.contiguous(memory_format=memory_format), grid_of(target))
     loss, metrics = objective(pred, target)
     fabric.backward(loss)
     return loss, metrics
+
+
+def grid_of(target):
+    """The token grid a target map (or each of a list of them) sits on: the student's too."""
+    return target.shape[-2:] if isinstance(target, torch.Tensor) else [t.shape[-2:] for t in target]
+
+
+def _standardize(fabric, cfg: DistillConfig, teacher, data: Data) -> dict | None:
+    """Per-teacher statistics for --standardize, from the first --standardize_images training
+    images without augmentation (every rank reads the same ones: no exchange). A resumed run
+    keeps those its checkpoint holds. None for the single-teacher recipe."""
+    if not isinstance(teacher, TeacherSet) or teacher.mode != "none":
+        return None  # the paper's recipe, or statistics read back from the checkpoint
+    if cfg.standardize == "none":
+        return {"mode": "none"}
+    train_set, _ = _split(data.dataset, cfg)
+    first = Subset(train_set, range(min(cfg.standardize_images, len(train_set))))
+    per_device = cfg.batch_size // fabric.world_size
+    batches = (
+        to_model_input(fabric.to_device(images).float().div_(255))
+        for images in DataLoader(first, batch_size=per_device)
+    )
+    with fabric.autocast():
+        return estimate(teacher, batches, cfg.standardize)
 
 
 @torch.no_grad()
@@ -567,7 +618,7 @@ def _validate(fabric, m: Models, objective: Objective, loader) -> dict[str, floa
         x = to_model_input(images.float().div_(255))
         with fabric.autocast():
             target = m.teacher(x)
-            pred = m.student(x.contiguous(memory_format=m.memory_format), target.shape[-2:])
+            pred = m.student(x.contiguous(memory_format=m.memory_format), grid_of(target))
         loss, metrics = objective(pred, target)
         for name, value in {"loss": loss, **metrics}.items():
             sums[name] = sums.get(name, 0) + value.float() * x.shape[0]
