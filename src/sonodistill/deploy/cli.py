@@ -25,7 +25,7 @@ def bench(cfg: BenchConfig) -> int:
     from sonodistill.deploy.bench import bench as run
 
     run(cfg)
-    print((Path(cfg.out) / "table5.md").read_text())
+    print((Path(cfg.out) / ("students.md" if cfg.students else "table5.md")).read_text())
     print(f"written to {cfg.out}")
     return 0
 
