@@ -264,6 +264,9 @@ def plot(result: dict, budget_ms: float | None, path: Path) -> Path:
         )
     if budget_ms is not None:
         ax.axvline(budget_ms, ls="--", color="grey", label=f"budget {budget_ms:g} ms")
+    unplotted = [r["student"] for r in rows if quality and r.get(quality) is None]
+    if unplotted:  # timed, but nothing says how good they are
+        ax.set_title("no quality measure: " + ", ".join(unplotted), fontsize=9, loc="left")
     ax.set_xlabel("latency, best deployment backend (ms, median, batch 1)")
     names = {"downstream": "downstream score", "distill_val_cosine": "distillation val cosine"}
     ax.set_ylabel(names.get(quality, "(no quality measure given)"))

@@ -234,7 +234,7 @@ def _run(fabric: Fabric, cfg: DistillConfig, dataset: Dataset) -> dict:
     total_steps = _total_steps(cfg.max_steps, cfg.epochs, data.sampler.batches_per_epoch)
     models = build_models(fabric, cfg, teacher, student, total_steps)
     step = _resume(fabric, cfg, models, total_steps)
-    standardization = _standardize(fabric, cfg, models.teacher, data)
+    standardization = _standardize(fabric, cfg, teacher, data)
     # Models built and the checkpoint read: from here on the run writes.
     if fabric.is_global_zero:
         _write_run_files(fabric, cfg, teacher, data, step, standardization)
@@ -424,7 +424,7 @@ def _resume(fabric: Fabric, cfg: DistillConfig, m: Models, total_steps: int) -> 
     m.optimizer.load_state_dict(state["optimizer"])
     m.scheduler.load_state_dict(state["scheduler"])
     if "teacher_stats" in state:  # standardisation: the statistics the run started with
-        m.teacher.load_stats(state["teacher_stats"], state["teacher_stats_mode"])
+        teacher_set(m.teacher).load_stats(state["teacher_stats"], state["teacher_stats_mode"])
     left = "nothing left to train" if step == total_steps else f"{total_steps - step} to go"
     fabric.print(f"resumed {path} at step {step} of {total_steps}: {step} steps skipped, {left}")
     return step
@@ -546,9 +546,9 @@ def _save_checkpoint(fabric: Fabric, cfg: DistillConfig, m: Models, step: int) -
             "step": step,
             "config": to_dict(cfg),
         }
-        if isinstance(m.teacher, TeacherSet):
-            state["teacher_stats"] = m.teacher.stats()
-            state["teacher_stats_mode"] = m.teacher.mode
+        if (teachers := teacher_set(m.teacher)) is not None:
+            state["teacher_stats"] = teachers.stats()
+            state["teacher_stats_mode"] = teachers.mode
         save_checkpoint(state, Path(cfg.out) / LAST_CHECKPOINT)
     fabric.barrier()
 
@@ -581,6 +581,12 @@ def train_step(
     loss, metrics = objective(pred, target)
     fabric.backward(loss)
     return loss, metrics
+
+
+def teacher_set(teacher) -> TeacherSet | None:
+    """The run's TeacherSet (under torch.compile's wrapper too), None for the paper's Teacher."""
+    teacher = getattr(teacher, "_orig_mod", teacher)
+    return teacher if isinstance(teacher, TeacherSet) else None
 
 
 def grid_of(target):
