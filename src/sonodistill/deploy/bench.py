@@ -352,12 +352,8 @@ def check_config(cfg: BenchConfig) -> tuple[list[str], bool]:
 
 def bench(cfg: BenchConfig) -> dict:
     """Run the benchmark; returns {'rows', 'teacher', 'student', 'env'} and writes the tables
-    (with --students: `deploy.students.bench_students`'s table and plot instead)."""
+    (`--students`: `deploy.students.bench_students` instead)."""
     names, use_gpu = check_config(cfg)
-    if cfg.students:  # the student chosen for the device (deploy.students)
-        from sonodistill.deploy.students import bench_students
-
-        return bench_students(cfg, names)
     teacher_spec = EncoderSpec.parse(cfg.teacher, "--teacher")
     student_spec = EncoderSpec.parse(cfg.student, "--student")
     teacher = build_encoder(teacher_spec, "--teacher").eval()

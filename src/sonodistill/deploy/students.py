@@ -20,9 +20,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
-from sonodistill.deploy.config import BenchConfig
+from sonodistill.deploy.bench import _calibration, backend_runners, check_config, time_blocks
+from sonodistill.deploy.config import BENCH, BenchConfig
 from sonodistill.deploy.environment import environment
 from sonodistill.deploy.runtimes import BACKENDS
 from sonodistill.errors import UserError
@@ -30,6 +32,7 @@ from sonodistill.io import atomic_path, read_json, write_json, write_table
 from sonodistill.models import to_model_input
 from sonodistill.models.encoders import EncoderSpec, build_encoder, encoder_label
 from sonodistill.models.flops import count_flops, count_params
+from sonodistill.models.specs import LOGS
 from sonodistill.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -48,20 +51,22 @@ def candidate_spec(item: str | dict, index: int) -> EncoderSpec:
 
 def run_quality(spec: EncoderSpec) -> dict:
     """A distilled candidate's last validation loss and cosine (empty for other candidates or
-    runs without held-out images)."""
+    runs without held-out images). Read from the newest attempt's log that has a validation
+    here: deploy imports nothing from distill (tests/test_layers.py)."""
     if spec.family != "student" or not spec.weights:
         return {}
-    from sonodistill.distill.run import read_metrics
-
-    try:
-        rows = read_metrics(spec.weights)
-    except FileNotFoundError:
+    logs = sorted(
+        Path(spec.weights, LOGS).glob("version_*/metrics.csv"),
+        key=lambda p: int(p.parent.name.split("_")[1]),
+    )
+    logged = [t for t in (pd.read_csv(p) for p in logs) if "val_loss" in t]
+    logged = [t.dropna(subset=["val_loss"]) for t in logged]
+    logged = [t for t in logged if len(t)]
+    if not logged:
         return {}
-    if "val_loss" not in rows:
-        return {}
-    last = rows.dropna(subset=["val_loss"]).iloc[-1]
+    last = logged[-1].iloc[-1]
     out = {"distill_val_loss": float(last["val_loss"])}
-    if "val_cosine" in rows and not math.isnan(last["val_cosine"]):
+    if "val_cosine" in last and not math.isnan(last["val_cosine"]):
         out["distill_val_cosine"] = float(last["val_cosine"])
     return out
 
@@ -105,10 +110,9 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
-def bench_students(cfg: BenchConfig, names: list[str]) -> dict:
-    """Time every candidate on the backends `names`; write the table and the plot."""
-    from sonodistill.deploy.bench import _calibration, backend_runners, time_blocks
-
+def bench_students(cfg: BenchConfig) -> dict:
+    """Time every candidate on the backends of `--backends`; write the table and the plot."""
+    names, _ = check_config(cfg)  # the GPU is not timed here: the device is the target's CPU
     specs = [candidate_spec(item, i) for i, item in enumerate(cfg.students)]
     labels = [encoder_label(s) for s in specs]
     if len(set(labels)) < len(labels):
@@ -121,8 +125,6 @@ def bench_students(cfg: BenchConfig, names: list[str]) -> dict:
     torch.set_num_threads(threads)
     cfg.threads = threads
     calib, calib_note = _calibration(cfg)
-    from sonodistill.deploy.config import BENCH
-
     run = RunDir(cfg.out, BENCH, overwrite=cfg.overwrite)
     with run.claim():
         run.clear()
