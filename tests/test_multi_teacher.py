@@ -112,6 +112,10 @@ def test_dinov3_and_sam2_in_official_layouts_distil_together_and_resume_exactly(
     torch.testing.assert_close(
         torch.tensor(rows["sam2_loss"].to_numpy()), torch.tensor(1 - rows["sam2_cosine"].to_numpy())
     )
+    from sonodistill.report import build_report
+
+    page = build_report(straight, tmp_path / "report.html").read_text()
+    assert f"sam2_cosine {rows['sam2_cosine'].iloc[-1]:.4g}" in page  # per teacher, in the report
 
     real_step, calls = recipe_module.train_step, {"n": 0}
 
