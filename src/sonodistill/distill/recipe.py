@@ -4,7 +4,9 @@
              the run folder is locked and claimed (a run there needs --resume or --overwrite,
              and a resumed run keeps the options that decide its trajectory)
     data     image folder, corpus or pack -> resumable shards -> uint8 batches on the device
-    models   frozen DINOv3 teacher; CNN student with its projection head; AdamW + lr schedule
+    models   frozen DINOv3 teacher (or several, `--teachers`: `distill.teachers`, their targets
+             standardised from a pass over the first images); CNN student with its projection
+             head (one per teacher); AdamW + lr schedule
     resume   OUT/checkpoints/last.pt (else previous.pt), with --resume, when it exists
     loop     augment -> mixup -> teacher tokens vs projected student map -> objective -> AdamW;
              logs every log_every steps, validation every val_every steps, checkpoints; stops
