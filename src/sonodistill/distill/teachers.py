@@ -73,13 +73,18 @@ class TeacherSet(nn.Module):
             getattr(self, name).copy_(value)
         self.mode = mode
 
-    @torch.no_grad()
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Normalised images -> one standardised target (B, C_i, h_i, w_i) per teacher, in fp32."""
-        return [
-            (teacher(x).float() - getattr(self, f"shift{i}")) / getattr(self, f"scale{i}")
-            for i, teacher in enumerate(self.teachers)
-        ]
+        """Normalised images -> one standardised target (B, C_i, h_i, w_i) per teacher, in fp32.
+        The teachers run one after the other under inference mode (no autograd records, no
+        version counters); the standardisation outside it makes the targets normal tensors,
+        which objectives may save for their backward (the cosine does)."""
+        with torch.inference_mode():
+            raw = [teacher(x) for teacher in self.teachers]
+        with torch.no_grad():
+            return [
+                (t.float() - getattr(self, f"shift{i}")) / getattr(self, f"scale{i}")
+                for i, t in enumerate(raw)
+            ]
 
 
 def build_teachers(cfg: DistillConfig) -> Teacher | TeacherSet:
