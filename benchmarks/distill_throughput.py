@@ -3,6 +3,7 @@ wall time of the paper's recipe (162,000 frames x 1000 epochs) on N devices.
 
     python benchmarks/distill_throughput.py                    # CPU-sized: tiny teacher, ResNet-18
     python benchmarks/distill_throughput.py --paper --device cuda --gpus 32  # the paper's settings
+    python benchmarks/distill_throughput.py --paper --teachers 2   # two ViT-B teachers (--teachers)
 
 `--paper` is ViT-B/16 (DINOv3 layout, random weights: speed does not need them) -> ResNet-50 at
 224 px, 16 images per device (the global batch of 512 over 32 GPUs), bf16 autocast, on real
@@ -14,7 +15,8 @@ drifting machine load falls on every part alike):
   data      one batch decoded by one core as a loader worker does it (the recipe's dataset:
             pack, corpus or folder), pinned and copied to the device: workers x this = the feed
   augment   augmentation, mixup and normalisation on the device
-  teacher   teacher forward (no gradients)
+  teacher   teacher forward (no gradients); with --teachers N, all N one after the other, and
+            each alone (teacher_1 ... teacher_N): the cost per teacher
   student   student forward + backward + AdamW (teacher targets ready); also in NCHW, to show
             what channels_last buys on this device
   step      the recipe's train_step + AdamW on a batch already on the device
@@ -58,12 +60,14 @@ from sonodistill.distill.recipe import (
     build_data,
     build_models,
     build_student,
+    grid_of,
     read_back,
     resolve_precision,
     train_step,
     update,
 )
-from sonodistill.models import StudentConfig, Teacher, TeacherConfig, to_model_input
+from sonodistill.distill.teachers import TeacherSet, build_teachers, combined
+from sonodistill.models import StudentConfig, TeacherConfig, to_model_input
 from sonodistill.models.flops import flops_of
 
 PAPER_IMAGES = 162_000 * 1000  # Sec. 3.1 and 3.5: ~162k frames, 1000 epochs
@@ -143,18 +147,19 @@ class Parts:
     def __init__(self, fabric: Fabric, cfg: DistillConfig):
         self.fabric, self.cfg = fabric, cfg
         torch.manual_seed(0)
-        self.teacher = Teacher(cfg.teacher, cfg.image_size)
+        self.teacher = build_teachers(cfg)
         student = build_student(cfg, self.teacher.out_channels)
         self.dataset = open_training_images(cfg.data, cfg.image_size)
         self.data = build_data(fabric, cfg, self.dataset)
         self.m = build_models(fabric, cfg, self.teacher, student, total_steps=10**9)
-        self.objective = LOSSES.get(cfg.loss)
+        several = isinstance(self.teacher, TeacherSet)
+        self.objective = combined(cfg, self.teacher) if several else LOSSES.get(cfg.loss)
         self._batches = iter(self.data.loader)
         self.images = self.next_batch()
         self.x = self.augmented(self.images)
         with fabric.autocast():
             self.target = self.m.teacher(self.x)
-        self.grid = self.target.shape[-2:]
+        self.grid = grid_of(self.target)
 
     def next_batch(self) -> torch.Tensor:
         try:
@@ -185,6 +190,11 @@ class Parts:
     def teacher_forward(self) -> None:
         with self.fabric.autocast():
             self.m.teacher(self.x)
+
+    def one_teacher(self, i: int) -> None:
+        """The i-th teacher of a TeacherSet alone (its cost in the step)."""
+        with self.fabric.autocast():
+            self.m.teacher.teachers[i](self.x)
 
     def student_update(self, student=None, optimizer=None, memory_format=None) -> None:
         student, optimizer = student or self.m.student, optimizer or self.m.optimizer
@@ -307,10 +317,14 @@ def config(args, data: Path) -> DistillConfig:
             random_init=True, model_kwargs={"embed_dim": 192, "depth": 4, "num_heads": 3}
         )
         student, size, batch = "resnet18", 64, 16
+    # --teachers N: N teachers of the same architecture (random weights), through --teachers.
+    term = {"family": teacher.family, "weights": "random", "model_kwargs": teacher.model_kwargs}
+    teachers = [{"encoder": dict(term)} for _ in range(args.teachers)] if args.teachers > 1 else []
     return DistillConfig(
         data=str(data),
         out=str(data.parent / "unused-run"),
         teacher=teacher,
+        teachers=teachers,
         student=StudentConfig(name=args.student or student),
         image_size=args.img_size or size,
         batch_size=args.batch or batch,
@@ -342,6 +356,7 @@ def main() -> None:
         "--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--teachers", type=int, default=1, help="teachers of the same size")
     parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iters", type=int, default=3, help="calls per part and round")
@@ -371,6 +386,10 @@ def main() -> None:
             "data": parts.decode_batch,
             "augment": lambda: parts.augmented(parts.images),
             "teacher": parts.teacher_forward,
+            **{
+                f"teacher_{i + 1}": (lambda i=i: parts.one_teacher(i))
+                for i in range(args.teachers if args.teachers > 1 else 0)
+            },
             "student": parts.student_update,
             "student_nchw": lambda: parts.student_update(nchw, nchw_opt, torch.contiguous_format),
             "step": parts.step,
@@ -408,16 +427,19 @@ def main() -> None:
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(
         f"\n{device_name(fabric.device)}; {precision}; torch {torch.__version__}; "
-        f"load average {load}\nteacher ViT (dim {t_cfg['embed_dim']}, depth {t_cfg['depth']}) "
+        f"load average {load}\n{args.teachers} x teacher ViT (dim {t_cfg['embed_dim']}, "
+        f"depth {t_cfg['depth']}) "
         f"-> student {cfg.student.name}, {cfg.image_size} px, batch {batch} per device, "
         f"{cfg.num_workers} workers, channels_last {cfg.channels_last}, compile {cfg.compile}, "
         f"data {'the given ' + str(args.data) if args.data else 'real lung frames (PNG)'}; "
         f"medians of {args.rounds} rounds x {args.iters} calls\n"
     )
+    n_alone = args.teachers if args.teachers > 1 else 0  # teachers timed alone
     rows = [
         ("data", "decode + pin + copy, one core"),
         ("augment", "augmentation + mixup + normalisation"),
-        ("teacher", "teacher forward"),
+        ("teacher", "teacher forward" + (f"s, all {args.teachers}" if args.teachers > 1 else "")),
+        *((f"teacher_{i + 1}", f"teacher {i + 1} alone") for i in range(n_alone)),
         ("student", "student forward + backward + AdamW (channels_last)"),
         ("student_nchw", "the same in NCHW"),
         ("step", "train_step + AdamW, batch on the device"),

@@ -40,7 +40,7 @@ from sonodistill.evaluate.splits import SPLITS, SplitConfig, make_splits
 from sonodistill.evaluate.stats import holm, interval, paired
 from sonodistill.evaluate.suite import SuiteConfig, check_labels, run_suite
 from sonodistill.evaluate.train import evaluate, trivial_scores
-from sonodistill.models.encoders import EncoderSpec, encoder_label
+from sonodistill.models.encoders import EncoderSpec, encoder_label, encoder_recipe
 
 BUSI = Path("busi/Dataset_BUSI_with_GT")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -319,7 +319,9 @@ def test_six_students_have_configs_and_labels_match(tmp_path):
             "teacher": "vit_base_patch16_dinov3_qkvb",
         }
     students = {p for p in packaged_configs() if p.startswith("paper_distill")}
-    assert len(students) == 6
+    assert len(students) == 7  # the paper's six and the two-teacher R50 (paper_fm_compare)
+    multi = _fake_runs(tmp_path, "suites/paper_fm_compare")[-1]
+    assert encoder_recipe(multi)["teacher"] == "dinov3 + sam2_hiera_base_plus"
     # a label that says what the run did not do is an error, as is an ablation row
     encoders = _fake_runs(tmp_path, "suites/paper_ablation")
     default = next(e for e in encoders if e.endswith("@R50-Distill-Default"))

@@ -4,7 +4,9 @@
              the run folder is locked and claimed (a run there needs --resume or --overwrite,
              and a resumed run keeps the options that decide its trajectory)
     data     image folder, corpus or pack -> resumable shards -> uint8 batches on the device
-    models   frozen DINOv3 teacher; CNN student with its projection head; AdamW + lr schedule
+    models   frozen DINOv3 teacher (or several, `--teachers`: `distill.teachers`, their targets
+             standardised from a pass over the first images); CNN student with its projection
+             head (one per teacher); AdamW + lr schedule
     resume   OUT/checkpoints/last.pt (else previous.pt), with --resume, when it exists
     loop     augment -> mixup -> teacher tokens vs projected student map -> objective -> AdamW;
              logs every log_every steps, validation every val_every steps, checkpoints; stops
@@ -29,6 +31,7 @@ the GPU. `--compile` (CUDA graphs, static shapes) and `--student.sync_bn` are op
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -59,6 +62,7 @@ from sonodistill.distill.config import (
 from sonodistill.distill.loss import Objective
 from sonodistill.distill.run import next_log_version, record_ending
 from sonodistill.distill.signals import StopRequest, ignore_stop_signals
+from sonodistill.distill.teachers import TeacherSet, build_teachers, combined, estimate
 from sonodistill.errors import Interrupted, UserError, check
 from sonodistill.io import read_json, write_json
 from sonodistill.models import Student, Teacher, to_model_input
@@ -218,7 +222,8 @@ def _check_resume(run: RunDir, cfg: DistillConfig, fabric: Fabric, dataset: Data
     after = _total_steps(cfg.max_steps, cfg.epochs, batches)
     if after < before:  # longer schedules are fine, shorter ones are another run
         derived["total steps (--epochs/--max_steps)"] = (before, after)
-    run.check_resume(to_dict(cfg), derived, cls=DistillConfig)
+    # As YAML reads them back: tuples nested in --teachers entries are lists there.
+    run.check_resume(json.loads(json.dumps(to_dict(cfg))), derived, cls=DistillConfig)
 
 
 def _total_steps(max_steps: int | None, epochs: int, batches_per_epoch: int) -> int:
@@ -257,7 +262,7 @@ class Data:
 
 @dataclass
 class Models:
-    teacher: Teacher
+    teacher: Teacher | TeacherSet
     student: nn.Module  # Fabric-wrapped Student: `.module` is the Student itself
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -273,20 +278,25 @@ def _run(fabric: Fabric, cfg: DistillConfig, dataset: Dataset) -> dict:
     if fabric.world_size > 1 and fabric.device.type == "cpu":
         _cpu_rank_threads()
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank and every attempt
-    # Models first: a bad file or size stops before any write. The teacher sees one input size.
-    teacher = Teacher(cfg.teacher, cfg.image_size)
+    # Models first: a bad file or size stops before any write. A teacher sees one input size.
+    teacher = build_teachers(cfg)
     teacher.check_input_size(cfg.image_size, "--image_size")
     student = build_student(cfg, teacher.out_channels, fabric.world_size)
     data = build_data(fabric, cfg, dataset)
     total_steps = _total_steps(cfg.max_steps, cfg.epochs, data.sampler.batches_per_epoch)
     models = build_models(fabric, cfg, teacher, student, total_steps)
     step = _resume(fabric, cfg, models, total_steps)
+    standardization = _standardize(fabric, cfg, teacher, data)
     # Models built and the checkpoint read: from here on the run writes.
     if fabric.is_global_zero:
-        _write_run_files(fabric, cfg, teacher, data, step)
+        _write_run_files(fabric, cfg, teacher, data, step, standardization)
     fabric.barrier()
     fabric.loggers.extend(_loggers(cfg.out))
-    objective = LOSSES.get(cfg.loss, "--loss")
+    objective = (
+        combined(cfg, teacher)
+        if isinstance(teacher, TeacherSet)
+        else LOSSES.get(cfg.loss, "--loss")
+    )
     control = _control_group(fabric)
     status, ending = "failed", "crashed"
     try:
@@ -331,12 +341,16 @@ def _check_devices(fabric: Fabric, cfg: DistillConfig) -> None:
     check(not (cfg.student.sync_bn and cpu_processes), "--student.sync_bn", "true", why)
 
 
-def _write_run_files(fabric: Fabric, cfg: DistillConfig, teacher: Teacher, data: Data, step: int):
-    """config.yaml, and run_info.json with one entry per start (what changed since the last)."""
+def _write_run_files(
+    fabric: Fabric, cfg: DistillConfig, teacher, data: Data, step: int, standardization=None
+):
+    """config.yaml, and run_info.json with one entry per start (what changed since the last);
+    with several teachers or standardised targets, the statistics too."""
     run = run_dir(cfg)
     run.clear()  # --overwrite: the old run's own files (the claim checked and kept the folder)
     previous = run.stored_options(DistillConfig) if cfg.resume else {}
     info = (read_json(run / RUN_INFO, "run info") or {}) if cfg.resume else {}
+    previous_info = info
     changes = config_changes(previous, to_dict(cfg)) if previous else {}
     changes = {k: v for k, v in changes.items() if k not in ("resume", "overwrite")}
     attempts = info.get("attempts", []) + [
@@ -358,6 +372,9 @@ def _write_run_files(fabric: Fabric, cfg: DistillConfig, teacher: Teacher, data:
         "data": dataset_identity(data.dataset),
         "attempts": attempts,
     }
+    standardization = standardization or previous_info.get("teacher_standardization")
+    if standardization is not None:
+        info["teacher_standardization"] = standardization
     run.save_options(cfg)
     write_json(run / RUN_INFO, info)
 
@@ -422,10 +439,13 @@ def compile_model(model: nn.Module) -> nn.Module:
     return torch.compile(model, mode="reduce-overhead", dynamic=False)
 
 
-def build_student(cfg: DistillConfig, out_channels: int, world_size: int = 1) -> nn.Module:
+def build_student(
+    cfg: DistillConfig, out_channels: int | list[int], world_size: int = 1
+) -> nn.Module:
     """The student as the loop trains it: BatchNorm synchronised across processes with
     --student.sync_bn (on more than one), in channels_last unless --channels_last false. Its
-    encoder checks the input size (a ViT or Hiera student has a fixed grid)."""
+    encoder checks the input size (a ViT or Hiera student has a fixed grid). One projection
+    head per teacher when `out_channels` is a list (a TeacherSet's)."""
     student = Student(cfg.student, out_channels)
     student.encoder.check_input_size(cfg.image_size, cfg.image_size, "--image_size")
     _freeze_unreached(student, cfg.image_size)
@@ -441,7 +461,11 @@ def _freeze_unreached(student: Student, size: int) -> None:
     they stay in the exported backbone."""
     training = student.training
     student.eval()
-    student(torch.zeros(1, 3, size, size), (1, 1)).sum().backward()
+    heads = getattr(student, "projections", None)
+    grid = [(1, 1)] * len(heads) if heads is not None else (1, 1)
+    out = student(torch.zeros(1, 3, size, size), grid)
+    total = torch.stack([o.sum() for o in out]).sum() if heads is not None else out.sum()
+    total.backward()
     for param in student.parameters():
         if param.grad is None:
             param.requires_grad_(False)
@@ -476,6 +500,8 @@ def _resume(fabric: Fabric, cfg: DistillConfig, m: Models, total_steps: int) -> 
     m.student.module.load_state_dict(state["student"])
     m.optimizer.load_state_dict(state["optimizer"])
     m.scheduler.load_state_dict(state["scheduler"])
+    if "teacher_stats" in state:  # standardisation: the statistics the run started with
+        teacher_set(m.teacher).load_stats(state["teacher_stats"], state["teacher_stats_mode"])
     left = "nothing left to train" if step == total_steps else f"{total_steps - step} to go"
     fabric.print(f"resumed {path} at step {step} of {total_steps}: {step} steps skipped, {left}")
     return step
@@ -630,6 +656,9 @@ def _save_checkpoint(fabric: Fabric, cfg: DistillConfig, m: Models, step: int) -
             "step": step,
             "config": to_dict(cfg),
         }
+        if (teachers := teacher_set(m.teacher)) is not None:
+            state["teacher_stats"] = teachers.stats()
+            state["teacher_stats_mode"] = teachers.mode
         save_checkpoint(state, Path(cfg.out) / LAST_CHECKPOINT)
     fabric.barrier()
 
@@ -651,11 +680,46 @@ def train_step(
         x, _, _ = mixup(x)
     x = to_model_input(x)  # the same mixed view goes to teacher and student (Sec. 3.3)
     with fabric.autocast():
-        target = teacher(x)
-        pred = student(x.contiguous(memory_format=memory_format), target.shape[-2:])
+        target = teacher(x)  # a list with several teachers (distill.teachers), one per head
+        pred = student(x.contiguous(memory_format=memory_format), grid_of(target))
     loss, metrics = objective(pred, target)
     fabric.backward(loss)
     return loss, metrics
+
+
+def teacher_set(teacher) -> TeacherSet | None:
+    """The run's TeacherSet (under torch.compile's wrapper too), None for the paper's Teacher."""
+    teacher = getattr(teacher, "_orig_mod", teacher)
+    return teacher if isinstance(teacher, TeacherSet) else None
+
+
+def first(maps, n: int):
+    """The first n rows of a map (or of each of a list of them: one per teacher)."""
+    return maps[:n] if isinstance(maps, torch.Tensor) else [t[:n] for t in maps]
+
+
+def grid_of(target):
+    """The token grid a target map (or each of a list of them) sits on: the student's too."""
+    return target.shape[-2:] if isinstance(target, torch.Tensor) else [t.shape[-2:] for t in target]
+
+
+def _standardize(fabric, cfg: DistillConfig, teacher, data: Data) -> dict | None:
+    """Per-teacher statistics for --standardize, from the first --standardize_images training
+    images without augmentation (every rank reads the same ones: no exchange). A resumed run
+    keeps those its checkpoint holds. None for the single-teacher recipe."""
+    if not isinstance(teacher, TeacherSet) or teacher.mode != "none":
+        return None  # the paper's recipe, or statistics read back from the checkpoint
+    if cfg.standardize == "none":
+        return {"mode": "none"}
+    train_set, _ = _split(data.dataset, cfg)
+    first = Subset(train_set, range(min(cfg.standardize_images, len(train_set))))
+    per_device = cfg.batch_size // fabric.world_size
+    batches = (
+        to_model_input(fabric.to_device(images).float().div_(255))
+        for images in DataLoader(first, batch_size=per_device)
+    )
+    with fabric.autocast():
+        return estimate(teacher, batches, cfg.standardize)
 
 
 @torch.no_grad()
@@ -678,8 +742,8 @@ def _validate(fabric, m: Models, objective: Objective, loader) -> dict[str, floa
         x = to_model_input(images.float().div_(255))
         with fabric.autocast():
             target = m.teacher(x)
-            pred = student(x.contiguous(memory_format=m.memory_format), target.shape[-2:])
-        loss, metrics = objective(pred[:n], target[:n])
+            pred = student(x.contiguous(memory_format=m.memory_format), grid_of(target))
+        loss, metrics = objective(first(pred, n), first(target, n))
         for name, value in {"loss": loss, **metrics}.items():
             sums[name] = sums.get(name, 0) + value.float() * n
         count += n

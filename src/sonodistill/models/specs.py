@@ -205,7 +205,7 @@ class TeacherConfig:
     """Frozen teacher (DINOv3 ViT-B/16 by default)."""
 
     family: FamilyName = "dinov3"
-    """Model family with token maps: dinov3, dinov3-convnext, vit."""
+    """Model family with token maps: dinov3, dinov3-convnext, sam2, vit."""
     name: str = ""
     """timm architecture; empty: the family's default (dinov3: vit_base_patch16_dinov3_qkvb)."""
     weights: str | None = None

@@ -182,7 +182,7 @@ class Encoder(nn.Module):
         """Channels of the last n token maps; families without token maps refuse."""
         raise UserError(
             f"{self.title or self.family} encoders offer no token maps (distillation targets); "
-            "teachers: dinov3, dinov3-convnext, vit"
+            "teachers: dinov3, dinov3-convnext, sam2, vit"
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
