@@ -142,7 +142,7 @@ def tables(out: Path, results: dict, runs: dict[str, Path], note: str) -> None:
     models = [RANDOM, *STUDENTS]
     rows = []
     for label in models:
-        row = {"Model": label}
+        row = {"Model": label, "distill cosine (last)": "–"}  # a random init has none
         if label in runs:
             last = read_metrics(runs[label]).dropna(subset=["loss"]).iloc[-1]
             row["distill cosine (last)"] = f"{last['cosine']:.3f}"
