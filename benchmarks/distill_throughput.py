@@ -3,6 +3,7 @@ wall time of the paper's recipe (162,000 frames x 1000 epochs) on N devices.
 
     python benchmarks/distill_throughput.py                    # CPU-sized: tiny teacher, ResNet-18
     python benchmarks/distill_throughput.py --paper --device cuda --gpus 32  # the paper's settings
+    python benchmarks/distill_throughput.py --paper --teachers 2   # two ViT-B teachers (--teachers)
 
 `--paper` is ViT-B/16 (DINOv3 layout, random weights: speed does not need them) -> ResNet-50 at
 224 px, 16 images per device (the global batch of 512 over 32 GPUs), bf16 autocast, on real
@@ -14,12 +15,17 @@ drifting machine load falls on every part alike):
   data      one batch decoded by one core as a loader worker does it (the recipe's dataset:
             pack, corpus or folder), pinned and copied to the device: workers x this = the feed
   augment   augmentation, mixup and normalisation on the device
-  teacher   teacher forward (no gradients)
+  teacher   teacher forward (no gradients); with --teachers N, all N one after the other, and
+            each alone (teacher_1 ... teacher_N): the cost per teacher
   student   student forward + backward + AdamW (teacher targets ready); also in NCHW, to show
             what channels_last buys on this device
   step      the recipe's train_step + AdamW on a batch already on the device
   loop      data + step, as the recipe runs them: its DataLoader with --workers persistent
             workers, timed after the prefetched batches are used up
+Host syncs per step (`sonodistill.distill.host_sync`: torch's sync debug mode on CUDA, a count
+of the calls that read a tensor's values on a CPU) in a step between log steps and at a log
+step; and the ops one step launches from Python, part by part (aten calls: each is a kernel
+launch, or more, on a GPU), which set the host time per step whatever the batch size.
 MFU = the FLOPs of one step (torch's FlopCounterMode: teacher forward, student forward and
 backward; 1 MAC = 2 FLOPs) / its time / the device's peak (known GPUs below; CPUs estimated from
 cores x clock x FLOPs per cycle of their vector units; `--peak-tflops` overrides).
@@ -35,27 +41,33 @@ import platform
 import statistics
 import tempfile
 import time
-import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from distill_step import extract_frames  # the same real lung frames as distill_step.py
 from lightning_fabric import Fabric
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import default_collate
 
 from sonodistill.data.images import open_training_images
 from sonodistill.distill import DistillConfig
 from sonodistill.distill.augment import mixup
 from sonodistill.distill.config import LOSSES
+from sonodistill.distill.host_sync import count_host_syncs
 from sonodistill.distill.recipe import (
     build_data,
     build_models,
     build_student,
+    grid_of,
+    read_back,
     resolve_precision,
     train_step,
+    update,
 )
-from sonodistill.models import StudentConfig, Teacher, TeacherConfig, to_model_input
+from sonodistill.distill.teachers import TeacherSet, build_teachers, combined
+from sonodistill.models import StudentConfig, TeacherConfig, to_model_input
 from sonodistill.models.flops import flops_of
 
 PAPER_IMAGES = 162_000 * 1000  # Sec. 3.1 and 3.5: ~162k frames, 1000 epochs
@@ -135,18 +147,19 @@ class Parts:
     def __init__(self, fabric: Fabric, cfg: DistillConfig):
         self.fabric, self.cfg = fabric, cfg
         torch.manual_seed(0)
-        self.teacher = Teacher(cfg.teacher)
+        self.teacher = build_teachers(cfg)
         student = build_student(cfg, self.teacher.out_channels)
         self.dataset = open_training_images(cfg.data, cfg.image_size)
         self.data = build_data(fabric, cfg, self.dataset)
         self.m = build_models(fabric, cfg, self.teacher, student, total_steps=10**9)
-        self.objective = LOSSES.get(cfg.loss)
+        several = isinstance(self.teacher, TeacherSet)
+        self.objective = combined(cfg, self.teacher) if several else LOSSES.get(cfg.loss)
         self._batches = iter(self.data.loader)
         self.images = self.next_batch()
         self.x = self.augmented(self.images)
         with fabric.autocast():
             self.target = self.m.teacher(self.x)
-        self.grid = self.target.shape[-2:]
+        self.grid = grid_of(self.target)
 
     def next_batch(self) -> torch.Tensor:
         try:
@@ -178,6 +191,11 @@ class Parts:
         with self.fabric.autocast():
             self.m.teacher(self.x)
 
+    def one_teacher(self, i: int) -> None:
+        """The i-th teacher of a TeacherSet alone (its cost in the step)."""
+        with self.fabric.autocast():
+            self.m.teacher.teachers[i](self.x)
+
     def student_update(self, student=None, optimizer=None, memory_format=None) -> None:
         student, optimizer = student or self.m.student, optimizer or self.m.optimizer
         x = self.x.contiguous(memory_format=memory_format or self.m.memory_format)
@@ -200,8 +218,24 @@ class Parts:
             self.cfg.mixup,
             m.memory_format,
         )
-        m.optimizer.step()
-        m.optimizer.zero_grad(set_to_none=True)
+        update(self.fabric, m, self.cfg.optim.grad_clip)
+
+    def log_step(self) -> None:
+        """A step followed by what the loop does at a log step (`read_back`)."""
+        m = self.m
+        loss, metrics = train_step(
+            self.fabric,
+            m.teacher,
+            m.student,
+            m.augment,
+            self.objective,
+            self.images,
+            self.cfg.mixup,
+            m.memory_format,
+        )
+        update(self.fabric, m, self.cfg.optim.grad_clip)
+        first_bad = torch.tensor(-1, device=self.fabric.device)
+        read_back(self.fabric, first_bad, 1, 0, self.cfg, {"loss": loss, **metrics})
 
     def step_flops(self) -> tuple[int, int]:
         """FLOPs of one step (teacher forward + student forward and backward) and of the
@@ -256,19 +290,22 @@ def time_rounds(
     return times
 
 
-def count_host_syncs(fn) -> int | None:
-    """Host-device synchronisations in one call on CUDA (torch's sync debug mode), else None."""
-    if not torch.cuda.is_available():
-        return None
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+class OpCount(TorchDispatchMode):
+    """aten ops called within the block (what reaches the device from Python)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn: Callable[[], object]) -> int:
+    with OpCount() as ops:
+        fn()
+    return ops.count
 
 
 def config(args, data: Path) -> DistillConfig:
@@ -280,10 +317,14 @@ def config(args, data: Path) -> DistillConfig:
             random_init=True, model_kwargs={"embed_dim": 192, "depth": 4, "num_heads": 3}
         )
         student, size, batch = "resnet18", 64, 16
+    # --teachers N: N teachers of the same architecture (random weights), through --teachers.
+    term = {"family": teacher.family, "weights": "random", "model_kwargs": teacher.model_kwargs}
+    teachers = [{"encoder": dict(term)} for _ in range(args.teachers)] if args.teachers > 1 else []
     return DistillConfig(
         data=str(data),
         out=str(data.parent / "unused-run"),
         teacher=teacher,
+        teachers=teachers,
         student=StudentConfig(name=args.student or student),
         image_size=args.img_size or size,
         batch_size=args.batch or batch,
@@ -315,6 +356,7 @@ def main() -> None:
         "--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--teachers", type=int, default=1, help="teachers of the same size")
     parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iters", type=int, default=3, help="calls per part and round")
@@ -344,6 +386,10 @@ def main() -> None:
             "data": parts.decode_batch,
             "augment": lambda: parts.augmented(parts.images),
             "teacher": parts.teacher_forward,
+            **{
+                f"teacher_{i + 1}": (lambda i=i: parts.one_teacher(i))
+                for i in range(args.teachers if args.teachers > 1 else 0)
+            },
             "student": parts.student_update,
             "student_nchw": lambda: parts.student_update(nchw, nchw_opt, torch.contiguous_format),
             "step": parts.step,
@@ -351,7 +397,17 @@ def main() -> None:
         }
         preludes = {"loop": parts.drain}
         times = time_rounds(timed, preludes, sync, args.rounds, args.iters, args.warmup)
-        syncs = count_host_syncs(parts.step)
+        optimizers = [parts.m.optimizer]
+        syncs = (
+            count_host_syncs(parts.step, fabric.device, optimizers),
+            count_host_syncs(parts.log_step, fabric.device, optimizers),
+        )
+        ops = {
+            "augment": count_ops(lambda: parts.augmented(parts.images)),
+            "teacher": count_ops(parts.teacher_forward),
+            "student": count_ops(parts.student_update),
+            "step": count_ops(parts.step),
+        }
 
     ms = {name: statistics.median(t) for name, t in times.items()}
     batch = cfg.batch_size
@@ -371,16 +427,19 @@ def main() -> None:
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(
         f"\n{device_name(fabric.device)}; {precision}; torch {torch.__version__}; "
-        f"load average {load}\nteacher ViT (dim {t_cfg['embed_dim']}, depth {t_cfg['depth']}) "
+        f"load average {load}\n{args.teachers} x teacher ViT (dim {t_cfg['embed_dim']}, "
+        f"depth {t_cfg['depth']}) "
         f"-> student {cfg.student.name}, {cfg.image_size} px, batch {batch} per device, "
         f"{cfg.num_workers} workers, channels_last {cfg.channels_last}, compile {cfg.compile}, "
         f"data {'the given ' + str(args.data) if args.data else 'real lung frames (PNG)'}; "
         f"medians of {args.rounds} rounds x {args.iters} calls\n"
     )
+    n_alone = args.teachers if args.teachers > 1 else 0  # teachers timed alone
     rows = [
         ("data", "decode + pin + copy, one core"),
         ("augment", "augmentation + mixup + normalisation"),
-        ("teacher", "teacher forward"),
+        ("teacher", "teacher forward" + (f"s, all {args.teachers}" if args.teachers > 1 else "")),
+        *((f"teacher_{i + 1}", f"teacher {i + 1} alone") for i in range(n_alone)),
         ("student", "student forward + backward + AdamW (channels_last)"),
         ("student_nchw", "the same in NCHW"),
         ("step", "train_step + AdamW, batch on the device"),
@@ -398,8 +457,14 @@ def main() -> None:
     print(
         f"student update speed, channels_last / NCHW: {ms['student_nchw'] / ms['student']:.2f}x; "
         f"one decoding core feeds {ms['step'] / ms['data']:.2f}x the step's images/s "
-        f"(cores for the step: {ms['data'] / ms['step']:.2f}); host syncs per step: "
-        f"{'not measured (no CUDA)' if syncs is None else syncs}."
+        f"(cores for the step: {ms['data'] / ms['step']:.2f})."
+    )
+    how = "CUDA sync debug mode" if fabric.device.type == "cuda" else "reads counted on the CPU"
+    print(f"host syncs per step ({how}): {syncs[0]} between log steps, {syncs[1]} at a log step.")
+    print(
+        f"ops launched per step: {ops['step']} (augmentation + mixup + normalisation "
+        f"{ops['augment']}, teacher forward {ops['teacher']}, student forward + backward + "
+        f"AdamW {ops['student']}); {ms['step'] / ops['step'] * 1e3:.1f} us of step time per op."
     )
     per_device = batch / ms["loop"] * 1e3
     total_flops = PAPER_IMAGES * flops_step / batch

@@ -109,6 +109,22 @@ VITSP = {"dim": 384, "depth": 12, "heads": 6, "hidden": 1536, "swiglu": True}
 TINY = {"dim": 48, "depth": 2, "heads": 2, "hidden": 192, "swiglu": False}
 
 
+HIERA = {"embed_dim": 16, "num_heads": 1, "stages": (1, 1, 2, 1), "global_att_blocks": (3,)}
+"""A tiny SAM2 Hiera (timm overrides of sam2_hiera_tiny)."""
+
+
+def timm_to_sam2_official(state: dict) -> dict:
+    """timm trunk names -> Meta's SAM2 checkpoint, with the parts of SAM2 beside the trunk."""
+    sd = {}
+    for key, value in state.items():
+        key = key.replace(".mlp.fc1.", ".mlp.layers.0.").replace(".mlp.fc2.", ".mlp.layers.1.")
+        sd["image_encoder.trunk." + key] = value
+    sd["image_encoder.neck.convs.0.conv.weight"] = torch.zeros(8, 40, 1, 1)
+    sd["sam_mask_decoder.iou_token.weight"] = torch.zeros(1, 8)
+    sd["memory_attention.norm.weight"] = torch.zeros(8)
+    return {"model": sd}
+
+
 def official_shapes(dim, depth, heads, hidden, swiglu, patch=16, storage=4) -> dict:
     """Tensor names and shapes of an official DINOv3 ViT checkpoint."""
     shapes = {

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_packaged_configs_by_name_file_and_flags(tmp_path):
     assert {"paper_distill_r50", "suites/paper", "suites/smoke_cpu"} <= set(packaged_configs())
     cfg = parse_config(DistillConfig, ["--config", "paper_distill_r50"], "test")
-    assert cfg.student.projection == "mlp" and cfg.batch_size == 512 and cfg.num_nodes == 4
+    assert cfg.student.projection == "mlp" and cfg.batch_size == 512 and cfg.num_nodes == 1
     cfg = parse_config(DistillConfig, ["--config=paper_distill_r50.yaml", "--batch_size", "8"], "t")
     assert cfg.batch_size == 8 and cfg.student.projection == "mlp"  # flags after --config win
     suite = parse_config(SuiteConfig, ["--config", "suites/smoke_cpu"], "test")

@@ -8,6 +8,7 @@ PyAV, SimpleITK, nibabel and pydicom, never written here by hand.
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -19,7 +20,9 @@ import pandas as pd
 import pydicom
 import pytest
 import SimpleITK as sitk
+import torch
 import yaml
+from torch.utils.data import DataLoader, Subset
 
 from sonodistill.cli import main
 from sonodistill.data import hashing
@@ -418,6 +421,14 @@ def test_build_real_corpus_pack_and_distill(corpus_data, tmp_path):
         images = open_training_images(data, 64)
         assert len(images) == len(kept)
         assert tuple(images[0].shape[-2:]) == (64, 64)
+
+    # Workers started by spawn/forkserver (Python 3.14's Linux default) get the pack as a
+    # pickle: its path, not the frames; each maps the file again.
+    images = Subset(open_training_images(pack, 64), range(len(kept)))  # as the recipe splits
+    assert len(pickle.dumps(images)) < frames.nbytes // 20  # the path and the frame names
+    loader = DataLoader(images, batch_size=4, num_workers=1, multiprocessing_context="spawn")
+    expected = torch.stack([images[i] for i in range(len(kept))])
+    assert torch.equal(torch.cat(list(loader)), expected)
 
 
 # ---------------------------------------------------------------- leakage guard

@@ -112,6 +112,38 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(
         torch.testing.assert_close(rank0["student"][key], value, rtol=1e-4, atol=1e-5)
 
 
+def test_a_run_resumes_with_another_world_size_and_the_same_global_batch(three_batches, tmp_path):
+    """Three steps in one process, three more in two (each its half of the same global batch of
+    8): allowed, recorded per attempt, and with per-image maths (ConvNeXt's LayerNorm, no
+    augmentation, no mixup) the trajectory of six steps in one process. With BatchNorm, mixup
+    or augmentation the per-device share changes statistics, partners and draws (documented)."""
+    common = {
+        "image_size": 32,
+        "augment": "none",
+        "mixup": False,
+        "checkpoint_every": 3,
+        "student": StudentConfig(name="convnext_atto"),
+    }
+    one = distill(tiny_config(three_batches, tmp_path / "one", max_steps=6, **common))
+    run = tmp_path / "mixed"
+    distill(tiny_config(three_batches, run, max_steps=3, accelerator="cpu", **common))
+    distill(
+        tiny_config(three_batches, run, max_steps=6, resume=True, **common, **TWO_CPU_PROCESSES)
+    )
+    info = json.loads((run / "run_info.json").read_text())
+    assert [a["world_size"] for a in info["attempts"]] == [1, 2]
+    assert [a["from_step"] for a in info["attempts"]] == [0, 3]
+    got, expected = read_metrics(run), read_metrics(one)
+    assert list(got.step) == list(expected.step) == [1, 2, 3, 4, 5, 6]
+    for column in ("loss", "cosine"):
+        torch.testing.assert_close(
+            torch.tensor(got[column].to_numpy()),
+            torch.tensor(expected[column].to_numpy()),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+
+
 def test_a_ddp_run_resumed_after_a_crash_repeats_the_straight_run(
     three_batches, tmp_path, rank_dumps, monkeypatch
 ):

@@ -4,6 +4,7 @@ Two-process DDP: tests/test_ddp.py."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -165,3 +166,37 @@ def test_the_student_checks_its_input_size_before_anything_is_written(tmp_path):
         build_student(cfg, 96)
     cfg.image_size = 224
     assert build_student(cfg, 96).encoder.family == "vit"
+
+
+def test_a_gpu_torch_cannot_use_is_an_error_under_accelerator_auto(
+    three_batches, tmp_path, monkeypatch
+):
+    """A GPU node whose driver is too old for torch's CUDA build: torch.cuda says no GPU (with a
+    warning); --accelerator auto names the GPU, torch's reason and the fixes instead of training
+    in fp32 on the CPU. --accelerator cpu, or GPUs hidden on purpose, train on the CPU."""
+
+    def too_old() -> bool:
+        warnings.warn(
+            "CUDA initialization: The NVIDIA driver on your system is too old (found "
+            "version 12040).\nPlease update your GPU driver.",
+            UserWarning,
+            stacklevel=2,
+        )
+        return False
+
+    monkeypatch.setattr(recipe_module, "_nvidia_devices", lambda: ["/dev/nvidia0"])
+    monkeypatch.setattr(torch.cuda, "is_available", too_old)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    cfg = tiny_config(three_batches, tmp_path / "run", accelerator="auto")
+    with pytest.raises(UserError) as refused:
+        distill(cfg)
+    message = str(refused.value)
+    assert message.startswith("--accelerator auto: this machine has an NVIDIA GPU (/dev/nvidia0)")
+    assert "driver on your system is too old (found version 12040)" in message
+    assert "--accelerator cpu" in message and "\n" not in message
+    assert not (tmp_path / "run").exists()
+    for accelerator, hidden in (("cpu", None), ("auto", "")):
+        cfg.accelerator = accelerator
+        if hidden is not None:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        recipe_module._check_gpu_usable(cfg)  # no error: the CPU on purpose

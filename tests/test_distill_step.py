@@ -1,6 +1,6 @@
 """The GPU-shaped distillation step keeps the maths: its loss trajectory equals the one of the
-previous step, the host reads the device only at log steps, and the student is built as asked
-(channels_last, SyncBatchNorm)."""
+previous step, the host reads the device once per log step and never between, and the student
+is built as asked (channels_last, SyncBatchNorm)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_config
 from safetensors.torch import load_file
 from torch import nn
+from torch._dynamo.utils import counters, guard_failures
 from torch.utils.data import DataLoader
 
 from sonodistill.data.images import ResumableSampler, open_training_images
@@ -16,6 +17,7 @@ from sonodistill.distill import OptimConfig, distill, read_metrics
 from sonodistill.distill import recipe as recipe_module
 from sonodistill.distill.augment import build_augmentation, mixup
 from sonodistill.distill.config import LOSSES
+from sonodistill.distill.host_sync import HostReads
 from sonodistill.distill.recipe import build_student, lr_factor
 from sonodistill.errors import UserError
 from sonodistill.models import Student, Teacher, to_model_input
@@ -24,8 +26,10 @@ from sonodistill.models import Student, Teacher, to_model_input
 def previous_step_trajectory(cfg, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
     """The training loop of distill/recipe.py as it was at commit 44c4db8 (before issue 13),
     written out without Fabric: contiguous (NCHW) student and input, foreach-free AdamW,
-    `loss.item()` after every step, a loader without persistent workers; the same seeding
-    (model init after `manual_seed(seed)`, every step's draws from (seed, step, rank)).
+    `loss.item()` after every step, a loader without persistent workers, kornia's per-image
+    augmentation (`batched=False`) and a teacher of any input size (its RoPE grid rebuilt every
+    forward); the same seeding (model init after `manual_seed(seed)`, every step's draws from
+    (seed, step, rank)).
     Returns the per-step losses and the final backbone weights."""
     torch.manual_seed(cfg.seed)
     teacher = Teacher(cfg.teacher)
@@ -40,7 +44,7 @@ def previous_step_trajectory(cfg, steps: int) -> tuple[list[float], dict[str, to
     dataset = open_training_images(cfg.data, cfg.image_size)
     sampler = ResumableSampler(len(dataset), cfg.batch_size, cfg.seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True)
-    augment = build_augmentation(cfg.augment, cfg.image_size)
+    augment = build_augmentation(cfg.augment, cfg.image_size, batched=False)
     objective = LOSSES.get(cfg.loss)
     losses, step = [], 0
     while step < steps:
@@ -66,10 +70,10 @@ def previous_step_trajectory(cfg, steps: int) -> tuple[list[float], dict[str, to
 
 def test_new_step_repeats_the_previous_loss_trajectory(three_batches, tmp_path):
     """Seven steps across two epoch boundaries with the `us` augmentation, mixup and a warm-up
-    + cosine schedule at the paper's lr: channels_last, two persistent prefetching workers and
-    no per-step host read change nothing beyond fp32 rounding (about 1e-7 here; without
-    channels_last the two trajectories are bitwise equal). At a 10x higher lr this tiny
-    student is chaotic: the same 1e-7 grows to 1e-3 within six steps."""
+    + cosine schedule at the paper's lr: channels_last, two persistent prefetching workers, no
+    per-step host read, the batched crop (1e-5 from kornia's per-image one, the same draws) and
+    the fixed-size teacher change nothing beyond rounding (about 1e-6 here). At a 10x higher lr
+    this tiny student is chaotic: the same 1e-7 grows to 1e-3 within six steps."""
     cfg = tiny_config(three_batches, tmp_path / "run", max_steps=7, num_workers=2)
     cfg.optim = OptimConfig(lr=1e-4, schedule="cosine", warmup_steps=2, min_lr=1e-5)
     assert cfg.channels_last and cfg.augment == "us" and cfg.mixup
@@ -89,54 +93,61 @@ def test_new_step_repeats_the_previous_loss_trajectory(three_batches, tmp_path):
         torch.testing.assert_close(trained[key], weights[key], rtol=1e-4, atol=1e-5)
 
 
-def test_the_host_reads_the_loss_only_at_log_steps(three_batches, tmp_path, monkeypatch):
-    """Reading a device tensor (`item`, `tolist`, `float`, ...) blocks the host on a GPU; the
-    loop may do it only when it logs (every 3rd step here, and the last)."""
-    reads: list[int] = []
-    step = {"n": 0}
-    real_step = recipe_module.train_step
+def test_the_host_waits_for_the_device_once_per_log_step_and_never_between(
+    three_batches, tmp_path, monkeypatch
+):
+    """Every read of a tensor's values in the loop (`HostReads`: what would make the host wait
+    for a GPU), step by step, with the `us` augmentation, mixup and gradient clipping: one per
+    log step (every 3rd and the last), where loss, metrics and the non-finite check are read
+    in one copy, and none between."""
+    marks: list[int] = []  # the reads counted before each step's train_step, and at the end
+    box: dict[str, HostReads] = {}
+    real_loop, real_step = recipe_module._loop, recipe_module.train_step
 
     def counting_step(*args, **kwargs):
-        step["n"] += 1
-        loss, metrics = real_step(*args, **kwargs)
-        watched = {k: _Watched(v, reads, step) for k, v in metrics.items()}
-        return _Watched(loss, reads, step), watched
+        marks.append(box["reads"].count)  # reads before step n's train_step: of step n - 1
+        return real_step(*args, **kwargs)
+
+    def counting_loop(fabric, cfg, objective, data, m, *args, **kwargs):
+        with HostReads([m.optimizer]) as box["reads"]:
+            out = real_loop(fabric, cfg, objective, data, m, *args, **kwargs)
+        marks.append(box["reads"].count)
+        return out
 
     monkeypatch.setattr(recipe_module, "train_step", counting_step)
-    distill(tiny_config(three_batches, tmp_path / "run", max_steps=7, log_every=3, augment="none"))
-    assert step["n"] == 7 and sorted(set(reads)) == [3, 6, 7]
+    monkeypatch.setattr(recipe_module, "_loop", counting_loop)
+    cfg = tiny_config(three_batches, tmp_path / "run", max_steps=7, log_every=3)
+    cfg.optim.grad_clip = 1.0
+    distill(cfg)
+    per_step = {
+        step: box["reads"].where[marks[step - 1] : marks[step]] for step in range(1, len(marks))
+    }
+    one = ["tolist in sonodistill.distill.recipe.read_back"]
+    assert marks[0] == 0 and per_step == {1: [], 2: [], 3: one, 4: [], 5: [], 6: one, 7: one}
 
 
-class _Watched(torch.Tensor):
-    """A tensor that records the step at which the host reads it."""
+def test_ranks_vote_on_a_stop_signal_every_n_steps(three_batches, tmp_path, monkeypatch):
+    """The stop vote crosses the network: every --stop_check_every steps (and the last), not
+    every step. A stand-in group makes one process vote as a rank of several would."""
+    votes: list[int] = []
+    real_step, steps = recipe_module.train_step, {"n": 0}
 
-    @staticmethod
-    def __new__(cls, tensor, reads, step):
-        out = tensor.as_subclass(cls)
-        out._reads, out._step = reads, step
-        return out
+    def step(*args, **kwargs):
+        steps["n"] += 1
+        return real_step(*args, **kwargs)
 
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        host_reads = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu")
-        if getattr(func, "__name__", "") in host_reads:
-            watched = next(a for a in args if isinstance(a, cls))
-            watched._reads.append(watched._step["n"])
-        with torch._C.DisableTorchFunctionSubclass():
-            out = func(*args, **(kwargs or {}))
-        # Keep the watch on tensors derived from the loss (stacking, all-reduce, casts).
-        if isinstance(out, torch.Tensor) and not isinstance(out, cls):
-            watched = next(a for a in _flat(args) if isinstance(a, cls))
-            out = _Watched(out, watched._reads, watched._step)
-        return out
+    def agree(control, stopping):
+        assert control == "group"
+        votes.append(steps["n"])
+        return stopping
 
-
-def _flat(args):
-    for a in args:
-        if isinstance(a, (list, tuple)):
-            yield from _flat(a)
-        else:
-            yield a
+    monkeypatch.setattr(recipe_module, "train_step", step)
+    monkeypatch.setattr(recipe_module, "_control_group", lambda fabric: "group")
+    monkeypatch.setattr(recipe_module, "_agree", agree)
+    cfg = tiny_config(three_batches, tmp_path / "run", max_steps=7, augment="none")
+    cfg.stop_check_every, cfg.log_every = 3, 10
+    distill(cfg)
+    assert votes == [3, 6, 7]
 
 
 def test_student_is_channels_last_and_sync_bn_spans_processes():
@@ -161,3 +172,40 @@ def test_sync_bn_on_cpu_processes_is_refused_before_anything_is_written(tmp_path
     with pytest.raises(UserError, match="sync_bn true: needs GPUs"):
         distill(cfg)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_compile_compiles_each_model_once(three_batches, tmp_path, monkeypatch):
+    """--compile asks for CUDA graphs (`reduce-overhead`) and static shapes; nothing compiles
+    twice, and nothing after the first step: not the validations (the step-0 one, a short last
+    batch padded to the training shape, the student uncompiled in eval mode), not the later
+    steps. Compiled with
+    dynamo's `aot_eager` backend here: the guards that decide a recompilation are dynamo's
+    whatever the backend, and inductor takes about 3 minutes on 2 cores for this run."""
+    real_compile, asked, after_step = torch.compile, [], []
+
+    def compile_(model, **kwargs):
+        if "backend" not in kwargs:  # ours; Fabric re-applies it with the backend below
+            asked.append(kwargs)
+            kwargs = {"backend": "aot_eager", "dynamic": kwargs["dynamic"]}
+        return real_compile(model, **kwargs)
+
+    real_step = recipe_module.train_step
+
+    def step(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        after_step.append(counters["frames"]["total"])
+        return out
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    monkeypatch.setattr(recipe_module, "train_step", step)
+    torch._dynamo.reset()
+    counters.clear()
+    guard_failures.clear()
+    cfg = tiny_config(three_batches, tmp_path / "run", max_steps=4, image_size=32, compile=True)
+    cfg.val_fraction, cfg.val_every = 0.45, 2  # 11 held-out images: batches of 8 and 3
+    distill(cfg)
+    assert asked == [{"mode": "reduce-overhead", "dynamic": False}] * 2
+    assert not guard_failures, [reasons for reasons in guard_failures.values()]  # no recompile
+    assert len(after_step) == 4 and after_step[0] == after_step[-1] == counters["frames"]["ok"]
+    assert set(read_metrics(tmp_path / "run").dropna(subset=["val_loss"]).step) == {0, 2, 4}

@@ -14,7 +14,14 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import TINY, TINY_TEACHER_KWARGS, fake_student_run, perturbed_official
+from conftest import (
+    HIERA,
+    TINY,
+    TINY_TEACHER_KWARGS,
+    fake_student_run,
+    perturbed_official,
+    timm_to_sam2_official,
+)
 from lightning_fabric import Fabric
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -48,7 +55,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZE = 64
 CONVNEXT = {"depths": (1, 1, 2, 1), "dims": (16, 24, 32, 40)}
-HIERA = {"embed_dim": 16, "num_heads": 1, "stages": (1, 1, 2, 1), "global_att_blocks": (3,)}
 BEIT = {"embed_dim": 48, "depth": 2, "num_heads": 2, "img_size": SIZE}
 
 
@@ -131,18 +137,6 @@ def convnext_reference(sd: dict, x: torch.Tensor):
 
     last = norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
     return norm(x.mean(dim=(-2, -1))), stages, last
-
-
-def timm_to_sam2_official(state: dict) -> dict:
-    """timm trunk names -> Meta's SAM2 checkpoint, with the parts of SAM2 beside the trunk."""
-    sd = {}
-    for key, value in state.items():
-        key = key.replace(".mlp.fc1.", ".mlp.layers.0.").replace(".mlp.fc2.", ".mlp.layers.1.")
-        sd["image_encoder.trunk." + key] = value
-    sd["image_encoder.neck.convs.0.conv.weight"] = torch.zeros(8, 40, 1, 1)
-    sd["sam_mask_decoder.iou_token.weight"] = torch.zeros(1, 8)
-    sd["memory_attention.norm.weight"] = torch.zeros(8)
-    return {"model": sd}
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import json
 from collections import Counter
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -21,6 +22,7 @@ from sonodistill.errors import UserError
 from sonodistill.evaluate.audit import LeakError
 from sonodistill.evaluate.config import TrainSettings
 from sonodistill.evaluate.datasets import SegDataset, load_mask
+from sonodistill.evaluate.estimate import dry_run
 from sonodistill.evaluate.head_checkpoint import load_head
 from sonodistill.evaluate.splits import (
     SPLITS,
@@ -315,8 +317,9 @@ def test_smoke_suite_on_real_data(splits_dir, tmp_path, shared_data, fake_studen
     assert "| Majority class (trivial) |" in table3 and "(n=1)" in table3
     cell = table3.split("| R18-Rand | ")[1].split(" | ")[0]  # one seed: no std
     mean, rest = cell.split(" [")
-    low, high = (float(v) for v in rest.split("]")[0].split(", "))
-    assert low <= float(mean) <= high
+    inside, images = rest.split("]")[0].split("; ")
+    low, high = (float(v) for v in inside.split(", "))
+    assert low <= float(mean) <= high and images.endswith(" images")
     assert "Paired comparisons against R18-Rand" in (out / "tables" / "comparisons.md").read_text()
     assert yaml.safe_load((out / "suite.yaml").read_text())["seeds"] == [0]
     # the selected models are kept in the format `sonodistill export --head` reads
@@ -378,6 +381,50 @@ def test_missing_seed_is_said_in_its_cell(splits_dir, tmp_path, shared_data):
     assert "| All background (trivial) | 0.0000 | 0.0000 |" in table
 
 
+def test_two_shards_make_the_tables_of_one_suite(splits_dir, tmp_path, shared_data):
+    """`--shard 1/2` and `--shard 2/2`, each in its own folder (and lock) under OUT/shards, then
+    `--tables_only true` on OUT: every table equals the one of the suite run in one folder.
+    `--dry_run` gives each shard's time."""
+
+    def suite(out, train=None, **kw):
+        return SuiteConfig(
+            out=str(out),
+            data_root=str(shared_data),
+            encoders=["random:resnet18@R18-Rand"],
+            tasks=["ddti_seg"],
+            protocols=["linear"],
+            seeds=[0, 1, 2],
+            train=train or TrainSettings(seg_image_size=32, epochs=1, seg_batch=8, subset=8),
+            **kw,
+        )
+
+    one, sharded = tmp_path / "one", tmp_path / "sharded"
+    for folder in (one, sharded / "shards/1-of-2", sharded / "shards/2-of-2"):
+        (folder / "splits").mkdir(parents=True)
+        (folder / "splits/ddti_seg.json").write_text((splits_dir / "ddti_seg.json").read_text())
+    report = dry_run(suite(sharded, train=TrainSettings(), shard="1/2"))  # sizes it can count
+    assert "Estimated time per shard (--shard I/2, one device each): 1 of 2: " in report
+    run_suite(suite(one))
+    for shard in ("1/2", "2/2"):
+        run_suite(suite(sharded, shard=shard))
+    done = {f.name for f in (sharded / "shards/1-of-2/runs").glob("*.json")}
+    assert len(done) == 2 and done.isdisjoint(
+        f.name for f in (sharded / "shards/2-of-2/runs").glob("*.json")
+    )  # seeds 0 and 2, then seed 1
+    run_suite(suite(sharded, tables_only=True))
+    tables = sorted(p.name for p in (one / "tables").iterdir())
+    assert tables and tables == sorted(p.name for p in (sharded / "tables").iterdir())
+    for name in tables:  # the runs' wall times aside
+        if name.endswith(".csv"):
+            got, expected = (pd.read_csv(d / "tables" / name) for d in (sharded, one))
+            got, expected = (f.drop(columns=["wall_s"], errors="ignore") for f in (got, expected))
+            pd.testing.assert_frame_equal(got, expected)
+        else:
+            assert (sharded / "tables" / name).read_text() == (one / "tables" / name).read_text()
+    with pytest.raises(UserError, match="--shard 3/2"):
+        run_suite(suite(sharded, shard="3/2"))
+
+
 def test_suite_refuses_straddling_pairs(splits_dir, tmp_path, shared_data, fake_student, capsys):
     """A split file where DDTI 183 and 184 (99.3% identical) sit in train and test: the audit
     finds it and the suite stops before any training, unless told to accept it."""
@@ -390,15 +437,16 @@ def test_suite_refuses_straddling_pairs(splits_dir, tmp_path, shared_data, fake_
     split["ids"]["test" if where[moved] != "test" else "train"].append(moved)
     write_json(out / "splits" / "ddti_seg.json", split)
     cfg = _suite(out, shared_data, fake_student, tasks=["ddti_seg"])
-    with pytest.raises(LeakError, match="ddti_seg"):
+    before = sorted(p.name for p in out.rglob("*"))
+    with pytest.raises(LeakError, match=r"ddti_seg \(1\), e.g. 18[34] / 18[34]"):
         run_suite(cfg)
-    assert not list((out / "runs").glob("*.json"))
-    report = (out / "splits" / "ddti_seg.audit.md").read_text()
-    assert "183" in report and "184" in report and "**Leaks" in report
+    assert sorted(p.name for p in out.rglob("*")) == before  # a refusal leaves nothing behind
     from sonodistill.cli import main as cli_main
 
     argv = f"evaluate audit --out {out} --data_root {shared_data} --tasks [ddti_seg]"
-    assert cli_main(argv.split()) == 1
+    assert cli_main(argv.split()) == 1  # the audit writes its report, and says so
+    report = (out / "splits" / "ddti_seg.audit.md").read_text()
+    assert "183" in report and "184" in report and "**Leaks" in report
     capsys.readouterr()
     argv += " --accept_leaks true --audit_loose 0.85"  # the 0.1 name of the option still works
     assert cli_main(argv.split()) == 0

@@ -192,7 +192,9 @@ def test_tables_statistics_baselines_and_recipes(tmp_path):
     # the per-image means (0.55, 0.65, 0.55, 0.65) lies within [0.55, 0.65]
     dice = rows["A"][0]
     assert dice.startswith("0.6000 ± 0.1414 [") and dice.endswith("(n=2)")
-    low, high = (float(v) for v in dice.split("[")[1].split("]")[0].split(", "))
+    inside = dice.split("[")[1].split("]")[0]
+    assert inside.endswith("; 4 images")  # the test images of the cell
+    low, high = (float(v) for v in inside.split(";")[0].split(", "))
     assert 0.55 <= low < 0.6 < high <= 0.65
     # B: one of two seeds, and no better than predicting all foreground (0.2): flagged
     assert rows["B"][0].startswith("0.1000 [") and rows["B"][0].endswith("(n=1 of 2) †")

@@ -40,7 +40,7 @@ from sonodistill.evaluate.splits import SPLITS, SplitConfig, make_splits
 from sonodistill.evaluate.stats import holm, interval, paired
 from sonodistill.evaluate.suite import SuiteConfig, check_labels, run_suite
 from sonodistill.evaluate.train import evaluate, trivial_scores
-from sonodistill.models.encoders import EncoderSpec, encoder_label
+from sonodistill.models.encoders import EncoderSpec, encoder_label, encoder_recipe
 
 BUSI = Path("busi/Dataset_BUSI_with_GT")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -139,9 +139,8 @@ def test_outlines_are_filled_or_refused(shared_data, tmp_path):
     filled = index.load_mask(index.records[0], truth.shape).astype(bool)
     assert iou(filled, truth) > 0.99 and outline.sum() < 0.5 * truth.sum()
     assert mask_report(index)[0]["outlines"] == 1
-    refusing = load_dataset(DatasetSpec(format="seg_folder", root=str(root), outline="refuse"))
-    with pytest.raises(MaskError, match="a.png: the annotation is an outline"):
-        refusing.load_mask(refusing.records[0], truth.shape)
+    with pytest.raises(MaskError, match="a.png: the annotation is an outline"):  # indexing
+        load_dataset(DatasetSpec(format="seg_folder", root=str(root), outline="refuse"))
     # an outline with a gap encloses nothing: it cannot be filled
     ys, xs = np.nonzero(outline)
     gap = outline.copy()
@@ -149,6 +148,8 @@ def test_outlines_are_filled_or_refused(shared_data, tmp_path):
     Image.fromarray(gap.astype(np.uint8) * 255).save(root / "masks" / "a.png")
     with pytest.raises(MaskError, match="open contour"):
         index.load_mask(index.records[0], truth.shape)
+    with pytest.raises(MaskError, match="open contour"):  # found while indexing, not training
+        load_dataset(DatasetSpec(format="seg_folder", root=str(root)))
 
 
 def test_mask_size_mismatch_is_refused_while_indexing(shared_data, tmp_path):
@@ -197,7 +198,7 @@ def test_group_by_rules_keep_groups_in_one_split(tmp_path):
             for g in {r.group for r in index.records}:
                 members = [r.id for r in index.records if r.group == g]
                 assert len({where[i] for i in members}) == 1, (rule, g)
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(UserError, match="does not match"):
         load_dataset(DatasetSpec(format="seg_folder", root=str(root), group_by="regex:^nothing"))
 
 
@@ -318,7 +319,9 @@ def test_six_students_have_configs_and_labels_match(tmp_path):
             "teacher": "vit_base_patch16_dinov3_qkvb",
         }
     students = {p for p in packaged_configs() if p.startswith("paper_distill")}
-    assert len(students) == 6
+    assert len(students) == 7  # the paper's six and the two-teacher R50 (paper_fm_compare)
+    multi = _fake_runs(tmp_path, "suites/paper_fm_compare")[-1]
+    assert encoder_recipe(multi)["teacher"] == "dinov3 + sam2_hiera_base_plus"
     # a label that says what the run did not do is an error, as is an ablation row
     encoders = _fake_runs(tmp_path, "suites/paper_ablation")
     default = next(e for e in encoders if e.endswith("@R50-Distill-Default"))

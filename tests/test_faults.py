@@ -836,6 +836,20 @@ def nan_from_the_first_step(monkeypatch) -> None:
     monkeypatch.setattr(recipe_module, "train_step", diverging)
 
 
+def nan_gradients_from_the_first_step(monkeypatch) -> None:
+    """A loss, and so every gradient, not finite: what the gradient clip sees."""
+    real_step = recipe_module.train_step
+
+    def diverging(fabric, teacher, student, augment, objective, *args, **kwargs):
+        def nan_objective(pred, target):
+            loss, metrics = objective(pred, target)
+            return loss * float("nan"), metrics
+
+        return real_step(fabric, teacher, student, augment, nan_objective, *args, **kwargs)
+
+    monkeypatch.setattr(recipe_module, "train_step", diverging)
+
+
 ONE_ERROR_PATH = [
     # -- an output that cannot be written: the one line names it, in every command
     *(
@@ -1067,6 +1081,14 @@ ONE_ERROR_PATH = [
         creates="run",  # config and logs: the run had started
         lacks=("(step 0)", "is kept"),
         fault=nan_from_the_first_step,
+    ),
+    Row(
+        "a loss not finite with gradient clipping is the same message, not Fabric's error",
+        DISTILL + " --max_steps 2 --optim.grad_clip 1.0",
+        ("not finite (nan or inf) at step 1", "no checkpoint was saved"),
+        creates="run",
+        lacks=("RuntimeError", "error_if_nonfinite", "total norm"),
+        fault=nan_gradients_from_the_first_step,
     ),
     # -- a run that fails its input checks writes nothing
     Row(

@@ -9,6 +9,7 @@ freeing space completes and equals a clean run.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shlex
 import shutil
@@ -32,6 +33,7 @@ from sonodistill.cli import main
 from sonodistill.data import corpus as corpus_module
 from sonodistill.distill import read_metrics
 from sonodistill.distill import recipe as recipe_module
+from sonodistill.distill.run import requeue_decision
 from sonodistill.errors import REQUEUE
 from sonodistill.evaluate import suite as suite_module
 
@@ -155,6 +157,10 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     assert checkpoint_step(out / "checkpoints/last.pt") == 4
     assert not (out / "student_backbone.safetensors").exists()
     assert read_metrics(out).step.max() == 4  # the bad step was never applied nor logged
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["attempts"][-1]["ending"] == "user error"
+    requeue, why = requeue_decision(out)
+    assert not requeue and "user error" in why  # a new start would diverge again
 
 
 def test_a_slurm_signal_from_outside_with_a_loader_worker_and_a_second_run_refused(
@@ -191,35 +197,60 @@ def test_a_slurm_signal_from_outside_with_a_loader_worker_and_a_second_run_refus
     assert not (out / ".lock").exists()
 
 
-def test_the_sbatch_requeues_on_the_checkpoint_exit_code(tmp_path):
-    """scripts/slurm_distill.sbatch with srun and scontrol stand-ins: exit code 3 -> requeue."""
+CHECKPOINT = "mkdir -p $OUT/checkpoints && touch $OUT/checkpoints/last.pt"
+
+
+def ending(value: str | None) -> str:
+    attempt = {"from_step": 0} if value is None else {"from_step": 0, "ending": value}
+    return f"echo '{json.dumps({'attempts': [attempt]})}' > $OUT/run_info.json"
+
+
+@pytest.mark.parametrize(
+    ("srun_does", "srun_rc", "requeued"),
+    [  # what the fake srun leaves in the run folder, its exit code, whether the job requeues
+        (f"{CHECKPOINT}; {ending('stopped')}", 128 + signal.SIGUSR1, True),
+        (f"{CHECKPOINT}; {ending('stopped')}", REQUEUE, True),
+        (f"{CHECKPOINT}; {ending(None)}", 128 + signal.SIGKILL, True),  # killed without a word
+        (f"{CHECKPOINT}; {ending('crashed')}", 1, True),  # a lost node, an NCCL timeout
+        (f"{CHECKPOINT}; {ending('finished')}; touch $OUT/student_backbone.safetensors", 0, False),
+        (f"{CHECKPOINT}; {ending('user error')}", 2, False),  # the loss stopped being finite
+        ("true", 2, False),  # a bad option: refused before anything was written
+    ],
+    ids=["SIGUSR1 via srun", "exit 3", "SIGKILL", "crash", "finished", "user error", "refused"],
+)
+def test_the_sbatch_requeues_from_what_the_run_folder_says(srun_does, srun_rc, requeued, tmp_path):
+    """scripts/slurm_distill.sbatch with srun and scontrol stand-ins: srun's exit code does not
+    decide (128 + signal when --kill-on-bad-exit ended a task); the run folder does."""
     script = Path(__file__).resolve().parents[1] / "scripts/slurm_distill.sbatch"
     bin_dir, work = tmp_path / "bin", tmp_path / "work"
     bin_dir.mkdir()
     (work / ".venv/bin").mkdir(parents=True)
     (work / ".venv/bin/activate").write_text("")
+    (bin_dir / "python").symlink_to(sys.executable)
     for name, body in (
-        ("srun", 'echo "$@" > srun.args; exit "$SRUN_RC"'),
+        ("srun", f'echo "$@" > srun.args; {srun_does}; exit {srun_rc}'),
         ("scontrol", "echo $@ > scontrol.args"),
     ):
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
     env = {
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "PYTHONPATH": os.pathsep.join(sys.path),
         "SLURM_SUBMIT_DIR": str(work),
         "SLURM_JOB_ID": "42",
         "SLURM_NNODES": "1",
         "SLURM_NTASKS_PER_NODE": "1",
         "SLURM_CPUS_PER_TASK": "2",
+        "OUT": str(work / "run"),
     }
-    for rc, requeued in ((3, True), (0, False), (2, False)):
-        (work / "scontrol.args").unlink(missing_ok=True)
-        done = subprocess.run(["bash", str(script)], env={**env, "SRUN_RC": str(rc)}, cwd=work)
-        assert (work / "scontrol.args").is_file() == requeued
-        assert done.returncode == (0 if requeued else rc)
-        if requeued:
-            assert (work / "scontrol.args").read_text().split() == ["requeue", "42"]
-    assert "--resume true" in (work / "srun.args").read_text()
+    done = subprocess.run(["bash", str(script)], env=env, cwd=work, capture_output=True, text=True)
+    assert (work / "scontrol.args").is_file() == requeued, done.stdout + done.stderr
+    assert done.returncode == (0 if requeued else srun_rc)
+    if requeued:
+        assert (work / "scontrol.args").read_text().split() == ["requeue", "42"]
+    assert ("no requeue" not in done.stdout) == requeued
+    args = (work / "srun.args").read_text()
+    assert "--resume true" in args and f"--out {work / 'run'}" in args
 
 
 # ---------------------------------------------------------------- damaged checkpoints

@@ -64,12 +64,6 @@ ROWS = [
         "run",
     ),
     Row(
-        "resume on two devices",
-        RESUME + " --accelerator cpu --devices 2",
-        ("world size (devices x nodes) 1 -> 2",),
-        "run",
-    ),
-    Row(
         "resume with another image size",
         RESUME + " --image_size 32",
         ("--image_size 64 -> 32",),

@@ -5,6 +5,8 @@ removes the run's own files (globs included) and nothing else."""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import socket
 import subprocess
@@ -13,6 +15,7 @@ import sys
 import pytest
 import yaml
 
+from sonodistill import rundir as rundir_module
 from sonodistill.errors import UserError
 from sonodistill.rundir import LOCK, Layout, RunDir, claim_run_dir, lock_run_dir, remove_owned
 
@@ -52,6 +55,42 @@ def test_a_locked_run_folder_names_its_holder(tmp_path):
     with lock_run_dir(tmp_path / "run", "test"):
         assert (tmp_path / "run" / LOCK).is_file()
     assert not (tmp_path / "run" / LOCK).exists()
+
+
+def test_without_flock_the_lock_falls_back_to_an_exclusive_file(tmp_path, monkeypatch):
+    """As on Lustre mounted without `-o flock`: flock raises ENOSYS. The lock is then a file
+    created exclusively: a second holder is refused with the first one named, the file goes
+    with the holder, and one left by a process of this host that is gone is taken over."""
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(rundir_module.fcntl, "flock", no_flock)
+    run = tmp_path / "run"
+    with lock_run_dir(run, "distill"):
+        assert json.loads((run / ".lock.held").read_text())["pid"] == os.getpid()
+        with pytest.raises(UserError) as err, lock_run_dir(run, "evaluate"):
+            pass
+        message = str(err.value)
+        assert f"pid {os.getpid()} on {socket.gethostname()}" in message
+        assert "sonodistill distill" in message and "delete" in message and "\n" not in message
+    assert not (run / ".lock.held").exists() and not run.exists()
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    run.mkdir()
+    held = {
+        "pid": int(gone.stdout),
+        "host": socket.gethostname(),
+        "command": "distill",
+        "since": "2026-01-01 00:00:00",
+    }
+    (run / ".lock.held").write_text(json.dumps(held))  # left by a process killed outright
+    with lock_run_dir(run, "test"):
+        assert json.loads((run / ".lock.held").read_text())["pid"] == os.getpid()
 
 
 def test_claim_refuses_an_existing_run_without_resume_or_overwrite(tmp_path):

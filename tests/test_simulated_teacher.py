@@ -112,3 +112,38 @@ def test_tissue_classes_follow_depth_lesion_and_sector(preset):
     column = frame.layers[:, 32][inside[:, 32]]
     assert set(np.unique(column)) == {0, 1, 2, 3}
     assert (np.diff(column.astype(int)) >= 0).all(), "layers deepen from the skin down"
+
+
+def test_the_default_teacher_keeps_the_cache_key_it_had_before_knows_existed():
+    """The key of the file every cache already holds: the settings' hash without `knows`."""
+    import dataclasses
+    import hashlib
+    import json
+
+    for cfg in (SimTeacherConfig(), TINY):
+        settings = {"version": sim_teacher.VERSION, "torch": torch.__version__}
+        settings |= {k: v for k, v in dataclasses.asdict(cfg).items() if k != "knows"}
+        key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        assert cache_path(cfg).name == f"simulated_teacher-{key}.pth"
+    keys = {cache_path(dataclasses.replace(TINY, knows=k)) for k in ("all", "lesions", "layers")}
+    assert len(keys) == 3
+
+
+def test_teachers_that_know_lesions_or_layers_learn_different_patch_labels():
+    from sonodistill.models.simulated_teacher import patch_classes, pretraining_set
+
+    frame = simulate_frame(3, "thyroid", "cyst", SimConfig(size=64))
+    assert frame.mask.sum() > 0
+    full = patch_classes(frame.layers, frame.mask, "all")
+    lesions = patch_classes(frame.layers, frame.mask, "lesions")
+    layers = patch_classes(frame.layers, frame.mask, "layers")
+    assert np.array_equal(full, tissue_classes(frame.layers, frame.mask))
+    assert np.array_equal(lesions == 1, frame.mask > 0) and set(np.unique(lesions)) == {0, 1}
+    assert np.array_equal(layers, frame.layers) and LESION_CLASS not in layers
+    shares = {
+        k: pretraining_set(SimTeacherConfig(**{**TINY.__dict__, "knows": k}))["shares"]
+        for k in ("lesions", "layers")
+    }
+    assert shares["lesions"].shape[1] == 3 and shares["layers"].shape[1] == 6
+    torch.testing.assert_close(shares["lesions"].sum(1), torch.ones_like(shares["lesions"][:, 0]))
+    assert shares["layers"][:, LESION_CLASS].sum() == 0  # no patch of a layers teacher is lesion

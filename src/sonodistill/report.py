@@ -76,9 +76,11 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ("Distillation curves", _curves(run)),
         ("Downstream evaluation", _evaluation(run / "evaluate")),
         ("Embeddings (t-SNE)", _figures(run / "analysis") + _tables(run / "analysis")),
-        ("Deployment (Table 5)", _tables(run / "bench")),
+        ("Deployment (Table 5)", _tables(run / "bench", skip=STUDENTS)),
         ("Sample frames and predicted masks", _figures(run / "samples")),
     ]
+    if students := _students(run / "bench"):  # only when `bench --students` ran
+        sections.insert(-1, ("Student for the device (latency vs quality)", students))
     nav = " ".join(f'<a href="#s{i}">{html.escape(t)}</a>' for i, (t, _) in enumerate(sections))
     body = "\n".join(
         f'<h2 id="s{i}">{html.escape(t)}</h2>\n{c or _missing(t)}'
@@ -270,7 +272,12 @@ def _curves(run: Path) -> str:
     objective = loss_title(folder)
     png = _plot_curves(train["step"].tolist(), series, objective)
     last = train.iloc[-1]
-    facts = ", ".join(f"{k} {float(last[k]):.4g}" for k in ("step", *keys) if k in train)
+    # Several teachers (--teachers): each teacher's LABEL_loss and LABEL_cosine beside the sum.
+    per_teacher = [c for c in train if c.endswith(("_loss", "_cosine")) and c not in keys]
+    per_teacher = [c for c in per_teacher if not c.startswith("val_") and train[c].notna().all()]
+    facts = ", ".join(
+        f"{k} {float(last[k]):.4g}" for k in ("step", *keys, *per_teacher) if k in train
+    )
     text = f"objective: {objective}; last logged step: {facts}"
     return _img(png, "distillation curves") + f"<p class='muted'>{html.escape(text)}</p>"
 
@@ -303,12 +310,13 @@ def _plot_curves(steps: list[float], series: dict[str, list[float]], loss: str) 
     return _png(fig)
 
 
-def _tables(folder: Path) -> str:
-    """Every table in a folder (recursively): Markdown preferred (it has the notes), else CSV."""
+def _tables(folder: Path, skip: tuple[str, ...] = ()) -> str:
+    """Every table in a folder (recursively): Markdown preferred (it has the notes), else CSV;
+    files named in `skip` (stems) are left to their own section."""
     if not folder.is_dir():
         return ""
     parts = []
-    for path in sorted(folder.rglob("*")):
+    for path in sorted(p for p in folder.rglob("*") if p.stem not in skip):
         csv_only = path.suffix == ".csv" and not path.with_suffix(".md").exists()
         if path.suffix == ".md" or csv_only:
             text = path.read_text()
@@ -390,6 +398,21 @@ def _figures(folder: Path) -> str:
         f"<h3>{html.escape(_title(p, folder))}</h3>" + _img(p.read_bytes(), p.stem)
         for p in sorted(folder.rglob("*.png"))
     )
+
+
+STUDENTS = ("students",)
+"""What `bench --students` writes (deploy.students): its own section."""
+
+
+def _students(folder: Path) -> str:
+    """`bench --students`: the latency-vs-quality plot (Pareto front, budget) and the table of
+    candidates (latency per backend, fits the budget, distillation and downstream quality)."""
+    table = folder / "students.md"
+    if not table.is_file():
+        return ""
+    plot = folder / "pareto.png"
+    figure = _img(plot.read_bytes(), "latency vs quality, Pareto front") if plot.is_file() else ""
+    return figure + _md_table(table.read_text())
 
 
 def _missing(title: str) -> str:

@@ -23,6 +23,12 @@ and compares itself (world size, images, sources).
 when the holder dies (never stale; NFS clients emulate it with POSIX locks). The file names the
 holder's PID, host and command, for the message a second run gets. Standard library only:
 `filelock` would replace the 20 lines of fcntl but cannot report the holder.
+
+Where `flock` is not supported (ENOSYS: Lustre mounted without `-o flock`; EOPNOTSUPP, ENOLCK),
+the lock falls back to OUT/.lock.held, created exclusively (O_EXCL) with the same holder
+information and removed on release. A holder killed outright leaves it behind: a later run on
+the same host takes it over when that PID is gone; from another host, the message names the
+file to delete.
 """
 
 from __future__ import annotations
@@ -227,6 +233,7 @@ def lock_run_dir(folder: str | Path, command: str) -> Iterator[Path]:
             if is_unwritable(err):
                 raise cannot_write(folder, err) from err
             raise
+        held = None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -235,6 +242,16 @@ def lock_run_dir(folder: str | Path, command: str) -> Iterator[Path]:
             raise UserError(
                 f"{folder} is in use by {holder}; wait for it to end or choose another --out"
             ) from None
+        except OSError as err:
+            if err.errno not in NO_FLOCK:
+                os.close(fd)
+                raise
+            try:
+                held = _hold_exclusively(folder / HELD, command)
+            except BaseException:
+                os.close(fd)
+                raise
+            break
         # The previous holder removes the file as it leaves: make sure we locked the file
         # that is there now, not the one it just removed.
         with contextlib.suppress(FileNotFoundError):
@@ -255,9 +272,62 @@ def lock_run_dir(folder: str | Path, command: str) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             path.unlink()  # while still locked: the next run creates a fresh file
         os.close(fd)
+        if held is not None:
+            with contextlib.suppress(OSError):
+                held.unlink()
         if created:  # a run that wrote nothing leaves no folder behind
             with contextlib.suppress(OSError):
                 folder.rmdir()
+
+
+NO_FLOCK = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK)
+"""flock's errors on file systems without it (module doc)."""
+HELD = ".lock.held"
+
+
+def _hold_exclusively(path: Path, command: str) -> Path:
+    """The fallback lock (module doc): `path` created with O_EXCL, holding the holder's info."""
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": command,
+        "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                holder, stale = _holder(fd), _is_stale(fd)
+            finally:
+                os.close(fd)
+            if stale:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                continue
+            raise UserError(
+                f"{path.parent} is in use by {holder}; wait for it to end or choose another "
+                f"--out (this file system has no flock: if no run uses it, delete {path})"
+            ) from None
+        with os.fdopen(fd, "w") as file:
+            json.dump(info, file)
+        return path
+    raise UserError(f"{path}: could not take the lock; try again")
+
+
+def _is_stale(fd: int) -> bool:
+    """Whether the holder recorded in `fd` was a process on this host that is gone."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        if info["host"] != socket.gethostname():
+            return False
+        os.kill(int(info["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError, KeyError):
+        return False
+    return False
 
 
 def _holder(fd: int) -> str:

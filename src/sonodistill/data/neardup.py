@@ -172,11 +172,6 @@ def fingerprint(grey: np.ndarray) -> Fingerprints:
     return fingerprint_batch([grey])
 
 
-SHIFT_GAIN = 0.1
-"""Most the shifts add to the unshifted correlation (measured on BUSI and DDTI: 0.095), so
-pairs below threshold - SHIFT_GAIN unshifted are not worth the shifted comparison."""
-
-
 def _centres(thumbs: np.ndarray) -> np.ndarray:
     """(N, 2, S+2, S+2) -> (N, 2, S*S): the unshifted central windows, z-normalised."""
     c = thumbs[:, :, SHIFT : SHIFT + THUMB, SHIFT : SHIFT + THUMB]
@@ -210,7 +205,7 @@ def _one_way(a: Fingerprints, cb: np.ndarray, ia: np.ndarray, ib: np.ndarray) ->
 
 def unshifted_similarity(a: Fingerprints, b: Fingerprints, ia, ib, block: int = 256) -> np.ndarray:
     """The cheap part of `similarity`: the best view's correlation without shifts (a lower
-    bound, at most SHIFT_GAIN below the similarity)."""
+    bound of it; used to rank pairs, never to decide one)."""
     ia, ib = np.asarray(ia, dtype=np.intp), np.asarray(ib, dtype=np.intp)
     out = np.empty(len(ia), np.float32)
     if not len(ia):
@@ -233,18 +228,18 @@ def unshifted_similarity(a: Fingerprints, b: Fingerprints, ia, ib, block: int = 
     return out
 
 
-def similarity(a: Fingerprints, b: Fingerprints, ia, ib, floor: float | None = None) -> np.ndarray:
-    """Similarity of the pairs (a[ia[k]], b[ib[k]]), shape (len(ia),), in [-1, 1].
-
-    With `floor`, pairs whose unshifted correlation is below floor - SHIFT_GAIN (they cannot
-    reach floor) keep their unshifted value instead of the shifted one (which is cheaper)."""
+def similarity(a: Fingerprints, b: Fingerprints, ia, ib) -> np.ndarray:
+    """Similarity of the pairs (a[ia[k]], b[ib[k]]), shape (len(ia),), in [-1, 1]: every pair
+    scored with its shifts, so that a pair's similarity never depends on which other pairs or
+    which threshold it was scored with (the split, its audit, the corpus dedup and the leakage
+    guard decide alike). The shifts were once skipped below threshold - 0.1 unshifted; on BUSI
+    they add up to 0.119, so that shortcut could miss pairs that a looser pass then found."""
     ia, ib = np.asarray(ia, dtype=np.intp), np.asarray(ib, dtype=np.intp)
     out = unshifted_similarity(a, b, ia, ib)
-    todo = np.arange(len(ia)) if floor is None else np.flatnonzero(out >= floor - SHIFT_GAIN)
-    if len(todo):
-        forward = _one_way(a, _centres(b.thumbs), ia[todo], ib[todo])
-        backward = _one_way(b, _centres(a.thumbs), ib[todo], ia[todo])
-        out[todo] = np.maximum(out[todo], np.maximum(forward, backward))
+    if len(ia):
+        forward = _one_way(a, _centres(b.thumbs), ia, ib)
+        backward = _one_way(b, _centres(a.thumbs), ib, ia)
+        out = np.maximum(out, np.maximum(forward, backward))
     return out
 
 
@@ -279,17 +274,18 @@ def near_duplicates(
     threshold: float = THRESHOLD,
     candidate_bits: int = CANDIDATE_BITS,
 ) -> pd.DataFrame:
-    """Pairs (i in a, j in b) that are exact copies or at least `threshold` similar; `b` None:
-    pairs inside `a` (i < j). Columns i, j, similarity, exact; sorted by similarity."""
+    """The project's one near-duplicate decision: pairs (i in a, j in b) that are exact copies
+    or at least `threshold` similar; `b` None: pairs inside `a` (i < j). Columns i, j,
+    similarity, exact; sorted by similarity. Splits, the audit, corpus dedup and the leakage
+    guard all call it, so the pairs found at a threshold are the pairs found at a looser one
+    filtered to that threshold."""
     ia, ib = candidate_pairs(a, b, candidate_bits)
     other = a if b is None else b
-    sim = similarity(a, other, ia, ib, floor=threshold)
+    sim = similarity(a, other, ia, ib)
     exact = a.sha1[ia] == other.sha1[ib] if len(ia) else np.zeros(0, bool)
-    sim = np.where(exact, 1.0, sim)
+    sim = np.where(exact, 1.0, sim).round(4)  # decided on the value that is reported
     keep = exact | (sim >= threshold)
-    df = pd.DataFrame(
-        {"i": ia[keep], "j": ib[keep], "similarity": sim[keep].round(4), "exact": exact[keep]}
-    )
+    df = pd.DataFrame({"i": ia[keep], "j": ib[keep], "similarity": sim[keep], "exact": exact[keep]})
     return df.sort_values(["similarity", "i", "j"], ascending=[False, True, True]).reset_index(
         drop=True
     )

@@ -351,7 +351,8 @@ def check_config(cfg: BenchConfig) -> tuple[list[str], bool]:
 
 
 def bench(cfg: BenchConfig) -> dict:
-    """Run the benchmark; returns {'rows', 'teacher', 'student', 'env'} and writes the tables."""
+    """Run the benchmark; returns {'rows', 'teacher', 'student', 'env'} and writes the tables
+    (`--students`: `deploy.students.bench_students` instead)."""
     names, use_gpu = check_config(cfg)
     teacher_spec = EncoderSpec.parse(cfg.teacher, "--teacher")
     student_spec = EncoderSpec.parse(cfg.student, "--student")

@@ -22,10 +22,11 @@ def export(cfg: ExportConfig) -> int:
 
 
 def bench(cfg: BenchConfig) -> int:
-    from sonodistill.deploy.bench import bench as run
+    from sonodistill.deploy.bench import bench as teacher_vs_student
+    from sonodistill.deploy.students import bench_students
 
-    run(cfg)
-    print((Path(cfg.out) / "table5.md").read_text())
+    (bench_students if cfg.students else teacher_vs_student)(cfg)
+    print((Path(cfg.out) / ("students.md" if cfg.students else "table5.md")).read_text())
     print(f"written to {cfg.out}")
     return 0
 

@@ -162,8 +162,20 @@ class BenchConfig:
     """Timed runs on the GPU."""
     exporter: Literal["legacy", "dynamo"] = "legacy"
     """torch.onnx exporter of the ONNX backends."""
+    students: list[str | dict] = field(default_factory=list)
+    """Candidate students to choose from for the device, instead of teacher vs student: timm
+    names (resnet18, mobilenetv3_large_100, ...: random weights, the architecture's latency),
+    encoder specs, or distilled runs (student:RUN, which add their validation loss/cosine).
+    Writes students.{md,csv,json} and pareto.png."""
+    budget_ms: PositiveFloat | None = None
+    """Latency budget (ms, batch 1): the students table marks the backends each candidate
+    fits on."""
+    scores: str | None = None
+    """An evaluate suite's output folder: each candidate's downstream score (by its label)."""
+    score_metric: str = "dice"
+    """The test metric of --scores that is the candidates' quality (dice, auroc, ...)."""
     out: str = "runs/bench"
-    """Output folder (table5.md/csv/json, config.yaml)."""
+    """Output folder (table5.md/csv/json, or students.md/csv/json and pareto.png; config.yaml)."""
     overwrite: bool = False
     """Replace a benchmark already in --out."""
 
@@ -174,7 +186,19 @@ class BenchConfig:
     )
 
 
-BENCH = Layout("bench", owned=("config.yaml", "table5.md", "table5.csv", "table5.json"))
+BENCH = Layout(
+    "bench",
+    owned=(
+        "config.yaml",
+        "table5.md",
+        "table5.csv",
+        "table5.json",
+        "students.md",
+        "students.csv",
+        "students.json",
+        "pareto.png",
+    ),
+)
 
 
 # --- predict -----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from sonodistill.config import (
     ImageSize,
@@ -26,15 +26,19 @@ from sonodistill.config import (
     RightOpenUnitInterval,
     TrainingPrecision,
     check_fields,
+    checked,
     registered,
 )
 from sonodistill.errors import UserError
 from sonodistill.models.specs import (
     CHECKPOINTS,
+    FAMILIES,
     LOGS,
+    RANDOM,
     RUN_CONFIG,
     RUN_INFO,
     STUDENT_WEIGHTS,
+    EncoderSpec,
     StudentConfig,
     TeacherConfig,
 )
@@ -70,6 +74,7 @@ DISTILL = Layout(
     # get longer; logging, checkpoints and data-loading speed are free.
     free_on_resume=(
         "log_every",
+        "stop_check_every",
         "val_every",
         "checkpoint_every",
         "num_workers",
@@ -89,6 +94,71 @@ DISTILL = Layout(
 reads)."""
 
 Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps"]
+
+Standardization = Literal["none", "mean_std", "phi_s"]
+"""How each teacher's targets are scaled before the objective (`DistillConfig.standardize`)."""
+
+
+@dataclass
+class TeacherTerm:
+    """One teacher of a multi-teacher run (`--teachers`): which encoder, and its term of the
+    summed objective. The student gets one projection head per teacher, matched at that
+    teacher's own token grid (AM-RADIO-style agglomerative distillation)."""
+
+    encoder: str | dict = ""
+    """Encoder spec with its weights: `dinov3:FILE`, `sam2:sam2_hiera_base_plus=FILE`,
+    `dinov3-convnext:convnext_base=FILE`, `dinov3:random` (smoke runs), or the mapping form
+    {family, name, weights, model_kwargs, options} (`sonodistill.models.specs`)."""
+    weight: PositiveFloat = 1.0
+    """This teacher's weight in the summed objective."""
+    n_blocks: PositiveInt = 2
+    """Token maps of this many last blocks (stages for ConvNeXt and Hiera), concatenated."""
+    norm: bool = True
+    """Through the final norm (DINOv3 ViT and ConvNeXt; a SAM2 trunk has none)."""
+    loss: LossName | None = None
+    """This teacher's objective; empty: the run's --loss."""
+    label: str | None = None
+    """Name in the logs (LABEL_loss, LABEL_cosine); default: the family, numbered if repeated."""
+
+    def spec(self, option: str = "--teachers") -> EncoderSpec:
+        return EncoderSpec.parse(self.encoder, option)
+
+    def teacher_config(self, option: str = "--teachers") -> TeacherConfig:
+        """The TeacherConfig that builds this teacher through the normal teacher loader."""
+        spec = self.spec(option)
+        random = spec.weights == RANDOM
+        return TeacherConfig(
+            family=spec.family,
+            name=spec.name,
+            weights=None if random else spec.weights,
+            random_init=random,
+            n_blocks=self.n_blocks,
+            norm=self.norm,
+            model_kwargs=dict(spec.model_kwargs),
+            options=dict(spec.options),
+        )
+
+
+def teacher_terms(cfg: DistillConfig) -> list[TeacherTerm]:
+    """The run's teachers, checked (one UserError line naming the entry): `--teachers`, else
+    the single `--teacher` as one term of weight 1 and the run's loss."""
+    if not cfg.teachers:
+        t = cfg.teacher
+        return [TeacherTerm(n_blocks=t.n_blocks, norm=t.norm, label="teacher")]
+    return [
+        checked(TeacherTerm, _as_mapping(entry), f"--teachers[{i}]")
+        for i, entry in enumerate(cfg.teachers)
+    ]
+
+
+def _as_mapping(entry) -> dict:
+    return {"encoder": entry} if isinstance(entry, str) else entry
+
+
+def teacher_labels(terms: list[TeacherTerm]) -> list[str]:
+    """Each teacher's name in the logs: its label, else its family (numbered when repeated)."""
+    names = [t.label or t.spec().family.replace("-", "_") for t in terms]
+    return [f"{n}{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
 @dataclass
@@ -120,6 +190,18 @@ class DistillConfig:
     out: str = "runs/distill"
     """Run directory: config, logs, checkpoints and the exported student backbone."""
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    teachers: list[Any] = field(default_factory=list)
+    """Several frozen teachers at once (replaces --teacher): a list of encoder specs or of
+    mappings {encoder, weight, n_blocks, norm, loss, label} (`TeacherTerm`), e.g.
+    '[dinov3:A.pth, {encoder: sam2:sam2_hiera_base_plus=B.pt, n_blocks: 1, weight: 0.5}]'.
+    One projection head per teacher, each matched at its teacher's token grid; the weighted
+    objectives are summed. Empty: the single --teacher (the paper's recipe)."""
+    standardize: Standardization = "none"
+    """Per-teacher target scaling from a pass over the first standardize_images training
+    images (recorded in run_info.json): none (the paper), mean_std (per channel), phi_s (mean
+    per channel, one scale per teacher: PHI-S balancing, see docs/distill.md)."""
+    standardize_images: PositiveInt = 256
+    """Training images (un-augmented, in order) that the standardisation statistics come from."""
     student: StudentConfig = field(default_factory=StudentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossName = "token_mse"
@@ -130,6 +212,10 @@ class DistillConfig:
     augment: AugmentationName = "us"
     """Augmentation policy (Sec. 3.4): us (zoom, flip, mild blur: what a probe can do),
     default (ImageNet-style crop, colour jitter, blur), none, or a registered one."""
+    augment_batched: bool = True
+    """Crop the batch in one op, blur with per-image kernels and colour-jitter in a fixed order:
+    no host sync (the same draws; `us` equals the per-image path within 1e-5). false: kornia's
+    per-image path of earlier runs, which reads the device back every step."""
     mixup: bool = True
     """Mix each image with another of the batch, lambda ~ U(0, 1) (Eq. 7)."""
     batch_size: PositiveInt = 512
@@ -166,7 +252,12 @@ class DistillConfig:
     """torch.compile the teacher and the student (off until measured on your GPU:
     benchmarks/distill_throughput.py --compile compares both)."""
     log_every: PositiveInt = 10
-    """Log loss, cosine, lr and images/s every N steps."""
+    """Log loss, cosine, lr and images/s every N steps (the host waits for the device only
+    then and at checkpoints)."""
+    stop_check_every: PositiveInt = 10
+    """Ranks agree on a stop signal (SIGUSR1/SIGTERM/SIGINT) every N steps, over a CPU (gloo)
+    group across the network: a run of several processes stops at most N steps after the signal
+    (one process stops at the next step)."""
     checkpoint_every: PositiveInt = 500
     """Save checkpoints/last.pt every N steps (and at the end and on a stop signal)."""
     resume: bool = False
@@ -187,8 +278,6 @@ def check_config(cfg: DistillConfig) -> None:
     UserError naming the first bad one, before anything is written. Ranges and registered names
     are the fields' types (`check_fields`: the same checks as the command line); what is left
     is what crosses fields or reaches files."""
-    from sonodistill.models.specs import FAMILIES
-
     if not cfg.data:
         raise UserError("--data: no training data; pass an image folder, corpus, manifest or pack")
     if not Path(cfg.data).exists():
@@ -196,9 +285,11 @@ def check_config(cfg: DistillConfig) -> None:
     check_fields(cfg)
     family = FAMILIES.get(cfg.student.family, "--student.family")  # the teacher's checks itself
     family.check_name(cfg.student.name, "--student.name")
-    for option, path in (
-        ("--student.weights", cfg.student.weights),
-        ("--teacher.weights", cfg.teacher.weights),
-    ):
+    files = [("--student.weights", cfg.student.weights), ("--teacher.weights", cfg.teacher.weights)]
+    for i, term in enumerate(teacher_terms(cfg) if cfg.teachers else []):
+        spec = term.spec(f"--teachers[{i}]")  # the family's own checks: when it is built
+        if spec.weights != RANDOM:
+            files.append((f"--teachers[{i}]", spec.weights))
+    for option, path in files:
         if path and not Path(path).exists():
             raise UserError(f"{option} {path}: no such file")

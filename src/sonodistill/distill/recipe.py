@@ -4,7 +4,9 @@
              the run folder is locked and claimed (a run there needs --resume or --overwrite,
              and a resumed run keeps the options that decide its trajectory)
     data     image folder, corpus or pack -> resumable shards -> uint8 batches on the device
-    models   frozen DINOv3 teacher; CNN student with its projection head; AdamW + lr schedule
+    models   frozen DINOv3 teacher (or several, `--teachers`: `distill.teachers`, their targets
+             standardised from a pass over the first images); CNN student with its projection
+             head (one per teacher); AdamW + lr schedule
     resume   OUT/checkpoints/last.pt (else previous.pt), with --resume, when it exists
     loop     augment -> mixup -> teacher tokens vs projected student map -> objective -> AdamW;
              logs every log_every steps, validation every val_every steps, checkpoints; stops
@@ -19,20 +21,23 @@ Eq. 6 by default); the run folder's rules are `distill.config.DISTILL`'s.
 Shaped for GPUs without changing the maths: uint8 batches cross the wire (pinned, copied
 non-blocking, from persistent workers that prefetch), are normalised on the device, the student
 and its input are channels_last, bf16 autocast runs the models while objectives sum in fp32,
-AdamW is fused on CUDA, and the host waits for the device only at log and checkpoint steps (the
-progress bar shows the last logged loss; a non-finite loss is noted on the device and read
-there). Ranks agree on a stop signal every step over a small CPU (gloo) group, which never waits
-for the GPU. `--compile` and `--student.sync_bn` are opt-in.
+AdamW is fused on CUDA, the augmentation and the gradient clip read nothing back, and the host
+waits for the device only at log and checkpoint steps, once (`read_back`: the progress bar shows
+the last logged loss; a non-finite loss is noted on the device and read there). Ranks agree on a
+stop signal every --stop_check_every steps over a small CPU (gloo) group, which never waits for
+the GPU. `--compile` (CUDA graphs, static shapes) and `--student.sync_bn` are opt-in.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,8 +60,9 @@ from sonodistill.distill.config import (
     check_config,
 )
 from sonodistill.distill.loss import Objective
-from sonodistill.distill.run import next_log_version
+from sonodistill.distill.run import next_log_version, record_ending
 from sonodistill.distill.signals import StopRequest, ignore_stop_signals
+from sonodistill.distill.teachers import TeacherSet, build_teachers, combined, estimate
 from sonodistill.errors import Interrupted, UserError, check
 from sonodistill.io import read_json, write_json
 from sonodistill.models import Student, Teacher, to_model_input
@@ -74,6 +80,7 @@ def distill(cfg: DistillConfig) -> Path:
     a signal stopped the run (its checkpoint saved), UserError when the loss stopped being finite.
     """
     check_config(cfg)
+    _check_gpu_usable(cfg)
     fabric = _fabric(cfg)
     _check_devices(fabric, cfg)
     dataset = _check_data(cfg, fabric.world_size)
@@ -110,6 +117,35 @@ def _fabric(cfg: DistillConfig) -> Fabric:
     except (ValueError, TypeError, RuntimeError) as err:  # Fabric's word on the device options
         options = "--accelerator/--devices/--num_nodes/--strategy/--precision"
         raise UserError(f"{options}: {str(err).splitlines()[0]}") from err
+
+
+def _check_gpu_usable(cfg: DistillConfig) -> None:
+    """With --accelerator auto, a GPU that the machine shows but torch cannot use (a driver too
+    old for torch's CUDA build, a CPU-only torch) is an error naming the fix, not a silent fp32
+    run on the CPU of a GPU node. --accelerator cpu, or GPUs hidden on purpose
+    (CUDA_VISIBLE_DEVICES empty or -1), train on the CPU."""
+    if cfg.accelerator != "auto" or os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return
+    devices = _nvidia_devices()
+    if not devices:
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if torch.cuda.is_available():
+            return
+    said = "; ".join(str(w.message).strip().splitlines()[0] for w in caught)
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    raise UserError(
+        f"--accelerator auto: this machine has an NVIDIA GPU ({devices[0]}) that torch "
+        f"{torch.__version__} ({build}) cannot use ({said or 'torch.cuda.is_available() is false'}"
+        "); update the NVIDIA driver (CUDA 13 builds need driver 580 or newer) or install the "
+        "torch build for your driver, or pass --accelerator cpu to train on the CPU"
+    )
+
+
+def _nvidia_devices() -> list[str]:
+    """The NVIDIA GPUs the kernel driver shows (/dev/nvidia0, ...)."""
+    return sorted(str(p) for p in Path("/dev").glob("nvidia[0-9]*"))
 
 
 def _check_data(cfg: DistillConfig, world_size: int) -> Dataset:
@@ -156,14 +192,27 @@ def _claim(run: RunDir, cfg: DistillConfig, fabric: Fabric, dataset: Dataset):
 
 def _check_resume(run: RunDir, cfg: DistillConfig, fabric: Fabric, dataset: Dataset) -> None:
     """The options DISTILL does not free must stay; of the free device and data options, what
-    they lead to must stay too (world size, resolved precision, the images), and the schedule
-    may only get longer."""
+    they lead to must stay too (resolved precision, the images), and the schedule may only get
+    longer.
+
+    The world size may change: the global batch (--batch_size, fixed) holds the same images
+    at every step whatever the number of processes (`ResumableSampler`). What changes is what
+    each process does with its share: BatchNorm statistics over fewer or more images (unless
+    --student.sync_bn), mixup partners within the share, and the random draws (seeded per step
+    and rank). run_info.json records each attempt's world size."""
     old = run.stored_options(DistillConfig)
     if not old:
         return  # stopped before its config was written: nothing to compare
     info = read_json(run / RUN_INFO, "run info") or {}
+    if info.get("world_size", fabric.world_size) != fabric.world_size:
+        log.warning(
+            "resuming with world size %d (was %d): the same global batch of %d; BatchNorm "
+            "groups, mixup partners and random draws follow the new per-device share",
+            fabric.world_size,
+            info["world_size"],
+            cfg.batch_size,
+        )
     now = {  # run_info.json key: (how the message names it, its value now)
-        "world_size": ("world size (devices x nodes)", fabric.world_size),
         "precision": ("precision (resolved)", resolve_precision(cfg.precision, cfg.accelerator)),
         "data": ("training images (--data)", dataset_identity(dataset)),
     }
@@ -173,7 +222,8 @@ def _check_resume(run: RunDir, cfg: DistillConfig, fabric: Fabric, dataset: Data
     after = _total_steps(cfg.max_steps, cfg.epochs, batches)
     if after < before:  # longer schedules are fine, shorter ones are another run
         derived["total steps (--epochs/--max_steps)"] = (before, after)
-    run.check_resume(to_dict(cfg), derived, cls=DistillConfig)
+    # As YAML reads them back: tuples nested in --teachers entries are lists there.
+    run.check_resume(json.loads(json.dumps(to_dict(cfg))), derived, cls=DistillConfig)
 
 
 def _total_steps(max_steps: int | None, epochs: int, batches_per_epoch: int) -> int:
@@ -212,33 +262,43 @@ class Data:
 
 @dataclass
 class Models:
-    teacher: Teacher
+    teacher: Teacher | TeacherSet
     student: nn.Module  # Fabric-wrapped Student: `.module` is the Student itself
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     augment: nn.Module
     memory_format: torch.memory_format
     """The student's: channels_last (default) or contiguous; its inputs follow it."""
+    compiled: bool = False
+    """Whether teacher and student are compiled (`--compile`)."""
 
 
 def _run(fabric: Fabric, cfg: DistillConfig, dataset: Dataset) -> dict:
     """Every rank's work; returns how it ended: {"stopped": signal name or "", "step", ...}."""
+    if fabric.world_size > 1 and fabric.device.type == "cpu":
+        _cpu_rank_threads()
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank and every attempt
-    teacher = Teacher(cfg.teacher)  # models first: a bad file or size stops before any write
+    # Models first: a bad file or size stops before any write. A teacher sees one input size.
+    teacher = build_teachers(cfg)
     teacher.check_input_size(cfg.image_size, "--image_size")
     student = build_student(cfg, teacher.out_channels, fabric.world_size)
     data = build_data(fabric, cfg, dataset)
     total_steps = _total_steps(cfg.max_steps, cfg.epochs, data.sampler.batches_per_epoch)
     models = build_models(fabric, cfg, teacher, student, total_steps)
     step = _resume(fabric, cfg, models, total_steps)
+    standardization = _standardize(fabric, cfg, teacher, data)
     # Models built and the checkpoint read: from here on the run writes.
     if fabric.is_global_zero:
-        _write_run_files(fabric, cfg, teacher, data, step)
+        _write_run_files(fabric, cfg, teacher, data, step, standardization)
     fabric.barrier()
     fabric.loggers.extend(_loggers(cfg.out))
-    objective = LOSSES.get(cfg.loss, "--loss")
-    control = dist.new_group(backend="gloo") if fabric.world_size > 1 else None
-    status = "failed"
+    objective = (
+        combined(cfg, teacher)
+        if isinstance(teacher, TeacherSet)
+        else LOSSES.get(cfg.loss, "--loss")
+    )
+    control = _control_group(fabric)
+    status, ending = "failed", "crashed"
     try:
         with StopRequest() as stop:
             step, stopped = _loop(
@@ -247,15 +307,31 @@ def _run(fabric: Fabric, cfg: DistillConfig, dataset: Dataset) -> dict:
         if not stopped:
             _finish(fabric, cfg, objective, data, models, step)
         status = "interrupted" if stopped else "success"
+        ending = "stopped" if stopped else "finished"
+    except UserError:
+        ending = "user error"
+        raise
     finally:
         for logger in fabric.loggers:
             logger.finalize(status)
+        if fabric.is_global_zero:
+            record_ending(cfg.out, ending)
     return {
         "stopped": (stop.name or "a signal to another rank") if stopped else "",
         "exit_code": stop.exit_code,
         "step": step,
         "total": total_steps,
     }
+
+
+def _cpu_rank_threads() -> None:
+    """A CPU rank takes the intra-op threads OMP_NUM_THREADS gives it. Lightning sets them only
+    when the variable is unset; a forked rank (ddp_fork) otherwise keeps its parent's count, and
+    GNU OpenMP's thread team, copied by the fork without its threads, hangs the rank's first
+    parallel op (seen with OMP_NUM_THREADS=1 exported after torch.set_num_threads(2))."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))
 
 
 def _check_devices(fabric: Fabric, cfg: DistillConfig) -> None:
@@ -265,12 +341,16 @@ def _check_devices(fabric: Fabric, cfg: DistillConfig) -> None:
     check(not (cfg.student.sync_bn and cpu_processes), "--student.sync_bn", "true", why)
 
 
-def _write_run_files(fabric: Fabric, cfg: DistillConfig, teacher: Teacher, data: Data, step: int):
-    """config.yaml, and run_info.json with one entry per start (what changed since the last)."""
+def _write_run_files(
+    fabric: Fabric, cfg: DistillConfig, teacher, data: Data, step: int, standardization=None
+):
+    """config.yaml, and run_info.json with one entry per start (what changed since the last);
+    with several teachers or standardised targets, the statistics too."""
     run = run_dir(cfg)
     run.clear()  # --overwrite: the old run's own files (the claim checked and kept the folder)
     previous = run.stored_options(DistillConfig) if cfg.resume else {}
     info = (read_json(run / RUN_INFO, "run info") or {}) if cfg.resume else {}
+    previous_info = info
     changes = config_changes(previous, to_dict(cfg)) if previous else {}
     changes = {k: v for k, v in changes.items() if k not in ("resume", "overwrite")}
     attempts = info.get("attempts", []) + [
@@ -278,6 +358,7 @@ def _write_run_files(fabric: Fabric, cfg: DistillConfig, teacher: Teacher, data:
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "host": socket.gethostname(),
             "from_step": step,
+            "world_size": fabric.world_size,
             "changes": describe_changes(changes),
         }
     ]
@@ -291,6 +372,9 @@ def _write_run_files(fabric: Fabric, cfg: DistillConfig, teacher: Teacher, data:
         "data": dataset_identity(data.dataset),
         "attempts": attempts,
     }
+    standardization = standardization or previous_info.get("teacher_standardization")
+    if standardization is not None:
+        info["teacher_standardization"] = standardization
     run.save_options(cfg)
     write_json(run / RUN_INFO, info)
 
@@ -341,16 +425,27 @@ def build_models(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, total_steps))
     if cfg.compile:  # Fabric re-applies the compilation around its DDP wrapper
-        teacher, student = torch.compile(teacher), torch.compile(student)
+        teacher, student = compile_model(teacher), compile_model(student)
     student, optimizer = fabric.setup(student, optimizer)
-    augment = build_augmentation(cfg.augment, cfg.image_size).to(fabric.device)
-    return Models(teacher, student, optimizer, scheduler, augment, _memory_format(cfg))
+    augment = build_augmentation(cfg.augment, cfg.image_size, cfg.augment_batched)
+    augment = augment.to(fabric.device)
+    return Models(teacher, student, optimizer, scheduler, augment, _memory_format(cfg), cfg.compile)
 
 
-def build_student(cfg: DistillConfig, out_channels: int, world_size: int = 1) -> nn.Module:
+def compile_model(model: nn.Module) -> nn.Module:
+    """torch.compile for small per-GPU batches: CUDA graphs (`reduce-overhead`) replay the whole
+    forward with one launch, and static shapes (`dynamic=False`: every batch, validation ones
+    padded, has the training shape) keep it to one compilation per model."""
+    return torch.compile(model, mode="reduce-overhead", dynamic=False)
+
+
+def build_student(
+    cfg: DistillConfig, out_channels: int | list[int], world_size: int = 1
+) -> nn.Module:
     """The student as the loop trains it: BatchNorm synchronised across processes with
     --student.sync_bn (on more than one), in channels_last unless --channels_last false. Its
-    encoder checks the input size (a ViT or Hiera student has a fixed grid)."""
+    encoder checks the input size (a ViT or Hiera student has a fixed grid). One projection
+    head per teacher when `out_channels` is a list (a TeacherSet's)."""
     student = Student(cfg.student, out_channels)
     student.encoder.check_input_size(cfg.image_size, cfg.image_size, "--image_size")
     _freeze_unreached(student, cfg.image_size)
@@ -366,7 +461,11 @@ def _freeze_unreached(student: Student, size: int) -> None:
     they stay in the exported backbone."""
     training = student.training
     student.eval()
-    student(torch.zeros(1, 3, size, size), (1, 1)).sum().backward()
+    heads = getattr(student, "projections", None)
+    grid = [(1, 1)] * len(heads) if heads is not None else (1, 1)
+    out = student(torch.zeros(1, 3, size, size), grid)
+    total = torch.stack([o.sum() for o in out]).sum() if heads is not None else out.sum()
+    total.backward()
     for param in student.parameters():
         if param.grad is None:
             param.requires_grad_(False)
@@ -401,6 +500,8 @@ def _resume(fabric: Fabric, cfg: DistillConfig, m: Models, total_steps: int) -> 
     m.student.module.load_state_dict(state["student"])
     m.optimizer.load_state_dict(state["optimizer"])
     m.scheduler.load_state_dict(state["scheduler"])
+    if "teacher_stats" in state:  # standardisation: the statistics the run started with
+        teacher_set(m.teacher).load_stats(state["teacher_stats"], state["teacher_stats_mode"])
     left = "nothing left to train" if step == total_steps else f"{total_steps - step} to go"
     fabric.print(f"resumed {path} at step {step} of {total_steps}: {step} steps skipped, {left}")
     return step
@@ -434,6 +535,8 @@ def _loop(
                 # Every random draw of a step is a function of (seed, step, rank): a resumed run
                 # repeats the interrupted one exactly without storing generator states.
                 torch.manual_seed(hash((cfg.seed, step, fabric.global_rank)) % 2**63)
+                if cfg.compile:  # the CUDA graphs' outputs of the last step may be reused
+                    torch.compiler.cudagraph_mark_step_begin()
                 loss, metrics = train_step(
                     fabric,
                     m.teacher,
@@ -446,21 +549,19 @@ def _loop(
                 )
                 bad = (first_bad < 0) & ~torch.isfinite(loss.detach())
                 first_bad = torch.where(bad, step + 1, first_bad)
-                if cfg.optim.grad_clip:
-                    fabric.clip_gradients(m.student, m.optimizer, max_norm=cfg.optim.grad_clip)
-                m.optimizer.step()
-                m.optimizer.zero_grad(set_to_none=True)
-                m.scheduler.step()
+                update(fabric, m, cfg.optim.grad_clip)
                 step += 1
                 images_seen += images.shape[0] * fabric.world_size
-                stopping = _agree(control, stop.signum is not None)
+                if control is None or step % cfg.stop_check_every == 0 or step == total_steps:
+                    stopping = _agree(control, stop.signum is not None)
                 checkpoint = step % cfg.checkpoint_every == 0 or step == total_steps or stopping
-                if checkpoint or step % cfg.log_every == 0:
-                    # Where the host waits for the device: a diverged run stops before it logs
-                    # or saves anything (the checkpoint before is its last good one).
-                    _check_finite(fabric, first_bad, step, saved, cfg)
-                if step % cfg.log_every == 0 or step == total_steps:
-                    row = _mean_over_ranks(fabric, {"loss": loss, **metrics})
+                logging_step = step % cfg.log_every == 0 or step == total_steps
+                if checkpoint or logging_step:
+                    # Where the host waits for the device, once: a diverged run stops before it
+                    # logs or saves anything (the checkpoint before is its last good one).
+                    values = {"loss": loss, **metrics} if logging_step else {}
+                    row = read_back(fabric, first_bad, step, saved, cfg, values)
+                if logging_step:
                     elapsed = time.perf_counter() - tick
                     row["lr"] = m.scheduler.get_last_lr()[0]
                     row["images_per_s"] = images_seen / max(elapsed, 1e-9)
@@ -479,9 +580,27 @@ def _loop(
     return step, stopping
 
 
+def _control_group(fabric: Fabric):
+    """The CPU (gloo) group the ranks vote over (`_agree`); None for one process."""
+    return dist.new_group(backend="gloo") if fabric.world_size > 1 else None
+
+
+def update(fabric: Fabric, m: Models, grad_clip: float | None) -> None:
+    """AdamW and the lr schedule after a backward, clipping the global gradient norm first when
+    `grad_clip` is set. Nothing here reads the device: the clip does not check the norm on the
+    host (a non-finite loss is noted on the device and reported at the next log step, with the
+    tool's message). fp16 adds one read per step, the loss scaler's inf check."""
+    if grad_clip:
+        fabric.clip_gradients(m.student, m.optimizer, max_norm=grad_clip, error_if_nonfinite=False)
+    m.optimizer.step()
+    m.optimizer.zero_grad(set_to_none=True)
+    m.scheduler.step()
+
+
 def _agree(control, stopping: bool) -> bool:
     """Whether any rank got a stop signal: all ranks stop after the same step. The flag goes
-    over a CPU (gloo) group, so this never waits for the GPU."""
+    over a CPU (gloo) group, so this never waits for the GPU; it runs every
+    `--stop_check_every` steps, not every step, as it crosses the network."""
     if control is None:
         return stopping
     flag = torch.tensor([int(stopping)])
@@ -489,19 +608,34 @@ def _agree(control, stopping: bool) -> bool:
     return bool(flag.item())
 
 
-def _check_finite(fabric: Fabric, first_bad: torch.Tensor, step: int, saved: int, cfg) -> None:
-    """UserError naming the first step whose loss was not finite on any rank, if any."""
+def read_back(
+    fabric: Fabric,
+    first_bad: torch.Tensor,
+    step: int,
+    saved: int,
+    cfg,
+    values: dict[str, torch.Tensor],
+) -> dict[str, float]:
+    """The step's one host sync: `values` averaged over ranks, and a UserError naming the first
+    step whose loss was not finite on any rank, if any (both reduced on the device first, then
+    read in one copy)."""
     bad = fabric.all_reduce(first_bad.where(first_bad >= 0, step + 1).float(), reduce_op="min")
-    if int(bad.item()) <= step:
+    stacked = [bad.view(1)]
+    if values:
+        mean = torch.stack([v.detach().float() for v in values.values()])
+        stacked.append(fabric.all_reduce(mean, reduce_op="mean"))
+    first, *rest = torch.cat(stacked).tolist()
+    if int(first) <= step:
         kept = (
             f"its last good checkpoint (step {saved}) is kept in {Path(cfg.out) / LAST_CHECKPOINT}"
             if saved
             else "no checkpoint was saved before"
         )
         raise UserError(
-            f"the loss was not finite (nan or inf) at step {int(bad.item())}: run stopped; {kept}; "
+            f"the loss was not finite (nan or inf) at step {int(first)}: run stopped; {kept}; "
             "lower --optim.lr or set --optim.grad_clip and start over (--overwrite true)"
         )
+    return dict(zip(values, rest, strict=True))
 
 
 def _finish(fabric, cfg: DistillConfig, objective, data: Data, m: Models, step: int) -> None:
@@ -522,14 +656,11 @@ def _save_checkpoint(fabric: Fabric, cfg: DistillConfig, m: Models, step: int) -
             "step": step,
             "config": to_dict(cfg),
         }
+        if (teachers := teacher_set(m.teacher)) is not None:
+            state["teacher_stats"] = teachers.stats()
+            state["teacher_stats_mode"] = teachers.mode
         save_checkpoint(state, Path(cfg.out) / LAST_CHECKPOINT)
     fabric.barrier()
-
-
-def _mean_over_ranks(fabric: Fabric, values: dict[str, torch.Tensor]) -> dict[str, float]:
-    stacked = torch.stack([v.detach().float() for v in values.values()])
-    stacked = fabric.all_reduce(stacked, reduce_op="mean")
-    return dict(zip(values, stacked.tolist(), strict=True))
 
 
 def train_step(
@@ -549,33 +680,78 @@ def train_step(
         x, _, _ = mixup(x)
     x = to_model_input(x)  # the same mixed view goes to teacher and student (Sec. 3.3)
     with fabric.autocast():
-        target = teacher(x)
-        pred = student(x.contiguous(memory_format=memory_format), target.shape[-2:])
+        target = teacher(x)  # a list with several teachers (distill.teachers), one per head
+        pred = student(x.contiguous(memory_format=memory_format), grid_of(target))
     loss, metrics = objective(pred, target)
     fabric.backward(loss)
     return loss, metrics
 
 
+def teacher_set(teacher) -> TeacherSet | None:
+    """The run's TeacherSet (under torch.compile's wrapper too), None for the paper's Teacher."""
+    teacher = getattr(teacher, "_orig_mod", teacher)
+    return teacher if isinstance(teacher, TeacherSet) else None
+
+
+def first(maps, n: int):
+    """The first n rows of a map (or of each of a list of them: one per teacher)."""
+    return maps[:n] if isinstance(maps, torch.Tensor) else [t[:n] for t in maps]
+
+
+def grid_of(target):
+    """The token grid a target map (or each of a list of them) sits on: the student's too."""
+    return target.shape[-2:] if isinstance(target, torch.Tensor) else [t.shape[-2:] for t in target]
+
+
+def _standardize(fabric, cfg: DistillConfig, teacher, data: Data) -> dict | None:
+    """Per-teacher statistics for --standardize, from the first --standardize_images training
+    images without augmentation (every rank reads the same ones: no exchange). A resumed run
+    keeps those its checkpoint holds. None for the single-teacher recipe."""
+    if not isinstance(teacher, TeacherSet) or teacher.mode != "none":
+        return None  # the paper's recipe, or statistics read back from the checkpoint
+    if cfg.standardize == "none":
+        return {"mode": "none"}
+    train_set, _ = _split(data.dataset, cfg)
+    first = Subset(train_set, range(min(cfg.standardize_images, len(train_set))))
+    per_device = cfg.batch_size // fabric.world_size
+    batches = (
+        to_model_input(fabric.to_device(images).float().div_(255))
+        for images in DataLoader(first, batch_size=per_device)
+    )
+    with fabric.autocast():
+        return estimate(teacher, batches, cfg.standardize)
+
+
 @torch.no_grad()
 def _validate(fabric, m: Models, objective: Objective, loader) -> dict[str, float]:
     """The objective and its metrics on held-out images (no augmentation or mixup), averaged
-    over images and ranks, as val_loss, val_NAME."""
+    over images and ranks, as val_loss, val_NAME.
+
+    Every batch has the loader's batch size: the last one is padded with copies of its first
+    image, whose rows the objective skips (models in eval mode treat images one by one), so that
+    a compiled teacher sees one shape. A compiled student validates uncompiled: eval mode and no
+    gradients would be one more compilation of it."""
+    student = m.student.module if m.compiled else m.student
     m.student.eval()
     sums: dict[str, torch.Tensor] = {}
     count = 0
     for images in loader:
+        n, short = images.shape[0], loader.batch_size - images.shape[0]
+        if short > 0:
+            images = torch.cat([images, images[:1].expand(short, *images.shape[1:])])
         x = to_model_input(images.float().div_(255))
         with fabric.autocast():
             target = m.teacher(x)
-            pred = m.student(x.contiguous(memory_format=m.memory_format), target.shape[-2:])
-        loss, metrics = objective(pred, target)
+            pred = student(x.contiguous(memory_format=m.memory_format), grid_of(target))
+        loss, metrics = objective(first(pred, n), first(target, n))
         for name, value in {"loss": loss, **metrics}.items():
-            sums[name] = sums.get(name, 0) + value.float() * x.shape[0]
-        count += x.shape[0]
+            sums[name] = sums.get(name, 0) + value.float() * n
+        count += n
     m.student.train()
     count_t = torch.tensor(float(count), device=fabric.device)
     totals = fabric.all_reduce(torch.stack([*sums.values(), count_t]), reduce_op="sum")
-    return {f"val_{name}": (totals[i] / totals[-1]).item() for i, name in enumerate(sums)}
+    *totals, count = totals.tolist()
+    return {f"val_{name}": total / count for name, total in zip(sums, totals, strict=True)}
 
 
 def _n_val(n_images: int, cfg: DistillConfig) -> int:

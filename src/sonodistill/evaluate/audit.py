@@ -2,18 +2,18 @@
 
 For each task (and each fold of a cross-validation): images per split and their class
 balance, the groups used (the rules that made them, how many, the largest), near-duplicate
-pairs within and across splits at the chosen similarity and at a looser one, explicit groups
-that straddle splits, conflicting-label duplicates, masks that are not binary (with the
+pairs within and across splits at the chosen similarity (the split's own decision,
+`data.neardup.near_duplicates`: across splits they are leaks) and close pairs at a looser one
+(never leaks), explicit groups that straddle splits, names sharing a leading id across splits
+(possibly one patient), conflicting-label duplicates, masks that are not binary (with the
 threshold used) or were drawn as outlines, and a contact sheet of the closest cross-split
-pairs. Written beside the split files (`TASK.audit.md|json`, `TASK.pairs.png`); a suite runs
-it first and refuses to start while pairs straddle splits (`accept_leaks: true` overrides).
-"""
+pairs. `audit_report` computes it in memory (a suite does so for every task before writing
+anything, and refuses to start while pairs or groups straddle splits unless `accept_leaks`);
+`write_audit` writes it beside the split files (`TASK.audit.md|json`, `TASK.pairs.png`)."""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -21,20 +21,17 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from sonodistill.data.greys import resize_square
-from sonodistill.data.masks import binarise, is_binary_file, is_outline, read_mask_values
 from sonodistill.data.neardup import (
     CANDIDATE_BITS,
     LOOSE,
     Fingerprints,
-    cache_dir,
     candidate_pairs,
-    file_stamp,
     near_duplicates,
     similarity,
     unshifted_similarity,
 )
 from sonodistill.errors import UserError
-from sonodistill.evaluate.datasets import DatasetIndex, read_records
+from sonodistill.evaluate.datasets import DatasetIndex, mask_report, read_records
 from sonodistill.evaluate.splits import SPLITS
 from sonodistill.io import atomic_path, write_json, write_text
 
@@ -76,54 +73,6 @@ def _stratum_names(index: DatasetIndex) -> tuple[str, ...]:
         return BUSI_CLASSES
     top = max(r.label for r in index.records if r.label is not None)
     return tuple(str(k) for k in range(top + 1))
-
-
-def mask_report(index: DatasetIndex) -> tuple[dict, dict[str, bool]]:
-    """Binary masks: files that are not two-valued (e.g. JPEG), the foreground they would
-    gain if binarised at > 0 instead of > threshold, outline annotations; and which images
-    have an empty mask. Cached (keyed by the mask files' paths, sizes and times)."""
-    if index.task_type != "seg" or index.num_classes != 2:
-        return {}, {}
-    stamp = [(r.id, [file_stamp(m) for m in r.masks]) for r in index.records]
-    key = hashlib.sha1(json.dumps([1, index.mask_threshold, index.outline, stamp]).encode())
-    cached = cache_dir() / f"masks-{key.hexdigest()[:20]}.json"
-    if cached.is_file():
-        report, empty = json.loads(cached.read_text())
-        return report, empty
-    report, empty = _mask_report(index)
-    with contextlib.suppress(OSError):  # a read-only cache only costs time
-        write_json(cached, [report, empty])
-    return report, empty
-
-
-def _mask_report(index: DatasetIndex) -> tuple[dict, dict[str, bool]]:
-    threshold = index.mask_threshold
-    not_binary, growth, outlines, empty = [], [], [], {}
-    for r in index.records:
-        fg = 0
-        for path in r.masks:
-            values = read_mask_values(path)
-            mask = binarise(values, threshold)
-            fg += int(mask.sum())
-            if not is_binary_file(values):
-                not_binary.append(str(path))
-                if mask.sum():
-                    growth.append(float((values > 0).sum() / mask.sum() - 1))
-            if is_outline(mask):
-                outlines.append(str(path))
-        empty[r.id] = fg == 0 and not r.polygons
-    report = {
-        "threshold": threshold,
-        "rule": f"foreground = value > {threshold} (index masks 0/1: value 1)",
-        "files": sum(len(r.masks) for r in index.records),
-        "not_binary": len(not_binary),
-        "not_binary_examples": not_binary[:10],
-        "median_growth_at_zero": float(np.median(growth)) if growth else 0.0,
-        "outlines": len(outlines),
-        "outline_policy": index.outline,
-        "outline_examples": outlines[:10],
-    }
-    return report, empty
 
 
 def all_pairs(index: DatasetIndex, fps: Fingerprints, level: float) -> list[tuple]:
@@ -215,25 +164,59 @@ def contact_sheet(index: DatasetIndex, pairs: list[list], path: Path, side: int 
     return path
 
 
-def audit_task(
+_LEADING_ID = re.compile(r"^(?P<id>[^_\s]+)_.+$")
+SAME_PATIENT_RULE = r"regex:([^/_]+)_[^/]*$"
+"""The `group_by` that joins images named PATIENT_REST (`012_a.png`, `012_b.png`)."""
+
+
+def same_prefix_across(index: DatasetIndex, splits: dict) -> dict:
+    """File names sharing a leading id (the text before the first `_`) in different splits:
+    possibly one patient's images, which pixel similarity cannot see; with the group_by that
+    would join them. Only where several images share such an id and no group joins them."""
+    where = _split_of(splits)
+    by_prefix: dict[str, list] = {}
+    for r in index.records:
+        match = _LEADING_ID.match(r.image.stem)
+        if match and r.id in where and r.frame < 0:
+            key = f"{r.image.parent.as_posix()}/{match['id']}"
+            by_prefix.setdefault(key, []).append(r)
+    across = []
+    for key, records in sorted(by_prefix.items()):
+        splits_of = {where[r.id] for r in records}
+        if len(splits_of) > 1 and len({r.group for r in records} - {None}) != 1:
+            across.append([Path(key).name, sorted(r.id for r in records), sorted(splits_of)])
+    return {
+        "prefixes_across": len(across),
+        "examples": across[:20],
+        "group_by": SAME_PATIENT_RULE if across else None,
+    }
+
+
+def audit_report(
     index: DatasetIndex,
     split_list: list[dict],
     fps: Fingerprints,
-    out: Path,
     task: str,
     threshold: float,
     loose: float = LOOSE,
 ) -> dict:
-    """Audit one task's split(s); writes TASK.audit.json|md and TASK.pairs.png into `out`."""
+    """Audit one task's split(s) in memory (nothing written; see `write_audit`)."""
     masks, empty = mask_report(index)
     pairs = all_pairs(index, fps, min(threshold, loose))
     parts = []
     for splits in split_list:
         name = f"fold {splits['fold']}" if "fold" in splits else "fixed split"
         found = pair_report(index, splits, pairs, threshold, loose)
-        parts.append({"split": name, "table": split_table(index, splits, empty), **found})
+        parts.append(
+            {
+                "split": name,
+                "table": split_table(index, splits, empty),
+                **found,
+                "same_prefix": same_prefix_across(index, splits),
+            }
+        )
     first = split_list[0]
-    report = {
+    return {
         "task": task,
         "dataset": index.name,
         "images": len(index.records),
@@ -248,12 +231,32 @@ def audit_task(
         "masks": masks,
         "splits": parts,
         "leaks": sum(p["chosen"]["across"] + len(p["groups_across"]) for p in parts),
+        "closest_across": closest_across(index, first, fps, SHEET_PAIRS),
     }
-    closest = closest_across(index, split_list[0], fps, SHEET_PAIRS)
-    report["contact_sheet"] = contact_sheet(index, closest, out / f"{task}.pairs.png").name
+
+
+def write_audit(report: dict, index: DatasetIndex, out: Path) -> dict:
+    """TASK.audit.json|md and TASK.pairs.png of an `audit_report` into `out`."""
+    task = report["task"]
+    report["contact_sheet"] = contact_sheet(
+        index, report["closest_across"], out / f"{task}.pairs.png"
+    ).name
     write_json(out / f"{task}.audit.json", report, indent=1)
     write_text(out / f"{task}.audit.md", audit_markdown(report))
     return report
+
+
+def leak_summary(report: dict) -> dict:
+    """What an accepted leak is, for the tables' notes and each run's JSON."""
+    first = report["splits"][0]
+    return {
+        "leaks": report["leaks"],
+        "pairs_across": sum(p["chosen"]["across"] for p in report["splits"]),
+        "groups_across": sum(len(p["groups_across"]) for p in report["splits"]),
+        "near_duplicate": report["near_duplicate_threshold"],
+        "examples": [p[:3] for p in first["chosen"]["across_pairs"][:5]]
+        + [["group", g] for g in first["groups_across"][:5]],
+    }
 
 
 def audit_markdown(r: dict) -> str:
@@ -285,14 +288,27 @@ def audit_markdown(r: dict) -> str:
         ]
         for name in ("chosen", "loose"):
             p = part[name]
-            label = "chosen (grouped)" if name == "chosen" else "looser (for a look)"
+            label = (
+                "chosen (grouped; across = leak)" if name == "chosen" else "close pairs (a look)"
+            )
             lines.append(f"| {label} | >= {p['similarity']} | {p['within']} | {p['across']} |")
         if part["groups_across"]:
             lines.append(f"\nGroups split across splits: {', '.join(part['groups_across'][:20])}")
         if part["loose"]["across_pairs"]:
-            lines += ["", "Cross-split pairs at the looser threshold (first 20):", ""]
+            lines += ["", "Close pairs across splits (not leaks; first 20):", ""]
             for a, b, sim, exact, sa, sb in part["loose"]["across_pairs"][:20]:
                 lines.append(f"- {a} [{sa}] / {b} [{sb}]: {sim:.3f}" + (" exact" if exact else ""))
+        same = part.get("same_prefix", {})
+        if same.get("prefixes_across"):
+            lines += [
+                "",
+                f"Possible same-patient images across splits: {same['prefixes_across']} leading "
+                f"ids (the name before `_`) are in several splits; `group_by: "
+                f'"{same["group_by"]}"` would keep each in one split. First:',
+                "",
+            ]
+            for prefix, ids, where in same["examples"][:10]:
+                lines.append(f"- {prefix}: {', '.join(ids[:6])} ({', '.join(where)})")
         lines.append("")
     if r["conflicting_labels"]:
         lines += ["## Conflicting-label duplicates", ""]
@@ -306,7 +322,7 @@ def audit_markdown(r: dict) -> str:
             lines.append(f"- {', '.join(c['ids'])}: labels {', '.join(c['labels'])} — {pairs}")
         lines.append("")
     m = r["masks"]
-    if m:
+    if "rule" in m:
         lines += [
             "## Masks",
             "",
@@ -326,9 +342,11 @@ def audit_markdown(r: dict) -> str:
 
 def summary_line(r: dict) -> str:
     across = sum(p["loose"]["across"] for p in r["splits"])
+    same = sum(p.get("same_prefix", {}).get("prefixes_across", 0) for p in r["splits"])
     return (
         f"{r['task']}: {r['images']} images, {r['groups']} groups (largest {r['largest_group']}), "
         f"{len(r['conflicting_labels'])} conflicting-label groups ({len(r['excluded'])} images "
         f"left out), leaks {r['leaks']}, cross-split pairs at >= {r['loose_threshold']}: {across}"
-        + (f", masks not binary: {r['masks']['not_binary']}" if r["masks"] else "")
+        + (f", masks not binary: {r['masks']['not_binary']}" if "not_binary" in r["masks"] else "")
+        + (f", possible same-patient ids across splits: {same} (see the audit)" if same else "")
     )

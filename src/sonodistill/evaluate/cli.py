@@ -20,7 +20,8 @@ EVALUATE = (
 AUDIT = (
     "Audit the splits of a suite's tasks (made if missing, as `sonodistill evaluate` would): "
     "counts and class balance per split, groups, near-duplicate pairs within and across splits "
-    "at the chosen and a looser similarity, conflicting-label duplicates, non-binary masks and "
+    "at the chosen similarity and close pairs at a looser one, names sharing a patient-like "
+    "prefix across splits, conflicting-label duplicates, non-binary masks and "
     "a contact sheet of the closest cross-split pairs, written to OUT/splits/TASK.audit.md|json "
     "and TASK.pairs.png. Exit code 1 when pairs or groups straddle splits."
 )

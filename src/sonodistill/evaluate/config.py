@@ -103,6 +103,24 @@ AtLeastTwo = restricted_number_type("AtLeastTwo", int, (">=", 2), docstring="int
 # ---------------------------------------------------------------- evaluate
 
 
+SplitName = Literal["train", "val", "test"]
+GROUP_RULES = ("folder", "clip", "sequence", "sequence:N", "regex:PATTERN")
+"""The `group_by` rules (`evaluate.datasets.group_of`)."""
+
+
+@dataclass
+class FolderPair:
+    """One images folder of a dataset and where its masks are: a release's train/, val/, test/."""
+
+    images: str
+    """Images folder under root; a glob (`*/images`) takes every folder it matches."""
+    masks: str = ""
+    """Masks folder under root, "" (or the images folder) for masks beside their images with a
+    suffix; each `*` is the text the images glob matched there (`*/masks`)."""
+    split: SplitName | None = None
+    """With the dataset's `split: folders`: the split (train, val, test) its images go to."""
+
+
 @dataclass
 class DatasetSpec:
     """A dataset of a suite: a built-in layout (busi, ddti) or a user's folders."""
@@ -119,15 +137,25 @@ class DatasetSpec:
     groups_csv: str | None = None
     """CSV with columns `id,group` (e.g. patient): a group never spans two splits."""
     group_by: str | None = None
-    """Group rule for folders: `folder` (the image's folder, e.g. frames extracted one folder
-    per clip), `clip` (file names CLIP_0012.png: the name without its trailing frame number),
-    or `regex:PATTERN` (on the path under root; the named group `group`, else group 1, else
-    the match). Frames read from a video file always share the video's group."""
+    """Group rule (images of a group share a split): `folder` (the image's folder: frames
+    extracted one folder per clip), `clip` (CLIP_0012.png, clip7-frame3.png: the name before
+    its trailing frame number; numeric names such as 0007.png have no clip name and are
+    refused), `sequence` or `sequence:N` (numbered frames in one folder whose numbers are
+    consecutive, or within N, are one clip), or `regex:PATTERN` (on the path under root: the
+    named group `group`, else group 1, else the match; e.g. `regex:^(\\d+)_` for patients
+    012_a.png, 012_b.png). Frames read from a video file always share the video's group."""
     images: str = "images"
     """seg_folder: the images folder under root."""
     masks: str = "masks"
     """seg_folder: the masks folder; the images folder itself (or "") for masks beside their
     images with a suffix (`NAME_mask.png`, `NAME_Annotation.png`, ...; see data.masks)."""
+    folders: list[FolderPair] | None = None
+    """seg_folder: several image/mask folder pairs under root instead of `images`/`masks`
+    (a release's train/val/test folders; globs allowed); ids are then FOLDER/NAME."""
+    split: Literal["grouped", "folders"] = "grouped"
+    """grouped: the tool's own split (groups and near duplicates never straddle it); folders:
+    the release's own split, each of `folders` naming its `split` (the audit still reports
+    pairs and groups across it)."""
     mask_threshold: MaskThreshold = MASK_THRESHOLD
     """Binary masks: foreground where the value exceeds this (index masks 0/1: where 1)."""
     outline: Outline = "fill"
@@ -221,7 +249,8 @@ class SuiteConfig:
     tasks: list[str] = field(default_factory=lambda: ["ddti_seg", "busi_seg", "busi_cls"])
     """Tasks to run: the built-in ddti_seg, busi_seg, busi_cls, or names under `datasets`."""
     datasets: dict[str, DatasetSpec] = field(default_factory=dict)
-    """Your own tasks: name -> dataset (format, root, task_type, group_by, ...)."""
+    """Your own tasks: name -> dataset (format, root, task_type, images, masks, folders, split,
+    group_by, groups_csv, ...; `--datasets.help DatasetSpec` lists every key)."""
     protocols: list[ProtocolName] = field(default_factory=lambda: ["linear", "finetune"])
     """linear: a linear layer on the frozen encoder (Table 2); finetune: the encoder trained
     with a decoder or classifier (Table 3)."""
@@ -246,7 +275,11 @@ class SuiteConfig:
     audit_near_duplicate: PositiveFloat = LOOSE
     """The audit's looser similarity: pairs listed for a look, not grouped."""
     tables_only: bool = False
-    """Only rebuild the tables from the run JSONs already in `out`."""
+    """Only rebuild the tables from the run JSONs already in `out` and its shards."""
+    shard: str = ""
+    """I/N: do only the I-th of N shares of the runs (every N-th in the plan's order, from the
+    I-th), in OUT/shards/I-of-N with its own lock: N jobs on N GPUs or nodes (an sbatch array,
+    docs/evaluate.md). `--tables_only true` on OUT then makes the tables of all shards."""
     save_models: bool = False
     """Keep each run's selected model as OUT/models/RUN_ID (for `sonodistill export --head`)."""
     dry_run: bool = False
@@ -263,7 +296,7 @@ class SuiteConfig:
 
 SUITE = Layout(
     "evaluate",
-    owned=("suite.yaml", "runs", "splits", "tables", "models"),
+    owned=("suite.yaml", "runs", "splits", "tables", "models", "shards"),
     markers=("suite.yaml", "runs"),  # splits alone may be copied there to be reused
     config="suite.yaml",
     free_on_resume=(

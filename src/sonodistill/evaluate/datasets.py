@@ -17,7 +17,10 @@ another size is refused while indexing.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
+import json
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -29,21 +32,35 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from sonodistill.config import checked
+from sonodistill.config import checked, to_dict
 from sonodistill.data.greys import read_grey, read_greys, resize_mask, resize_square
 from sonodistill.data.listing import spread
 from sonodistill.data.masks import (
     MASK_THRESHOLD,
     Outline,
+    binarise,
     check_sizes,
     images_and_masks,
+    is_binary_file,
+    is_outline,
     mask_owner,
     masks_by_image,
     merge_masks,
+    read_mask_file,
+    read_mask_values,
 )
+from sonodistill.data.neardup import cache_dir, file_stamp
 from sonodistill.data.readers import IMAGE_EXT, VIDEO_EXT, ReadError, video_frame_count
-from sonodistill.errors import UserError
-from sonodistill.evaluate.config import DATASET_FORMATS, DatasetFormat, DatasetSpec, TaskType
+from sonodistill.errors import UserError, unknown_name
+from sonodistill.evaluate.config import (
+    DATASET_FORMATS,
+    GROUP_RULES,
+    DatasetFormat,
+    DatasetSpec,
+    FolderPair,
+    TaskType,
+)
+from sonodistill.io import write_json
 
 BUSI_CLASSES = ("normal", "benign", "malignant")
 DDTI_CLASSES = ("background", "nodule")
@@ -62,6 +79,8 @@ class Record:
     group: str | None = None
     frame: int = -1
     """Frame index in a video file (-1: a still image)."""
+    split: str | None = None
+    """The release's split (train, val, test) under `split: folders`; None: the tool splits."""
 
 
 @dataclass
@@ -232,36 +251,69 @@ def parse_ddti_xml(path: Path) -> dict[str, tuple]:
     return out
 
 
+def folder_pairs(root: Path, pairs) -> list[tuple[Path, Path | None, str | None]]:
+    """(images folder, masks folder or None for masks beside, split) of each `FolderPair`-like
+    (images, masks, split), globs expanded: each `*` of `masks` is what `images` matched."""
+    out = []
+    for images, masks, split in pairs:
+        if "*" not in images:
+            found = [(root / images, [])]
+        else:
+            pattern = re.compile("^" + re.escape(images).replace(r"\*", "([^/]*)") + "$")
+            found = []
+            for d in sorted(p for p in root.glob(images) if p.is_dir()):
+                match = pattern.match(d.relative_to(root).as_posix())
+                if match:
+                    found.append((d, list(match.groups())))
+            if not found:
+                raise UserError(f"{root}: images glob {images!r} matches no folder")
+        for image_dir, parts in found:
+            if not image_dir.is_dir():
+                raise UserError(f"{image_dir}: images folder not found")
+            if not masks or masks == images:
+                out.append((image_dir, None, split))
+                continue
+            mask_rel = masks
+            for part in parts:
+                mask_rel = mask_rel.replace("*", part, 1)
+            if not (root / mask_rel).is_dir():
+                raise UserError(f"{root / mask_rel}: masks folder not found (for {image_dir})")
+            out.append((image_dir, root / mask_rel, split))
+    return out
+
+
 def load_seg_folder(
     root: str | Path,
     images: str = "images",
     masks: str | None = "masks",
     classes: list[str] | None = None,
     name: str | None = None,
+    folders: list | None = None,
 ) -> DatasetIndex:
     """`images/NAME.*` + `masks/NAME.*` (same stem), or masks beside their images with a
-    suffix (`masks` equal to `images`, or empty). Binary unless `classes` (by mask value)."""
+    suffix (`masks` equal to `images`, or empty); with `folders`, several such pairs (ids
+    FOLDER/NAME; each folder's `split` kept on its records). Binary unless `classes`."""
     root = Path(root)
-    image_dir = root / images
-    if not image_dir.is_dir():
-        raise FileNotFoundError(f"{image_dir}: images folder not found")
-    if not masks or masks == images:
-        files, found = images_and_masks(image_dir)
-        where = f"beside it in {image_dir} (NAME_mask.png, NAME_Annotation.png, ...)"
-    else:
-        mask_dir = root / masks
-        if not mask_dir.is_dir():
-            raise FileNotFoundError(f"{mask_dir}: masks folder not found")
-        files = [p for p in _images(image_dir) if mask_owner(p) is None]
-        found = masks_by_image(mask_dir.iterdir(), named_only=False)
-        where = f"named {{stem}}.* in {mask_dir}"
+    pairs = [(f.images, f.masks, f.split) for f in folders] if folders else [(images, masks, None)]
+    expanded = folder_pairs(root, pairs)
     records = []
-    for p in files:
-        if p.stem not in found:
-            raise FileNotFoundError(f"{p}: no mask {where.format(stem=p.stem)}")
-        records.append(Record(id=p.stem, image=p, masks=tuple(found[p.stem])))
+    for image_dir, mask_dir, split in expanded:
+        if mask_dir is None:
+            files, found = images_and_masks(image_dir)
+            where = f"beside it in {image_dir} (NAME_mask.png, NAME_Annotation.png, ...)"
+        else:
+            files = [p for p in _images(image_dir) if mask_owner(p) is None]
+            found = masks_by_image(mask_dir.iterdir(), named_only=False)
+            where = f"named {{stem}}.* in {mask_dir}"
+        prefix = f"{image_dir.relative_to(root).as_posix()}/" if folders else ""
+        for p in files:
+            if p.stem not in found:
+                raise UserError(f"{p}: no mask {where.format(stem=p.stem)}")
+            records.append(
+                Record(id=prefix + p.stem, image=p, masks=tuple(found[p.stem]), split=split)
+            )
     if not records:
-        raise FileNotFoundError(f"{image_dir}: no images")
+        raise UserError(f"{', '.join(str(d) for d, _, _ in expanded)}: no images")
     return DatasetIndex(
         name or root.name,
         "seg",
@@ -304,11 +356,31 @@ def load_groups_csv(index: DatasetIndex, path: str | Path) -> DatasetIndex:
     return index
 
 
-_FRAME_NUMBER = re.compile(r"^(?P<clip>.+?)[_\-. ]*(?:frame|frm|f)?[_\-. ]*\d+$", re.IGNORECASE)
+_CLIP_FRAME = re.compile(
+    r"^(?P<clip>.*?)[_\-. ]*(?:frame|frm|f)?[_\-. ]*(?<!\d)(?P<frame>\d+)$", re.IGNORECASE
+)
+"""`group_by: clip`: CLIP_0012, clip7-frame3, video.f12: the clip name before the trailing
+frame number (a name without one is its own clip)."""
+_TRAILING_NUMBER = re.compile(r"^(?P<prefix>.*?)(?<!\d)(?P<number>\d+)$")
 
 
-def group_of(record: Record, root: Path, rule: str) -> str:
-    """The group a `group_by` rule gives a record (see DatasetSpec.group_by)."""
+def check_group_by(rule: str, where: str) -> None:
+    """A `group_by` value one of GROUP_RULES, its regex compiled; a UserError line otherwise."""
+    kind, _, arg = rule.partition(":")
+    if kind == "regex" and arg:
+        try:
+            re.compile(arg)
+        except re.error as err:
+            raise UserError(f"{where}: group_by {rule}: not a regular expression ({err})") from None
+    elif kind == "sequence" and arg:
+        if not (arg.isdigit() and int(arg) >= 1):
+            raise UserError(f"{where}: group_by {rule}: N must be a whole number >= 1")
+    elif arg or kind not in ("folder", "clip", "sequence"):
+        raise unknown_name("group_by rule", rule, GROUP_RULES, f"{where}: group_by")
+
+
+def group_of(record: Record, root: Path, rule: str, where: str = "dataset") -> str:
+    """The group a `folder`, `clip` or `regex:` rule gives a record (see DatasetSpec.group_by)."""
     try:
         rel = record.image.relative_to(root)
     except ValueError:
@@ -316,34 +388,177 @@ def group_of(record: Record, root: Path, rule: str) -> str:
     if rule == "folder":
         return rel.parent.as_posix()
     if rule == "clip":
-        match = _FRAME_NUMBER.match(record.image.stem)
+        match = _CLIP_FRAME.match(record.image.stem)
+        if match and not match["clip"]:
+            raise UserError(
+                f"{where}: group_by clip: {rel.as_posix()} has no clip name before its frame "
+                "number; use group_by: folder (one folder per clip), sequence[:N] (consecutive "
+                "frame numbers are one clip) or regex:PATTERN, or a groups_csv"
+            )
         return (rel.parent / (match["clip"] if match else record.image.stem)).as_posix()
-    if rule.startswith("regex:"):
-        match = re.search(rule[len("regex:") :], rel.as_posix())
+    match = re.search(rule.removeprefix("regex:"), rel.as_posix())
+    if match is None:
+        raise UserError(
+            f"{where}: group_by {rule} does not match {rel.as_posix()} (the path under root); "
+            "every image needs a group"
+        )
+    if "group" in match.groupdict():
+        return match["group"]
+    return match.group(1) if match.groups() else match.group(0)
+
+
+def sequence_groups(records: list[Record], root: Path, gap: int, where: str) -> list[str]:
+    """`group_by: sequence[:N]`: per folder and name prefix, frames sorted by their trailing
+    number; a new clip starts where the number jumps by more than `gap`."""
+    keyed = []
+    for k, r in enumerate(records):
+        match = _TRAILING_NUMBER.match(r.image.stem)
         if match is None:
-            raise ValueError(f"group_by {rule!r} does not match {rel.as_posix()}")
-        if "group" in match.groupdict():
-            return match["group"]
-        return match.group(1) if match.groups() else match.group(0)
-    raise ValueError(f"group_by {rule!r}: use folder, clip or regex:PATTERN")
+            raise UserError(
+                f"{where}: group_by sequence: {r.image.name} has no trailing frame number"
+            )
+        folder = r.image.parent.as_posix()
+        keyed.append(((folder, match["prefix"]), int(match["number"]), k))
+    out = [""] * len(records)
+    last: dict[tuple, tuple[int, str]] = {}
+    for series, number, k in sorted(keyed):
+        previous = last.get(series)
+        if previous is None or number - previous[0] > gap:
+            folder = Path(series[0])
+            rel = folder.relative_to(root).as_posix() if folder.is_relative_to(root) else folder
+            previous = (number, f"{rel}/{series[1]}{number}")
+        last[series] = (number, previous[1])
+        out[k] = previous[1]
+    return out
 
 
-def apply_group_by(index: DatasetIndex, root: str | Path, rule: str) -> DatasetIndex:
+def apply_group_by(
+    index: DatasetIndex, root: str | Path, rule: str, where: str = "dataset"
+) -> DatasetIndex:
     """Set every record's group by a `group_by` rule (video frames keep their clip's group)."""
     root = Path(root)
+    still = [r for r in index.records if r.frame < 0]
+    if rule.partition(":")[0] == "sequence":
+        gap = int(rule.partition(":")[2] or 1)
+        groups = dict(zip(map(id, still), sequence_groups(still, root, gap, where), strict=True))
+    else:
+        groups = {id(r): group_of(r, root, rule, where) for r in still}
     index.records = [
-        r if r.frame >= 0 else replace(r, group=f"{rule}:{group_of(r, root, rule)}")
-        for r in index.records
+        replace(r, group=f"{rule}:{groups[id(r)]}") if r.frame < 0 else r for r in index.records
     ]
     index.group_rules += (f"group_by: {rule}",)
     return index
 
 
 def check_index_sizes(index: DatasetIndex) -> None:
-    """Every mask has its image's size (file headers only): refused before any training."""
+    """Every image opens and every mask has its image's size (file headers only)."""
     for r in index.records:
         if r.masks and r.frame < 0:
-            check_sizes(r.image, r.masks)
+            try:
+                check_sizes(r.image, r.masks)
+            except (OSError, Image.DecompressionBombError) as err:  # PIL: not an image
+                raise UserError(f"unreadable image or mask of {r.image}: {err}") from None
+
+
+def check_unique_ids(index: DatasetIndex) -> None:
+    """One id per image: `002.png` beside `002.jpg` would be one id twice in a split."""
+    seen: dict[str, Path] = {}
+    for r in index.records:
+        if r.frame < 0 and r.id in seen and seen[r.id] != r.image:
+            raise UserError(
+                f"{r.image}: same name as {seen[r.id].name} (id {r.id!r}); rename or remove one"
+            )
+        seen.setdefault(r.id, r.image)
+
+
+def two_valued(values: np.ndarray, k: int = 2) -> float:
+    """Share of the pixels holding the k most frequent values (a mask: about 1)."""
+    counts = np.bincount(values.ravel(), minlength=256)
+    return float(np.sort(counts)[-k:].sum() / max(values.size, 1))
+
+
+SWAP_SAMPLE = 16
+"""Images (and masks) read to tell masks from images: evenly spaced over the dataset."""
+
+
+def check_not_swapped(index: DatasetIndex, mask_values: dict[Path, float]) -> None:
+    """Masks are more nearly k-valued than their images (k = classes); swapped `images:` and
+    `masks:` folders are refused, naming both."""
+    records = [r for r in index.records if r.masks and r.frame < 0]
+    if not records:
+        return
+    picked = [records[k] for k in spread(len(records), SWAP_SAMPLE)]
+    k = index.num_classes
+    images = np.median([two_valued(_grey(r.image), k) for r in picked])
+    masks = np.median([mask_values[r.masks[0]] for r in picked])
+    if masks < images:
+        raise UserError(
+            f"{index.name}: the masks (e.g. {picked[0].masks[0]}) look less like masks than the "
+            f"images (e.g. {picked[0].image}): {100 * masks:.0f}% of mask pixels against "
+            f"{100 * images:.0f}% of image pixels hold {k} values; are images: and masks: swapped?"
+        )
+
+
+def mask_report(index: DatasetIndex) -> tuple[dict, dict[str, bool]]:
+    """Every mask file read as training reads it (an outline it cannot fill, an unreadable
+    file or swapped folders: a UserError naming the file, while indexing): the report of
+    the audit (files that are not two-valued, e.g. JPEG, the foreground they would gain if
+    binarised at > 0 instead of > threshold, outline annotations) and which images have an
+    empty mask. Cached, keyed by the mask files' paths, sizes and times (segmentation only)."""
+    if index.task_type != "seg":
+        return {}, {}
+    stamp = [(r.id, [file_stamp(m) for m in r.masks]) for r in index.records]
+    key = [2, index.num_classes, index.mask_threshold, index.outline, stamp]
+    cached = cache_dir() / f"masks-{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:20]}.json"
+    if cached.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            report, empty = json.loads(cached.read_text())
+            return report, empty
+    report, empty = _mask_report(index)
+    with contextlib.suppress(OSError, UserError):  # a read-only cache only costs time
+        write_json(cached, [report, empty])
+    return report, empty
+
+
+def _mask_report(index: DatasetIndex) -> tuple[dict, dict[str, bool]]:
+    threshold, binary = index.mask_threshold, index.num_classes == 2
+    not_binary, growth, outlines, empty, values_of = [], [], [], {}, {}
+    for r in index.records:
+        fg = 0
+        for path in r.masks:
+            try:
+                values = read_mask_values(path)
+            except (OSError, Image.DecompressionBombError) as err:
+                raise UserError(f"{path}: unreadable mask ({err})") from None
+            values_of[path] = two_valued(values, index.num_classes)
+            read_mask_file(path, binary, threshold, index.outline)  # refuses what it cannot use
+            if not binary:
+                fg += int(np.count_nonzero(values))
+                continue
+            mask = binarise(values, threshold)
+            fg += int(mask.sum())
+            if not is_binary_file(values):
+                not_binary.append(str(path))
+                if mask.sum():
+                    growth.append(float((values > 0).sum() / mask.sum() - 1))
+            if is_outline(mask):
+                outlines.append(str(path))
+        empty[r.id] = fg == 0 and not r.polygons
+    check_not_swapped(index, values_of)
+    if not binary:
+        return {"files": sum(len(r.masks) for r in index.records), "classes": index.num_classes}, {}
+    report = {
+        "threshold": threshold,
+        "rule": f"foreground = value > {threshold} (index masks 0/1: value 1)",
+        "files": sum(len(r.masks) for r in index.records),
+        "not_binary": len(not_binary),
+        "not_binary_examples": not_binary[:10],
+        "median_growth_at_zero": float(np.median(growth)) if growth else 0.0,
+        "outlines": len(outlines),
+        "outline_policy": index.outline,
+        "outline_examples": outlines[:10],
+    }
+    return report, empty
 
 
 # --------------------------------------------------------------------------- formats
@@ -367,7 +582,9 @@ DATASET_FORMATS.register(
 DATASET_FORMATS.register(
     "seg_folder",
     DatasetFormat(
-        lambda spec, name: load_seg_folder(spec.root, spec.images, spec.masks, spec.classes, name),
+        lambda spec, name: load_seg_folder(
+            spec.root, spec.images, spec.masks, spec.classes, name, spec.folders
+        ),
         ("seg",),
         "images/ + masks/, or masks beside their images",
     ),
@@ -384,34 +601,66 @@ DATASET_FORMATS.register(
 
 def check_dataset(spec: DatasetSpec | dict, name: str | None = None) -> DatasetSpec:
     """A dataset spec (or its mapping) checked, as `config.checked` checks a spec (an unknown key
-    with its close match, every value by its type), its task type one its format holds; a
-    UserError line starting `datasets.NAME:` otherwise."""
+    with its close match, every value by its type), its task type one its format holds, its
+    `group_by` a known rule and `folders` / `split: folders` consistent; a UserError line
+    starting `datasets.NAME:` otherwise."""
     where = f"datasets.{name}" if name else "dataset"
-    spec = checked(DatasetSpec, spec, where)
+    values = to_dict(spec) if isinstance(spec, DatasetSpec) else spec
+    folders = None
+    if isinstance(values, dict) and values.get("folders"):  # checked one by one below
+        values, folders = {**values, "folders": None}, values["folders"]
+    spec = checked(DatasetSpec, values, where)
+    if folders:
+        if not isinstance(folders, list):
+            raise UserError(f"{where}: folders: expected a list of {{images, masks, split}}")
+        spec.folders = [
+            checked(
+                FolderPair, to_dict(f) if isinstance(f, FolderPair) else f, f"{where}.folders[{k}]"
+            )
+            for k, f in enumerate(folders)
+        ]
     layout = DATASET_FORMATS.get(spec.format, f"{where}: format")
     if spec.task_type not in layout.task_types:
         raise UserError(
             f"{where}: format {spec.format} holds {' or '.join(layout.task_types)} tasks, not "
             f"task_type {spec.task_type}"
         )
+    if spec.group_by:
+        check_group_by(spec.group_by, where)
+    if spec.folders and spec.format != "seg_folder":
+        raise UserError(f"{where}: folders: only the seg_folder format reads several folders")
+    if spec.split == "folders":
+        missing = [f.images for f in spec.folders or [] if f.split is None]
+        if not spec.folders or missing:
+            raise UserError(
+                f"{where}: split: folders keeps a release's split: list `folders` with a "
+                f"`split` (train, val or test) each{f' (none for {missing[0]})' if missing else ''}"
+            )
     return spec
 
 
 def load_dataset(spec: DatasetSpec | dict, name: str | None = None) -> DatasetIndex:
-    """The index of a dataset: its format's loader (`DATASET_FORMATS`), then its groups
-    (`group_by`, `groups_csv`), then the checks that need no pixels (every class found, masks
-    the size of their images)."""
+    """The index of a dataset, checked as training will use it: its format's loader
+    (`DATASET_FORMATS`), its groups (`group_by`, `groups_csv`), one id per image, every image
+    and mask opened (sizes, masks readable and fillable, not swapped with their images) and
+    every class found; a UserError line naming the file otherwise. The audit and the suite
+    both index before their first write."""
+    where = f"datasets.{name}" if name else "dataset"
     spec = check_dataset(spec, name)
     index = DATASET_FORMATS.get(spec.format).load(spec, name)
     if name:
         index.name = name
     index.mask_threshold, index.outline = spec.mask_threshold, spec.outline
+    if spec.split == "grouped":  # the release's split is kept only when asked for
+        index.records = [replace(r, split=None) for r in index.records]
+    check_unique_ids(index)
     if spec.group_by:
-        apply_group_by(index, spec.root, spec.group_by)
+        apply_group_by(index, spec.root, spec.group_by, where)
     if spec.groups_csv:
         load_groups_csv(index, spec.groups_csv)
     _check_found(index, spec)
     check_index_sizes(index)
+    mask_report(index)
     return index
 
 

@@ -27,7 +27,14 @@ from sonodistill.evaluate.config import PROTOCOLS, SuiteConfig
 from sonodistill.evaluate.datasets import load_dataset
 from sonodistill.evaluate.heads import build_model
 from sonodistill.evaluate.splits import CLS_PROPORTIONS, DDTI_COUNTS
-from sonodistill.evaluate.suite import Run, check_options, finished_result, task_specs
+from sonodistill.evaluate.suite import (
+    Run,
+    check_options,
+    finished_result,
+    parse_shard,
+    shard_runs,
+    task_specs,
+)
 from sonodistill.evaluate.train import autocast_for, pick_device
 from sonodistill.models.encoders import RANDOM, Encoder, EncoderSpec, build_encoder, resolve_spec
 from sonodistill.models.flops import flops_of
@@ -157,7 +164,19 @@ def dry_run(cfg: SuiteConfig) -> str:
             encoded.add(features)
             flops[run.id] += cost.encode * sum(n.values())
     rate = measured_rate(device, cfg.train.precision) if todo else 0.0
-    return _report(cfg, runs, todo, flops, rate, costs.notes, device)
+    report = _report(cfg, runs, todo, flops, rate, costs.notes, device)
+    shard = parse_shard(cfg.shard)
+    if shard is None:
+        return report
+    n = shard[1]
+    times = [
+        _duration(sum(flops.get(r.id, 0.0) for r in shard_runs(runs, f"{i}/{n}")) / rate)
+        if rate
+        else "-"
+        for i in range(1, n + 1)
+    ]
+    shown = ", ".join(f"{i} of {n}: {t}" for i, t in enumerate(times, 1))
+    return f"{report}\nEstimated time per shard (--shard I/{n}, one device each): {shown}."
 
 
 class _Costs:

@@ -215,6 +215,33 @@ def _describe(index, cfg, structure, groups, excluded) -> dict:
     }
 
 
+def released(index: DatasetIndex) -> bool:
+    """The records carry their release's split (`split: folders`)."""
+    return any(r.split for r in index.records)
+
+
+def check_filled(index: DatasetIndex, ids: dict, groups: list[list[str]], what: str = "") -> None:
+    """Every split holds an image, and (classification) every class: else a UserError line
+    before any run, with what made the groups (one group of every image trains on all)."""
+    label = {r.id: r.label for r in index.records}
+    sizes = sorted(map(len, groups), reverse=True)
+    for s in SPLITS:
+        missing = ""
+        if not ids[s]:
+            missing = "no images"
+        elif index.task_type == "cls":
+            absent = sorted(set(range(index.num_classes)) - {label[i] for i in ids[s]})
+            if absent:
+                missing = f"no {', '.join(index.classes[k] for k in absent)} images"
+        if missing:
+            rules = "; ".join(index.group_rules) or "near duplicates only"
+            raise UserError(
+                f"{index.name}: {what}the {s} split has {missing} ({len(index.records)} images in "
+                f"{len(groups)} groups, the largest {sizes[0] if sizes else 0}; groups by: "
+                f"{rules}): check group_by, groups_csv or the folders' split"
+            )
+
+
 def _ordered(index: DatasetIndex, assigned: dict) -> dict[str, list[str]]:
     order = {r.id: i for i, r in enumerate(index.records)}
     return {s: sorted(assigned[s], key=order.__getitem__) for s in SPLITS}
@@ -229,9 +256,16 @@ def make_splits(
     """The fixed train/val/test split (the paper's protocol)."""
     cfg = cfg or SplitConfig()
     structure, groups, strata, excluded = _prepare(index, cfg, fingerprints)
-    kept = [i for g in groups for i in g]
-    targets = _count_targets(strata, kept, SPLITS, _proportions(index, cfg))
-    ids = _ordered(index, assign_groups(groups, strata, targets, cfg.seed))
+    if released(index):  # split: folders, the release's own split
+        ids = {
+            s: [r.id for r in index.records if r.split == s and r.id not in excluded]
+            for s in SPLITS
+        }
+    else:
+        kept = [i for g in groups for i in g]
+        targets = _count_targets(strata, kept, SPLITS, _proportions(index, cfg))
+        ids = _ordered(index, assign_groups(groups, strata, targets, cfg.seed))
+    check_filled(index, ids, groups)
     return {
         **_describe(index, cfg, structure, groups, excluded),
         "ids": ids,
@@ -251,11 +285,19 @@ def make_folds(
     train:val proportion. Every image is tested exactly once."""
     if k < 2:
         raise ValueError(f"folds must be at least 2, not {k}")
+    if released(index):
+        raise UserError(
+            f"--folds {k}: dataset {index.name} keeps its release's split (split: folders); "
+            "cross-validation needs split: grouped"
+        )
     cfg = cfg or SplitConfig()
     structure, groups, strata, excluded = _prepare(index, cfg, fingerprints)
     kept = [i for g in groups for i in g]
     if len(groups) < k:
-        raise ValueError(f"{index.name}: {len(groups)} groups cannot fill {k} folds")
+        raise UserError(
+            f"--folds {k}: dataset {index.name} has {len(groups)} groups (the largest "
+            f"{max(map(len, groups), default=0)} images), too few for {k} folds"
+        )
     names = [f"fold{f}" for f in range(k)]
     dealt = assign_groups(
         groups, strata, _count_targets(strata, kept, names, [1 / k] * k), cfg.seed
@@ -271,6 +313,7 @@ def make_folds(
         inner = assign_groups(rest, strata, {**targets, "test": {}}, cfg.seed + f + 1)
         inner["test"] = dealt[name]
         ids = _ordered(index, inner)
+        check_filled(index, ids, groups, f"fold {f}: ")
         out.append(
             {
                 **_describe(index, cfg, structure, groups, excluded),

@@ -118,9 +118,16 @@ def holm(pvalues: list[float]) -> list[float]:
     return adjusted.tolist()
 
 
-def paired(ref_runs: list[dict], runs: list[dict], metric: str, num_classes: int | None = None):
+def paired(
+    ref_runs: list[dict],
+    runs: list[dict],
+    metric: str,
+    num_classes: int | None = None,
+    alternative: str = "two-sided",
+):
     """Encoder vs reference on their common test images: mean difference, its 95% paired
-    bootstrap interval, Wilcoxon signed-rank p (two-sided) and the image count."""
+    bootstrap interval, Wilcoxon signed-rank p (two-sided, or `greater`: the encoder better)
+    and the image count."""
     if metric in ("dice", "iou"):
         a, b = per_image_means(runs, metric), per_image_means(ref_runs, metric)
         ids = sorted(set(a) & set(b))
@@ -151,5 +158,20 @@ def paired(ref_runs: list[dict], runs: list[dict], metric: str, num_classes: int
         per_image_y = (pb == labels).mean(0)
     p = float("nan")
     if len(ids) >= 2 and np.any(per_image_x != per_image_y):
-        p = float(stats.wilcoxon(per_image_x, per_image_y).pvalue)
+        p = float(stats.wilcoxon(per_image_x, per_image_y, alternative=alternative).pvalue)
     return {"delta": delta, "low": lo, "high": hi, "p": p, "images": len(ids)}
+
+
+ALPHA = 0.05
+
+
+def no_better(runs: list[dict], trivial_runs: list[dict], metric: str, num_classes=None) -> bool:
+    """A cell no better than a trivial predictor on the same images: the one-sided Wilcoxon
+    signed-rank test of "better" does not reject at ALPHA, or the 95% paired bootstrap
+    interval of the difference reaches 0 (a mean above the trivial one is not enough: a probe
+    scoring all-foreground's Dice on most images and a little more on a few is flagged)."""
+    test = paired(trivial_runs, runs, metric, num_classes, alternative="greater")
+    if not test["images"]:
+        return False
+    rejected = not np.isnan(test["p"]) and test["p"] < ALPHA
+    return not (rejected and test["low"] > 0)

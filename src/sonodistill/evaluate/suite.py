@@ -30,7 +30,13 @@ from pathlib import Path
 from sonodistill.config import check_fields, to_dict
 from sonodistill.data.neardup import Fingerprints
 from sonodistill.errors import UserError, check, unknown_name
-from sonodistill.evaluate.audit import LeakError, audit_task, summary_line
+from sonodistill.evaluate.audit import (
+    LeakError,
+    audit_report,
+    leak_summary,
+    summary_line,
+    write_audit,
+)
 from sonodistill.evaluate.config import AUDIT, SUITE, DatasetSpec, SuiteConfig, TrainSettings
 from sonodistill.evaluate.datasets import (
     DatasetIndex,
@@ -206,7 +212,30 @@ def check_options(cfg: SuiteConfig) -> list[Run]:
     naming the first bad option."""
     check_fields(cfg)
     check(bool(cfg.seeds), "--seeds", cfg.seeds, "give at least one seed")
+    parse_shard(cfg.shard)
     return plan(cfg)
+
+
+def parse_shard(shard: str) -> tuple[int, int] | None:
+    """`--shard I/N` -> (I, N), 1 <= I <= N; "" -> None."""
+    if not shard:
+        return None
+    i, _, n = shard.partition("/")
+    ok = i.isdigit() and n.isdigit() and 1 <= int(i) <= int(n)
+    check(ok, "--shard", shard, "must be I/N with 1 <= I <= N, e.g. 1/4")
+    return int(i), int(n)
+
+
+def shard_runs(runs: list[Run], shard: str) -> list[Run]:
+    """The runs of shard I/N: every N-th run of the plan from the I-th (tasks, encoders and
+    seeds interleave, so shards take about the same time)."""
+    parsed = parse_shard(shard)
+    return runs if parsed is None else runs[parsed[0] - 1 :: parsed[1]]
+
+
+def shard_folder(out: str | Path, shard: str) -> Path:
+    i, n = parse_shard(shard)
+    return Path(out) / "shards" / f"{i}-of-{n}"
 
 
 def check_suite(cfg: SuiteConfig) -> tuple[list[Run], SuiteData]:
@@ -255,15 +284,16 @@ def run_key(run: Run, cfg: SuiteConfig) -> str:
 
 class SuiteData:
     """Datasets, fingerprints, splits (or folds) and audits, made once per suite; images are
-    fingerprinted once per dataset root. New splits are kept in memory until `writable` (the
+    fingerprinted once per set of image files. New splits are kept in memory until `writable` (the
     folder claimed), then saved."""
 
     def __init__(self, cfg: SuiteConfig, out: Path):
         self.cfg, self.out, self.specs = cfg, out, task_specs(cfg)
         self._index: dict[str, DatasetIndex] = {}
         self._splits: dict[str, list[dict]] = {}
-        self._fps: dict[str, Fingerprints] = {}
+        self._fps: dict[tuple, Fingerprints] = {}
         self._unsaved: dict[Path, dict] = {}
+        self._audits: dict[str, dict] = {}
         self.writable = False
         self.recipes: dict[str, dict] = {}
 
@@ -273,17 +303,22 @@ class SuiteData:
         return self._index[task]
 
     def fingerprints(self, task: str) -> Fingerprints:
-        root = self.specs[task].root
-        if root not in self._fps:
-            self._fps[root] = image_fingerprints(self.index(task))
-        return self._fps[root]
+        """Keyed by the image files themselves (path and frame of every record), never by a
+        dataset's root or name: two datasets under one root with other images get their own."""
+        key = tuple((str(r.image), r.frame) for r in self.index(task).records)
+        if key not in self._fps:
+            self._fps[key] = image_fingerprints(self.index(task))
+        return self._fps[key]
 
     def splits(self, task: str) -> list[dict]:
         """[the fixed split] or the K folds of a task: read, else made (saved once writable)."""
         if task not in self._splits:
             index, folder, k = self.index(task), self.out / "splits", self.cfg.folds
             paths = [fold_path(folder, task, f, k) for f in range(k)] or [folder / f"{task}.json"]
-            stored = [read_splits(index, p, self.cfg.split) for p in paths]
+            # --overwrite replaces the suite's splits too: made again, saved after the clear
+            stored = [
+                None if self.cfg.overwrite else read_splits(index, p, self.cfg.split) for p in paths
+            ]
             if any(s is None for s in stored):
                 fractions = sorted(set(FRACTIONS) | {f for f in self.cfg.fractions if f < 1})
                 kw = {"fingerprints": self.fingerprints(task), "fractions": fractions}
@@ -305,15 +340,25 @@ class SuiteData:
             write_json(path, splits, indent=1)
 
     def audit(self, task: str) -> dict:
-        return audit_task(
-            self.index(task),
-            self.splits(task),
-            self.fingerprints(task),
-            self.out / "splits",
-            task,
-            self.cfg.split.near_duplicate,
-            self.cfg.audit_near_duplicate,
-        )
+        """The task's audit, in memory (`write_audits` writes it once the folder is claimed)."""
+        if task not in self._audits:
+            self._audits[task] = audit_report(
+                self.index(task),
+                self.splits(task),
+                self.fingerprints(task),
+                task,
+                self.cfg.split.near_duplicate,
+                self.cfg.audit_near_duplicate,
+            )
+        return self._audits[task]
+
+    def audited(self) -> dict[str, dict]:
+        """The audits made so far, by task."""
+        return dict(self._audits)
+
+    def write_audits(self) -> None:
+        for task, report in self._audits.items():
+            write_audit(report, self.index(task), self.out / "splits")
 
 
 def check_encoders(cfg: SuiteConfig, runs: list[Run], specs: dict[str, DatasetSpec]) -> None:
@@ -334,7 +379,8 @@ def check_encoders(cfg: SuiteConfig, runs: list[Run], specs: dict[str, DatasetSp
 
 
 def audit_suite(cfg: SuiteConfig, data: SuiteData, echo=print) -> list[dict]:
-    """Audit every task; LeakError when pairs or groups straddle splits (unless accepted)."""
+    """Audit every task in memory; LeakError when pairs or groups straddle splits (unless
+    accepted), before anything is written."""
     reports = []
     for task in cfg.tasks:
         report = data.audit(task)
@@ -343,25 +389,36 @@ def audit_suite(cfg: SuiteConfig, data: SuiteData, echo=print) -> list[dict]:
     leaking = [r for r in reports if r["leaks"]]
     if leaking and not cfg.accept_leaks:
         names = ", ".join(f"{r['task']} ({r['leaks']})" for r in leaking)
+        first = leaking[0]["splits"][0]
+        example = (
+            "e.g. {} / {} (similarity {:.3f})".format(*first["chosen"]["across_pairs"][0][:3])
+            if first["chosen"]["across_pairs"]
+            else f"e.g. group {first['groups_across'][0]}"
+            if first["groups_across"]
+            else ""
+        )
         raise LeakError(
-            f"near-duplicate pairs or groups straddle the splits of {names}: see "
-            f"{data.out / 'splits'}/TASK.audit.md (accept_leaks: true to run anyway)"
+            f"near-duplicate pairs or groups straddle the splits of {names}, {example}: "
+            f"`sonodistill evaluate audit` writes {data.out / 'splits'}/TASK.audit.md; "
+            "--accept_leaks true runs anyway"
         )
     return reports
 
 
 def run_audit(cfg: SuiteConfig) -> list[dict]:
-    """`sonodistill evaluate audit`: every option checked and every task split (in memory)
-    before the folder is locked and the splits and reports are written into OUT/splits."""
+    """`sonodistill evaluate audit`: every option checked and every task split and audited (in
+    memory) before the folder is locked and the splits and reports are written into OUT/splits;
+    LeakError (after writing) when pairs or groups straddle splits."""
     check_options(cfg)
     out = Path(cfg.out)
     data = SuiteData(cfg, out)
-    for task in cfg.tasks:
-        data.splits(task)
+    reports = [data.audit(task) for task in cfg.tasks]
     with RunDir(out, AUDIT).lock():  # never beside a suite writing its splits
         data.writable = True
         data.save()
-        return audit_suite(cfg, data)
+        data.write_audits()
+    audit_suite(cfg, data)
+    return reports
 
 
 def expected_runs(runs: list[Run]) -> dict[tuple, int]:
@@ -372,8 +429,14 @@ def run_suite(cfg: SuiteConfig) -> list[Path]:
     """Run what is not done yet, then write the tables; returns the table files."""
     if cfg.dry_run:
         raise ValueError("dry_run: call sonodistill.evaluate.estimate.dry_run(cfg) instead")
+    if cfg.shard:  # its own folder and lock below OUT, its share of the runs
+        check_options(cfg)
+        cfg = dataclasses.replace(cfg, out=str(shard_folder(cfg.out, cfg.shard)))
     out = Path(cfg.out)
     runs, data = check_suite(cfg)
+    if not cfg.tables_only:  # a refusal for leaks leaves the folder as it was
+        audit_suite(cfg, data)
+    runs = shard_runs(runs, cfg.shard)
     with suite_dir(cfg).claim() as run_dir:
         if run_dir.resuming:
             run_dir.check_resume(to_dict(cfg), dataset_changes(run_dir, cfg), SuiteConfig)
@@ -385,8 +448,7 @@ def run_suite(cfg: SuiteConfig) -> list[Path]:
         run_dir.save_options(cfg)
         data.writable = True
         data.save()
-        if not cfg.tables_only:
-            audit_suite(cfg, data)
+        data.write_audits()
         return _run_suite(cfg, out, runs, data)
 
 
@@ -409,6 +471,7 @@ def dataset_changes(run_dir: RunDir, cfg: SuiteConfig) -> dict[str, tuple]:
 
 def _run_suite(cfg: SuiteConfig, out: Path, runs: list[Run], data: SuiteData) -> list[Path]:
     done_runs = {r.id: d for r in runs if (d := finished_result(out, r, cfg)) is not None}
+    leaks = {t: leak_summary(a) for t, a in data.audited().items() if a["leaks"]}
     if done_runs:
         print(
             f"resuming {out}: {len(done_runs)} of {len(runs)} runs already done (skipped), "
@@ -469,6 +532,7 @@ def _run_suite(cfg: SuiteConfig, out: Path, runs: list[Run], data: SuiteData) ->
                     "settings": dataclasses.asdict(cfg.train),
                     "split_file": str(split_path(out / "splits", run)),
                     "run_key": key,
+                    "accepted_leaks": leaks.get(run.task),
                     **result,
                 }
                 write_json(path, done, indent=1)
@@ -482,7 +546,7 @@ def _run_suite(cfg: SuiteConfig, out: Path, runs: list[Run], data: SuiteData) ->
         labels,
         types,
         out / "tables",
-        table_note(cfg),
+        table_note(cfg, leaks, data.specs),
         cfg.ablation,
         expected=expected_runs(runs),
         num_classes=classes,
@@ -491,12 +555,15 @@ def _run_suite(cfg: SuiteConfig, out: Path, runs: list[Run], data: SuiteData) ->
 
 
 def finished_result(out: Path, run: Run, cfg: SuiteConfig) -> dict | None:
-    """The result of a finished run with this run's key, else None (results of 0.1 keep the
-    key under `fingerprint`)."""
-    done = read_json(out / "runs" / f"{run.id}.json", "run result")
-    if not isinstance(done, dict):
-        return None
-    return done if done.get("run_key", done.get("fingerprint")) == run_key(run, cfg) else None
+    """The result of a finished run with this run's key, in OUT/runs or in the folder of a
+    shard (OUT/shards/*/runs), else None (results of 0.1 keep the key under `fingerprint`)."""
+    for folder in [out / "runs", *sorted(out.glob("shards/*/runs"))]:
+        done = read_json(folder / f"{run.id}.json", "run result")
+        if isinstance(done, dict) and done.get("run_key", done.get("fingerprint")) == run_key(
+            run, cfg
+        ):
+            return done
+    return None
 
 
 def _model_saver(run: Run, index: DatasetIndex, out: Path, train: TrainSettings):
@@ -520,7 +587,26 @@ def split_path(folder: Path, run: Run) -> Path:
     return fold_path(folder, run.task, run.fold, run.folds)
 
 
-def table_note(cfg: SuiteConfig) -> str:
+def leak_note(leaks: dict[str, dict]) -> str:
+    """The leaks a suite ran with (`accept_leaks: true`), for the note under every table."""
+    if not leaks:
+        return ""
+    parts = [
+        f"{task}: {x['pairs_across']} near-duplicate pairs (similarity >= {x['near_duplicate']}) "
+        f"and {x['groups_across']} groups across splits"
+        for task, x in leaks.items()
+    ]
+    return (
+        " **Leaks accepted (accept_leaks: true)**, so test images have near copies in "
+        f"training for {'; '.join(parts)} (see splits/TASK.audit.md)."
+    )
+
+
+def table_note(
+    cfg: SuiteConfig,
+    leaks: dict[str, dict] | None = None,
+    specs: dict[str, DatasetSpec] | None = None,
+) -> str:
     t = cfg.train
     seeds = ", ".join(map(str, cfg.seeds))
     subset = f"; at most {t.subset} images per split (smoke run)" if t.subset else ""
@@ -531,9 +617,11 @@ def table_note(cfg: SuiteConfig) -> str:
         )
     else:
         counts = cfg.split.seg_counts or DDTI_COUNTS
+        released = [t for t in cfg.tasks if specs and specs[t].split == "folders"]
+        kept = f"; {', '.join(released)}: the release's own split" if released else ""
         split = (
             f"the fixed split (segmentation {'/'.join(map(str, counts))} proportions, "
-            f"classification 70/10/20; n = {len(cfg.seeds)} seeds)"
+            f"classification 70/10/20{kept}; n = {len(cfg.seeds)} seeds)"
         )
     other = "ignore" if t.empty_mask == "one" else "one"
     resolution = (
@@ -545,8 +633,14 @@ def table_note(cfg: SuiteConfig) -> str:
         f"Image size: segmentation {t.seg_image_size} px, classification {t.cls_image_size} px; "
         f"{t.epochs} epochs; batch {t.seg_batch}/{t.cls_batch}; AdamW lr {t.lr:g}; "
         f"seeds {seeds}; {split}{subset}; groups and near duplicates (similarity >= "
-        f"{cfg.split.near_duplicate}) never straddle splits. Dice/IoU per image, foreground, "
+        f"{cfg.split.near_duplicate}) "
+        + (
+            "never straddle splits"
+            if not leaks
+            else "straddle splits only where the end of this note says"
+        )
+        + ". Dice/IoU per image, foreground, "
         f"{resolution}, averaged over the test images; empty masks: {EMPTY_RULES[t.empty_mask]} "
         f"(--train.empty_mask {other}: {EMPTY_RULES[other]}). Test scores of the "
         "best-validation epoch."
-    )
+    ) + leak_note(leaks or {})

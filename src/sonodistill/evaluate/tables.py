@@ -5,8 +5,8 @@ A cell reads `mean ± std [low, high] (n=N)`: the mean and sample std over the c
 (seeds, and folds under cross-validation), the 95% bootstrap interval over test images
 (`evaluate.stats`) and the number of runs; `(n=1 of 3)` when runs are missing, `–` when none
 finished. Every table carries the trivial predictors as rows (all background, all foreground,
-majority class) on the same test images, and a `†` marks a cell no better than the best of
-them.
+majority class) on the same test images, and a `†` marks a cell that a paired per-image test
+does not show better than each of them (`stats.no_better`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sonodistill.evaluate.stats import holm, interval, paired
+from sonodistill.evaluate.stats import holm, interval, no_better, paired
 from sonodistill.io import write_csv, write_table, write_text
 
 METRICS = {"seg": ("dice", "iou"), "cls": ("acc", "f1")}
@@ -39,8 +39,9 @@ RECIPE_COLUMNS = {
 }
 FLAG = "†"
 STATS_NOTE = (
-    "Cells: mean ± sample std over runs [95% bootstrap interval over test images] (n = runs); "
-    f"{FLAG}: no better than a trivial predictor on the same images."
+    "Cells: mean ± sample std over runs [95% bootstrap interval over test images; their number] "
+    f"(n = runs); {FLAG}: not shown better than a trivial predictor on the same images (one-sided "
+    "paired Wilcoxon signed-rank p >= 0.05 or the paired 95% interval of the difference reaches 0)."
 )
 
 
@@ -80,7 +81,8 @@ class Cell:
         if self.n >= 2:
             out += f" ± {self.std:.4f}"
         if self.low is not None and not math.isnan(self.low):
-            out += f" [{self.low:.4f}, {self.high:.4f}]"
+            images = f"; {self.images} images" if self.images else ""
+            out += f" [{self.low:.4f}, {self.high:.4f}{images}]"
         out += f" ({count})"
         return out + (f" {FLAG}" if self.flagged else "")
 
@@ -122,13 +124,6 @@ class Results:
             return None
         return sum(v * n for v, n in values) / sum(n for _, n in values)
 
-    def best_baseline(
-        self, task: str, task_type: str, fraction: float, metric: str
-    ) -> float | None:
-        scores = [self.baseline(task, fraction, b, metric) for b in BASELINES[task_type]]
-        scores = [s for s in scores if s is not None]
-        return max(scores) if scores else None
-
     def cell(self, task, task_type, protocol, encoder, fraction, metric) -> Cell:
         runs = self.runs(task, protocol, encoder, fraction)
         expected = self.expected.get(cell_key(task, protocol, encoder, fraction), len(runs))
@@ -138,8 +133,8 @@ class Results:
             return Cell(None, None, len(runs), max(expected, 1))
         series = pd.Series(values, dtype=float)
         ci = interval(runs, metric, self.num_classes.get(task))
-        floor = self.best_baseline(task, task_type, fraction, metric)
         mean = float(series.mean())
+        flagged = self.no_better(runs, task, task_type, fraction, metric, mean)
         return Cell(
             mean,
             float(series.std(ddof=1)) if len(values) > 1 else 0.0,
@@ -148,8 +143,28 @@ class Results:
             ci["low"],
             ci["high"],
             ci["images"],
-            flagged=floor is not None and mean <= floor + 1e-12,
+            flagged=flagged,
         )
+
+    def no_better(self, runs, task, task_type, fraction, metric, mean) -> bool:
+        """Flag: a paired per-image test against each trivial predictor does not show the
+        cell better (`stats.no_better`); runs saved without the trivial predictors' per-image
+        scores (0.1) compare the means."""
+        k = self.num_classes.get(task)
+        for name in BASELINES[task_type]:
+            trivial = [
+                {**r, "per_image": r["baselines"][name]["per_image"]}
+                for r in runs
+                if "per_image" in r.get("baselines", {}).get(name, {})
+            ]
+            if trivial and len(trivial) == len(runs):
+                if no_better(runs, trivial, metric, k):
+                    return True
+            else:
+                floor = self.baseline(task, fraction, name, metric)
+                if floor is not None and mean <= floor + 1e-12:
+                    return True
+        return False
 
 
 def metric_table(

@@ -302,14 +302,17 @@ def backbone_info(encoder: Encoder) -> dict:
 def trivial_scores(index: DatasetIndex, sets: dict, s: config.TrainSettings) -> dict:
     """Test scores of the trivial predictors on the same images, resolution and rule: all
     background and all foreground (segmentation), the training split's majority class
-    (classification). The floor a trained model must clear."""
+    (classification). The floor a trained model must clear; `per_image` as a run's, so that
+    the tables test each cell against them image by image (`evaluate.stats.no_better`)."""
     test = sets["test"]
+    ids = [r.id for r in test.records]
     if index.task_type == "cls":
         train_labels = [r.label for r in sets["train"].records]
         majority = max(set(train_labels), key=train_labels.count)
         labels = [r.label for r in test.records]
         scores = classification_scores([majority] * len(labels), labels, index.num_classes)
-        return {"majority_class": scores}
+        per_image = {"id": ids, "label": labels, "pred": [majority] * len(labels)}
+        return {"majority_class": {**scores, "per_image": per_image}}
     out = {}
     for name, value in (("all_background", 0), ("all_foreground", 1)):
         dices, ious = [], []
@@ -319,5 +322,7 @@ def trivial_scores(index: DatasetIndex, sets: dict, s: config.TrainSettings) -> 
             d, i = dice_iou(torch.full_like(target, value), target, index.num_classes, s.empty_mask)
             dices.append(float(d[0]))
             ious.append(float(i[0]))
-        out[name] = segmentation_scores(np.array(dices), np.array(ious))
+        dice, iou = np.array(dices), np.array(ious)
+        per_image = {"id": ids, "dice": dice.round(5).tolist(), "iou": iou.round(5).tolist()}
+        out[name] = {**segmentation_scores(dice, iou), "per_image": per_image}
     return out

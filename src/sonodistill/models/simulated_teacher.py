@@ -22,8 +22,13 @@ user's DINOv3 file. Deterministic from the seed (on one machine and thread count
 (default ~/.cache/sonodistill/hashes) under a hash of its settings and `VERSION`, written
 atomically, so the demo and the tests build it once per machine.
 
+Two teachers can know different things (`SimTeacherConfig.knows`, for multi-teacher
+distillation, `benchmarks/multi_teacher.py`): `all` (the default above), `lesions` (per patch:
+lesion / other tissue / outside the sector; per image: lesion type) or `layers` (per patch: the
+four layers and outside, the lesion drawn as the layer it sits in; per image: the preset).
+
 What it is not: a foundation model. It knows one simulated world, learned from labels in a
-minute; it shows that distillation carries such knowledge into a CNN, not how much a real
+few minutes; it shows that distillation carries such knowledge into a CNN, not how much a real
 DINOv3 carries.
 """
 
@@ -54,6 +59,8 @@ ARCH = "vit_small_patch16_dinov3_qkvb"
 VERSION = 1
 """Bumped whenever the training code changes the weights it makes (a new cache key)."""
 LESION_CLASS, OUTSIDE_CLASS, N_CLASSES = 4, 5, 6
+LESION_ONLY = np.array([0, 0, 0, 0, 1, 2])
+"""A `lesions` teacher's class for each tissue class: other tissue, lesion, outside."""
 LESION_WEIGHT = 4.0
 """Weight of the lesion class in the per-patch loss: lesion patches are a few percent."""
 
@@ -68,6 +75,8 @@ def check(cfg: SimTeacherConfig) -> None:
             f"simulated teacher image_size {cfg.image_size} is not a multiple of its "
             f"patch_size {cfg.patch_size}"
         )
+    if cfg.knows not in ("all", "lesions", "layers"):
+        raise ValueError(f"simulated teacher knows {cfg.knows!r}: use all, lesions or layers")
     if cfg.embed_dim % cfg.num_heads or (cfg.embed_dim // cfg.num_heads) % 4:
         raise ValueError("simulated teacher embed_dim / num_heads must be a multiple of 4 (RoPE)")
     for name in ("frames", "steps", "batch_size", "depth"):
@@ -78,6 +87,8 @@ def check(cfg: SimTeacherConfig) -> None:
 def cache_path(cfg: SimTeacherConfig) -> Path:
     """Where the teacher of these settings is cached (whether or not it exists yet)."""
     settings = {"version": VERSION, "torch": torch.__version__, **dataclasses.asdict(cfg)}
+    if cfg.knows == "all":  # the key of the teacher made before `knows` existed
+        del settings["knows"]
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir() / f"simulated_teacher-{key}.pth"
 
@@ -117,11 +128,12 @@ def pretraining_set(cfg: SimTeacherConfig) -> dict[str, torch.Tensor]:
         lesion = LESIONS[(i // len(cfg.presets)) % len(LESIONS)]
         frame = simulate_frame(10_000_019 * (cfg.seed + 1) + i, preset, lesion, sim)
         images.append(frame.image)
-        classes.append(tissue_classes(frame.layers, frame.mask))
+        classes.append(patch_classes(frame.layers, frame.mask, cfg.knows))
         lesions.append(LESIONS.index(lesion))
         presets.append(list(PRESETS).index(preset))
     labels = torch.from_numpy(np.stack(classes))
-    shares = F.avg_pool2d(F.one_hot(labels, N_CLASSES).permute(0, 3, 1, 2).float(), cfg.patch_size)
+    n_classes = n_patch_classes(cfg.knows)
+    shares = F.avg_pool2d(F.one_hot(labels, n_classes).permute(0, 3, 1, 2).float(), cfg.patch_size)
     return {
         "images": torch.from_numpy(np.stack(images))[:, None],
         "shares": shares,
@@ -139,6 +151,23 @@ def tissue_classes(layers: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def patch_classes(layers: np.ndarray, mask: np.ndarray, knows: str = "all") -> np.ndarray:
+    """Per-pixel class of what a teacher that `knows` this learns (module doc)."""
+    if knows == "layers":  # the lesion is not a class: the layer it sits in
+        return tissue_classes(layers, np.zeros_like(mask))
+    classes = tissue_classes(layers, mask)
+    return LESION_ONLY[classes] if knows == "lesions" else classes
+
+
+def n_patch_classes(knows: str) -> int:
+    return {"all": N_CLASSES, "lesions": 3, "layers": N_CLASSES}[knows]
+
+
+def lesion_class(knows: str) -> int | None:
+    """The per-patch class index of the lesion (weighted up), None when it is not a class."""
+    return {"all": LESION_CLASS, "lesions": 1, "layers": None}[knows]
+
+
 # --- training -------------------------------------------------------------------------------------
 
 
@@ -146,9 +175,9 @@ class _Heads(nn.Module):
     """Per-patch tissue classes from the final-normed patch tokens; lesion type and preset
     from the CLS token. Dropped after training: the teacher file holds the backbone only."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, n_classes: int = N_CLASSES):
         super().__init__()
-        self.patch = nn.Linear(dim, N_CLASSES)
+        self.patch = nn.Linear(dim, n_classes)
         self.lesion = nn.Linear(dim, len(LESIONS))
         self.preset = nn.Linear(dim, len(PRESETS))
 
@@ -170,12 +199,14 @@ def train(
     torch.manual_seed(cfg.seed)
     data = pretraining_set(cfg)
     model = build_backbone(cfg)
-    heads = _Heads(cfg.embed_dim)
+    n_classes = n_patch_classes(cfg.knows)
+    heads = _Heads(cfg.embed_dim, n_classes)
     params = [*model.parameters(), *heads.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps, pct_start=0.1)
-    weight = torch.ones(N_CLASSES)
-    weight[LESION_CLASS] = LESION_WEIGHT
+    weight = torch.ones(n_classes)
+    if lesion_class(cfg.knows) is not None:
+        weight[lesion_class(cfg.knows)] = LESION_WEIGHT
     gen = torch.Generator().manual_seed(cfg.seed)
     grid = cfg.image_size // cfg.patch_size
     n_prefix = model.num_prefix_tokens
@@ -188,14 +219,15 @@ def train(
         shares = torch.where(flip[:, None, None, None], shares.flip(-1), shares)
         tokens = model.forward_features(to_model_input(x))
         patch = heads.patch(tokens[:, n_prefix:]).transpose(1, 2)
-        logits = patch.reshape(cfg.batch_size, N_CLASSES, grid, grid)
+        logits = patch.reshape(cfg.batch_size, n_classes, grid, grid)
         dense = -(weight[None, :, None, None] * shares * F.log_softmax(logits, 1)).sum(1).mean()
         cls = tokens[:, 0]
-        loss = (
-            dense
-            + F.cross_entropy(heads.lesion(cls), data["lesion"][idx])
-            + F.cross_entropy(heads.preset(cls), data["preset"][idx])
-        )
+        # Per image: lesion type and preset (all); lesion type only (lesions); preset (layers).
+        loss = dense
+        if cfg.knows != "layers":
+            loss = loss + F.cross_entropy(heads.lesion(cls), data["lesion"][idx])
+        if cfg.knows != "lesions":
+            loss = loss + F.cross_entropy(heads.preset(cls), data["preset"][idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

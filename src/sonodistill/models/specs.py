@@ -205,7 +205,7 @@ class TeacherConfig:
     """Frozen teacher (DINOv3 ViT-B/16 by default)."""
 
     family: FamilyName = "dinov3"
-    """Model family with token maps: dinov3, dinov3-convnext, vit."""
+    """Model family with token maps: dinov3, dinov3-convnext, sam2, vit."""
     name: str = ""
     """timm architecture; empty: the family's default (dinov3: vit_base_patch16_dinov3_qkvb)."""
     weights: str | None = None
@@ -261,6 +261,10 @@ class SimTeacherConfig:
     """Peak AdamW lr."""
     seed: NonNegativeInt = 0
     """Seed of the frames, the initialisation and the batches."""
+    knows: Literal["all", "lesions", "layers"] = "all"
+    """What its labels teach (models.simulated_teacher's doc): all, lesions only, or
+    layers/anatomy only. Part of the cache key only when not `all`, so that the default
+    teacher's file stays the same."""
 
     def model_kwargs(self) -> dict:
         """The architecture as TeacherConfig.model_kwargs (timm overrides of ARCH)."""

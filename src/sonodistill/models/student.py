@@ -33,15 +33,23 @@ def projection_head(in_ch: int, out_ch: int, kind: str, hidden: int | None = Non
 
 
 class Student(nn.Module):
-    """Encoder feature map -> projection g_phi -> bilinear resize to the teacher's grid (Eq. 3)."""
+    """Encoder feature map -> projection g_phi -> bilinear resize to the teacher's grid (Eq. 3).
 
-    def __init__(self, cfg: StudentConfig, out_channels: int):
+    With several teachers (`out_channels` a list), one projection head per teacher on the same
+    feature map (`projections`), each resized to its teacher's grid; `forward` then takes a
+    list of grids and returns a list of maps."""
+
+    def __init__(self, cfg: StudentConfig, out_channels: int | list[int]):
         super().__init__()
         self.cfg = cfg
         self.encoder: Encoder = build_encoder(cfg.spec(), "--student.family")
-        self.projection = projection_head(
-            self.encoder.out_channels, out_channels, cfg.projection, cfg.mlp_hidden
-        )
+        width = self.encoder.out_channels
+        if isinstance(out_channels, int):
+            self.projection = projection_head(width, out_channels, cfg.projection, cfg.mlp_hidden)
+        else:
+            self.projections = nn.ModuleList(
+                projection_head(width, c, cfg.projection, cfg.mlp_hidden) for c in out_channels
+            )
         self._register_load_state_dict_pre_hook(_upgrade_keys)
 
     @property
@@ -53,16 +61,24 @@ class Student(nn.Module):
         """The encoder's last feature map (B, C_S, H_S, W_S)."""
         return self.encoder(x)
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        z = self.projection(self.features(x))
-        if tuple(z.shape[-2:]) != tuple(grid):
-            z = F.interpolate(z, size=grid, mode="bilinear", align_corners=False)
-        return z
+    def forward(self, x: torch.Tensor, grid):
+        """(B, C, H, W) -> the projected map on `grid` (h, w); with several heads, `grid` is a
+        list of grids and the result a list of maps."""
+        features = self.features(x)
+        if not hasattr(self, "projections"):
+            return _on_grid(self.projection(features), grid)
+        return [_on_grid(head(features), g) for head, g in zip(self.projections, grid, strict=True)]
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """Clean backbone weights; for a timm student they load strictly into
         timm.create_model(name, num_classes=0)."""
         return self.encoder.backbone_state_dict()
+
+
+def _on_grid(z: torch.Tensor, grid) -> torch.Tensor:
+    if tuple(z.shape[-2:]) != tuple(grid):
+        z = F.interpolate(z, size=grid, mode="bilinear", align_corners=False)
+    return z
 
 
 def _upgrade_keys(state: dict, prefix: str, *args) -> None:

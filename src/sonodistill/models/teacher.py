@@ -11,7 +11,7 @@ import logging
 import torch
 from torch import nn
 
-from sonodistill.models.encoders import RANDOM, Encoder, build_encoder
+from sonodistill.models.encoders import FAMILIES, RANDOM, Encoder, build_encoder
 from sonodistill.models.families.base import resize_to
 from sonodistill.models.specs import WEIGHTS_ENV, WEIGHTS_HELP, TeacherConfig
 
@@ -21,12 +21,18 @@ __all__ = ["WEIGHTS_ENV", "WEIGHTS_HELP", "Teacher", "TeacherConfig"]
 
 
 class Teacher(nn.Module):
-    """Frozen teacher; always in eval mode (DINOv3's RoPE jitters coordinates in train mode)."""
+    """Frozen teacher; always in eval mode (DINOv3's RoPE jitters coordinates in train mode).
 
-    def __init__(self, cfg: TeacherConfig):
+    `image_size`: the only input size it will see (distillation), for a family that is cheaper at
+    a fixed size (`Encoder.fixed_input`: DINOv3 builds its RoPE grid once); None: any size."""
+
+    def __init__(self, cfg: TeacherConfig, image_size: int | None = None):
         super().__init__()
         self.cfg = cfg
-        self.encoder: Encoder = build_encoder(cfg.spec(), "--teacher.family")
+        spec = cfg.spec()
+        if image_size is not None:
+            spec = FAMILIES.get(spec.family, "--teacher.family").fixed_input(spec, image_size)
+        self.encoder: Encoder = build_encoder(spec, "--teacher.family")
         self.channels = self.encoder.token_channels(cfg.n_blocks)  # refuses families without
         if self.encoder.load_report is None:
             log.warning(

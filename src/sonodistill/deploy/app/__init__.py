@@ -5,7 +5,7 @@ Public names are imported on first use (PEP 562), so that importing the package 
 module in it) loads no torch.
 """
 
-import importlib
+from sonodistill.lazy import lazy_exports
 
 _EXPORTS = {
     "AppConfig": "sonodistill.deploy.app.server",
@@ -15,12 +15,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

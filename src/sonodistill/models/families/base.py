@@ -125,6 +125,12 @@ class Encoder(nn.Module):
         return timm.create_model(spec.name, pretrained=False, num_classes=0, **spec.model_kwargs)
 
     @classmethod
+    def fixed_input(cls, spec: EncoderSpec, size: int) -> EncoderSpec:
+        """The spec of the same model for `size` x `size` inputs only, where that is cheaper
+        (a position grid built once instead of every forward); `spec` itself by default."""
+        return spec
+
+    @classmethod
     def default_weights(cls, spec: EncoderSpec) -> str | None:
         """Weights when the spec names none: a random init unless the family needs a file."""
         raise FileNotFoundError(
@@ -176,7 +182,7 @@ class Encoder(nn.Module):
         """Channels of the last n token maps; families without token maps refuse."""
         raise UserError(
             f"{self.title or self.family} encoders offer no token maps (distillation targets); "
-            "teachers: dinov3, dinov3-convnext, vit"
+            "teachers: dinov3, dinov3-convnext, sam2, vit"
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

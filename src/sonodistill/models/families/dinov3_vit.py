@@ -71,6 +71,15 @@ class DINOv3ViT(TimmViT):
             use_file_periods(model.rope, torch.tensor(spec.options["periods"]))
         return model
 
+    @classmethod
+    def fixed_input(cls, spec: EncoderSpec, size: int) -> EncoderSpec:
+        """timm builds DINOv3 with `dynamic_img_size=True`: its RoPE grid is rebuilt on the host
+        and copied to the device (a blocking copy) every forward. At one input size the grid is
+        built once, with bitwise-equal tokens (no absolute position embedding to resample); the
+        user's own model_kwargs win."""
+        kwargs = {"img_size": size, "dynamic_img_size": False, **spec.model_kwargs}
+        return spec.replace(model_kwargs=kwargs)
+
     def portable_spec(self) -> EncoderSpec:
         rope = self.backbone.rope
         if isinstance(rope, FilePeriodsRope):  # periods copied from a file are architecture

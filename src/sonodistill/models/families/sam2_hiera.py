@@ -101,6 +101,15 @@ class SAM2Hiera(Encoder):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_features(x).permute(0, 3, 1, 2)
 
+    def token_channels(self, n: int) -> list[int]:
+        """Channels of the last n stages' outputs (the trunk's token maps, as SAM2's FPN neck
+        reads them)."""
+        return [f["num_chs"] for f in self.backbone.feature_info][-n:]
+
+    def token_maps(self, x: torch.Tensor, n: int, norm: bool = True) -> list[torch.Tensor]:
+        """The last n stages' outputs (NCHW). A SAM2 trunk has no final norm: `norm` is moot."""
+        return self.backbone.forward_intermediates(x, indices=n, intermediates_only=True)
+
 
 def _stages(state: dict) -> tuple[int, tuple[int, ...]] | None:
     """(first width, blocks per stage) of a trunk state dict; a stage starts at a `proj` layer."""

@@ -89,7 +89,8 @@ class StudentRun(Encoder):
                 "mixup": bool(config["mixup"]),
                 "head": str(projection),
                 "student": str(spec.name or student["name"]),
-                "teacher": str(teacher.get("name") or teacher.get("family", "")),
+                "teacher": _teachers(config)
+                or str(teacher.get("name") or teacher.get("family", "")),
             }
         except (KeyError, TypeError, AttributeError) as err:
             raise UserError(f"{path / RUN_CONFIG}: not a distill run config ({err})") from err
@@ -97,3 +98,13 @@ class StudentRun(Encoder):
     @classmethod
     def default_label(cls, spec: EncoderSpec) -> str:
         return f"{Path(spec.weights or 'student').name}-distill"
+
+
+def _teachers(config: dict) -> str:
+    """A multi-teacher run's teachers (`--teachers`), as `ARCH + ARCH`; empty for one teacher."""
+    names = []
+    for entry in config.get("teachers") or []:
+        encoder = entry.get("encoder") if isinstance(entry, dict) else entry
+        spec = EncoderSpec.parse(encoder, f"{RUN_CONFIG} teachers")
+        names.append(spec.name or spec.family)
+    return " + ".join(names)
