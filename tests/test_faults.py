@@ -54,6 +54,7 @@ from sonodistill.cli import main as cli
 from sonodistill.data.readers import ReadError, TruncatedFile, frame_count, read_frames
 from sonodistill.distill import recipe as recipe_module
 from sonodistill.errors import UserError
+from sonodistill.rundir import lock_run_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -1194,7 +1195,7 @@ def test_an_output_that_cannot_be_written_is_one_line_naming_it(code, says, tmp_
     monkeypatch.setattr(os, "open", os_open)
     monkeypatch.setattr(io, "open", io_open)
     claim = pytest.raises(UserError, match=re.escape(says.format(out)))
-    with claim, sio.lock_run_dir(out, "test"):  # a run folder's claim
+    with claim, lock_run_dir(out, "test"):  # a run folder's claim
         pass
     assert not out.exists()
     out.mkdir()

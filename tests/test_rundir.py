@@ -17,7 +17,7 @@ import yaml
 
 from sonodistill import rundir as rundir_module
 from sonodistill.errors import UserError
-from sonodistill.rundir import LOCK, Layout, RunDir, claim_run_dir, lock_run_dir, remove_owned
+from sonodistill.rundir import LOCK, Layout, RunDir, lock_run_dir
 
 TOY = Layout(
     "toy",
@@ -101,17 +101,18 @@ def test_claim_refuses_an_existing_run_without_resume_or_overwrite(tmp_path):
     refused = pytest.raises(
         UserError, match=r"already holds a sonodistill distill run \(config\.yaml\)"
     )
-    with refused, claim_run_dir(out, "distill", ["config.yaml", "logs"]):
+    layout = Layout("distill", ("config.yaml", "logs"), resumable=True)
+    with refused, RunDir(out, layout).claim():
         pass
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "notes.txt"]  # untouched
-    with claim_run_dir(out, "distill", ["config.yaml"], resume=True) as resuming:
-        assert resuming
-    with claim_run_dir(out, "distill", ["config.yaml"], overwrite=True) as resuming:
-        assert not resuming
-        remove_owned(out, ["config.yaml", "logs"])
+    with RunDir(out, layout, resume=True).claim() as run:
+        assert run.resuming
+    with RunDir(out, layout, overwrite=True).claim() as run:
+        assert not run.resuming
+        run.clear()
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # only the run's own files go
     both = pytest.raises(UserError, match="choose one")
-    with both, claim_run_dir(out, "distill", [], resume=True, overwrite=True):
+    with both, RunDir(out, layout, resume=True, overwrite=True).claim():
         pass
 
 

@@ -167,21 +167,6 @@ def _mentions_disk_full(err: BaseException) -> bool:
     return False
 
 
-# ---------------------------------------------------------------- run folders (moved)
-
-_MOVED = {"LOCK", "lock_run_dir", "claim_run_dir", "existing", "remove_owned"}
-
-
-def __getattr__(name: str):
-    """Bridge: the run-folder rules moved to `sonodistill.rundir` (RunDir); the old names stay
-    importable from here until the last command uses RunDir."""
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module("sonodistill.rundir"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # ---------------------------------------------------------------- tables
 
 

@@ -361,19 +361,3 @@ def remove_owned(folder: str | Path, owned: Iterable[str]) -> None:
                 shutil.rmtree(path)
             else:
                 path.unlink()
-
-
-@contextlib.contextmanager
-def claim_run_dir(
-    folder: str | Path,
-    command: str,
-    markers: Iterable[str],
-    resume: bool | None = None,
-    overwrite: bool = False,
-) -> Iterator[bool]:
-    """The old form of `RunDir.claim` (yields whether the run is resumed), kept while commands
-    move to `RunDir`: `resume` None means the command has no --resume."""
-    layout = Layout(command, tuple(markers), resumable=resume is not None)
-    run = RunDir(folder, layout, resume=bool(resume), overwrite=overwrite)
-    with run.claim():
-        yield run.resuming
