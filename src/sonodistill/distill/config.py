@@ -58,7 +58,8 @@ AUGMENTATIONS: Registry = Registry(
     validate=lambda name, fn: callable(fn),
 )
 """Augmentation policies: name -> builder(size) -> module mapping (B, 1, H, W) floats in [0, 1]
-to (B, C, size, size); the entry's title names the policy in tables ("US-aware")."""
+to (B, C, size, size); the entry's title names the policy in tables ("US-aware"). The built-in
+builders also take `batched=False` (`--augment_batched false`: kornia's per-image path)."""
 AugmentationName = registered(AUGMENTATIONS, name="AugmentationName")
 
 DISTILL = Layout(
