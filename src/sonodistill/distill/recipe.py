@@ -651,7 +651,8 @@ def train_step(
         x, _, _ = mixup(x)
     x = to_model_input(x)  # the same mixed view goes to teacher and student (Sec. 3.3)
     with fabric.autocast():
-        target = teacher(x)
+        with torch.no_grad():  # as in validation: a compiled teacher sees one grad mode
+            target = teacher(x)
         pred = student(x.contiguous(memory_format=memory_format), target.shape[-2:])
     loss, metrics = objective(pred, target)
     fabric.backward(loss)
