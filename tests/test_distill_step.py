@@ -89,8 +89,10 @@ def test_new_step_repeats_the_previous_loss_trajectory(three_batches, tmp_path):
     )
     assert expected[-1] < 0.9 * expected[0]  # the student did learn
     trained = load_file(str(run / "student_backbone.safetensors"))
+    # The batched crop's 1e-5 pixel differences reach single weights: up to 4e-4 in 0.3 % of
+    # the elements after 7 steps (seen in a full suite run), the losses staying within 1e-5.
     for key in ("conv1.weight", "layer4.1.conv2.weight", "layer4.1.bn2.running_var"):
-        torch.testing.assert_close(trained[key], weights[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(trained[key], weights[key], rtol=1e-3, atol=1e-3)
 
 
 def test_the_host_waits_for_the_device_once_per_log_step_and_never_between(

@@ -27,8 +27,10 @@ from sonodistill.models.specs import AUGMENT_TITLES
 
 def build_augmentation(policy: str, size: int, batched: bool = True) -> nn.Module:
     """The registered policy `policy` for `size` x `size` outputs: (B, 1, H, W) floats in
-    [0, 1] -> augmented (B, C, size, size); `batched=False`: the per-image path (module doc)."""
-    return AUGMENTATIONS.get(policy, "--augment")(size, batched)
+    [0, 1] -> augmented (B, C, size, size); `batched=False`: the per-image path (module doc),
+    which the built-in policies offer (a plugin's builder takes the size alone)."""
+    builder = AUGMENTATIONS.get(policy, "--augment")
+    return builder(size) if batched else builder(size, batched=False)
 
 
 @AUGMENTATIONS.register("us", title=AUGMENT_TITLES["us"])

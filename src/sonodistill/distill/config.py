@@ -62,19 +62,22 @@ AUGMENTATIONS: Registry = Registry(
     validate=lambda name, fn: callable(fn),
 )
 """Augmentation policies: name -> builder(size) -> module mapping (B, 1, H, W) floats in [0, 1]
-to (B, C, size, size); the entry's title names the policy in tables ("US-aware")."""
+to (B, C, size, size); the entry's title names the policy in tables ("US-aware"). The built-in
+builders also take `batched=False` (`--augment_batched false`: kornia's per-image path)."""
 AugmentationName = registered(AUGMENTATIONS, name="AugmentationName")
 
 DISTILL = Layout(
     "distill",
     owned=(RUN_CONFIG, RUN_INFO, CHECKPOINTS, LOGS, STUDENT_WEIGHTS),
     config=RUN_CONFIG,
-    # Device options may change as long as the world size and the resolved precision do not
-    # (derived checks); data may move as long as it holds the same images; schedules may only
-    # get longer; logging, checkpoints and data-loading speed are free.
+    # Device options may change as long as the resolved precision does not (a derived check;
+    # the world size may change: the global batch is fixed); data may move as long as it holds
+    # the same images; schedules may only get longer; logging, checkpoints and data-loading
+    # speed are free.
     free_on_resume=(
         "log_every",
         "stop_check_every",
+        "augment_batched",  # the same draws either way; runs started before it resume batched
         "val_every",
         "checkpoint_every",
         "num_workers",

@@ -680,7 +680,8 @@ def train_step(
         x, _, _ = mixup(x)
     x = to_model_input(x)  # the same mixed view goes to teacher and student (Sec. 3.3)
     with fabric.autocast():
-        target = teacher(x)  # a list with several teachers (distill.teachers), one per head
+        with torch.no_grad():  # as in validation: a compiled teacher sees one grad mode
+            target = teacher(x)  # a list with several teachers (distill.teachers), one per head
         pred = student(x.contiguous(memory_format=memory_format), grid_of(target))
     loss, metrics = objective(pred, target)
     fabric.backward(loss)

@@ -313,6 +313,7 @@ SUITE = Layout(
         "accept_leaks",
         "audit_near_duplicate",
         "tables_only",
+        "shard",  # which runs a folder does, like seeds; older suites have none
         "save_models",
         "train.device",
         "train.num_workers",
