@@ -147,3 +147,27 @@ def test_teachers_that_know_lesions_or_layers_learn_different_patch_labels():
     assert shares["lesions"].shape[1] == 3 and shares["layers"].shape[1] == 6
     torch.testing.assert_close(shares["lesions"].sum(1), torch.ones_like(shares["lesions"][:, 0]))
     assert shares["layers"][:, LESION_CLASS].sum() == 0  # no patch of a layers teacher is lesion
+
+
+def test_two_processes_asking_at_once_build_the_teacher_once(monkeypatch):
+    """A second demo or test worker waits for the first build and reads its file (two threads
+    here: each opens the lock file itself, so the kernel's flock keeps them apart)."""
+    import threading
+    import time
+
+    cfg = SimTeacherConfig(**{**TINY.__dict__, "seed": 7})
+    real_train, builds = sim_teacher.train, []
+
+    def slow_train(*args, **kwargs):
+        builds.append(threading.get_ident())
+        time.sleep(0.5)  # the second caller arrives while the first is building
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(sim_teacher, "train", slow_train)
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(simulated_teacher(cfg))) for _ in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and paths == [cache_path(cfg)] * 2 and paths[0].is_file()

@@ -301,8 +301,9 @@ def components(n: int, edges: Iterable[tuple[int, int]]) -> np.ndarray:
 
 
 def cache_dir() -> Path:
-    """Where fingerprints of files are cached: $SONODISTILL_CACHE or ~/.cache/sonodistill."""
-    return Path(os.environ.get("SONODISTILL_CACHE", Path.home() / ".cache/sonodistill/hashes"))
+    """Where fingerprints of files are cached: $SONODISTILL_CACHE (unless empty) or
+    ~/.cache/sonodistill/hashes."""
+    return Path(os.environ.get("SONODISTILL_CACHE") or Path.home() / ".cache/sonodistill/hashes")
 
 
 def file_stamp(path: str | Path) -> tuple[str, int, int]:

@@ -34,7 +34,9 @@ DINOv3 carries.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -52,6 +54,7 @@ from sonodistill.io import atomic_path
 from sonodistill.models.families.dinov3_vit import timm_to_official
 from sonodistill.models.preprocess import to_model_input
 from sonodistill.models.specs import SimTeacherConfig, TeacherConfig
+from sonodistill.rundir import NO_FLOCK
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +111,29 @@ def simulated_teacher(
     path = cache_path(cfg)
     if path.is_file():
         return path
-    log.info("training the simulated teacher (%s): %s", path.name, cfg)
-    model = train(cfg, progress)
-    with atomic_path(path) as tmp:
-        torch.save(timm_to_official(model), tmp)
+    with _one_builder(path):
+        if path.is_file():  # built by the process this one waited for
+            return path
+        log.info("training the simulated teacher (%s): %s", path.name, cfg)
+        model = train(cfg, progress)
+        with atomic_path(path) as tmp:
+            torch.save(timm_to_official(model), tmp)
     return path
+
+
+@contextlib.contextmanager
+def _one_builder(path: Path):
+    """One build per teacher file: a second process (another demo, a test worker) waits for
+    the first and then reads its file. The kernel releases the lock if the builder dies; where
+    the file system has no flock, each process builds its own (the write is atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as err:
+            if err.errno not in NO_FLOCK:
+                raise
+        yield
 
 
 # --- the pretraining world ------------------------------------------------------------------------
