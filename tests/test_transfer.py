@@ -319,7 +319,7 @@ BREAKS = {
     first_blocks: {"tokens"},
     before_norm: {"tokens"},
     untrained_export: {"probe", "tokens"},
-    batchnorm_lost: {"probe", "tokens"},
+    batchnorm_lost: {"tokens"},  # the probe too, with some teachers (docs/demo.md)
 }
 
 
