@@ -17,9 +17,9 @@ ultrasound of BUSI or DDTI. Distillation then uses unlabeled frames of every pre
 
 The weights are saved in Meta's official .pth layout (`timm_to_official`) and read back by the
 normal teacher loader, `TeacherConfig(weights=FILE, name=..., model_kwargs=...)`, like any
-user's DINOv3 file. Deterministic from the seed (on one machine and thread count); built once
-(about 600 s of CPU time: a few minutes on two cores) and cached in `$SONODISTILL_CACHE`
-(default ~/.cache/sonodistill/hashes) under a hash of its settings and `VERSION`, written
+user's DINOv3 file. Deterministic from the seed on one machine (built on BUILD_THREADS
+threads); built once (76 s on two idle cores) and cached in `$SONODISTILL_CACHE` (default
+~/.cache/sonodistill/hashes) under a hash of its settings and `VERSION`, written
 atomically, so the demo and the tests build it once per machine.
 
 Two teachers can know different things (`SimTeacherConfig.knows`, for multi-teacher
