@@ -129,20 +129,25 @@ def cell(row) -> str:
     return f"{row['mean']:.3f} [{row['low']:.3f}, {row['high']:.3f}]"
 
 
+def cells(summary: pd.DataFrame, model: str, fractions) -> dict[str, str]:
+    """A model's cells (mean [interval]) per task and label fraction; "–" where it did not run."""
+    out = {}
+    for task, metric in TASKS.items():
+        for f in fractions:
+            found = summary[
+                (summary.model == model)
+                & (summary.task == task)
+                & (summary.metric == metric)
+                & ((summary.fraction - f).abs() < 1e-9)
+            ]
+            out[f"{task} {metric} {f:.0%}"] = cell(found.iloc[0]) if len(found) else "–"
+    return out
+
+
 def label_efficiency(summary: pd.DataFrame, models: list[str], fractions) -> pd.DataFrame:
     rows = []
     for model in models:
-        row = {"Model": model}
-        for task, metric in TASKS.items():
-            for f in fractions:
-                found = summary[
-                    (summary.model == model)
-                    & (summary.task == task)
-                    & (summary.metric == metric)
-                    & ((summary.fraction - f).abs() < 1e-9)
-                ]
-                row[f"{task} {metric} {f:.0%}"] = cell(found.iloc[0]) if len(found) else "–"
-        rows.append(row)
+        rows.append({"Model": model, **cells(summary, model, fractions)})
     return pd.DataFrame(rows)
 
 
@@ -158,16 +163,7 @@ def ablation(summary: pd.DataFrame, runs: dict[str, Path], fractions) -> pd.Data
             "last loss": f"{logged['loss']:.3f}",
             "last cosine": f"{logged['cosine']:.3f}",
         }
-        for task, metric in TASKS.items():
-            for f in (min(fractions), max(fractions)):
-                found = summary[
-                    (summary.model == label)
-                    & (summary.task == task)
-                    & (summary.metric == metric)
-                    & ((summary.fraction - f).abs() < 1e-9)
-                ]
-                row[f"{task} {metric} {f:.0%}"] = cell(found.iloc[0]) if len(found) else "–"
-        rows.append(row)
+        rows.append({**row, **cells(summary, label, (min(fractions), max(fractions)))})
     return pd.DataFrame(rows)
 
 
