@@ -22,7 +22,7 @@ from sonodistill.config import Renamed, Replaced, packaged_configs, parse_config
 from sonodistill.distill import DistillConfig
 from sonodistill.errors import UserError
 from sonodistill.evaluate import SuiteConfig
-from sonodistill.rundir import Layout, RunDir
+from sonodistill.utils.rundir import Layout, RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -590,7 +590,7 @@ def test_a_corpus_folder_owns_its_near_duplicate_table_and_resumes_across_the_re
     resumes without changes."""
     from sonodistill.config import to_dict
     from sonodistill.data.config import CORPUS, BuildSettings, CorpusSpec, Source
-    from sonodistill.rundir import RunDir
+    from sonodistill.utils.rundir import RunDir
 
     out = tmp_path / "corpus"
     out.mkdir()

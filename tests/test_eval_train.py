@@ -180,7 +180,7 @@ def test_a_suite_of_0_1_resumes_without_redoing_its_runs(tmp_path, names, capsys
     from sonodistill.config import to_dict
     from sonodistill.evaluate.config import SUITE
     from sonodistill.evaluate.suite import dataset_changes, finished_result, plan
-    from sonodistill.rundir import RunDir
+    from sonodistill.utils.rundir import RunDir
 
     out, mini = tmp_path / "suite", tmp_path / "mini"
     (out / "runs").mkdir(parents=True)

@@ -54,7 +54,7 @@ from sonodistill.cli import main as cli
 from sonodistill.data.readers import ReadError, TruncatedFile, frame_count, read_frames
 from sonodistill.distill import recipe as recipe_module
 from sonodistill.errors import UserError
-from sonodistill.rundir import lock_run_dir
+from sonodistill.utils.rundir import lock_run_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -516,7 +516,7 @@ def test_a_folder_in_use_is_refused_by_every_command(
         [
             sys.executable,
             "-c",
-            "import sys, time, contextlib; from sonodistill.rundir import lock_run_dir\n"
+            "import sys, time, contextlib; from sonodistill.utils.rundir import lock_run_dir\n"
             "with contextlib.ExitStack() as stack:\n"
             "    for f in sys.argv[1:]: stack.enter_context(lock_run_dir(f, 'distill'))\n"
             "    print('locked', flush=True); time.sleep(120)",

@@ -16,7 +16,7 @@ import sonodistill
 
 PACKAGE = Path(sonodistill.__file__).resolve().parent
 LAYERS = {"data": 1, "models": 2, "distill": 3, "evaluate": 4, "deploy": 5}
-HELPERS = {"config", "fields", "progress", "io", "errors", "utils", "registry", "rundir", "lazy"}
+HELPERS = {"config", "progress", "io", "errors", "utils", "registry"}
 # (HELPERS sit below every layer; anything else at the top -- cli, demo, report -- above them all.)
 HEAVY = ("torch", "timm", "torchvision", "lightning_fabric", "kornia", "sklearn", "pandas", "cv2")
 HEAVY += ("scipy", "onnxruntime", "fastapi", "matplotlib", "smp", "segmentation_models_pytorch")
@@ -159,7 +159,7 @@ def test_test_modules_share_helpers_through_conftest_only():
 
 
 def test_package_inits_import_nothing_at_module_level():
-    """A package `__init__` imports at most `sonodistill.lazy` (and typing): its public names
+    """A package `__init__` imports at most `sonodistill.utils.lazy` (and typing): its public names
     are looked up on first use (PEP 562), so `import sonodistill.deploy.runtimes` runs no other
     module."""
     offenders = []
@@ -174,7 +174,7 @@ def test_package_inits_import_nothing_at_module_level():
             offenders += [
                 f"{module_name(path)} imports {n}"
                 for n in names
-                if n not in ("sonodistill.lazy", "typing", "__future__")
+                if n not in ("sonodistill.utils.lazy", "typing", "__future__")
             ]
     assert offenders == []
 
@@ -183,7 +183,7 @@ def test_importing_every_package_loads_no_heavy_module():
     code = (
         "import sys, sonodistill.data, sonodistill.models, sonodistill.distill, "
         "sonodistill.evaluate, sonodistill.deploy, sonodistill.deploy.app, sonodistill.cli\n"
-        "import sonodistill.models.specs, sonodistill.fields, sonodistill.rundir\n"
+        "import sonodistill.models.specs, sonodistill.utils.fields, sonodistill.utils.rundir\n"
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

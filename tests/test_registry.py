@@ -14,10 +14,10 @@ from typing import Literal
 import pytest
 import yaml
 
-from sonodistill import fields
 from sonodistill.config import check_fields, checked, parse_config, save_config
 from sonodistill.errors import UserError
 from sonodistill.registry import DEPRECATED_NAMES, IMPORT_ENV, Registry, add_imports
+from sonodistill.utils import fields
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

@@ -1,4 +1,4 @@
-"""One run folder rule for every command (`sonodistill.rundir`): the lock names its holder, a
+"""One run folder rule for every command (`sonodistill.utils.rundir`): the lock names its holder, a
 run there is refused without --resume/--overwrite (offering --resume only where it exists),
 the precheck writes nothing, a resume may change only what its layout frees, and --overwrite
 removes the run's own files (globs included) and nothing else."""
@@ -15,9 +15,9 @@ import sys
 import pytest
 import yaml
 
-from sonodistill import rundir as rundir_module
 from sonodistill.errors import UserError
-from sonodistill.rundir import LOCK, Layout, RunDir, lock_run_dir
+from sonodistill.utils import rundir as rundir_module
+from sonodistill.utils.rundir import LOCK, Layout, RunDir, lock_run_dir
 
 TOY = Layout(
     "toy",
@@ -32,7 +32,7 @@ def test_a_locked_run_folder_names_its_holder(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from sonodistill.rundir import lock_run_dir\n"
+            "import sys, time; from sonodistill.utils.rundir import lock_run_dir\n"
             "with lock_run_dir(sys.argv[1], 'distill'):\n"
             "    print('locked', flush=True); time.sleep(60)",
             str(tmp_path / "run"),

@@ -7,7 +7,7 @@ every run writes the resolved config beside its outputs with `save_config`.
 torchtune resolves its recipes): `--config paper_distill_r50`, `--config suites/smoke_cpu`. An
 existing file of that name wins; flags after `--config` override its values.
 
-Fields carry their validation in their type (`sonodistill.fields`: numbers with a range, names
+Fields carry their validation in their type (`sonodistill.utils.fields`: numbers with a range, names
 a registry knows, `Literal` choices): the parser checks them before a command runs and `--help`
 shows them; `check_fields` checks a config built in Python the same way, and `checked` builds a
 nested spec (a dataset, an encoder, a file's settings) from a mapping with the same checks.
@@ -38,7 +38,8 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 from sonodistill.errors import UserError, unknown_name
-from sonodistill.fields import (  # noqa: F401  (re-exported: the configs' field types)
+from sonodistill.io import write_text
+from sonodistill.utils.fields import (  # noqa: F401  (re-exported: the configs' field types)
     Axis3D,
     ClosedUnitInterval,
     Device,
@@ -59,14 +60,13 @@ from sonodistill.fields import (  # noqa: F401  (re-exported: the configs' field
     registered,
     restricted_number_type,
 )
-from sonodistill.io import write_text
 
 # Field docstrings (the string under each dataclass field) become the flags' help text.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 C = TypeVar("C")
 
-__all__ = [  # the checked number types, for the configs' fields (defined in sonodistill.fields)
+__all__ = [  # the checked number types of the configs (sonodistill.utils.fields)
     "Axis3D",
     "ClosedUnitInterval",
     "LeftOpenUnitInterval",

@@ -49,7 +49,7 @@ from sonodistill.deploy.runtimes import BackendName
 from sonodistill.errors import Interrupted, UserError
 from sonodistill.io import atomic_path, write_json
 from sonodistill.models.specs import WEIGHTS_ENV, SimTeacherConfig, TeacherConfig
-from sonodistill.rundir import Layout, RunDir
+from sonodistill.utils.rundir import Layout, RunDir
 
 log = logging.getLogger(__name__)
 

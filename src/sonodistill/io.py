@@ -10,7 +10,7 @@ temporary file is removed, and a full disk becomes one `UserError` naming the ta
     with atomic_path(out / "last.pt") as tmp:
         torch.save(state, tmp)
 
-Run folders (the lock, --resume, --overwrite) are `sonodistill.rundir`'s.
+Run folders (the lock, --resume, --overwrite) are `sonodistill.utils.rundir`'s.
 
 `write_table` writes every table the project writes (Markdown for reading, CSV and optionally
 JSON for tools); pandas' own `to_markdown` needs the tabulate package, a pipe table is a few lines.

@@ -28,7 +28,7 @@ from sonodistill.config import (
     PositiveInt,
     Renamed,
 )
-from sonodistill.rundir import Layout
+from sonodistill.utils.rundir import Layout
 
 THRESHOLD = 0.92
 """Default similarity for "near duplicate" (calibrated, see `sonodistill.data.neardup`)."""

@@ -56,7 +56,7 @@ from sonodistill.data.summary import contact_sheet, write_summary
 from sonodistill.errors import UserError
 from sonodistill.io import sync_files, write_bytes, write_parquet
 from sonodistill.progress import progress_bar
-from sonodistill.rundir import RunDir
+from sonodistill.utils.rundir import RunDir
 
 log = logging.getLogger("sonodistill.corpus")
 

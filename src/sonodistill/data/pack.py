@@ -25,7 +25,7 @@ from sonodistill.data.manifest import load_manifest
 from sonodistill.errors import UserError
 from sonodistill.io import atomic_path, write_json, write_parquet
 from sonodistill.progress import track
-from sonodistill.rundir import RunDir
+from sonodistill.utils.rundir import RunDir
 
 INDEX_COLUMNS = ["id", "dataset", "anatomy", "source", "frame"]
 

@@ -2,7 +2,7 @@
 
 Light (the standard library, jsonargparse and the registries' light modules), so that each
 command's `--help` answers without importing torch. Every field's type carries its check
-(`sonodistill.fields`, backend names from `deploy.runtimes.BACKENDS`); the hand-written checks
+(`sonodistill.utils.fields`, backend names from `deploy.runtimes.BACKENDS`); the hand-written checks
 left in the commands are the cross-field ones. Old option names (docs/glossary.md) are accepted
 with a deprecation line until 0.3: `export --head` (now `--model`), `--int8` and `--executorch`
 (now `--backends`), bench `--gpu` (`--device`), `--student_head` (`--student_projection`),
@@ -16,7 +16,8 @@ from typing import ClassVar, Literal
 
 from sonodistill.config import Renamed, Replaced
 from sonodistill.deploy.runtimes import BACKENDS, HEAD_DIR, BackendName
-from sonodistill.fields import (
+from sonodistill.models.specs import DEFAULT_STUDENT
+from sonodistill.utils.fields import (
     Axis3D,
     ClosedUnitInterval,
     ImageSize,
@@ -28,8 +29,7 @@ from sonodistill.fields import (
     PositiveInt,
     RightOpenUnitInterval,
 )
-from sonodistill.models.specs import DEFAULT_STUDENT
-from sonodistill.rundir import Layout
+from sonodistill.utils.rundir import Layout
 
 OPACITY = 0.45
 """Of the mask colour in overlays, unless the user picks another."""

@@ -35,7 +35,7 @@ from sonodistill.evaluate.heads import WithPreprocess
 from sonodistill.evaluate.metrics import dice_iou, predict_mask
 from sonodistill.io import markdown_table, write_json, write_text
 from sonodistill.models.encoders import Encoder, build_encoder
-from sonodistill.rundir import RunDir
+from sonodistill.utils.rundir import RunDir
 
 log = logging.getLogger(__name__)
 

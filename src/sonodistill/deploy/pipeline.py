@@ -34,8 +34,8 @@ import numpy as np
 from sonodistill.data.frames import to_grey
 from sonodistill.data.geometry import Geometry
 from sonodistill.data.greys import resize_square
-from sonodistill.fields import RightOpenUnitInterval, check
 from sonodistill.io import atomic_path, write_bytes
+from sonodistill.utils.fields import RightOpenUnitInterval, check
 
 if TYPE_CHECKING:
     from sonodistill.evaluate.head_checkpoint import HeadSpec

@@ -89,7 +89,7 @@ from sonodistill.deploy.runtimes import (
 from sonodistill.errors import UserError
 from sonodistill.io import markdown_table, sync_files, write_csv, write_json, write_text
 from sonodistill.progress import progress_bar
-from sonodistill.rundir import RunDir, remove_owned
+from sonodistill.utils.rundir import RunDir, remove_owned
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 
 from sonodistill.errors import UserError
-from sonodistill.fields import registered
 from sonodistill.registry import Registry
+from sonodistill.utils.fields import registered
 
 if TYPE_CHECKING:
     import numpy as np

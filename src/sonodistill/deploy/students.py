@@ -33,7 +33,7 @@ from sonodistill.models import to_model_input
 from sonodistill.models.encoders import EncoderSpec, build_encoder, encoder_label
 from sonodistill.models.flops import count_flops, count_params
 from sonodistill.models.specs import LOGS
-from sonodistill.rundir import RunDir
+from sonodistill.utils.rundir import RunDir
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ from sonodistill.models.specs import (
     TeacherConfig,
 )
 from sonodistill.registry import Registry
-from sonodistill.rundir import Layout
+from sonodistill.utils.rundir import Layout
 
 LOSSES: Registry = Registry(
     "objective",

@@ -68,7 +68,7 @@ from sonodistill.io import read_json, write_json
 from sonodistill.models import Student, Teacher, to_model_input
 from sonodistill.models.specs import LAST_CHECKPOINT, LOGS, RUN_INFO, STUDENT_WEIGHTS
 from sonodistill.progress import progress_bar
-from sonodistill.rundir import RunDir
+from sonodistill.utils.rundir import RunDir
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from sonodistill.errors import UserError, unknown_name
 from sonodistill.evaluate.config import ANALYZE, AnalyzeConfig
 from sonodistill.evaluate.embed import load_embeddings
 from sonodistill.io import atomic_path, write_parquet, write_table
-from sonodistill.rundir import RunDir
+from sonodistill.utils.rundir import RunDir
 
 log = logging.getLogger(__name__)
 UMAP_HINT = "UMAP needs the optional dependency: pip install 'sonodistill[umap]'"

@@ -11,9 +11,9 @@ Registries (`sonodistill registry KIND` lists them; plugins add entries, see
 - DATASET_FORMATS: dataset layouts (`busi`, `ddti`, `seg_folder`, `cls_folder`), the loaders in
   `sonodistill.evaluate.datasets`.
 
-Every field has a type that checks it (`sonodistill.fields`, a Literal or a registry's name) and
-help text; `DatasetSpec` entries of a suite are built by `config.checked` (an unknown key is one
-line with its close match). Renamed options (`train.seg_size` -> `train.seg_image_size`,
+Every field has a type that checks it (`sonodistill.utils.fields`, a Literal or a registry's
+name) and help text; `DatasetSpec` entries of a suite are built by `config.checked` (an unknown
+key is one line with its close match). Renamed options (`train.seg_size` -> `train.seg_image_size`,
 `train.cls_size` -> `train.cls_image_size`, precision `32` -> `fp32`, `audit_loose` ->
 `audit_near_duplicate`) are accepted until 0.3 (`config.Renamed`).
 """
@@ -26,7 +26,9 @@ from typing import ClassVar, Literal
 
 from sonodistill.config import Renamed
 from sonodistill.data.config import LOOSE, MASK_THRESHOLD, THRESHOLD, Outline
-from sonodistill.fields import (
+from sonodistill.models.specs import DEFAULT_STUDENT
+from sonodistill.registry import Registry
+from sonodistill.utils.fields import (
     Device,
     ImageSize,
     LeftOpenUnitInterval,
@@ -38,9 +40,7 @@ from sonodistill.fields import (
     registered,
     restricted_number_type,
 )
-from sonodistill.models.specs import DEFAULT_STUDENT
-from sonodistill.registry import Registry
-from sonodistill.rundir import Layout
+from sonodistill.utils.rundir import Layout
 
 TaskType = Literal["seg", "cls"]
 """What a task predicts: a segmentation mask or a class label (a task's *name* is its key in a

@@ -36,7 +36,7 @@ from sonodistill.io import atomic_path, write_json, write_parquet
 from sonodistill.models import to_model_input
 from sonodistill.models.encoders import Encoder, build_encoder, encoder_label
 from sonodistill.progress import track
-from sonodistill.rundir import RunDir
+from sonodistill.utils.rundir import RunDir
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ import yaml
 from sonodistill.config import Renamed, checked
 from sonodistill.errors import UserError
 from sonodistill.evaluate.config import ProtocolName
-from sonodistill.fields import ImageSize, PositiveInt
 from sonodistill.io import write_bytes, write_text
+from sonodistill.utils.fields import ImageSize, PositiveInt
 
 if TYPE_CHECKING:
     from torch import nn

@@ -68,7 +68,7 @@ from sonodistill.models.encoders import (
 )
 from sonodistill.models.specs import AUGMENT_TITLES
 from sonodistill.progress import progress_bar
-from sonodistill.rundir import RunDir
+from sonodistill.utils.rundir import RunDir
 
 SPEED_ONLY = tuple(k.removeprefix("train.") for k in SUITE.free_on_resume if k.startswith("train."))
 """Training settings that change how fast a run goes, not its results (left out of run keys)."""

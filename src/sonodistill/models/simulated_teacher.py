@@ -54,7 +54,7 @@ from sonodistill.io import atomic_path
 from sonodistill.models.families.dinov3_vit import timm_to_official
 from sonodistill.models.preprocess import to_model_input
 from sonodistill.models.specs import SimTeacherConfig, TeacherConfig
-from sonodistill.rundir import NO_FLOCK
+from sonodistill.utils.rundir import NO_FLOCK
 
 log = logging.getLogger(__name__)
 

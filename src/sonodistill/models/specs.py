@@ -32,8 +32,8 @@ import yaml
 
 from sonodistill.config import Renamed, checked
 from sonodistill.errors import UserError, unknown_name
-from sonodistill.fields import NonNegativeInt, PositiveFloat, PositiveInt, registered
 from sonodistill.registry import Registry
+from sonodistill.utils.fields import NonNegativeInt, PositiveFloat, PositiveInt, registered
 
 RANDOM = "random"
 """The weights value that asks for a random initialisation (smoke runs, architecture-only specs)."""

@@ -5,7 +5,7 @@ Public names are imported on first use (PEP 562), so that importing the package 
 module in it) loads no torch.
 """
 
-from sonodistill.lazy import lazy_exports
+from sonodistill.utils.lazy import lazy_exports
 
 _EXPORTS = {
     "AppConfig": "sonodistill.deploy.app.server",

@@ -59,9 +59,9 @@ from sonodistill.deploy.config import OPACITY, AppConfig
 from sonodistill.deploy.pipeline import FramePredictor, class_names, warm_up
 from sonodistill.deploy.runtimes import BACKENDS, ModelFolder, open_model_folder, open_runner
 from sonodistill.errors import INTERRUPTED, UserError, check
-from sonodistill.fields import ClosedUnitInterval, OpenUnitInterval
-from sonodistill.fields import check as check_field
 from sonodistill.io import atomic_path
+from sonodistill.utils.fields import ClosedUnitInterval, OpenUnitInterval
+from sonodistill.utils.fields import check as check_field
 
 log = logging.getLogger(__name__)
 
